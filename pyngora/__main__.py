@@ -1,0 +1,3 @@
+from pyngora.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""The command line, and the composition root: YAML services -> Service objects.
+
+Only this module (and ``pyngora/__init__``) imports across rooms.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Optional, Sequence
+
+from pyngora.config.schema import ConfigError, ConfigIssue, ServerConf, ServiceConf
+from pyngora.server.server import Opt, Server
+from pyngora.services.base import BackgroundService, Service, background_service
+from pyngora.version import __version__
+
+
+def load_object(spec: str) -> Any:
+    """``module:attr`` -> the attribute (a ProxyHttp or BackgroundService class)."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"expected module:Class, got {spec!r}")
+    obj: Any = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_service(conf: ServerConf, sc: ServiceConf) -> Service:
+    """One YAML service -> its Service object (imports the app it names)."""
+    if sc.type == "static":
+        from pyngora.services.static import StaticService
+        return StaticService(sc.name, sc)
+    if sc.type == "http_proxy":
+        from pyngora.proxy.declarative import build_proxy_service
+        return build_proxy_service(conf, sc, load_object)
+    if sc.type == "prometheus":
+        from pyngora.metrics.service import PrometheusService
+        return PrometheusService(sc.name, sc)
+    if sc.type == "background":
+        obj = load_object(sc.spec.app)
+        task = obj() if isinstance(obj, type) else obj
+        svc = background_service(sc.name, task)
+        svc.conf = sc
+        return svc
+    raise ValueError(f"unknown service type {sc.type!r}")
+
+
+def build_services(conf: ServerConf) -> list[Service]:
+    """Every service of a configuration; ConfigError naming the service on failure."""
+    out: list[Service] = []
+    issues: list[ConfigIssue] = []
+    for i, sc in enumerate(conf.services):
+        try:
+            out.append(build_service(conf, sc))
+        except ConfigError as e:
+            issues.extend(e.issues)
+        except Exception as e:  # an app that does not import, a bad certificate, ...
+            issues.append(ConfigIssue(("services", i), f"service {sc.name!r}: {e}"))
+    if issues:
+        raise ConfigError(conf.source, issues)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    opt = Opt.parse_args(argv)
+    if opt.version:
+        print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
+        sys.exit(0)
+    conf = ServerConf()
+    if opt.conf:
+        from pyngora.config.loader import load
+        try:
+            conf = load(opt.conf)
+            services = build_services(conf)
+        except ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            if opt.test:
+                sys.stderr.write(f"configuration {opt.conf} test failed\n")
+            sys.exit(1)
+    else:
+        services = []
+    if opt.test:
+        print(f"configuration {opt.conf or '(built-in defaults)'} is ok")
+        sys.exit(0)
+    if opt.signal:
+        if not opt.conf:
+            sys.stderr.write("pyngora: -s needs -c FILE (to find pid_file)\n")
+            sys.exit(2)
+        from pyngora.server.control import send
+        sys.exit(send(conf, opt.conf, opt.signal))
+    server = Server(opt, build_services=build_services)
+    server.configuration = conf
+    server._bootstrapped = True
+    server.add_services(services)
+    server.run_forever()

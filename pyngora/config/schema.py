@@ -1,0 +1,574 @@
+"""The configuration schema: frozen dataclasses with Pingora's key names and defaults.
+
+No I/O here. `build_server_conf(raw, where)` turns plain YAML data into a `ServerConf`,
+collecting every problem as a `ConfigIssue` (key path + message); `where(path)` gives the line
+of a key, so the loader can name file, line and key in each error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+Path = tuple[Union[str, int], ...]
+
+
+class ConfigIssue:
+    """One problem in a configuration: where it is and what is wrong."""
+
+    __slots__ = ("path", "message", "line")
+
+    def __init__(self, path: Path, message: str, line: Optional[int] = None) -> None:
+        self.path = path
+        self.message = message
+        self.line = line
+
+    @property
+    def key(self) -> str:
+        out = ""
+        for p in self.path:
+            out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+        return out or "(top level)"
+
+
+class ConfigError(Exception):
+    """Every issue of one configuration file; ``str()`` lists them as ``file:line: key: message``."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = []
+        for i in self.issues:
+            loc = f"{self.source}:{i.line}" if i.line else self.source
+            lines.append(f"{loc}: {i.key}: {i.message}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- listeners
+@dataclass(frozen=True)
+class SniCert:
+    server_name: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class TlsConf:
+    cert: str
+    key: str
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    sni: tuple[SniCert, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenerConf:
+    """One listening address. ``key`` is the normalised address used in upgrade manifests."""
+
+    address: str
+    family: str = "tcp"          # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mode: Optional[int] = None
+    backlog: int = 1024
+    tls: Optional[TlsConf] = None
+    h2c: bool = False
+
+    @property
+    def key(self) -> str:
+        if self.family == "unix":
+            return "unix:" + self.path
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def socket_family(self) -> int:
+        if self.family == "unix":
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+def parse_address(addr: str, backlog: int = 1024, mode: Optional[int] = None,
+                  tls: Optional[TlsConf] = None, h2c: bool = False) -> ListenerConf:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path`` -> ListenerConf; ValueError when malformed."""
+    if not isinstance(addr, str) or not addr:
+        raise ValueError("address must be a non-empty string")
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute: {addr!r}")
+        return ListenerConf(address=addr, family="unix", path=path, mode=mode, backlog=backlog,
+                            tls=tls, h2c=h2c)
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [V6]:PORT, got {addr!r}")
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {addr!r}")
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    return ListenerConf(address=addr, family="tcp", host=host, port=int(port), backlog=backlog,
+                        tls=tls, h2c=h2c)
+
+
+# --------------------------------------------------------------------------- http_proxy
+@dataclass(frozen=True)
+class HeaderEdits:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConf:
+    max_header_bytes: int = 65536
+    max_body_bytes: Optional[int] = None
+    header_read_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 60.0
+    keepalive_requests: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TimeoutsConf:
+    connect_seconds: float = 5.0
+    total_connect_seconds: Optional[float] = None
+    read_seconds: float = 60.0
+    write_seconds: float = 60.0
+    idle_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class HealthCheckConf:
+    type: str = field(default="none", metadata={"choices": ("tcp", "http", "none")})
+    path: str = "/"
+    expect_status: int = 200
+    host: Optional[str] = None
+    interval_seconds: float = 5.0
+    timeout_seconds: float = 2.0
+    healthy_after: int = 1
+    unhealthy_after: int = 1
+
+
+@dataclass(frozen=True)
+class DiscoveryConf:
+    type: str = field(default="static", metadata={"choices": ("static", "dns")})
+    name: Optional[str] = None
+    port: int = 80
+    record: str = field(default="A", metadata={"choices": ("A", "AAAA", "SRV")})
+    refresh_seconds: float = 30.0
+    resolver: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BackendConf:
+    addr: str
+    weight: int = 1
+    tls: bool = False
+    sni: Optional[str] = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamConf:
+    name: str = ""
+    backends: tuple[BackendConf, ...] = ()
+    selection: str = field(default="round_robin",
+                           metadata={"choices": ("round_robin", "random", "fnv", "consistent")})
+    hash_key: str = "uri"
+    discovery: DiscoveryConf = DiscoveryConf()
+    health_check: HealthCheckConf = HealthCheckConf()
+    timeouts: TimeoutsConf = TimeoutsConf()
+    retries: Optional[int] = None
+    h2: bool = False
+
+
+@dataclass(frozen=True)
+class RouteConf:
+    upstream: str
+    host: Optional[str] = None
+    path_prefix: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HttpProxyConf:
+    upstreams: tuple[UpstreamConf, ...] = ()
+    routes: tuple[RouteConf, ...] = ()
+    upstream: Optional[str] = None
+    app: Optional[str] = None
+    request_headers: HeaderEdits = HeaderEdits()
+    response_headers: HeaderEdits = HeaderEdits()
+    limits: LimitsConf = LimitsConf()
+    forwarded_headers: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class StaticConf:
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    limits: LimitsConf = LimitsConf()
+
+
+@dataclass(frozen=True)
+class PrometheusConf:
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True)
+class BackgroundConf:
+    app: str = ""
+
+
+SERVICE_SPECS: dict[str, type] = {
+    "http_proxy": HttpProxyConf,
+    "static": StaticConf,
+    "prometheus": PrometheusConf,
+    "background": BackgroundConf,
+}
+
+
+@dataclass(frozen=True)
+class ServiceConf:
+    name: str
+    type: str
+    listeners: tuple[ListenerConf, ...] = ()
+    threads: Optional[int] = None
+    work_stealing: Optional[bool] = None
+    spec: Any = None
+
+
+def _default_runtime_dir() -> str:
+    base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base.split(":")[0], "pyngora")
+
+
+@dataclass(frozen=True)
+class ServerConf:
+    """Pingora's ServerConf keys, plus pyngora's own (SPEC section 5)."""
+
+    version: int = 1
+    daemon: bool = False
+    error_log: Optional[str] = None
+    pid_file: str = "/tmp/pyngora.pid"
+    upgrade_sock: str = "/tmp/pyngora_upgrade.sock"
+    user: Optional[str] = None
+    group: Optional[str] = None
+    working_directory: Optional[str] = None
+    threads: int = 1
+    work_stealing: bool = True
+    ca_file: Optional[str] = None
+    grace_period_seconds: float = 300.0
+    graceful_shutdown_timeout_seconds: float = 5.0
+    upstream_keepalive_pool_size: int = 128
+    max_retries: int = 16
+    upgrade_timeout_seconds: float = 30.0
+    access_log: str = "off"
+    access_log_format: str = field(default="combined", metadata={"choices": ("combined", "json")})
+    log_level: str = field(default="info", metadata={
+        "choices": ("debug", "info", "warning", "error", "critical")})
+    metrics_dir: Optional[str] = None
+    services: tuple[ServiceConf, ...] = ()
+    source: str = field(default="", compare=False)
+
+    @property
+    def metrics_path(self) -> str:
+        return self.metrics_dir or os.path.join(_default_runtime_dir(), "metrics")
+
+    def service_threads(self, svc_threads: Optional[int]) -> int:
+        return svc_threads if svc_threads is not None else self.threads
+
+
+# --------------------------------------------------------------------------- the builder
+Where = Callable[[Path], Optional[int]]
+
+
+class _Builder:
+    """Walks plain YAML data against the dataclasses above, collecting issues."""
+
+    def __init__(self, where: Where) -> None:
+        self.where = where
+        self.issues: list[ConfigIssue] = []
+
+    def fail(self, path: Path, message: str) -> None:
+        self.issues.append(ConfigIssue(path, message, self.where(path)))
+
+    def dataclass(self, cls: type, raw: Any, path: Path, skip: tuple[str, ...] = ()) -> Any:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.fail(path, f"expected a mapping, got {type(raw).__name__}")
+            return None
+        hints = typing.get_type_hints(cls)
+        flds = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "extra")}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in raw.items():
+            kpath = path + (key,)
+            if not isinstance(key, str):
+                self.fail(kpath, "keys must be strings")
+                continue
+            if key.startswith("x-"):
+                extra[key] = value
+                continue
+            if key in skip:
+                continue
+            f = flds.get(key)
+            if f is None:
+                near = difflib.get_close_matches(key, list(flds) + list(skip), n=1, cutoff=0.6)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                self.fail(kpath, f"unknown key{hint}")
+                continue
+            ok, val = self.value(hints[key], value, kpath, f.metadata)
+            if ok:
+                kwargs[key] = val
+        for name, f in flds.items():
+            if name not in kwargs and f.default is dataclasses.MISSING \
+                    and f.default_factory is dataclasses.MISSING and name not in raw:
+                self.fail(path + (name,), "required key is missing")
+                return None
+        if "extra" in {f.name for f in dataclasses.fields(cls)}:
+            kwargs["extra"] = extra
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a required key failed validation above
+            if not self.issues:
+                self.fail(path, str(e))
+            return None
+
+    def value(self, tp: Any, raw: Any, path: Path, meta: Any = None) -> tuple[bool, Any]:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is Union:
+            if raw is None and type(None) in args:
+                return True, None
+            inner = [a for a in args if a is not type(None)]
+            return self.value(inner[0], raw, path, meta)
+        if dataclasses.is_dataclass(tp):
+            built = self.dataclass(tp, raw, path)
+            return built is not None, built
+        if origin is tuple:
+            elem = args[0]
+            if typing.get_origin(elem) is tuple:  # (name, value) pairs: a mapping in YAML
+                if not isinstance(raw, dict):
+                    self.fail(path, "expected a mapping of name: value")
+                    return False, None
+                return True, tuple((str(k), str(v)) for k, v in raw.items())
+            if not isinstance(raw, list):
+                self.fail(path, f"expected a list, got {type(raw).__name__}")
+                return False, None
+            out = []
+            ok_all = True
+            for i, item in enumerate(raw):
+                ok, v = self.value(elem, item, path + (i,))
+                ok_all &= ok
+                out.append(v)
+            return ok_all, tuple(out)
+        choices = meta.get("choices") if meta else None
+        if tp is bool:
+            if not isinstance(raw, bool):
+                self.fail(path, f"expected true or false, got {raw!r}")
+                return False, None
+            return True, raw
+        if tp is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                self.fail(path, f"expected an integer, got {raw!r}")
+                return False, None
+            if raw < 0:
+                self.fail(path, f"must not be negative, got {raw}")
+                return False, None
+            return True, raw
+        if tp is float:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                self.fail(path, f"expected a number of seconds, got {raw!r}")
+                return False, None
+            if raw < 0:
+                self.fail(path, f"must not be negative, got {raw}")
+                return False, None
+            return True, float(raw)
+        if tp is str:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                self.fail(path, f"expected a string, got {raw!r}")
+                return False, None
+            raw = str(raw)
+            if choices and raw not in choices:
+                self.fail(path, f"must be one of {', '.join(choices)}; got {raw!r}")
+                return False, None
+            return True, raw
+        if tp is dict or origin is dict:
+            return True, raw
+        self.fail(path, f"unsupported value {raw!r}")
+        return False, None
+
+    # ---- the parts with their own shape
+    def server(self, raw: Any, source: str) -> Optional[ServerConf]:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.fail((), "the configuration must be a mapping of keys")
+            return None
+        threads_raw = raw.get("threads", 1)
+        body = dict(raw)
+        body.pop("services", None)
+        if threads_raw == "auto":
+            body["threads"] = os.cpu_count() or 1
+        elif isinstance(threads_raw, int) and not isinstance(threads_raw, bool) and threads_raw < 1:
+            self.fail(("threads",), "must be at least 1 (or auto)")
+        conf = self.dataclass(ServerConf, body, (), skip=("services",))
+        if conf is not None and conf.version != 1:
+            self.fail(("version",), f"unsupported version {conf.version} (this pyngora reads 1)")
+        if conf is not None and conf.access_log not in ("off", "stdout") \
+                and not conf.access_log.startswith("/"):
+            self.fail(("access_log",), "must be off, stdout or an absolute path")
+        services = self.services(raw.get("services"), ("services",))
+        if conf is None:
+            return None
+        return dataclasses.replace(conf, services=tuple(services), source=source)
+
+    def services(self, raw: Any, path: Path) -> list[ServiceConf]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.fail(path, "expected a list of services")
+            return []
+        out: list[ServiceConf] = []
+        names: set[str] = set()
+        for i, item in enumerate(raw):
+            svc = self.service(item, path + (i,))
+            if svc is None:
+                continue
+            if svc.name in names:
+                self.fail(path + (i, "name"), f"duplicate service name {svc.name!r}")
+            names.add(svc.name)
+            out.append(svc)
+        return out
+
+    def service(self, raw: Any, path: Path) -> Optional[ServiceConf]:
+        if not isinstance(raw, dict):
+            self.fail(path, "expected a mapping")
+            return None
+        common = ("name", "type", "listeners", "threads", "work_stealing")
+        name = raw.get("name")
+        stype = raw.get("type")
+        if not isinstance(name, str) or not name or "/" in name:
+            self.fail(path + ("name",), "required: a service name without '/'")
+            return None
+        if stype not in SERVICE_SPECS:
+            near = difflib.get_close_matches(str(stype), list(SERVICE_SPECS), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            self.fail(path + ("type",), f"must be one of {', '.join(SERVICE_SPECS)}{hint}")
+            return None
+        threads = raw.get("threads")
+        if threads == "auto":
+            threads = os.cpu_count() or 1
+        elif threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                      or threads < 1):
+            self.fail(path + ("threads",), "must be a positive integer or auto")
+            threads = None
+        ws = raw.get("work_stealing")
+        if ws is not None and not isinstance(ws, bool):
+            self.fail(path + ("work_stealing",), "expected true or false")
+            ws = None
+        listeners = self.listeners(raw.get("listeners"), path + ("listeners",), stype)
+        spec = self.dataclass(SERVICE_SPECS[stype], raw, path, skip=common)
+        if spec is None:
+            return None
+        if isinstance(spec, HttpProxyConf):
+            self.check_proxy(spec, path)
+        return ServiceConf(name=name, type=stype, listeners=tuple(listeners), threads=threads,
+                           work_stealing=ws, spec=spec)
+
+    def listeners(self, raw: Any, path: Path, stype: str) -> list[ListenerConf]:
+        if raw is None:
+            if stype != "background":
+                self.fail(path, f"a {stype} service needs at least one listener")
+            return []
+        if not isinstance(raw, list):
+            self.fail(path, "expected a list of listeners")
+            return []
+        out = []
+        for i, item in enumerate(raw):
+            lpath = path + (i,)
+            if isinstance(item, str):
+                item = {"address": item}
+            if not isinstance(item, dict):
+                self.fail(lpath, "expected an address or a mapping with address")
+                continue
+            allowed = ("address", "mode", "backlog", "tls", "h2c")
+            bad = [k for k in item if k not in allowed and not str(k).startswith("x-")]
+            for k in bad:
+                near = difflib.get_close_matches(str(k), allowed, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                self.fail(lpath + (k,), f"unknown key{hint}")
+            mode = item.get("mode")
+            if isinstance(mode, str):
+                try:
+                    mode = int(mode, 8)
+                except ValueError:
+                    self.fail(lpath + ("mode",), f"expected an octal mode like '0660', got {mode!r}")
+                    mode = None
+            backlog = item.get("backlog", 1024)
+            if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
+                self.fail(lpath + ("backlog",), "must be a positive integer")
+                backlog = 1024
+            tls = None
+            if item.get("tls") is not None:
+                ok, tls = self.value(Optional[TlsConf], item["tls"], lpath + ("tls",))
+            h2c = item.get("h2c", False)
+            if not isinstance(h2c, bool):
+                self.fail(lpath + ("h2c",), "expected true or false")
+                h2c = False
+            try:
+                out.append(parse_address(item.get("address"), backlog=backlog, mode=mode,
+                                         tls=tls, h2c=h2c))
+            except ValueError as e:
+                self.fail(lpath + ("address",) if isinstance(raw[i], dict) else lpath, str(e))
+        return out
+
+    def check_proxy(self, spec: HttpProxyConf, path: Path) -> None:
+        names = [u.name for u in spec.upstreams]
+        for i, u in enumerate(spec.upstreams):
+            if not u.name:
+                self.fail(path + ("upstreams", i, "name"), "every upstream group needs a name")
+            if not u.backends and u.discovery.type == "static":
+                self.fail(path + ("upstreams", i, "backends"), "a static upstream needs backends")
+            if u.discovery.type == "dns" and not u.discovery.name:
+                self.fail(path + ("upstreams", i, "discovery", "name"), "dns discovery needs a name")
+            for j, b in enumerate(u.backends):
+                try:
+                    parse_address(b.addr)
+                except ValueError as e:
+                    self.fail(path + ("upstreams", i, "backends", j, "addr"), str(e))
+            hk = u.hash_key
+            if hk not in ("uri", "path", "client_ip") and not hk.startswith(("header:", "cookie:")):
+                self.fail(path + ("upstreams", i, "hash_key"),
+                          "must be uri, path, client_ip, header:NAME or cookie:NAME")
+        for i, r in enumerate(spec.routes):
+            if r.upstream not in names:
+                self.fail(path + ("routes", i, "upstream"), f"no upstream group named {r.upstream!r}")
+        if spec.upstream is not None and spec.upstream not in names:
+            self.fail(path + ("upstream",), f"no upstream group named {spec.upstream!r}")
+        if not spec.app and not spec.routes and spec.upstream is None and len(names) != 1:
+            self.fail(path + ("routes",), "needs routes, an upstream, or exactly one upstream group")
+
+
+def build_server_conf(raw: Any, source: str = "<config>",
+                      where: Where = lambda p: None) -> ServerConf:
+    """Plain data -> ServerConf; raises ConfigError listing every issue."""
+    b = _Builder(where)
+    conf = b.server(raw, source)
+    if b.issues or conf is None:
+        raise ConfigError(source, b.issues or [ConfigIssue((), "invalid configuration")])
+    return conf

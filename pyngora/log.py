@@ -1,0 +1,85 @@
+"""The error log and the access log, both through `logging`, reopened on SIGUSR1.
+
+`ERROR` ("pyngora") is where the master, workers and phases report; `ACCESS` ("pyngora.access")
+gets one pre-formatted line per request, only when `access_log` is not off (check
+`access_enabled()` before formatting anything on the request path).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+ERROR = logging.getLogger("pyngora")
+ACCESS = logging.getLogger("pyngora.access")
+ACCESS.propagate = False
+
+_access_on = False
+_error_path: Optional[str] = None
+_access_path: Optional[str] = None
+
+
+class _ReopenableFileHandler(logging.StreamHandler):
+    """Appends to a path; `reopen()` closes and reopens it (logrotate's copy-less rotation)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(open(path, "a", buffering=1, encoding="utf-8"))
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.stream
+            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            old.close()
+        finally:
+            self.release()
+
+
+def access_enabled() -> bool:
+    return _access_on
+
+
+def setup(error_log: Optional[str], level: str = "info", access_log: str = "off") -> None:
+    """Configure both logs in this process (called by the master, and again in each worker)."""
+    global _access_on, _error_path, _access_path
+    _error_path, _access_path = error_log, None
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    for h in list(ERROR.handlers):
+        ERROR.removeHandler(h)
+    handler: logging.Handler = (_ReopenableFileHandler(error_log) if error_log
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(fmt)
+    ERROR.addHandler(handler)
+    ERROR.setLevel(level.upper())
+    ERROR.propagate = False
+    for h in list(ACCESS.handlers):
+        ACCESS.removeHandler(h)
+    _access_on = access_log != "off"
+    if _access_on:
+        ah: logging.Handler
+        if access_log == "stdout":
+            ah = logging.StreamHandler(sys.stdout)
+        else:
+            _access_path = access_log
+            ah = _ReopenableFileHandler(access_log)
+        ah.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS.addHandler(ah)
+        ACCESS.setLevel(logging.INFO)
+
+
+def reopen() -> None:
+    """SIGUSR1: reopen every file handler so a rotated log is let go."""
+    for logger in (ERROR, ACCESS):
+        for h in logger.handlers:
+            if isinstance(h, _ReopenableFileHandler):
+                h.reopen()
+    if _error_path:
+        # stderr of daemons and workers points at the error log too: follow the rotation.
+        try:
+            fd = os.open(_error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,529 @@
+"""Metrics files shared by every pyngora process (a leaf: standard library only).
+
+pyngora publishes metrics through prometheus-client's *multiprocess* directory: each process
+owns a few small files there, and the exporter process sums them all with prometheus-client's
+``MultiProcessCollector``. This module knows that directory and its file format, without
+importing prometheus_client, so that the master (DESIGN rule 5) can use it:
+
+* ``prepare_dir(path, fresh)``     the master, before forking anything.
+* ``mark_process_dead(pid)``       the master, when it reaps a child (worker, exporter, background).
+* ``workers()``, ``worker_restart()``, ``upgrade()``, ``upgrade_failed()``, ``reload()``,
+  ``build_info()``, ``master_exit()``  the master's own metrics.
+* ``ProcessFiles``                 the writer that both the master and ``registry`` (workers) use.
+
+File format: the one of ``prometheus_client.mmap_dict.MmapedDict`` -- a little-endian int32
+``used`` byte count, 4 bytes of padding, then entries of (int32 key length, UTF-8 JSON key padded
+to 8-byte alignment, float64 value, float64 timestamp). The key is
+``json.dumps([metric_name, sample_name, labels, help], sort_keys=True)``. The tests check both
+directions against the installed prometheus-client, so a change of format fails the suite.
+
+pyngora's own files are named ``<prefix>_<pid>-pyngora.db`` (prefix ``counter``, ``histogram`` or
+``gauge_<mode>``) so they never collide with the ``<prefix>_<pid>.db`` files prometheus-client
+writes for a user's own metrics in the same process. Each write replaces the whole file
+(write to a temporary name, then ``rename``): a reader sees the old or the new file, never a torn
+value, and a process never needs an mmap.
+
+Dead processes: a dead process's live-mode gauge files are deleted; its counter, histogram and
+summary files (ours and prometheus-client's) are folded into one ``<prefix>_archive.db`` per
+prefix, so the directory does not grow with every restart and totals stay exact. Folding swaps
+files under an exclusive ``flock`` on ``.pyngora.lock``; the exporter reads under a shared lock,
+so a scrape sees either the dead process's file or the archive that includes it, never both and
+never neither: a counter does not go backwards when a worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+LOCK_NAME = ".pyngora.lock"
+SUFFIX = "-pyngora"
+ARCHIVE = "archive"
+
+# Which file names in the directory are metrics files, and whose. ``owner`` is a pid or "archive".
+FILE_RE = re.compile(
+    r"^(?P<prefix>counter|histogram|summary|gauge_(?P<mode>[a-z]+))_"
+    r"(?P<owner>\d+|archive)(?P<suffix>-pyngora)?\.db$"
+)
+_TMP_RE = re.compile(r"^\.[^/]*\.db\.\d+\.tmp$")
+# Files of these prefixes hold totals that must survive their process: they are archived.
+_ARCHIVED = ("counter", "histogram", "summary")
+
+_INT = struct.Struct("<i")
+_DOUBLES = struct.Struct("<dd")
+
+
+# --------------------------------------------------------------------------- metric definitions
+@dataclass(frozen=True)
+class MetricDef:
+    """One metric of SPEC section 8: its exposition name, type, HELP, labels and storage."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    mode: str = ""  # gauge multiprocess mode
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def prefix(self) -> str:
+        """The file prefix prometheus-client uses for this type (``gauge_<mode>`` for gauges)."""
+        return f"gauge_{self.mode}" if self.kind == "gauge" else self.kind
+
+    @property
+    def metric_name(self) -> str:
+        """The family name stored in keys: prometheus-client strips ``_total`` from counters."""
+        if self.kind == "counter" and self.name.endswith("_total"):
+            return self.name[: -len("_total")]
+        return self.name
+
+
+_INF = float("inf")
+# Proxy latencies: sub-millisecond for a local static origin up to a minute for slow backends.
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, _INF)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, _INF)
+
+_DEFS = (
+    MetricDef("pyngora_requests_total", "counter",
+              "Downstream requests answered, by service and HTTP status code.", ("service", "code")),
+    MetricDef("pyngora_request_duration_seconds", "histogram",
+              "Seconds from the start of a downstream request to the end of its response.",
+              ("service",), buckets=REQUEST_BUCKETS),
+    MetricDef("pyngora_upstream_requests_total", "counter",
+              "Responses received from upstream backends, by upstream group, backend and status code.",
+              ("upstream", "backend", "code")),
+    MetricDef("pyngora_upstream_connect_duration_seconds", "histogram",
+              "Seconds to open a new upstream connection (TCP connect and TLS handshake).",
+              ("upstream",), buckets=CONNECT_BUCKETS),
+    MetricDef("pyngora_upstream_errors_total", "counter",
+              "Upstream failures, by upstream group, backend and error kind.",
+              ("upstream", "backend", "kind")),
+    MetricDef("pyngora_upstream_pool_reused_total", "counter",
+              "Upstream requests sent on a reused keep-alive connection from the pool.", ("upstream",)),
+    MetricDef("pyngora_backend_healthy", "gauge",
+              "1 if the backend passes its health check, 0 if it does not.",
+              ("upstream", "backend"), mode="livemostrecent"),
+    MetricDef("pyngora_connections_active", "gauge",
+              "Downstream connections open now.", ("service",), mode="livesum"),
+    MetricDef("pyngora_connections_accepted_total", "counter",
+              "Downstream connections accepted.", ("service",)),
+    MetricDef("pyngora_request_bytes_total", "counter",
+              "Bytes received from downstream clients (request heads and bodies).", ("service",)),
+    MetricDef("pyngora_response_bytes_total", "counter",
+              "Bytes sent to downstream clients (response heads and bodies).", ("service",)),
+    MetricDef("pyngora_workers", "gauge",
+              "Worker processes running now, per service (old and new master together during an upgrade).",
+              ("service",), mode="livesum"),
+    MetricDef("pyngora_worker_restarts_total", "counter",
+              "Worker processes that died unexpectedly and were replaced by the master.", ("service",)),
+    MetricDef("pyngora_upgrades_total", "counter",
+              "Zero-downtime upgrades completed (listening sockets handed to a new master)."),
+    MetricDef("pyngora_upgrade_failures_total", "counter",
+              "Upgrades that failed; the old master kept serving."),
+    MetricDef("pyngora_reloads_total", "counter",
+              "Configuration reloads (SIGHUP) applied."),
+    MetricDef("pyngora_build_info", "gauge",
+              "Version of pyngora and Python of each running master; the value is always 1.",
+              ("version", "python"), mode="livemax"),
+)
+METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
+
+
+def float_to_go(value: float) -> str:
+    """Format a bucket bound as prometheus-client does (``floatToGoString``), e.g. 1 -> ``1.0``."""
+    d = float(value)
+    if d == _INF:
+        return "+Inf"
+    if d == -_INF:
+        return "-Inf"
+    if math.isnan(d):
+        return "NaN"
+    s = repr(d)
+    dot = s.find(".")
+    if d > 0 and dot > 6:
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
+
+
+def series_key(metric_name: str, sample_name: str, labels: dict[str, str], help_text: str) -> str:
+    """The key of one sample in a multiprocess file, byte-identical to prometheus-client's."""
+    return json.dumps([metric_name, sample_name, labels, help_text], sort_keys=True)
+
+
+def sample_key(d: MetricDef, values: tuple[str, ...], suffix: str = "", le: str | None = None) -> str:
+    """Key of the sample of ``d`` with label ``values``; ``suffix`` is ``_bucket``/``_sum`` for histograms."""
+    labels = dict(zip(d.labels, values))
+    if le is not None:
+        labels["le"] = le
+    sample = d.name + suffix
+    return series_key(d.metric_name, sample, labels, d.help)
+
+
+# --------------------------------------------------------------------------- file format
+def encode(entries: Iterable[tuple[str, float, float]]) -> bytes:
+    """Serialise ``(key, value, timestamp)`` entries into MmapedDict's layout; returns the bytes."""
+    parts = [b"\0" * 8]
+    used = 8
+    for key, value, ts in entries:
+        raw = key.encode("utf-8")
+        padded = raw + b" " * (8 - (len(raw) + 4) % 8)
+        parts.append(_INT.pack(len(raw)) + padded + _DOUBLES.pack(value, ts))
+        used += 4 + len(padded) + 16
+    data = bytearray(b"".join(parts))
+    _INT.pack_into(data, 0, used)
+    return bytes(data)
+
+
+def decode(data: bytes) -> Iterator[tuple[str, float, float]]:
+    """Parse MmapedDict bytes; yields ``(key, value, timestamp)``; raises ValueError if corrupt."""
+    if len(data) < 8:
+        return
+    used = _INT.unpack_from(data, 0)[0]
+    if used > len(data):
+        raise ValueError("metrics file is truncated")
+    pos = 8
+    while pos < used:
+        n = _INT.unpack_from(data, pos)[0]
+        if n < 0 or pos + 4 + n > used:
+            raise ValueError("metrics file is corrupted")
+        key = data[pos + 4:pos + 4 + n].decode("utf-8")
+        pos += 4 + n + (8 - (n + 4) % 8)
+        value, ts = _DOUBLES.unpack_from(data, pos)
+        pos += 16
+        yield key, value, ts
+
+
+def read_file(path: str) -> list[tuple[str, float, float]]:
+    """Read every entry of a metrics file (ours or prometheus-client's); [] if it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return []
+            used = _INT.unpack_from(head, 0)[0]
+            data = head + f.read(max(0, used - 8))
+    except FileNotFoundError:
+        return []
+    return list(decode(data))
+
+
+def write_file(path: str, entries: Iterable[tuple[str, float, float]]) -> None:
+    """Replace ``path`` atomically with ``entries`` (temporary file + rename in the same dir)."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(encode(entries))
+    os.replace(tmp, path)
+
+
+def own_path(directory: str, prefix: str, pid: int) -> str:
+    """Path of pyngora's file of ``prefix`` for process ``pid``."""
+    return os.path.join(directory, f"{prefix}_{pid}{SUFFIX}.db")
+
+
+# --------------------------------------------------------------------------- the directory
+def metrics_dir() -> str | None:
+    """The directory from the environment (set by ``prepare_dir``), or None if metrics are off."""
+    return os.environ.get(ENV_VAR) or None
+
+
+def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) -> None:
+    """Create the metrics directory and export it as ``PROMETHEUS_MULTIPROC_DIR``.
+
+    Runs in the master before it forks anything. ``fresh`` (a cold start): delete every metrics
+    file and leftover temporary file in it (other files are left alone). Not fresh (an upgrade:
+    the old master's workers still write here): keep everything. ``owner`` (uid, gid) chowns the
+    directory and its lock file, for a master that starts as root and runs workers as ``user``.
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    if fresh:
+        for name in os.listdir(path):
+            if FILE_RE.match(name) or _TMP_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(path, name))
+    lock = os.path.join(path, LOCK_NAME)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    os.close(fd)
+    if owner is not None:
+        for p in (path, lock):
+            os.chown(p, owner[0], owner[1])
+    os.environ[ENV_VAR] = path
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str, exclusive: bool, timeout: float | None = None) -> Iterator[bool]:
+    """Hold the directory's flock; yields True if held, False if ``timeout`` passed first.
+
+    Shared: the exporter while it reads every file. Exclusive: whoever swaps files (archive).
+    A filesystem without flock yields True without a lock (best effort, never an error).
+    """
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield True
+            return
+    try:
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        held = False
+        if timeout is None:
+            try:
+                fcntl.flock(fd, op)
+            except OSError as exc:  # no flock on this filesystem
+                if exc.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+            held = True
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, op | fcntl.LOCK_NB)
+                    held = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.002)
+        yield held
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _files_of(directory: str, pid: int) -> list[tuple[str, str, str]]:
+    """(name, prefix, mode) of every metrics file whose owner is ``pid``."""
+    found = []
+    for name in os.listdir(directory):
+        m = FILE_RE.match(name)
+        if m and m.group("owner") == str(pid):
+            found.append((name, m.group("prefix"), m.group("mode") or ""))
+    return found
+
+
+_pending: set[int] = set()  # dead pids whose files could not be archived yet (lock busy)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_process_dead(pid: int, path: str | None = None, lock_timeout: float = 0.25) -> bool:
+    """Account for a dead process; runs in the master right after it reaps ``pid``.
+
+    Deletes the pid's live-mode gauge files (its connections and health views vanish) and folds
+    its counter, histogram and summary files into the archive files, exactly (counts never drop).
+    Returns True if everything was archived; False if the lock stayed busy for ``lock_timeout``
+    seconds, in which case the pid is remembered and archived on a later call (its files are
+    still counted meanwhile, so nothing is lost or double-counted).
+    """
+    directory = path or metrics_dir()
+    if not directory or not os.path.isdir(directory):
+        return True
+    for name, prefix, mode in _files_of(directory, pid):
+        if prefix.startswith("gauge_") and mode.startswith("live"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+    todo = {pid}
+    # A pid left pending is archived only if no new process reuses it now: a reused pid writes
+    # on top of the old file (both writers continue from its totals), so leaving it is exact too.
+    todo.update(p for p in _pending if not _pid_exists(p))
+    with dir_lock(directory, exclusive=True, timeout=lock_timeout) as held:
+        if not held:
+            _pending.update(todo)
+            return False
+        for p in todo:
+            _archive(directory, p)
+            _pending.discard(p)
+    return True
+
+
+def _archive(directory: str, pid: int) -> None:
+    """Fold ``pid``'s cumulative files into the archives. Caller holds the exclusive lock."""
+    by_prefix: dict[str, list[str]] = {}
+    for name, prefix, _mode in _files_of(directory, pid):
+        if prefix in _ARCHIVED:
+            by_prefix.setdefault(prefix, []).append(os.path.join(directory, name))
+    for prefix, sources in by_prefix.items():
+        archive = os.path.join(directory, f"{prefix}_{ARCHIVE}.db")
+        totals: dict[str, float] = {}
+        for key, value, _ts in read_file(archive):
+            totals[key] = totals.get(key, 0.0) + value
+        for src in sources:
+            for key, value, _ts in read_file(src):
+                totals[key] = totals.get(key, 0.0) + value
+        write_file(archive, ((k, v, 0.0) for k, v in totals.items()))
+        # Only now remove the sources: a reader holds the shared lock, so it saw neither step.
+        for src in sources:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(src)
+
+
+def prune_dead_live_gauges(directory: str) -> int:
+    """Delete live-mode gauge files of pids that no longer exist; returns how many.
+
+    The exporter runs it before each scrape, for processes that died without being marked
+    dead (a master killed with SIGKILL, whose children were reaped by init).
+    """
+    removed = 0
+    for name in os.listdir(directory):
+        m = FILE_RE.match(name)
+        if not m or not (m.group("mode") or "").startswith("live") or m.group("owner") == ARCHIVE:
+            continue
+        if not _pid_exists(int(m.group("owner"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- per-process writer
+class ProcessFiles:
+    """The metrics of one process, held in memory and written as whole files on ``write()``.
+
+    Counters and histograms hold absolute totals of this process; ``add`` bumps them. Gauges
+    hold values set with ``set``. Used by the master (rare events, written at once) and by
+    workers through ``registry`` (written by ``registry.flush()`` about once a second).
+    """
+
+    def __init__(self, directory: str, pid: int | None = None) -> None:
+        self.directory = directory
+        self.pid = os.getpid() if pid is None else pid
+        self._tables: dict[str, dict[str, list[float]]] = {}
+        self._dirty: set[str] = set()
+
+    def _table(self, prefix: str) -> dict[str, list[float]]:
+        table = self._tables.get(prefix)
+        if table is None:
+            table = self._tables[prefix] = {}
+            if prefix in _ARCHIVED:
+                # A file left by a dead process with our pid (not archived yet): continue from
+                # its totals instead of overwriting them, so no count is lost.
+                for key, value, ts in read_file(own_path(self.directory, prefix, self.pid)):
+                    table[key] = [value, ts]
+        return table
+
+    def add(self, prefix: str, key: str, amount: float) -> None:
+        """Add ``amount`` to a cumulative sample (counter, histogram bucket or sum)."""
+        cell = self._table(prefix).get(key)
+        if cell is None:  # a new series is written even at 0, so that it shows up as 0
+            self._tables[prefix][key] = [float(amount), 0.0]
+        elif amount:
+            cell[0] += amount
+        else:
+            return
+        self._dirty.add(prefix)
+
+    def set(self, prefix: str, key: str, value: float, timestamp: float = 0.0) -> None:
+        """Set a gauge sample; ``timestamp`` matters only in the ``mostrecent`` modes."""
+        table = self._table(prefix)
+        cell = table.get(key)
+        if cell is None or cell[0] != value or cell[1] != timestamp:
+            table[key] = [float(value), timestamp]
+            self._dirty.add(prefix)
+
+    def value(self, prefix: str, key: str) -> float | None:
+        """The value held for a sample (tests and the master's bookkeeping), None if never set."""
+        cell = self._tables.get(prefix, {}).get(key)
+        return None if cell is None else cell[0]
+
+    def write(self) -> int:
+        """Write every file changed since the last write; returns how many were written."""
+        written = 0
+        for prefix in sorted(self._dirty):
+            entries = ((k, c[0], c[1]) for k, c in self._tables[prefix].items())
+            write_file(own_path(self.directory, prefix, self.pid), entries)
+            self._dirty.discard(prefix)  # only once written: a failed write is retried next time
+            written += 1
+        return written
+
+
+# --------------------------------------------------------------------------- the master's metrics
+_master: ProcessFiles | None = None
+
+
+def _master_files() -> ProcessFiles | None:
+    """This master's writer, created on first use (and anew in a forked child); None if off."""
+    global _master
+    directory = metrics_dir()
+    if not directory:
+        return None
+    if _master is None or _master.pid != os.getpid() or _master.directory != directory:
+        _master = ProcessFiles(directory)
+    return _master
+
+
+def _bump(name: str, values: tuple[str, ...] = ()) -> None:
+    files = _master_files()
+    if files is not None:
+        d = METRICS[name]
+        files.add(d.prefix, sample_key(d, values), 1)
+        files.write()
+
+
+def workers(service: str, n: int) -> None:
+    """Master: ``service`` has ``n`` worker processes running now (call on every change)."""
+    files = _master_files()
+    if files is not None:
+        d = METRICS["pyngora_workers"]
+        files.set(d.prefix, sample_key(d, (service,)), float(n))
+        files.write()
+
+
+def worker_restart(service: str) -> None:
+    """Master: a worker of ``service`` died unexpectedly and is being replaced."""
+    _bump("pyngora_worker_restarts_total", (service,))
+
+
+def upgrade() -> None:
+    """Master: an upgrade completed (the old master calls it when the new one said ``ready``)."""
+    _bump("pyngora_upgrades_total")
+
+
+def upgrade_failed() -> None:
+    """Master: an upgrade hand-over failed and this master keeps serving."""
+    _bump("pyngora_upgrade_failures_total")
+
+
+def reload() -> None:
+    """Master: a SIGHUP reload was applied (a new generation of workers started)."""
+    _bump("pyngora_reloads_total")
+
+
+def build_info(version: str, python: str | None = None) -> None:
+    """Master: publish ``pyngora_build_info{version, python} 1`` (call once at start)."""
+    files = _master_files()
+    if files is not None:
+        d = METRICS["pyngora_build_info"]
+        py = python or "%d.%d.%d" % sys.version_info[:3]
+        files.set(d.prefix, sample_key(d, (version, py)), 1.0)
+        files.write()
+
+
+def master_exit() -> None:
+    """Master: last call before it exits; drops its live gauges and archives its counters."""
+    global _master
+    if _master is not None and _master.pid == os.getpid():
+        mark_process_dead(_master.pid, _master.directory, lock_timeout=1.0)
+        _master = None

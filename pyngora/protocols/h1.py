@@ -1,0 +1,730 @@
+"""Sans-IO HTTP/1.x: bytes in, events out (no asyncio here, by design).
+
+``RequestParser`` (downstream side) and ``ResponseParser`` (upstream side) wrap httptools
+(llhttp in strict mode, which already refuses bare LF, obs-fold, bad tokens, CL+TE, duplicate
+Content-Length, bad chunk lines...). What llhttp lets through and a proxy must not forward is
+checked here, once per message, on data the callbacks collected: Host rules, request-target
+forms, Transfer-Encoding other than a single ``chunked``, framing headers in trailers, versions,
+size limits. The callbacks only collect; no regex runs per request.
+
+Rejections raise :class:`ProtocolError` carrying the status to answer (400, 413, 431, 505 for
+requests; 502 for a bad upstream response). The caller answers it and closes the connection.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Optional
+
+import httptools
+
+from pyngora.headers import Headers
+from pyngora.protocols.events import (Data, Event, InformationalResponse, MessageEnd,
+                                      RequestHead, ResponseHead)
+
+__all__ = ["H1Limits", "ProtocolError", "RequestParser", "ResponseParser",
+           "serialize_request_head", "serialize_response_head", "encode_chunk",
+           "encode_last_chunk", "remove_hop_by_hop", "HOP_BY_HOP", "H2_PREFACE"]
+
+
+class H1Limits:
+    """Size limits for one HTTP/1 connection's messages.
+
+    ``max_header_bytes`` bounds the request line plus the header fields (over it: 431, or 502
+    for a response); ``max_headers`` bounds their number (431); ``max_body_bytes`` bounds a
+    request body, by Content-Length up front or while de-chunking (413). None = no body limit.
+    """
+
+    __slots__ = ("max_header_bytes", "max_headers", "max_body_bytes")
+
+    def __init__(self, max_header_bytes: int = 65536, max_headers: int = 100,
+                 max_body_bytes: Optional[int] = None) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
+
+
+_DEFAULT_LIMITS = H1Limits()
+
+
+class ProtocolError(Exception):
+    """A message the parser refuses. ``status`` is what to answer (400/413/431/505, or 502 for
+    an upstream response); ``reason`` says why, for the log. ``events`` holds what the same
+    ``feed`` produced before the error (earlier pipelined requests), which a caller may serve
+    first or drop."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.events: list[Event] = []
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class _Stop(Exception):
+    """Raised inside a callback to make llhttp stop where it is (not an error to report)."""
+
+
+# Lowercased names that the request callbacks look at; everything else is only collected.
+_HOST, _CL, _TE, _EXPECT = b"host", b"content-length", b"transfer-encoding", b"expect"
+_SPECIAL = frozenset((_HOST, _CL, _TE, _EXPECT))
+# RFC 9110 6.5.1: framing, routing and the like must not come in trailers.
+_FORBIDDEN_TRAILERS = frozenset((_HOST, _CL, _TE, b"connection", b"keep-alive", b"upgrade",
+                                 b"trailer", b"te", b"proxy-connection"))
+_WS = (32, 9)  # SP, HTAB: trailing OWS that llhttp leaves on a value
+# What a Host value may hold (RFC 3986 host [":" port], IP-literals included); translate()
+# deleting these leaves the offending bytes: one C call, no regex.
+_HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+               b"-._~!$&'()*+;=:%[]")
+#: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _is_chunked(te: bytes) -> bool:
+    """True when a Transfer-Encoding value is exactly one ``chunked`` coding."""
+    return te.lower().strip(b" \t") == b"chunked"
+
+
+def _default_port(scheme: bytes) -> bytes:
+    return b":443" if scheme == b"https" else b":80"
+
+
+class RequestParser:
+    """Parses the requests of one downstream connection, reused across keep-alive requests.
+
+    ``feed`` returns, in order, ``RequestHead``, ``Data``* and ``MessageEnd`` for every
+    request the bytes complete (pipelining: many per call). After a request whose
+    ``upgrade`` is True (WebSocket upgrade or CONNECT), ``upgraded`` is True, parsing stops,
+    ``take_trailing()`` gives the bytes that followed the head, and later ``feed`` calls
+    return their bytes as ``Data`` events (the tunnel). After a request that does not keep
+    the connection alive, later bytes are ignored.
+    """
+
+    __slots__ = ("_limits", "_p", "_events", "_url", "_items", "_keys", "_in_head",
+                 "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
+                 "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
+                 "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
+                 "_trailing")
+
+    def __init__(self, limits: Optional[H1Limits] = None) -> None:
+        self._limits = limits or _DEFAULT_LIMITS
+        self._p = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._url: list[bytes] = []
+        self._items: list[tuple[bytes, bytes]] = []
+        self._keys: list[bytes] = []
+        self._in_head = False       # a request began and its head is not complete yet
+        self._in_message = False    # a request began and has not ended yet
+        self._head_size = 0         # exact bytes of the head seen through the callbacks
+        self._head_fed = 0          # bytes fed while a head stayed incomplete (see feed)
+        self._uncertain = False     # the current head began after another request ended in the same feed
+        self._completed = 0         # requests ended during the current feed
+        self._hosts = 0
+        self._host: Optional[bytes] = None
+        self._cl: Optional[bytes] = None
+        self._te: Optional[bytes] = None
+        self._expect = False
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._tkeys: list[bytes] = []
+        self._chunked = False
+        self._body_seen = 0
+        self._keep_alive = True
+        self._error: Optional[ProtocolError] = None
+        self._closed = False        # a request that closes the connection has ended
+        self.upgraded = False
+        self._trailing = b""
+
+    # -- public API ------------------------------------------------------------------------
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data`` (any split); return the events it completes, in order.
+
+        Raises ProtocolError for anything malformed; the parser is then dead and raises the
+        same error again on every later call.
+        """
+        if self._error is not None:
+            raise self._error
+        if self.upgraded:
+            return [Data(data)] if data else []
+        if self._closed:
+            return []
+        events: list[Event] = []
+        self._events = events
+        self._completed = 0
+        head_pending = self._in_head
+        try:
+            self._p.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            self._trailing = data[exc.args[0]:]
+            return events
+        except httptools.HttpParserError as exc:
+            if self._error is None and self._closed:
+                return events  # bytes after a request that closes the connection: ignored
+            err = self._error or self._map_error(exc)
+            err.events = events
+            self._error = err
+            raise err from None
+        if self._in_head:
+            # The head is incomplete: llhttp buffers the partial field, unseen by the
+            # callbacks, so bound it by bytes fed. Exact when the head began in an earlier
+            # feed or at the start of this one; when it began after another request ended in
+            # this same feed its share is unknown and counts from the next feed on.
+            if head_pending or not self._uncertain:
+                self._head_fed += len(data)
+                if self._head_fed > self._limits.max_header_bytes:
+                    self._reject_now(431, "request head too large", events)
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        """The client half-closed. Returns [] between requests; a partial request -> 400."""
+        if self._error is not None:
+            raise self._error
+        if self._in_message and not self.upgraded and not self._closed:
+            self._reject_now(400, "connection closed in the middle of a request", [])
+        return []
+
+    def take_trailing(self) -> bytes:
+        """After an upgrade: the bytes that followed the request head (to tunnel); clears them."""
+        data, self._trailing = self._trailing, b""
+        return data
+
+    @property
+    def in_message(self) -> bool:
+        """True while a request has begun and not ended (a timeout then means 408 / abort)."""
+        return self._in_message
+
+    # -- internals -------------------------------------------------------------------------
+    def _reject(self, status: int, reason: str) -> None:
+        """Inside a callback: remember the error and unwind through llhttp."""
+        err = ProtocolError(status, reason)
+        self._error = err
+        raise err
+
+    def _reject_now(self, status: int, reason: str, events: list[Event]) -> None:
+        err = ProtocolError(status, reason)
+        err.events = events
+        self._error = err
+        raise err
+
+    def _map_error(self, exc: Exception) -> ProtocolError:
+        msg = str(exc) or exc.__class__.__name__
+        if "HTTP version" in msg:
+            return ProtocolError(505, msg)
+        if "PRI" in msg:  # llhttp pauses on the h2 preface
+            return ProtocolError(505, "HTTP/2 connection preface on an HTTP/1 connection")
+        return ProtocolError(400, msg)
+
+    # -- httptools callbacks (collect, check cheaply) --------------------------------------
+    def on_message_begin(self) -> None:
+        if self._closed:
+            raise _Stop()
+        self._in_head = True
+        self._in_message = True
+        self._uncertain = self._completed > 0
+        self._head_fed = 0
+        self._head_size = 16  # request line overhead (method, spaces, version, CRLF)
+        self._url = []
+        self._items = []
+        self._keys = []
+        self._hosts = 0
+        self._host = self._cl = self._te = None
+        self._expect = False
+        self._trailers = None
+        self._chunked = False
+        self._body_seen = 0
+
+    def on_url(self, part: bytes) -> None:
+        self._url.append(part)
+        self._head_size += len(part)
+        if self._head_size > self._limits.max_header_bytes:
+            self._reject(431, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in _WS:
+            value = value.rstrip(b" \t")
+        key = name.lower()
+        if not self._in_head:
+            self._on_trailer(name, key, value)
+            return
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._limits.max_header_bytes:
+            self._reject(431, "request head too large")
+        keys = self._keys
+        if len(keys) >= self._limits.max_headers:
+            self._reject(431, "too many header fields")
+        self._items.append((name, value))
+        keys.append(key)
+        if key in _SPECIAL:
+            if key == _HOST:
+                self._hosts += 1
+                self._host = value
+            elif key == _CL:
+                self._cl = value
+            elif key == _TE:
+                if self._te is not None:
+                    self._reject(400, "more than one Transfer-Encoding field")
+                self._te = value
+            elif value.lower() == b"100-continue":
+                self._expect = True
+
+    def _on_trailer(self, name: bytes, key: bytes, value: bytes) -> None:
+        if key in _FORBIDDEN_TRAILERS:
+            self._reject(400, f"{name.decode('latin-1')} is not allowed in trailers")
+        if self._trailers is None:
+            self._trailers = []
+            self._tkeys = []
+        self._head_size += len(name) + len(value) + 4
+        if (self._head_size > self._limits.max_header_bytes
+                or len(self._trailers) >= self._limits.max_headers):
+            self._reject(431, "trailers too large")
+        self._trailers.append((name, value))
+        self._tkeys.append(key)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._p
+        version = p.get_http_version()
+        method = p.get_method()
+        if version != "1.1" and version != "1.0":
+            if version == "0.9":
+                self._reject(400, "HTTP/0.9 request line")
+            if method == b"PRI":
+                self._reject(505, "HTTP/2 connection preface on an HTTP/1 connection")
+            self._reject(505, f"HTTP/{version} is not supported over HTTP/1")
+        url = self._url
+        target = url[0] if len(url) == 1 else b"".join(url)
+        hosts = self._hosts
+        if hosts != 1:
+            if hosts > 1 or version == "1.1":
+                self._reject(400, "missing Host" if hosts == 0 else "more than one Host field")
+        elif self._host.translate(None, _HOST_CHARS):  # type: ignore[union-attr]
+            self._reject(400, "invalid Host")
+        if target[:1] != b"/":
+            self._check_target_form(method, target)
+        elif b"#" in target:
+            self._reject(400, "fragment in request-target")
+        elif method == b"CONNECT":
+            self._reject(400, "CONNECT needs an authority-form target")
+        if self._te is not None:
+            if version == "1.0":
+                self._reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if not _is_chunked(self._te):
+                self._reject(400, "Transfer-Encoding other than a single chunked")
+            body = "chunked"
+            self._chunked = True
+            length = None
+        elif self._cl is not None:
+            length = int(self._cl)  # llhttp accepted only digits
+            limit = self._limits.max_body_bytes
+            if limit is not None and length > limit:
+                self._reject(413, "Content-Length over max_body_bytes")
+            body = "length"
+        else:
+            body = "none"
+            length = None
+        keep_alive = p.should_keep_alive()
+        self._keep_alive = keep_alive
+        self._events.append(RequestHead(
+            method, target, version, Headers._from_parser(self._items, self._keys),
+            keep_alive, body, length, self._expect and version == "1.1", p.should_upgrade()))
+
+    def _check_target_form(self, method: bytes, target: bytes) -> None:
+        """Checks for a target that is not origin-form: ``*``, authority- or absolute-form."""
+        if target == b"*":
+            if method != b"OPTIONS":
+                self._reject(400, "'*' target is only for OPTIONS")
+            return
+        if method == b"CONNECT":
+            # authority-form = host ":" port, nothing else (RFC 9112 3.2.3)
+            host, sep, port = target.rpartition(b":")
+            if (not sep or not host or not port.isdigit() or b"/" in target
+                    or b"@" in target or b"?" in target or b"#" in target):
+                self._reject(400, "bad authority-form target")
+            return
+        scheme, sep, rest = target.partition(b"://")
+        scheme = scheme.lower()
+        if not sep or scheme not in (b"http", b"https"):
+            self._reject(400, "bad request-target")
+        end = len(rest)
+        for ch in (b"/", b"?", b"#"):
+            i = rest.find(ch)
+            if 0 <= i < end:
+                end = i
+        authority = rest[:end].lower()
+        if not authority or b"@" in authority or b"#" in rest:
+            self._reject(400, "bad absolute-form target")
+        host = (self._host or b"").lower()
+        if authority != host:
+            port = _default_port(scheme)
+            if authority.removesuffix(port) != host.removesuffix(port):
+                self._reject(400, "absolute-form target disagrees with Host")
+
+    def on_body(self, body: bytes) -> None:
+        if self._chunked:
+            limit = self._limits.max_body_bytes
+            if limit is not None:
+                self._body_seen += len(body)
+                if self._body_seen > limit:
+                    self._reject(413, "chunked body over max_body_bytes")
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._completed += 1
+        trailers = self._trailers
+        self._events.append(MessageEnd(
+            Headers._from_parser(trailers, self._tkeys) if trailers is not None else None))
+        if not self._keep_alive:
+            self._closed = True
+
+
+# -- responses -------------------------------------------------------------------------------
+_IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
+
+
+class ResponseParser:
+    """Parses the responses of one upstream connection, one per ``start()``.
+
+    The head is found here (first CRLFCRLF) and fed to llhttp whole, so that the bytes after
+    it are known exactly: a HEAD response or a 2xx to CONNECT has no body whatever its
+    Content-Length says, a 101 or a CONNECT 2xx turns the connection into a tunnel
+    (``upgraded``, ``take_trailing()``). ``ResponseHead.body`` is "none", "length",
+    "chunked" or "close" (ends at EOF: call ``feed_eof``).
+    """
+
+    __slots__ = ("_limits", "_p", "_method", "_state", "_buf", "_events", "_items", "_keys",
+                 "_reason", "_cl", "_te", "_status", "_skip_body", "_tunnel", "_framing",
+                 "_keep_alive", "_error", "_leftover", "_unsolicited", "_seen", "upgraded",
+                 "_trailing", "_trailers", "_tkeys", "_head_done")
+
+    def __init__(self, limits: Optional[H1Limits] = None) -> None:
+        self._limits = limits or _DEFAULT_LIMITS
+        self._p: Optional[httptools.HttpResponseParser] = None
+        self._method = b"GET"
+        self._state = _IDLE
+        self._buf = b""
+        self._events: list[Event] = []
+        self._items: list[tuple[bytes, bytes]] = []
+        self._keys: list[bytes] = []
+        self._reason = b""
+        self._cl: Optional[bytes] = None
+        self._te: Optional[bytes] = None
+        self._status = 0
+        self._skip_body = False
+        self._tunnel = False
+        self._framing = "none"
+        self._keep_alive = True
+        self._error: Optional[ProtocolError] = None
+        self._leftover = b""
+        self._unsolicited = False
+        self._seen = False
+        self.upgraded = False
+        self._trailing = b""
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._tkeys: list[bytes] = []
+        self._head_done = False
+
+    def start(self, request_method: bytes) -> None:
+        """Expect the response to a request made with ``request_method`` (call before each)."""
+        if self._error is not None:
+            raise self._error
+        self._method = request_method.upper()
+        self._state = _HEAD
+        self._buf = self._leftover
+        self._leftover = b""
+        self._seen = bool(self._buf)
+        if self._p is None:
+            self._p = httptools.HttpResponseParser(self)
+
+    @property
+    def response_started(self) -> bool:
+        """True once any byte of the current response arrived (no safe retry after that)."""
+        return self._seen
+
+    @property
+    def reusable(self) -> bool:
+        """True when the last response ended cleanly and the connection can go back to the pool."""
+        return (self._state == _DONE and self._keep_alive and not self._unsolicited
+                and not self.upgraded and self._error is None and not self._leftover)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; return the events it completes. Raises ProtocolError(502)."""
+        if self._error is not None:
+            raise self._error
+        if self.upgraded:
+            return [Data(data)] if data else []
+        state = self._state
+        if state == _IDLE or state == _DONE:
+            if data:
+                self._unsolicited = True  # bytes nobody asked for: do not reuse the connection
+                self._leftover += data
+            return []
+        events: list[Event] = []
+        self._events = events
+        if data:
+            self._seen = True
+        try:
+            if state == _HEAD:
+                self._head_input(data)
+            else:
+                self._body_input(data)
+        except ProtocolError as err:
+            err.events = events
+            self._error = err
+            raise
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        """The upstream closed. Ends a "close"-framed body; anything else unfinished -> 502."""
+        if self._error is not None:
+            raise self._error
+        state = self._state
+        if self.upgraded or state == _IDLE or state == _DONE:
+            return []
+        if state == _BODY and self._framing == "close":
+            self._state = _DONE
+            self._keep_alive = False
+            return [MessageEnd(None)]
+        err = ProtocolError(502, "upstream closed before the response head" if state == _HEAD
+                            else "upstream closed in the middle of the response body")
+        self._error = err
+        raise err
+
+    def take_trailing(self) -> bytes:
+        """After a 101 (or 2xx to CONNECT): the bytes after the head (to tunnel); clears them."""
+        data, self._trailing = self._trailing, b""
+        return data
+
+    # -- internals -------------------------------------------------------------------------
+    def _head_input(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        limit = self._limits.max_header_bytes
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > limit:
+                    raise ProtocolError(502, "upstream response head too large")
+                if buf.count(b"\n") != buf.count(b"\r\n"):
+                    raise ProtocolError(502, "bare LF in upstream response head")
+                self._buf = buf
+                return
+            end += 4
+            if end > limit:
+                raise ProtocolError(502, "upstream response head too large")
+            head, buf = buf[:end], buf[end:]
+            self._buf = b""
+            self._feed_llhttp(head, head=True)
+            if self._state == _HEAD:   # a 1xx came: the real head follows
+                continue
+            if self.upgraded:
+                self._trailing = buf
+                return
+            if self._state == _DONE:
+                if self._skip_body:
+                    self._p = httptools.HttpResponseParser(self)  # llhttp still waits for a body
+                if buf:
+                    self._unsolicited = True
+                    self._leftover = buf
+                return
+            if buf:
+                self._body_input(buf)
+            return
+
+    def _body_input(self, data: bytes) -> None:
+        self._feed_llhttp(data, head=False)
+
+    def _feed_llhttp(self, data: bytes, head: bool) -> None:
+        p = self._p
+        assert p is not None
+        try:
+            p.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # only a complete head is fed, so nothing follows within ``data``
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            if self._status == 101 and self._head_done and head:
+                pass  # llhttp pauses on any 101; the tunnel is decided in on_headers_complete
+            elif self._state == _DONE and not head:
+                self._p = None  # bytes after the end of the response
+                self._unsolicited = True
+                return
+            else:
+                raise ProtocolError(502, f"bad upstream response: {exc}") from None
+        if head and self._status == 101 and self._head_done:
+            self.upgraded = True
+            self._state = _DONE
+            self._keep_alive = False
+            self._events.append(MessageEnd(None))
+
+    def _reject(self, reason: str) -> None:
+        err = ProtocolError(502, reason)
+        self._error = err
+        raise err
+
+    # -- httptools callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._state == _DONE:
+            raise _Stop()  # a second response nobody asked for
+        self._items = []
+        self._keys = []
+        self._reason = b""
+        self._cl = self._te = None
+        self._trailers = None
+        self._head_done = False
+        self._status = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in _WS:
+            value = value.rstrip(b" \t")
+        key = name.lower()
+        if self._head_done:
+            if key in _FORBIDDEN_TRAILERS:
+                self._reject(f"{name.decode('latin-1')} in upstream trailers")
+            if self._trailers is None:
+                self._trailers = []
+                self._tkeys = []
+            self._trailers.append((name, value))
+            self._tkeys.append(key)
+            return
+        if len(self._keys) >= self._limits.max_headers:
+            self._reject("too many header fields in upstream response")
+        self._items.append((name, value))
+        self._keys.append(key)
+        if key == _CL:
+            self._cl = value
+        elif key == _TE:
+            if self._te is not None:
+                self._reject("more than one Transfer-Encoding field in upstream response")
+            self._te = value
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        p = self._p
+        assert p is not None
+        status = p.get_status_code()
+        self._status = status
+        if status < 100:
+            self._reject(f"bad upstream status {status}")
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._reject(f"upstream answered HTTP/{version}")
+        headers = Headers._from_parser(self._items, self._keys)
+        if status < 200 and status != 101:
+            self._events.append(InformationalResponse(status, headers))
+            return
+        method = self._method
+        length: Optional[int] = None
+        self._skip_body = self._tunnel = False
+        if self._te is not None and (version == "1.0" or not _is_chunked(self._te)):
+            self._reject("upstream Transfer-Encoding other than a single chunked")
+        if self._cl is not None:
+            length = int(self._cl)
+        if status == 101 or status == 204 or status == 304:
+            body = "none"
+        elif method == b"HEAD":
+            body = "none"
+            self._skip_body = True
+        elif method == b"CONNECT" and status < 300:
+            body = "none"
+            self._skip_body = self._tunnel = True
+        elif self._te is not None:
+            body = "chunked"
+        elif length is not None:
+            body = "length"
+        else:
+            body = "close"
+        self._framing = body
+        keep_alive = p.should_keep_alive() and body != "close" and status != 101
+        self._keep_alive = keep_alive
+        self._events.append(ResponseHead(status, self._reason, version, headers, keep_alive,
+                                         body, length))
+        if body != "none" or status == 101:
+            self._state = _BODY
+            return
+        if self._skip_body:
+            self._end_message()
+            if self._tunnel:
+                self.upgraded = True
+                self._keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        status = self._status
+        if status < 200 and status != 101:
+            return  # 1xx: stay in _HEAD for the real response
+        if status == 101 or self._state == _DONE:
+            return
+        self._end_message()
+
+    def _end_message(self) -> None:
+        self._state = _DONE
+        trailers = self._trailers
+        self._events.append(MessageEnd(
+            Headers._from_parser(trailers, self._tkeys) if trailers is not None else None))
+
+
+# -- serialisation ---------------------------------------------------------------------------
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: Headers,
+                           version: bytes = b"1.1") -> bytes:
+    """The wire form of a request head: request line, fields, blank line."""
+    return (_bytes(method) + b" " + _bytes(target) + b" HTTP/" + _bytes(version) + b"\r\n"
+            + headers.serialize() + b"\r\n")
+
+
+def serialize_response_head(status: int, reason: Optional[bytes], headers: Headers,
+                            version: bytes = b"1.1") -> bytes:
+    """The wire form of a response head; ``reason`` None = the standard phrase for ``status``."""
+    version = _bytes(version)
+    if reason is None:
+        line = _STATUS_LINES.get((version, status))
+        if line is None:
+            line = b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+            if len(_STATUS_LINES) < 4096:
+                _STATUS_LINES[(version, status)] = line
+    else:
+        line = b"HTTP/%b %d %b\r\n" % (version, status, _bytes(reason))
+    return line + headers.serialize() + b"\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body. Empty data gives b"" (an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Optional[Headers] = None) -> bytes:
+    """The last chunk, with ``trailers`` if any: ends a chunked body."""
+    if trailers:
+        return b"0\r\n" + trailers.serialize() + b"\r\n"
+    return b"0\r\n\r\n"
+
+
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"))
+
+
+def remove_hop_by_hop(headers: Headers) -> None:
+    """Remove hop-by-hop fields (RFC 9110 7.6.1) and every field named in Connection."""
+    names = set(HOP_BY_HOP)
+    for value in headers.get_all(b"connection"):
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                names.add(token)
+    headers.remove_names(names)

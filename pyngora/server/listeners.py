@@ -1,0 +1,147 @@
+"""Binding, adopting and keying the master's listening sockets.
+
+Every socket has a key ``service/address/slot``: slot ``*`` for a socket that all workers of a
+work-stealing service share, ``N`` for the SO_REUSEPORT socket of pinned worker slot N. The key
+is what the upgrade manifest carries, so pinned sockets of one address never collide.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Iterable, Optional
+
+from pyngora.config.schema import ListenerConf
+
+
+class BindError(Exception):
+    """A listener could not be bound; the message names the service and the address."""
+
+
+def socket_key(service: str, listener: ListenerConf, slot: Optional[int]) -> str:
+    return f"{service}/{listener.key}/{'*' if slot is None else slot}"
+
+
+def _unlink_stale_unix(path: str) -> None:
+    """Remove a socket file nobody listens on (left by a crash); refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise BindError(f"{path}: another process is listening on it")
+
+
+def bind_listener(service: str, listener: ListenerConf, reuse_port: bool) -> socket.socket:
+    """Create, bind and listen one non-blocking socket for ``listener``."""
+    family = listener.socket_family
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            _unlink_stale_unix(listener.path)
+            sock.bind(listener.path)
+            if listener.mode is not None:
+                os.chmod(listener.path, listener.mode)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((listener.host, listener.port))
+        sock.listen(listener.backlog)
+        sock.setblocking(False)
+        return sock
+    except BindError:
+        sock.close()
+        raise
+    except OSError as e:
+        sock.close()
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise BindError(f"cannot listen on {listener.address} for service {service!r}: {why}") \
+            from None
+
+
+def socket_address_key(sock: socket.socket) -> str:
+    """The ``address`` part of a key for an inherited socket (systemd's LISTEN_FDS)."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (name.decode() if isinstance(name, bytes) else name)
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+class SocketTable:
+    """The master's listening sockets by key. Adopted sockets (upgrade, systemd) are used first."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[str, socket.socket] = {}
+        # systemd LISTEN_FDS sockets, by address only: any service/slot may claim them
+        self.by_address: dict[str, list[socket.socket]] = {}
+
+    def adopt(self, sockets: dict[str, socket.socket]) -> None:
+        self.sockets.update(sockets)
+
+    def adopt_by_address(self, sockets: Iterable[socket.socket]) -> None:
+        for s in sockets:
+            s.setblocking(False)
+            self.by_address.setdefault(socket_address_key(s), []).append(s)
+
+    def ensure(self, service: str, listener: ListenerConf, slot: Optional[int]) -> socket.socket:
+        """The socket for this key: kept, adopted, or bound now."""
+        key = socket_key(service, listener, slot)
+        sock = self.sockets.get(key)
+        if sock is not None:
+            return sock
+        spare = self.by_address.get(listener.key)
+        if spare:
+            sock = spare.pop(0)
+        else:
+            sock = bind_listener(service, listener, reuse_port=slot is not None)
+        self.sockets[key] = sock
+        return sock
+
+    def keep_only(self, keys: set[str]) -> list[socket.socket]:
+        """Forget sockets whose keys are not in ``keys``; return them for the caller to close
+        once their accept queues are drained."""
+        dropped = [s for k, s in self.sockets.items() if k not in keys]
+        self.sockets = {k: s for k, s in self.sockets.items() if k in keys}
+        for spare in self.by_address.values():
+            dropped.extend(spare)
+        self.by_address.clear()
+        return dropped
+
+    def close_all(self, unlink: bool) -> None:
+        for s in self.sockets.values():
+            close_listener(s, unlink)
+        self.sockets.clear()
+
+
+def close_listener(sock: socket.socket, unlink: bool) -> None:
+    path = None
+    if unlink and sock.family == socket.AF_UNIX:
+        try:
+            name = sock.getsockname()
+            path = name.decode() if isinstance(name, bytes) else name
+        except OSError:
+            path = None
+    sock.close()
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

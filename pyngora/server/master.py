@@ -1,0 +1,584 @@
+"""The master: binds (or adopts) every listener, forks and supervises workers, and turns signals
+into stops, reloads and upgrades.
+
+It is a loop over events. Signal handlers only enqueue; ``handle_*`` do the work. The one signal
+table is `SIGNALS`. The master never imports uvloop, httptools, h2 or prometheus_client, so it
+stays small and forks cheaply.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from typing import Callable, Optional
+
+from pyngora import log
+from pyngora.config.schema import ConfigError, ServerConf
+from pyngora.server import daemon
+from pyngora.server.listeners import SocketTable, close_listener, socket_key
+from pyngora.server.worker import EXIT_BOOT_FAILED, WorkerSpec, run_worker
+from pyngora.services.base import Service
+
+try:
+    from pyngora.server import systemd as sd
+except ImportError:  # pragma: no cover - until the systemd room lands
+    sd = None  # type: ignore[assignment]
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_WORKERS = 0, 1, 2, 3
+MAX_BOOT_FAILURES = 5
+
+SIGNALS = {
+    signal.SIGTERM: "term",
+    signal.SIGINT: "int",
+    signal.SIGQUIT: "quit",
+    signal.SIGHUP: "hup",
+    signal.SIGUSR1: "usr1",
+    signal.SIGCHLD: "chld",
+}
+
+
+class FatalError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    __slots__ = ("pid", "spec", "ready", "fd", "started", "gen")
+
+    def __init__(self, pid: int, spec: WorkerSpec, fd: int) -> None:
+        self.pid = pid
+        self.spec = spec
+        self.ready = False
+        self.fd = fd
+        self.started = time.monotonic()
+        self.gen = spec.generation
+
+
+class Generation:
+    """One set of services and their workers; SIGHUP starts a new one, then retires the old."""
+
+    def __init__(self, number: int, conf: ServerConf, services: list[Service]) -> None:
+        self.number = number
+        self.conf = conf
+        self.services = services
+        self.retired = False
+        self.started: set[str] = set()           # service names whose workers were forked
+        self.boot_failures: dict[tuple[str, int], int] = {}
+        self.respawn_at: dict[tuple[str, int], float] = {}
+        self.ready_slots: set[tuple[str, int]] = set()
+
+    def slots(self, svc: Service) -> int:
+        return 1 if svc.is_background else self.conf.service_threads(svc.threads)
+
+    def pinned(self, svc: Service) -> bool:
+        ws = svc.work_stealing if svc.work_stealing is not None else self.conf.work_stealing
+        return not ws
+
+    def service_ready(self, svc: Service) -> bool:
+        return all((svc.name, n) in self.ready_slots for n in range(self.slots(svc)))
+
+    def all_ready(self) -> bool:
+        return all(self.service_ready(s) for s in self.services)
+
+
+class Master:
+    """One pyngora master process. `run()` returns the exit code."""
+
+    def __init__(self, conf: ServerConf, services: list[Service], *, upgrade: bool = False,
+                 build_services: Optional[Callable[[ServerConf], list[Service]]] = None,
+                 reload_conf: Optional[Callable[[], ServerConf]] = None,
+                 launcher_fd: int = -1, title: str = "pyngora: master") -> None:
+        self.conf = conf
+        self.upgrade_mode = upgrade
+        self.build_services = build_services
+        self.reload_conf = reload_conf
+        self.launcher_fd = launcher_fd
+        self.title = title
+        self.table = SocketTable()
+        self.gens: list[Generation] = [Generation(1, conf, services)]
+        self.workers: dict[int, Worker] = {}
+        self.events: collections.deque[str] = collections.deque()
+        self.stopping: Optional[str] = None       # "graceful" | "fast"
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.handed_over = False
+        self.handover: Optional[threading.Thread] = None
+        self.upgrade_conn = None
+        self.pid = os.getpid()
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._serving_reported = False
+        self._dropped: list[tuple[int, socket.socket]] = []   # (generation, socket) to close later
+
+    # ------------------------------------------------------------------ start-up
+    def run(self) -> int:
+        try:
+            self._setup_signals()
+            self._bootstrap()
+            self._loop()
+        except FatalError as e:
+            log.ERROR.error("%s", e)
+            daemon.report(self.launcher_fd, False, str(e), e.code)
+            self.launcher_fd = -1
+            self._kill_all(signal.SIGKILL)
+            self.exit_code = e.code
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    def _setup_signals(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig, name in SIGNALS.items():
+            signal.signal(sig, self._on_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.events.append(SIGNALS[signum])
+
+    def _bootstrap(self) -> None:
+        conf = self.conf
+        try:
+            import setproctitle
+            setproctitle.setproctitle(self.title)
+        except Exception:
+            pass
+        if not self.upgrade_mode:
+            try:
+                daemon.check_pid_file(conf.pid_file)
+            except daemon.PidFileError as e:
+                raise FatalError(str(e), EXIT_CONFIG) from None
+        self._prepare_metrics(fresh=not self.upgrade_mode)
+        if self.upgrade_mode:
+            self._receive_sockets()
+        else:
+            self._adopt_systemd()
+        self._bind(self.gens[0])
+        if not self.upgrade_mode:
+            daemon.write_pid_file(conf.pid_file)
+        self._spawn_ready_services(self.gens[0])
+
+    def _prepare_metrics(self, fresh: bool) -> None:
+        path = self.conf.metrics_path
+        try:
+            from pyngora.metrics import multiproc
+        except ImportError:
+            return
+        try:
+            multiproc.prepare_dir(path, fresh=fresh)
+        except Exception as e:  # metrics must never stop the proxy
+            log.ERROR.warning("metrics directory %s unusable: %s", path, e)
+
+    def _adopt_systemd(self) -> None:
+        try:
+            from pyngora.upgrade.transfer_fd import adopt_systemd_sockets
+        except ImportError:
+            return
+        socks = adopt_systemd_sockets()
+        if socks:
+            log.ERROR.info("adopted %d sockets from systemd", len(socks))
+            self.table.adopt_by_address(socks)
+
+    def _receive_sockets(self) -> None:
+        from pyngora.upgrade.transfer_fd import TransferError, UpgradeListener
+        try:
+            listener = UpgradeListener(self.conf.upgrade_sock)
+        except (OSError, TransferError) as e:
+            raise FatalError(f"cannot listen on upgrade_sock {self.conf.upgrade_sock}: {e}",
+                             EXIT_CONFIG) from None
+        # with -d the launcher returns now, so a SIGQUIT sent right after cannot miss us
+        daemon.report(self.launcher_fd, True)
+        self.launcher_fd = -1
+        log.ERROR.info("waiting up to %ss on %s for the old master",
+                       self.conf.upgrade_timeout_seconds, self.conf.upgrade_sock)
+        try:
+            self.upgrade_conn, adopted = listener.accept_sockets(self.conf.upgrade_timeout_seconds)
+        except TransferError as e:
+            raise FatalError(f"upgrade failed: {e}", EXIT_CONFIG) from None
+        finally:
+            listener.close()
+        log.ERROR.info("received %d listening sockets from the old master", len(adopted))
+        self.table.adopt(adopted)
+
+    def _bind(self, gen: Generation) -> None:
+        """Make sure every socket of ``gen`` exists; drop the ones no longer named."""
+        from pyngora.server.listeners import BindError
+        keys: set[str] = set()
+        try:
+            for svc in gen.services:
+                for listener in svc.listeners:
+                    slots = range(gen.slots(svc)) if gen.pinned(svc) else [None]
+                    for slot in slots:
+                        self.table.ensure(svc.name, listener, slot)
+                        keys.add(socket_key(svc.name, listener, slot))
+        except BindError as e:
+            raise FatalError(str(e), EXIT_CONFIG) from None
+        for sock in self.table.keep_only(keys):
+            # older workers still hold it and take what is queued before they close it
+            self._dropped.append((gen.number, sock))
+
+    # ------------------------------------------------------------------ workers
+    def _spawn_ready_services(self, gen: Generation) -> None:
+        names_ready = {s.name for s in gen.services if gen.service_ready(s)}
+        for svc in gen.services:
+            if svc.name in gen.started:
+                continue
+            if all(d.name in names_ready for d in svc.dependencies):
+                gen.started.add(svc.name)
+                for slot in range(gen.slots(svc)):
+                    self._spawn(gen, svc, slot)
+
+    def _sockets_for(self, gen: Generation, svc: Service, slot: int) -> list:
+        out = []
+        for listener in svc.listeners:
+            key = socket_key(svc.name, listener, slot if gen.pinned(svc) else None)
+            out.append((listener, self.table.sockets[key]))
+        return out
+
+    def _spawn(self, gen: Generation, svc: Service, slot: int) -> None:
+        kind = "background" if svc.is_background else "worker"
+        title = (f"pyngora: background {svc.name}" if svc.is_background
+                 else f"pyngora: worker {svc.name}/{slot}")
+        spec = WorkerSpec(svc, slot, gen.number, gen.conf, self._sockets_for(gen, svc, slot),
+                          title)
+        rfd, wfd = os.pipe()
+        spec.ready_fd = wfd
+        keep = {wfd} | {s.fileno() for _, s in spec.sockets}
+        pid = os.fork()
+        if pid == 0:
+            run_worker(spec, keep)  # never returns
+        os.close(wfd)
+        os.set_blocking(rfd, False)
+        w = Worker(pid, spec, rfd)
+        self.workers[pid] = w
+        self.selector.register(rfd, selectors.EVENT_READ, w)
+        log.ERROR.debug("started %s %s/%d pid %d (generation %d)", kind, svc.name, slot, pid,
+                        gen.number)
+
+    def _on_worker_readable(self, w: Worker) -> None:
+        try:
+            data = os.read(w.fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(w.fd)
+            os.close(w.fd)
+            w.fd = -1
+            return
+        if b"R" in data and not w.ready:
+            w.ready = True
+            gen = self._gen(w.gen)
+            if gen is not None:
+                key = (w.spec.service.name, w.spec.slot)
+                gen.ready_slots.add(key)
+                self._spawn_ready_services(gen)
+
+    def _gen(self, number: int) -> Optional[Generation]:
+        for g in self.gens:
+            if g.number == number:
+                return g
+        return None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            if w.fd >= 0:
+                self.selector.unregister(w.fd)
+                os.close(w.fd)
+            self._mark_dead(pid)
+            code = os.waitstatus_to_exitcode(status)
+            gen = self._gen(w.gen)
+            key = (w.spec.service.name, w.spec.slot)
+            if gen is not None:
+                gen.ready_slots.discard(key)
+            if self.stopping or gen is None or gen.retired:
+                continue
+            # A worker that dies within a second of its start is crash-looping, ready or not.
+            if w.ready and time.monotonic() - w.started >= 1.0:
+                log.ERROR.warning("%s (pid %d) exited with %s; restarting", w.spec.title, pid,
+                                  code)
+                gen.respawn_at[key] = time.monotonic()
+                gen.boot_failures.pop(key, None)
+                self._count_restart(w.spec.service.name)
+            else:
+                if w.ready:
+                    self._count_restart(w.spec.service.name)
+                n = gen.boot_failures.get(key, 0) + 1
+                gen.boot_failures[key] = n
+                why = "failed to boot" if code == EXIT_BOOT_FAILED else f"exited with {code}"
+                if n >= MAX_BOOT_FAILURES:
+                    raise FatalError(f"{w.spec.title} {why} {n} times in a row; stopping "
+                                     f"(see the error log above)", EXIT_WORKERS)
+                delay = min(0.1 * 2 ** (n - 1), 5.0)
+                log.ERROR.warning("%s (pid %d) %s; retry %d in %.1fs", w.spec.title, pid, why,
+                                  n, delay)
+                gen.respawn_at[key] = time.monotonic() + delay
+
+    def _respawn_due(self) -> float:
+        """Fork the replacements whose back-off is over; returns seconds to the next one."""
+        now = time.monotonic()
+        nxt = 1.0
+        for gen in self.gens:
+            if gen.retired:
+                gen.respawn_at.clear()
+                continue
+            for key, at in list(gen.respawn_at.items()):
+                if at <= now:
+                    del gen.respawn_at[key]
+                    svc = next(s for s in gen.services if s.name == key[0])
+                    self._spawn(gen, svc, key[1])
+                else:
+                    nxt = min(nxt, at - now)
+        return nxt
+
+    def _mark_dead(self, pid: int) -> None:
+        try:
+            from pyngora.metrics import multiproc
+            multiproc.mark_process_dead(pid)
+        except Exception:
+            pass
+
+    def _count_restart(self, service: str) -> None:
+        try:
+            from pyngora.metrics import multiproc
+            multiproc.record_master_event("worker_restart", service)
+        except Exception:
+            pass
+
+    def _kill_all(self, sig: int, gen: Optional[int] = None) -> None:
+        for pid, w in list(self.workers.items()):
+            if gen is None or w.gen == gen:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            timeout = self._respawn_due()
+            if self.stopping:
+                timeout = min(timeout, 0.1)
+            for key, _ in self.selector.select(timeout):
+                if key.data is None:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._on_worker_readable(key.data)
+            while self.events:
+                getattr(self, "handle_" + self.events.popleft())()
+            self._reap()
+            self._transitions()
+            if self.stopping and not self.workers:
+                return
+            if self.stopping and time.monotonic() > self.stop_deadline:
+                log.ERROR.warning("killing %d workers still running after the shutdown timeout",
+                                  len(self.workers))
+                self._kill_all(signal.SIGKILL)
+                self.stop_deadline = float("inf")
+
+    def _transitions(self) -> None:
+        """Act on generations that just became ready."""
+        newest = self.gens[-1]
+        if self.stopping or not newest.all_ready():
+            return
+        if not self._serving_reported:
+            self._serving_reported = True
+            self._announce_serving()
+        for gen in self.gens[:-1]:
+            if not gen.retired:
+                gen.retired = True
+                log.ERROR.info("generation %d serves; draining generation %d", newest.number,
+                               gen.number)
+                self._kill_all(signal.SIGTERM, gen.number)
+                self._notify("READY=1", f"STATUS=serving, generation {newest.number}")
+        if self._dropped:
+            live = {w.gen for w in self.workers.values()}
+            for item in list(self._dropped):
+                gnum, sock = item
+                if not any(g < gnum for g in live):
+                    close_listener(sock, unlink=False)
+                    self._dropped.remove(item)
+        self.gens = [g for g in self.gens if not g.retired or any(
+            w.gen == g.number for w in self.workers.values())]
+
+    def _announce_serving(self) -> None:
+        n = len(self.workers)
+        log.ERROR.info("pyngora serving: %d processes, pid %d", n, self.pid)
+        if self.upgrade_conn is not None:
+            daemon.write_pid_file(self.conf.pid_file)
+            try:
+                self.upgrade_conn.send_ready()
+            except Exception as e:
+                log.ERROR.warning("could not acknowledge the upgrade: %s", e)
+            self.upgrade_conn.close()
+            self.upgrade_conn = None
+            self._wait_reparented()
+            self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
+        else:
+            self._notify("READY=1", f"STATUS=serving, {n} workers")
+        daemon.report(self.launcher_fd, True)
+        self.launcher_fd = -1
+
+    def _wait_reparented(self) -> None:
+        """systemd adopts a MAINPID only once it is its child: wait for the -d launcher's
+        intermediate process to be gone before sending MAINPID."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        deadline = time.monotonic() + 5.0
+        start_ppid = int(os.environ.get("PYNGORA_LAUNCHER_PID", "0") or 0)
+        while start_ppid and os.getppid() == start_ppid and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _notify(self, *lines: str) -> None:
+        if sd is not None:
+            try:
+                sd.notify("\n".join(lines))
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ signals
+    def handle_chld(self) -> None:
+        pass  # the loop reaps after every wake-up
+
+    def handle_term(self) -> None:
+        self._begin_stop("graceful")
+
+    def handle_int(self) -> None:
+        self._begin_stop("fast")
+
+    def handle_usr1(self) -> None:
+        log.reopen()
+        log.ERROR.info("SIGUSR1: logs reopened")
+        self._kill_all(signal.SIGUSR1)
+
+    def handle_hup(self) -> None:
+        """Reload in place: a new generation with the re-read config; the old one drains."""
+        if self.stopping or self.handover is not None:
+            return
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        if self.reload_conf is None or self.build_services is None:
+            log.ERROR.warning("SIGHUP: this server has no configuration file to reload")
+            self._notify("READY=1")
+            return
+        try:
+            conf = self.reload_conf()
+            services = self.build_services(conf)
+        except ConfigError as e:
+            log.ERROR.error("reload refused, keeping the running configuration:\n%s", e)
+            self._notify("READY=1")
+            return
+        except Exception as e:
+            log.ERROR.error("reload refused, keeping the running configuration: %s", e)
+            self._notify("READY=1")
+            return
+        gen = Generation(self.gens[-1].number + 1, conf, services)
+        try:
+            self._bind(gen)
+        except FatalError as e:
+            log.ERROR.error("reload refused: %s", e)
+            self._notify("READY=1")
+            return
+        self.conf = conf
+        self.gens.append(gen)
+        self._count_event("reload")
+        log.ERROR.info("reloading: starting generation %d", gen.number)
+        self._spawn_ready_services(gen)
+
+    def handle_quit(self) -> None:
+        """Graceful upgrade: hand the sockets to a new master, drain only once it is ready."""
+        if self.stopping or self.handover is not None:
+            return
+        from pyngora.upgrade.transfer_fd import send_sockets
+        sockets = dict(self.table.sockets)
+        timeout = self.conf.upgrade_timeout_seconds
+        path = self.conf.upgrade_sock
+        log.ERROR.info("SIGQUIT: handing %d sockets to the new master on %s", len(sockets), path)
+
+        def work() -> None:
+            result = send_sockets(path, sockets, timeout)
+            self.events.append("handover_ok" if result.ok else "handover_failed")
+            self._handover_reason = result.reason
+            os.write(self._wake_w, b"!")
+
+        self._handover_reason = ""
+        self.handover = threading.Thread(target=work, name="upgrade", daemon=True)
+        self.handover.start()
+
+    def handle_handover_ok(self) -> None:
+        self.handover = None
+        self.handed_over = True
+        self._count_event("upgrade")
+        log.ERROR.info("the new master is ready; draining")
+        try:
+            import setproctitle
+            setproctitle.setproctitle("pyngora: old master (draining)")
+        except Exception:
+            pass
+        self._begin_stop("graceful")
+
+    def handle_handover_failed(self) -> None:
+        self.handover = None
+        log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
+        self._count_event("upgrade_failed")
+
+    def _count_event(self, name: str) -> None:
+        try:
+            from pyngora.metrics import multiproc
+            multiproc.record_master_event(name, "")
+        except Exception:
+            pass
+
+    def _begin_stop(self, how: str) -> None:
+        if self.stopping == "fast" or (self.stopping and how == "graceful"):
+            return
+        self.stopping = how
+        if how == "graceful":
+            self._notify("STOPPING=1")
+            self.stop_deadline = time.monotonic() + self.conf.grace_period_seconds + \
+                self.conf.graceful_shutdown_timeout_seconds
+            self._kill_all(signal.SIGTERM)
+        else:
+            self._notify("STOPPING=1")
+            self.stop_deadline = time.monotonic() + self.conf.graceful_shutdown_timeout_seconds
+            self._kill_all(signal.SIGINT)
+        # Workers hold their own copies; ours only keep the queues alive for nobody.
+        self.table.close_all(unlink=not self.handed_over)
+        for _, sock in self._dropped:
+            close_listener(sock, unlink=False)
+        self._dropped.clear()
+
+    def _cleanup(self) -> None:
+        daemon.report(self.launcher_fd, False, "pyngora: the master stopped during startup",
+                      self.exit_code or 1)
+        if self.upgrade_conn is not None:
+            try:
+                self.upgrade_conn.send_failed("the new master could not start its workers")
+                self.upgrade_conn.close()
+            except Exception:
+                pass
+        self.table.close_all(unlink=not self.handed_over and not self.upgrade_mode)
+        daemon.remove_pid_file(self.conf.pid_file)
+        for w in self.workers.values():
+            if w.fd >= 0:
+                os.close(w.fd)

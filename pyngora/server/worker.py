@@ -1,0 +1,233 @@
+"""A worker process: one uvloop event loop serving one service's sockets.
+
+Built in the master before fork (`WorkerSpec`), run in the child by `run_worker`, which always
+ends in ``os._exit``. A worker tells the master it accepts by writing ``R`` on its ready pipe,
+drains on SIGTERM/SIGQUIT (or when its master is gone), closes at once on SIGINT.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Optional
+
+from pyngora import log
+from pyngora.config.schema import ListenerConf, ServerConf
+from pyngora.services.base import ReadyNotifier, Service, WorkerContext
+
+EXIT_OK = 0
+EXIT_BOOT_FAILED = 4     # the worker never became ready (bad app, import error, ...)
+EXIT_CRASHED = 5
+
+
+class WorkerSpec:
+    """Everything one worker needs, prepared in the master."""
+
+    __slots__ = ("service", "slot", "generation", "conf", "sockets", "title", "ready_fd",
+                 "master_pid")
+
+    def __init__(self, service: Service, slot: int, generation: int, conf: ServerConf,
+                 sockets: list[tuple[ListenerConf, socket.socket]], title: str) -> None:
+        self.service = service
+        self.slot = slot
+        self.generation = generation
+        self.conf = conf
+        self.sockets = sockets
+        self.title = title
+        self.ready_fd = -1
+        self.master_pid = os.getpid()
+
+
+def _drop_privileges(conf: ServerConf) -> None:
+    """Workers run as ``user``/``group`` (the master keeps its rights to bind on reload)."""
+    if os.getuid() != 0 or not (conf.user or conf.group):
+        return
+    import grp
+    import pwd
+    gid = grp.getgrnam(conf.group).gr_gid if conf.group else None
+    uid = None
+    if conf.user:
+        pw = pwd.getpwnam(conf.user)
+        uid = pw.pw_uid
+        if gid is None:
+            gid = pw.pw_gid
+    os.setgroups([])
+    if gid is not None:
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
+def run_worker(spec: WorkerSpec, keep_fds: set[int]) -> None:
+    """The child's whole life. Never returns."""
+    code = EXIT_CRASHED
+    try:
+        code = _serve(spec, keep_fds)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_CRASHED
+    except BaseException:  # noqa: BLE001 - a worker must report, never unwind into the master
+        try:
+            log.ERROR.error("worker %s crashed:\n%s", spec.title, traceback.format_exc())
+        except Exception:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(code)
+
+
+def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+                signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    _close_foreign_fds(keep_fds)
+    try:
+        import setproctitle
+        setproctitle.setproctitle(spec.title)
+    except Exception:
+        pass
+    _set_parent_death_signal()
+    conf = spec.conf
+    log.setup(None if not conf.error_log else conf.error_log, conf.log_level, conf.access_log)
+    _drop_privileges(conf)
+
+    import asyncio
+    import uvloop
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    ctx = WorkerContext(spec.service, spec.slot, spec.generation, conf, loop)
+    try:
+        return loop.run_until_complete(_main(spec, ctx))
+    finally:
+        try:
+            loop.close()
+        except Exception:
+            pass
+
+
+async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
+    import asyncio
+    loop = asyncio.get_running_loop()
+    service = spec.service
+    conf = spec.conf
+    booted = False
+    servers = []
+
+    def ready() -> None:
+        try:
+            os.write(spec.ready_fd, b"R")
+        except OSError:
+            pass
+
+    def on_term() -> None:
+        ctx.shutdown.set()
+
+    def on_int() -> None:
+        ctx.shutdown.set(fast=True)
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGQUIT, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_int)
+    loop.add_signal_handler(signal.SIGUSR1, log.reopen)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    watch = loop.create_task(_watch_master(spec.master_pid, ctx))
+
+    try:
+        if service.is_background:
+            task = loop.create_task(service.start_with_ready_notifier(  # type: ignore[attr-defined]
+                ctx.shutdown, ReadyNotifier(ready)))
+            done, _ = await asyncio.wait({task, loop.create_task(ctx.shutdown.wait())},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()  # surface a crash
+                return EXIT_OK
+            if ctx.shutdown.fast:
+                task.cancel()
+                return EXIT_OK
+            try:
+                await asyncio.wait_for(task, conf.grace_period_seconds)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+            return EXIT_OK
+        try:
+            await service.start_worker(ctx)
+            for listener, sock in spec.sockets:
+                factory = service.protocol_factory(ctx, listener)
+                ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)
+                srv = await loop.create_server(factory, sock=sock, backlog=listener.backlog,
+                                               ssl=ssl_ctx)
+                servers.append((srv, sock))
+        except Exception:
+            log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
+            return EXIT_BOOT_FAILED
+        booted = True
+        ready()
+        await ctx.shutdown.wait()
+        # Drain: stop accepting, take what is already queued, let in-flight requests finish.
+        for srv, sock in servers:
+            srv.close()
+        if ctx.shutdown.fast:
+            ctx.connections.abort_all()
+        else:
+            ctx.connections.drain()
+            try:
+                await asyncio.wait_for(ctx.connections.wait_empty(), conf.grace_period_seconds)
+            except asyncio.TimeoutError:
+                log.ERROR.warning("worker %s: %d connections still open after the grace period",
+                                  spec.title, len(ctx.connections))
+                ctx.connections.abort_all()
+        try:
+            await asyncio.wait_for(service.stop_worker(ctx), conf.graceful_shutdown_timeout_seconds)
+        except Exception:
+            pass
+        return EXIT_OK
+    finally:
+        watch.cancel()
+        if not booted and not service.is_background:
+            pass
+
+
+async def _watch_master(master_pid: int, ctx: WorkerContext) -> None:
+    """A worker outlives no master: once re-parented, it drains and exits."""
+    import asyncio
+    while not ctx.shutdown.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != master_pid:
+            log.ERROR.warning("master %d is gone; worker draining", master_pid)
+            ctx.shutdown.set()
+            return
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: SIGTERM this worker when its master dies (the 1 s watch covers the rest)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _close_foreign_fds(keep: set[int]) -> None:
+    """Close the master's other listening sockets and pipes inherited across fork, so a dropped
+    listener or another generation's pipe lives only where it belongs."""
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                if os.path.islink(f"/proc/self/fd/{fd}"):
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                    if target.startswith(("socket:", "pipe:")):
+                        os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,675 @@
+"""Hand listening sockets from the old master to the new one (SPEC section 4).
+
+Runs in the master processes only: the new master (started with ``-u``) creates an
+:class:`UpgradeListener` before it binds anything, the old master calls :func:`send_sockets`
+when it receives SIGQUIT. Everything here is blocking with deadlines (the master is
+single-threaded at these points, or calls this from a helper thread): no asyncio, stdlib only.
+
+It starts from Pingora's ``transfer_fd`` and fixes its gaps: any number of sockets (several
+``sendmsg`` calls, never a 32-FD cap), sockets keyed by ``service/address/slot`` (several
+SO_REUSEPORT slots of one address do not collide), a deadline chosen by the caller on both
+sides, an explicit acknowledgement, and a result instead of an exception on the old side, so
+that a failed hand-over never stops the old master from serving.
+
+Wire format (one Unix stream connection, old master = client, new master = server)::
+
+    old -> new   b"PYNGUPG1"                              8-byte magic, once
+    old -> new   frame M  JSON manifest                   {"version": 1, "sockets":
+                                                            [{"key", "family", "type"}, ...]}
+    old -> new   frame F  struct "!II" (first, count)     x ceil(n / 200); the sendmsg that
+                                                            carries the frame's first byte
+                                                            carries exactly `count` FDs
+                                                            (SCM_RIGHTS), in manifest order
+    new -> old   frame R  (empty)                         every new worker accepts
+             or  frame X  UTF-8 reason                    the new master gives up
+    old -> new   frame C  (empty)                         after R only: the old master
+                                                            commits (stops accepting, drains)
+
+    frame = kind (1 ASCII byte) + payload length (4 bytes, big endian) + payload
+
+The commit frame closes the race where the old master's wait for ``ready`` times out while
+the new master's ``ready`` is in flight: the new master only believes it owns the service
+once it has read ``C``; without it, the old master keeps serving and the new one must go.
+
+Both sides check the peer's uid (SO_PEERCRED): only the same user or root may hand over or
+receive sockets, on top of the 0600 mode of the socket file. A connection that fails on the
+new side (garbage, a peer that dies midway) is answered ``X`` and dropped, and the new master
+goes on waiting for a proper old master until its deadline. Adopted sockets are non-blocking:
+O_NONBLOCK is shared with the old master's workers, which need it.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import MutableMapping
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "TransferError", "SocketEntry", "HandoverResult", "UpgradeListener", "UpgradeConnection",
+    "send_sockets", "adopt_systemd_sockets", "make_key", "split_key", "MAGIC",
+    "MAX_FDS_PER_MESSAGE",
+]
+
+MAGIC = b"PYNGUPG1"
+PROTOCOL_VERSION = 1
+# Linux accepts at most SCM_MAX_FD (253) descriptors per message; stay well below it.
+MAX_FDS_PER_MESSAGE = 200
+_SCM_MAX_FD = 253
+_MAX_SOCKETS = 65536
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_MAX_SMALL_FRAME = 64 * 1024
+_HEADER = struct.Struct("!cI")
+_BATCH = struct.Struct("!II")
+_INT_SIZE = array.array("i").itemsize
+# Room for the largest SCM_RIGHTS message the kernel can deliver: a sender that tries more
+# gets an error on its side, so MSG_CTRUNC here means we ran out of descriptors (EMFILE).
+_ANC_SPACE = socket.CMSG_SPACE(_SCM_MAX_FD * _INT_SIZE)
+_RECV_BYTES = 65536
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# A transfer that has started gets at least this long, even if the accept wait used up
+# most of the caller's budget (the old master may connect at the last moment).
+_MIN_TRANSFER_SECONDS = 5.0
+_SD_LISTEN_FDS_START = 3
+
+M_MANIFEST = b"M"
+M_FDS = b"F"
+M_READY = b"R"
+M_FAILED = b"X"
+M_COMMIT = b"C"
+
+
+class TransferError(Exception):
+    """A hand-over step failed; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class SocketEntry:
+    """One manifest line: ``key`` is ``service/address/slot`` (slot ``*`` when shared)."""
+
+    key: str
+    family: int
+    type: int
+
+
+@dataclass(frozen=True)
+class HandoverResult:
+    """What :func:`send_sockets` achieved.
+
+    ``ok`` is True only when the new master said ``ready`` and was told we commit: the old
+    master must then stop accepting and drain. Otherwise it keeps serving; ``reason`` says
+    why, and ``delivered`` whether the new master got the descriptors (it may then be
+    running next to us until it notices our refusal and exits).
+    """
+
+    ok: bool
+    reason: str
+    delivered: bool = False
+
+
+def make_key(service: str, address: str, slot: int | str) -> str:
+    """Build the manifest key of a listening socket; ``slot`` is the worker slot or ``*``."""
+    key = f"{service}/{address}/{slot}"
+    split_key(key)
+    return key
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """Split ``service/address/slot`` (the address may itself contain ``/``: ``unix:/p``).
+
+    Raises ValueError when a part is empty or the slot is neither ``*`` nor a number.
+    """
+    service, sep, rest = key.partition("/")
+    address, sep2, slot = rest.rpartition("/")
+    if not (sep and sep2 and service and address and slot):
+        raise ValueError(f"bad socket key {key!r}: expected service/address/slot")
+    if slot != "*" and not slot.isdigit():
+        raise ValueError(f"bad socket key {key!r}: slot must be '*' or a number")
+    return service, address, slot
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def _remaining(deadline: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransferError(f"timed out {what}")
+    return left
+
+
+def _send_all(
+    sock: socket.socket, data: bytes, deadline: float, what: str, fds: list[int] | None = None
+) -> None:
+    """Send ``data`` completely; ``fds`` ride on the first sendmsg (the frame's first byte)."""
+    view = memoryview(data)
+    try:
+        if fds:
+            sock.settimeout(_remaining(deadline, what))
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            sent = sock.sendmsg([view], anc)
+            view = view[sent:]
+        while view:
+            sock.settimeout(_remaining(deadline, what))
+            view = view[sock.send(view):]
+    except TransferError:
+        raise
+    except (TimeoutError, socket.timeout):
+        raise TransferError(f"timed out {what}") from None
+    except OSError as e:
+        raise TransferError(f"{what}: {e.strerror or e}") from None
+
+
+def _frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+class _Reader:
+    """Reads frames from a Unix stream socket and collects every FD that arrives.
+
+    The caller owns ``fds`` and must close what it does not adopt, in every path.
+    """
+
+    __slots__ = ("_sock", "_buf", "fds", "_deadline", "_what")
+
+    def __init__(self, sock: socket.socket, deadline: float, what: str) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self.fds: list[int] = []
+        self._deadline = deadline
+        self._what = what
+
+    def _fill(self) -> None:
+        self._sock.settimeout(_remaining(self._deadline, self._what))
+        try:
+            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_BYTES, _ANC_SPACE, _CMSG_CLOEXEC)
+        except (TimeoutError, socket.timeout):
+            raise TransferError(f"timed out {self._what}") from None
+        except OSError as e:
+            raise TransferError(f"{self._what}: {e.strerror or e}") from None
+        # Take ownership of descriptors before any check, so an error path closes them.
+        for level, ctype, cdata in ancdata:
+            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[: len(cdata) - len(cdata) % _INT_SIZE])
+                self.fds.extend(got)
+                if not _CMSG_CLOEXEC:
+                    for fd in got:
+                        os.set_inheritable(fd, False)
+        if flags & socket.MSG_CTRUNC:
+            raise TransferError(
+                f"{self._what}: file descriptors were truncated by the kernel "
+                "(out of descriptors? raise RLIMIT_NOFILE)"
+            )
+        if not data:
+            raise TransferError(f"{self._what}: the peer closed the connection")
+        self._buf += data
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._fill()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def read_frame(self, limits: dict[bytes, int]) -> tuple[bytes, bytes]:
+        """Return (kind, payload) of the next frame; ``limits`` maps allowed kinds to sizes."""
+        kind, length = _HEADER.unpack(self.read_exact(_HEADER.size))
+        if kind not in limits:
+            raise TransferError(f"{self._what}: unexpected message {kind!r} (garbage peer?)")
+        if length > limits[kind]:
+            raise TransferError(f"{self._what}: message {kind!r} too large ({length} bytes)")
+        return kind, self.read_exact(length)
+
+
+def _check_peer(sock: socket.socket, what: str) -> int | None:
+    """Only our own user (or root) may exchange listening sockets with us; returns its pid."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as e:
+        raise TransferError(f"{what}: cannot read the peer's credentials: {e}") from None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (os.geteuid(), 0):
+        raise TransferError(f"{what}: peer pid {pid} runs as uid {uid}, not ours; refused")
+    return pid
+
+
+# --------------------------------------------------------------------------- new master
+
+
+def _parse_manifest(payload: bytes) -> list[SocketEntry]:
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TransferError(f"receiving the manifest: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("version") != PROTOCOL_VERSION:
+        version = doc.get("version") if isinstance(doc, dict) else None
+        raise TransferError(f"receiving the manifest: unsupported version {version!r}")
+    items = doc.get("sockets")
+    if not isinstance(items, list) or len(items) > _MAX_SOCKETS:
+        raise TransferError("receiving the manifest: 'sockets' must be a list")
+    entries: list[SocketEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        ok = (
+            isinstance(item, dict)
+            and isinstance(item.get("key"), str)
+            and type(item.get("family")) is int
+            and type(item.get("type")) is int
+        )
+        if not ok:
+            raise TransferError(f"receiving the manifest: entry {i} is malformed: {item!r:.200}")
+        try:
+            split_key(item["key"])
+        except ValueError as e:
+            raise TransferError(f"receiving the manifest: {e}") from None
+        if item["key"] in seen:
+            raise TransferError(f"receiving the manifest: duplicate key {item['key']!r}")
+        seen.add(item["key"])
+        entries.append(SocketEntry(item["key"], item["family"], item["type"]))
+    return entries
+
+
+def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], list[int]]:
+    """Read magic, manifest and all batches from ``conn``; the FDs are in manifest order.
+
+    On failure every FD that arrived is closed before TransferError propagates.
+    """
+    reader = _Reader(conn, deadline, "receiving the sockets from the old master")
+    try:
+        magic = reader.read_exact(len(MAGIC))
+        if magic != MAGIC:
+            raise TransferError(
+                f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
+            )
+        _, payload = reader.read_frame({M_MANIFEST: _MAX_MANIFEST_BYTES})
+        entries = _parse_manifest(payload)
+        expected = 0
+        while expected < len(entries):
+            _, payload = reader.read_frame({M_FDS: _BATCH.size})
+            if len(payload) != _BATCH.size:
+                raise TransferError("receiving the sockets: malformed batch header")
+            first, count = _BATCH.unpack(payload)
+            if first != expected or not 0 < count <= _SCM_MAX_FD or first + count > len(entries):
+                raise TransferError(
+                    f"receiving the sockets: batch ({first}, {count}) does not follow "
+                    f"the manifest ({expected} of {len(entries)} received)"
+                )
+            expected += count
+            # The FDs ride on this frame's first byte, which we have read by now.
+            if len(reader.fds) < expected:
+                raise TransferError(
+                    f"receiving the sockets: the manifest announces {len(entries)} sockets "
+                    f"but only {len(reader.fds)} descriptors arrived with {expected} announced"
+                )
+        if len(reader.fds) != len(entries):
+            raise TransferError(
+                f"receiving the sockets: the manifest announces {len(entries)} sockets "
+                f"but {len(reader.fds)} descriptors arrived"
+            )
+        return entries, reader.fds
+    except BaseException:
+        _close_fds(reader.fds)
+        raise
+
+
+def _adopt(entries: list[SocketEntry], fds: list[int]) -> dict[str, socket.socket]:
+    """Wrap each FD in a socket and check it is what the manifest says; close all on error."""
+    adopted: dict[str, socket.socket] = {}
+    pending = list(fds)
+    try:
+        while pending:
+            entry = entries[len(adopted)]
+            try:
+                sock = socket.socket(fileno=pending[0])
+            except OSError as e:
+                raise TransferError(
+                    f"adopting {entry.key}: descriptor is not a socket ({e.strerror or e})"
+                ) from None
+            pending.pop(0)
+            adopted[entry.key] = sock
+            os.set_inheritable(sock.fileno(), False)
+            # O_NONBLOCK lives on the open file description, shared with the old master's
+            # workers: they need it set, so never make an adopted socket blocking. Setting it
+            # here also makes Python's view (timeout 0.0) agree with the kernel's.
+            sock.setblocking(False)
+            if sock.family != entry.family or sock.type != entry.type:
+                raise TransferError(
+                    f"adopting {entry.key}: manifest says family {entry.family} type "
+                    f"{entry.type}, the socket is family {int(sock.family)} type {int(sock.type)}"
+                )
+        return adopted
+    except BaseException:
+        for sock in adopted.values():
+            sock.close()
+        _close_fds(pending)
+        raise
+
+
+class UpgradeConnection:
+    """The new master's side of one accepted hand-over, kept until it answers.
+
+    ``peer_pid`` is the old master's pid (from SO_PEERCRED), None where unknown.
+    """
+
+    __slots__ = ("_sock", "peer_pid")
+
+    def __init__(self, sock: socket.socket, peer_pid: int | None = None) -> None:
+        self._sock: socket.socket | None = sock
+        self.peer_pid = peer_pid
+
+    def send_ready(self, timeout: float = 10.0) -> None:
+        """Tell the old master every new worker accepts, and wait for its commit.
+
+        Returns once the old master has committed (it stops accepting and drains). Raises
+        TransferError when the old master is gone or gave up: it then keeps serving, and
+        the new master should stop rather than share the sockets with it.
+        """
+        sock = self._require()
+        deadline = time.monotonic() + timeout
+        _send_all(sock, _frame(M_READY), deadline, "sending ready to the old master")
+        reader = _Reader(sock, deadline, "waiting for the old master's commit")
+        try:
+            reader.read_frame({M_COMMIT: 0})
+        finally:
+            _close_fds(reader.fds)
+
+    def send_failed(self, reason: str) -> None:
+        """Tell the old master we give up (it keeps serving). Best effort, never raises."""
+        if self._sock is None:
+            return
+        payload = reason.encode("utf-8", "replace")[:_MAX_SMALL_FRAME]
+        try:
+            _send_all(self._sock, _frame(M_FAILED, payload), time.monotonic() + 1.0, "failed")
+        except TransferError:
+            pass
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _require(self) -> socket.socket:
+        if self._sock is None:
+            raise TransferError("the upgrade connection is closed")
+        return self._sock
+
+    def __enter__(self) -> UpgradeConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UpgradeListener:
+    """The Unix socket (``upgrade_sock``) the new master waits on for the old master.
+
+    Created when a master starts with ``-u``, before it binds any listener. Refuses to take
+    over a path another live process listens on; removes a stale socket file.
+    """
+
+    __slots__ = ("path", "_sock", "_ident")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._ident: tuple[int, int] | None = None
+        _remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # On Linux the socket file takes the socket inode's mode: 0600 from the start,
+            # with no window in which another user could connect. chmod again for the others.
+            os.fchmod(sock.fileno(), 0o600)
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            st = os.stat(path)
+            self._ident = (st.st_dev, st.st_ino)
+            sock.listen(16)
+        except OSError as e:
+            sock.close()
+            raise TransferError(f"binding upgrade socket {path}: {e.strerror or e}") from None
+        self._sock: socket.socket | None = sock
+
+    def accept_sockets(
+        self, timeout: float
+    ) -> tuple[UpgradeConnection, dict[str, socket.socket]]:
+        """Wait up to ``timeout`` s for the old master and receive every socket it holds.
+
+        Returns the connection (to answer ready/failed on) and the adopted sockets by key,
+        each with CLOEXEC set and non-blocking (never make them blocking: the old master's
+        workers share the flag). A connection that fails (garbage, dies midway, wrong uid) is
+        answered ``failed`` and closed with everything it brought, and the wait goes on for
+        a proper one; TransferError when the deadline passes, naming the last failure.
+        """
+        listener = self._sock
+        if listener is None:
+            raise TransferError(f"upgrade socket {self.path} is closed")
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            listener.settimeout(left)
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, socket.timeout):
+                break
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
+                    continue
+                raise TransferError(f"accepting on {self.path}: {e.strerror or e}") from None
+            upgrade = UpgradeConnection(conn)
+            try:
+                upgrade.peer_pid = _check_peer(conn, "accepting the old master")
+                budget = max(deadline, time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
+                entries, fds = _receive(conn, budget)
+                return upgrade, _adopt(entries, fds)
+            except TransferError as e:
+                last_error = str(e)
+                upgrade.send_failed(last_error)
+                upgrade.close()
+            except BaseException:
+                upgrade.close()
+                raise
+        detail = f"; last attempt: {last_error}" if last_error else ""
+        raise TransferError(
+            f"no old master handed over its sockets on {self.path} within {timeout:g}s{detail}"
+        )
+
+    def close(self) -> None:
+        """Close the listening socket and remove its file (if it is still ours); idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._ident is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._ident = None
+
+    def __enter__(self) -> UpgradeListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove_stale(path: str) -> None:
+    """Unlink a leftover socket file; refuse a live listener or a file that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise TransferError(f"upgrade socket {path}: {e.strerror or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransferError(f"upgrade socket {path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        pass  # refused (stale) or unreachable: nobody is waiting on it
+    else:
+        raise TransferError(f"upgrade socket {path}: another process is listening on it")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise TransferError(f"removing stale upgrade socket {path}: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------- old master
+
+
+def _connect(path: str, deadline: float) -> socket.socket:
+    """Connect to the new master, retrying (it may not listen yet) until the deadline."""
+    delay = 0.05
+    last = "nothing listening"
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline, f"connecting to {path} ({last})"))
+            sock.connect(path)
+            return sock
+        except TransferError:
+            sock.close()
+            raise
+        except OSError as e:
+            sock.close()
+            last = e.strerror or str(e)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransferError(f"timed out connecting to {path} ({last})")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.5)
+
+
+def send_sockets(
+    path: str,
+    sockets: dict[str, socket.socket],
+    timeout: float,
+    ready_timeout: float | None = None,
+) -> HandoverResult:
+    """Hand ``sockets`` (key -> listening socket) to the new master listening on ``path``.
+
+    Runs in the old master on SIGQUIT. Connects (retrying up to ``timeout``), sends the
+    manifest and every FD, then waits up to ``ready_timeout`` (default ``timeout``) for the
+    new master's answer. Never raises for a protocol failure: the returned result says
+    whether to stop accepting (``ok``) or keep serving (``reason`` says why). Our sockets
+    stay open and ours in every case.
+    """
+    try:
+        entries = [SocketEntry(k, int(s.family), int(s.type)) for k, s in sockets.items()]
+        for entry in entries:
+            split_key(entry.key)
+        fds = [s.fileno() for s in sockets.values()]
+    except (ValueError, OSError) as e:
+        return HandoverResult(False, f"cannot describe our sockets: {e}")
+    if any(fd < 0 for fd in fds):
+        return HandoverResult(False, "cannot hand over a closed socket")
+    manifest = json.dumps(
+        {"version": PROTOCOL_VERSION, "sockets": [asdict(e) for e in entries]},
+        separators=(",", ":"),
+    ).encode()
+    deadline = time.monotonic() + timeout
+    delivered = False
+    try:
+        sock = _connect(path, deadline)
+    except TransferError as e:
+        return HandoverResult(False, str(e))
+    try:
+        _check_peer(sock, f"connecting to {path}")
+        deadline = max(deadline, time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
+        what = f"sending the sockets to the new master on {path}"
+        _send_all(sock, MAGIC + _frame(M_MANIFEST, manifest), deadline, what)
+        for first in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+            batch = fds[first : first + MAX_FDS_PER_MESSAGE]
+            _send_all(sock, _frame(M_FDS, _BATCH.pack(first, len(batch))), deadline, what, batch)
+        delivered = True
+        wait = timeout if ready_timeout is None else ready_timeout
+        reader = _Reader(sock, time.monotonic() + wait, "waiting for the new master's ready")
+        try:
+            kind, payload = reader.read_frame({M_READY: 0, M_FAILED: _MAX_SMALL_FRAME})
+        finally:
+            _close_fds(reader.fds)  # a misbehaving peer may send descriptors back
+        if kind == M_FAILED:
+            reason = payload.decode("utf-8", "replace")
+            return HandoverResult(False, f"the new master failed: {reason}", delivered)
+        # Commit: only if the new master is still there to read it does it take over.
+        _send_all(sock, _frame(M_COMMIT), time.monotonic() + 5.0, "committing the hand-over")
+        return HandoverResult(True, "ready", delivered)
+    except TransferError as e:
+        return HandoverResult(False, str(e), delivered)
+    finally:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+def adopt_systemd_sockets(env: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+    """Adopt the sockets systemd passed by socket activation (``sd_listen_fds``).
+
+    Called once by the master at start. Returns the sockets at FD 3.. when ``LISTEN_PID`` is
+    our pid (an empty list otherwise), non-blocking with CLOEXEC set, and removes ``LISTEN_PID``,
+    ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from ``env`` in every case so children do not
+    see them. Raises TransferError when the variables are malformed or an FD is no socket.
+    """
+    pid_text = env.pop("LISTEN_PID", None)
+    count_text = env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if pid_text is None or count_text is None:
+        return []
+    try:
+        pid = int(pid_text)
+        count = int(count_text)
+    except ValueError:
+        raise TransferError(
+            f"bad socket activation variables LISTEN_PID={pid_text!r} LISTEN_FDS={count_text!r}"
+        ) from None
+    if pid != os.getpid():
+        return []  # meant for another process (e.g. a wrapper that exec'd us after a fork)
+    if count < 0:
+        raise TransferError(f"bad LISTEN_FDS={count_text!r}")
+    adopted: list[socket.socket] = []
+    try:
+        for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count):
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as e:
+                raise TransferError(
+                    f"LISTEN_FDS: descriptor {fd} is not a socket ({e.strerror or e})"
+                ) from None
+            adopted.append(sock)
+            os.set_inheritable(fd, False)
+            sock.setblocking(False)  # as for sockets from the old master: workers need it
+        return adopted
+    except BaseException:
+        for sock in adopted:
+            sock.close()
+        raise

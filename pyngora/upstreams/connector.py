@@ -1,0 +1,568 @@
+"""Connector: HTTP/1.1 client connections to upstreams, pooled per worker (Pingora's connector).
+
+The request path uses it as::
+
+    conn = await connector.get(peer)            # pooled first (conn.reused), else dial
+    conn.send_head(b"GET", b"/", headers)       # then send_body/send_end, await drain()
+    ev = await conn.read_event()                # InformationalResponse*, ResponseHead, Data*, MessageEnd
+    connector.release(conn, reusable=True)      # back to the pool when the exchange was clean
+
+:class:`UpstreamConnection` is an ``asyncio.Protocol`` (callbacks, not streams: this is the hot
+path, and it runs under uvloop). The sans-IO ``h1.ResponseParser`` turns bytes into events; the
+protocol queues them and hands them out one by one with ``read_timeout`` between them.
+
+Back-pressure both ways: a transport whose write buffer is over its high-water mark makes
+``drain()`` wait (``write_timeout``); more than ``HIGH_WATER`` bytes of unread body make the
+protocol pause reading from the upstream until the session catches up (``LOW_WATER``). So a
+slow client never makes the proxy buffer a fast upstream's whole response.
+
+A pooled (idle) connection that receives any byte or EOF is removed from the pool and closed
+at once: the upstream closed it, or is speaking out of turn, and either way a request sent on it
+could fail after the fact.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections import deque
+from typing import Any, Hashable, Optional
+
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.headers import Headers
+from pyngora.pool import ConnectionPool
+from pyngora.protocols import h1
+from pyngora.protocols.events import Data, Event, MessageEnd, ResponseHead
+from pyngora.upstreams.peer import HttpPeer
+
+__all__ = ["Connector", "UpstreamConnection", "HIGH_WATER", "LOW_WATER"]
+
+# Unread response bytes above which reading from the upstream pauses, and below which it resumes.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+# Write buffer limits of upstream transports (drain() waits above the high mark).
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+_UP = ErrorSource.Upstream
+
+# Connect-time exception -> error type, found by walking the exception's MRO (most specific
+# first). ssl.SSLError subclasses OSError, so it must be (and is, by MRO order) found first.
+_CONNECT_ERRORS: dict[type, ErrorType] = {
+    ssl.SSLError: ErrorType.TLSHandshakeFailure,
+    ssl.CertificateError: ErrorType.TLSHandshakeFailure,
+    ConnectionRefusedError: ErrorType.ConnectRefused,
+    TimeoutError: ErrorType.ConnectTimedout,
+    OSError: ErrorType.ConnectError,
+}
+_NO_ROUTE_ERRNOS = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH))
+
+
+def _connect_error(exc: BaseException, tls_stage: bool, peer: HttpPeer) -> Error:
+    """Map an exception raised while dialling ``peer`` to a retryable upstream Error."""
+    etype = ErrorType.ConnectError
+    for cls in type(exc).__mro__:
+        found = _CONNECT_ERRORS.get(cls)
+        if found is not None:
+            etype = found
+            break
+    if etype is ErrorType.ConnectError:
+        if isinstance(exc, OSError) and exc.errno in _NO_ROUTE_ERRNOS:
+            etype = ErrorType.ConnectNoRoute
+        elif tls_stage:
+            # The peer hung up or reset during the handshake: a TLS failure, not a dial failure.
+            etype = ErrorType.TLSHandshakeFailure
+    elif etype is ErrorType.ConnectTimedout and tls_stage:
+        etype = ErrorType.TLSHandshakeTimedout
+    stage = "TLS handshake with" if tls_stage else "connect to"
+    # Nothing was sent yet: always safe to try again (maybe on another peer).
+    return Error(etype, _UP, exc, f"{stage} {peer.address} failed", retry=True)
+
+
+def _on_wait_timeout(fut: asyncio.Future) -> None:
+    """Timer callback: ends a wait with False (= timed out) unless something woke it first."""
+    if not fut.done():
+        fut.set_result(False)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 client connection to an upstream; used by one request at a time.
+
+    ``reused`` says it came from the pool; ``response_bytes_seen`` that some byte of the current
+    response arrived (after that, no retry is safe); ``connect_duration`` how long dialling took
+    (0.0 for a reused connection); ``pause_count`` how often reading was paused for back-pressure.
+    """
+
+    __slots__ = ("peer", "reused", "response_bytes_seen", "connect_duration", "pause_count",
+                 "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
+                 "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
+                 "_write_paused", "_idle", "_idle_handle", "_head_seen", "_tunnel")
+
+    def __init__(self, peer: HttpPeer, connector: "Connector",
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.peer = peer
+        self.reused = False
+        self.response_bytes_seen = False
+        self.connect_duration = 0.0
+        self.pause_count = 0
+        self.transport: Any = None
+        self._connector = connector
+        self._loop = loop
+        self._parser = h1.ResponseParser()
+        self._events: deque[Event] = deque()
+        self._raw: deque[bytes] = deque()  # tunnel bytes (after a 101)
+        self._buffered = 0  # unread body/tunnel bytes held in _events/_raw
+        self._waiter: Optional[asyncio.Future] = None
+        self._drain_waiter: Optional[asyncio.Future] = None
+        self._error: Optional[Error] = None
+        self._eof = False
+        self._closed = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._idle = False
+        self._idle_handle: Optional[asyncio.TimerHandle] = None
+        self._head_seen = False
+        self._tunnel = False
+
+    # --- asyncio.Protocol callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle:
+            self._drop_idle()  # bytes nobody asked for: never reuse this connection
+            return
+        if self._tunnel or self._parser.upgraded:
+            self._raw.append(data)
+            self._buffered += len(data)
+            self._after_input()
+            return
+        self.response_bytes_seen = True
+        try:
+            events = self._parser.feed(data)
+        except h1.ProtocolError as exc:
+            self._queue(exc.events)
+            self._fail_protocol(exc)
+            return
+        self._queue(events)
+        self._after_input()
+
+    def eof_received(self) -> bool:
+        if self._idle:
+            self._drop_idle()
+            return False
+        self._eof = True
+        if self._tunnel or self._parser.upgraded:
+            self._wake()
+            # Keep the write half open so the tunnel can finish sending (TLS cannot half-close).
+            return not self.peer.tls
+        try:
+            self._queue(self._parser.feed_eof())
+        except h1.ProtocolError as exc:
+            self._queue(exc.events)
+            if self.response_bytes_seen:
+                self._set_error(Error(ErrorType.ConnectionClosed, _UP, exc,
+                                      "upstream closed the connection mid-response"))
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._closed = True
+        if self._idle:
+            self._unpool()
+        if exc is not None and self._error is None:
+            self._set_error(Error(ErrorType.ReadError, _UP, exc, "upstream connection lost",
+                                  retry=self.reused and not self.response_bytes_seen))
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send_head(self, method: bytes, target: bytes, headers: Headers,
+                  version: bytes = b"1.1") -> None:
+        """Write a request head; starts expecting the response to ``method``. Raises Error."""
+        if self._closed or self._eof or self._error is not None:
+            raise self._dead_error()
+        self._parser.start(method)
+        self.transport.write(h1.serialize_request_head(method, target, headers, version))
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        """Write a piece of request body (as a chunk when ``chunked``). Raises Error if closed."""
+        if not data:
+            return  # an empty chunk would end a chunked body
+        if self._closed:
+            raise self._dead_error()
+        self.transport.write(h1.encode_chunk(data) if chunked else data)
+
+    def send_end(self, chunked: bool, trailers: Optional[Headers] = None) -> None:
+        """End the request body: the last chunk (with ``trailers``) when chunked, else nothing."""
+        if chunked:
+            if self._closed:
+                raise self._dead_error()
+            self.transport.write(h1.encode_last_chunk(trailers))
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its low-water mark.
+
+        Returns at once when it is not paused. Raises Error(WriteTimedout) after
+        ``write_timeout``, or the connection's error if it closed meanwhile.
+        """
+        if self._closed:
+            raise self._dead_error()
+        if not self._write_paused:
+            return
+        fut = self._loop.create_future()
+        self._drain_waiter = fut
+        timeout = self.peer.options.write_timeout
+        handle = self._loop.call_later(timeout, _on_wait_timeout, fut) if timeout else None
+        try:
+            woke = await fut
+        finally:
+            self._drain_waiter = None
+            if handle is not None:
+                handle.cancel()
+        if not woke:
+            err = Error(ErrorType.WriteTimedout, _UP, None,
+                        f"writing to {self.peer.address} timed out after {timeout}s")
+            self._set_error(err)
+            raise err
+        if self._closed:
+            raise self._dead_error()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def read_event(self) -> Event:
+        """The next response event: InformationalResponse, ResponseHead, Data or MessageEnd.
+
+        Waits at most ``read_timeout`` for each (Error ReadTimedout, answered 504). Raises
+        Error ConnectionClosed (retry=self.reused) if the upstream closed before any byte of
+        the response, and InvalidHTTPHeader/H1Error for a response the parser refuses.
+        """
+        events = self._events
+        # Not a busy loop: each turn returns, raises, or awaits new input (a partial head
+        # wakes the reader without producing an event; the timeout restarts, as Pingora's
+        # read_timeout applies to each read).
+        while True:
+            if events:
+                event = events.popleft()
+                if event.__class__ is Data:
+                    self._buffered -= len(event.data)  # type: ignore[union-attr]
+                    if self._reading_paused and self._buffered <= LOW_WATER:
+                        self._resume_reading()
+                return event
+            if self._error is not None:
+                raise self._error
+            if self._eof or self._closed:
+                raise self._dead_error()
+            if self._parser.upgraded:
+                raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                            "read_event after the response was upgraded (use into_tunnel)")
+            if not await self._wait(self.peer.options.read_timeout):
+                raise self._read_timeout()
+
+    def can_reuse(self) -> bool:
+        """True when the last exchange ended cleanly and the upstream allows keep-alive."""
+        return (not self._closed and not self._eof and self._error is None
+                and not self._events and not self._tunnel and self._parser.reusable)
+
+    # --- tunnel (after a 101 Switching Protocols, or 2xx to CONNECT) -------------------------
+
+    def into_tunnel(self) -> tuple[bytes, ...]:
+        """Switch to a raw two-way byte pipe; returns the bytes that followed the 101 head.
+
+        Call after read_event returned the 101 ResponseHead and its MessageEnd. Later input is
+        read with :meth:`read_raw`, output written with :meth:`write_raw`.
+        """
+        self._tunnel = True
+        trailing = self._parser.take_trailing()
+        self._events.clear()
+        return (trailing,) if trailing else ()
+
+    def write_raw(self, data: bytes) -> None:
+        """Write tunnel bytes as they are. Raises Error if the connection is closed."""
+        if self._closed:
+            raise self._dead_error()
+        if data:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close the tunnel towards the upstream (TLS cannot: it closes instead)."""
+        if self._closed:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    async def read_raw(self) -> bytes:
+        """The next tunnel bytes (all that are buffered); b"" once the upstream closed.
+
+        Waits at most ``read_timeout`` (Error ReadTimedout), as nginx's proxy_read_timeout
+        does for WebSockets.
+        """
+        raw = self._raw
+        while True:  # each turn returns, raises, or awaits new input
+            if raw:
+                data = raw.popleft() if len(raw) == 1 else b"".join(raw)
+                raw.clear()
+                self._buffered = 0
+                if self._reading_paused:
+                    self._resume_reading()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._eof or self._closed:
+                return b""
+            if not await self._wait(self.peer.options.read_timeout):
+                raise self._read_timeout()
+
+    # --- closing -----------------------------------------------------------------------------
+
+    def is_idle_usable(self) -> bool:
+        """For the pool: open, idle, and nothing received since it was released."""
+        return self._idle and not self._closed and not self._eof
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Pending output is flushed if any can be, else the
+        connection is aborted: a stalled upstream must not hold a socket forever."""
+        if self._idle:
+            self._unpool()
+        if self._closed:
+            return
+        self._closed = True
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+        self._wake()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _queue(self, events: list[Event]) -> None:
+        """Append parsed events, counting body bytes for back-pressure."""
+        if not events:
+            return
+        for event in events:
+            cls = event.__class__
+            if cls is Data:
+                self._buffered += len(event.data)  # type: ignore[union-attr]
+            elif cls is ResponseHead:
+                self._head_seen = True
+        self._events.extend(events)
+
+    def _after_input(self) -> None:
+        """After new input: pause reading if too much is unread, and wake the reader."""
+        if self._buffered > HIGH_WATER and not self._reading_paused and not self._closed:
+            self._reading_paused = True
+            self.pause_count += 1
+            self.transport.pause_reading()
+        if self._events or self._raw:  # a partial head alone wakes nobody
+            self._wake()
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if not self._closed:
+            self.transport.resume_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    async def _wait(self, timeout: Optional[float]) -> bool:
+        """Wait for input/EOF/error; False if ``timeout`` seconds passed first."""
+        fut = self._loop.create_future()
+        self._waiter = fut
+        handle = self._loop.call_later(timeout, _on_wait_timeout, fut) if timeout else None
+        try:
+            return await fut
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def _set_error(self, err: Error) -> None:
+        if self._error is None:
+            self._error = err
+
+    def _fail_protocol(self, exc: h1.ProtocolError) -> None:
+        etype = ErrorType.H1Error if self._head_seen else ErrorType.InvalidHTTPHeader
+        self._set_error(Error(etype, _UP, exc, f"bad response from {self.peer.address}: "
+                                                f"{exc.reason}"))
+        self.close()
+
+    def _dead_error(self) -> Error:
+        """The error for using a connection the upstream already closed."""
+        if self._error is not None:
+            return self._error
+        if self.response_bytes_seen:
+            return Error(ErrorType.ConnectionClosed, _UP, None,
+                         f"{self.peer.address} closed the connection mid-response")
+        # A reused connection that the upstream closed before answering: the classic
+        # keep-alive race, safe to retry (the caller still checks idempotency / body sent).
+        return Error(ErrorType.ConnectionClosed, _UP, None,
+                     f"{self.peer.address} closed the connection before responding",
+                     retry=self.reused)
+
+    def _read_timeout(self) -> Error:
+        err = Error(ErrorType.ReadTimedout, _UP, None,
+                    f"no response from {self.peer.address} within "
+                    f"{self.peer.options.read_timeout}s")
+        self._set_error(err)  # the exchange is broken: never pool this connection
+        return err
+
+    def _make_idle(self) -> None:
+        """Called by the connector when the connection goes into the pool."""
+        self._idle = True
+        self._events.clear()
+        self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()  # must see EOF or stray bytes while idle
+
+    def _reactivate(self) -> None:
+        """Called by the connector when the pool hands the connection out again."""
+        self._idle = False
+        handle = self._idle_handle
+        if handle is not None:
+            handle.cancel()
+            self._idle_handle = None
+        self.reused = True
+        self.response_bytes_seen = False
+        self.connect_duration = 0.0
+        self._head_seen = False
+
+    def _unpool(self) -> None:
+        self._idle = False
+        handle = self._idle_handle
+        if handle is not None:
+            handle.cancel()
+            self._idle_handle = None
+        self._connector.pool.remove(self)
+
+    def _drop_idle(self) -> None:
+        """An idle connection received bytes or EOF, or its idle time is up: close it now."""
+        self._unpool()
+        self.close()
+
+
+class Connector:
+    """Dials upstreams and keeps their idle connections (one per worker process).
+
+    ``pool_size`` is ``upstream_keepalive_pool_size``; ``ca_file`` the server-wide CA bundle
+    used when a peer names none (None: the system's).
+    """
+
+    __slots__ = ("pool", "ca_file", "_ssl_contexts")
+
+    def __init__(self, pool_size: int = 128, ca_file: Optional[str] = None) -> None:
+        self.pool: ConnectionPool[UpstreamConnection] = ConnectionPool(pool_size)
+        self.ca_file = ca_file
+        self._ssl_contexts: dict[Hashable, ssl.SSLContext] = {}
+
+    async def get(self, peer: HttpPeer) -> UpstreamConnection:
+        """A connection to ``peer``: a pooled one (``reused``) if any, else a new one.
+
+        Raises Error (retry=True): ConnectRefused, ConnectTimedout, ConnectNoRoute,
+        ConnectError, TLSHandshakeFailure, TLSHandshakeTimedout.
+        """
+        conn = self.pool.get(peer.reuse_key)
+        if conn is not None:
+            conn._reactivate()
+            return conn
+        return await self._connect(peer)
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Called when a request is done with ``conn``: pooled if the caller and the connection
+        both say it is reusable, closed otherwise."""
+        if not reusable or not conn.can_reuse():
+            conn.close()
+            return
+        idle_timeout = conn.peer.options.idle_timeout
+        conn._make_idle()
+        if self.pool.put(conn.peer.reuse_key, conn, idle_timeout) and idle_timeout:
+            conn._idle_handle = asyncio.get_running_loop().call_later(
+                idle_timeout, conn._drop_idle)
+
+    def close_all(self) -> None:
+        """Close every idle connection (worker draining or exiting)."""
+        self.pool.close_all()
+
+    def ssl_context(self, peer: HttpPeer) -> ssl.SSLContext:
+        """The client TLS context for ``peer`` (built once per distinct TLS setting)."""
+        opts = peer.options
+        ca_file = opts.ca_file or self.ca_file
+        key = (ca_file, opts.verify_cert, opts.verify_hostname, opts.alpn)
+        ctx = self._ssl_contexts.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            if not opts.verify_cert:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif not opts.verify_hostname:
+                ctx.check_hostname = False
+            if opts.alpn:
+                ctx.set_alpn_protocols(list(opts.alpn))
+            self._ssl_contexts[key] = ctx
+        return ctx
+
+    async def _connect(self, peer: HttpPeer) -> UpstreamConnection:
+        """Dial ``peer``: TCP (or Unix) within connection_timeout, then TLS within what is left
+        of total_connection_timeout."""
+        loop = asyncio.get_running_loop()
+        opts = peer.options
+        started = loop.time()
+        total = opts.total_connection_timeout
+        tcp_timeout = opts.connection_timeout
+        if total is not None and (tcp_timeout is None or total < tcp_timeout):
+            tcp_timeout = total
+
+        def factory() -> UpstreamConnection:
+            return UpstreamConnection(peer, self, loop)
+
+        try:
+            async with asyncio.timeout(tcp_timeout):
+                if peer.unix_path is not None:
+                    transport, conn = await loop.create_unix_connection(factory, peer.unix_path)
+                else:
+                    transport, conn = await loop.create_connection(factory, peer.host, peer.port)
+        except (OSError, TimeoutError) as exc:
+            raise _connect_error(exc, False, peer) from None
+        if peer.tls:
+            ctx = self.ssl_context(peer)
+            remaining = None if total is None else max(total - (loop.time() - started), 0.001)
+            server_name = peer.server_name
+            try:
+                async with asyncio.timeout(remaining):
+                    tls_transport = await loop.start_tls(
+                        transport, conn, ctx, server_hostname=server_name or None,
+                        # asyncio's own handshake limit (60 s) unless the total is shorter.
+                        ssl_handshake_timeout=remaining)
+            except (OSError, TimeoutError, ssl.CertificateError) as exc:
+                transport.abort()
+                raise _connect_error(exc, True, peer) from None
+            except BaseException:
+                transport.abort()
+                raise
+            if tls_transport is None:  # the loop closed the transport under us
+                raise Error(ErrorType.TLSHandshakeFailure, _UP, None,
+                            f"TLS handshake with {peer.address} aborted", retry=True)
+            conn.transport = tls_transport
+            tls_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        conn.connect_duration = loop.time() - started
+        return conn

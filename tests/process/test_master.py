@@ -1,0 +1,267 @@
+"""The process room with real processes: titles, respawn, work stealing, signals, daemon mode."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.process.apps import SERVER_APP
+from tests.support import (ROOT, alive, children_of, free_port, get, port_open, title,
+                           wait_for)
+
+
+def _app(tmp_path, port: int, **env: str):
+    (tmp_path / "pidapp.py").write_text(SERVER_APP)
+    conf = tmp_path / "server.yaml"
+    conf.write_text(f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
+                    f"grace_period_seconds: 20\nerror_log: {tmp_path}/error.log\n")
+    full_env = dict(os.environ, PORT=str(port), SLOW_MARK=str(tmp_path / "slow.mark"),
+                    PYTHONPATH=f"{ROOT}:{tmp_path}", PYTHONUNBUFFERED="1", **env)
+    return conf, full_env
+
+
+class App:
+    """pidapp.py run as a master in its own session."""
+
+    def __init__(self, tmp_path, **env: str) -> None:
+        self.port = free_port()
+        self.tmp = tmp_path
+        self.conf, self.env = _app(tmp_path, self.port, **env)
+        self.out = open(tmp_path / "stdout.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(tmp_path / "pidapp.py"), "-c",
+                                      str(self.conf)], env=self.env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def serving(self) -> "App":
+        wait_for(lambda: self.proc.poll() is None and len(self.workers()) ==
+                 int(self.env.get("THREADS", "2")) and port_open(self.port), 20,
+                 f"master + workers ({self.log()})")
+        return self
+
+    def workers(self) -> list[int]:
+        return [p for p in children_of(self.proc.pid) if "pyngora: worker" in title(p)]
+
+    def log(self) -> str:
+        p = self.tmp / "error.log"
+        return p.read_text() if p.exists() else ""
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.out.close()
+
+
+@pytest.fixture
+def app_factory(tmp_path):
+    apps: list[App] = []
+
+    def make(**env: str) -> App:
+        a = App(tmp_path, **env)
+        apps.append(a)
+        return a
+    yield make
+    for a in apps:
+        a.close()
+
+
+def test_titles_master_and_workers(app_factory) -> None:
+    app = app_factory(THREADS="3").serving()
+    assert title(app.proc.pid).startswith("pyngora: master -c ")
+    assert sorted(title(p) for p in app.workers()) == [
+        "pyngora: worker web/0", "pyngora: worker web/1", "pyngora: worker web/2"]
+
+
+def test_killed_worker_is_replaced_and_queued_connection_answered(app_factory) -> None:
+    app = app_factory(THREADS="1").serving()
+    (victim,) = app.workers()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not alive(victim), 5, "the worker to die")
+    # The master still holds the listening socket: this connection waits in its queue.
+    s = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    started = time.monotonic()
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    assert data.startswith(b"HTTP/1.1 200"), data
+    (new,) = wait_for(app.workers, 5, "a replacement worker")
+    assert new != victim and data.endswith(str(new).encode())
+    assert time.monotonic() - started < 5  # the replacement took over well within the back-off cap
+
+
+@pytest.mark.parametrize("stealing", ["1", "0"])
+def test_every_worker_serves(app_factory, stealing: str) -> None:
+    app = app_factory(THREADS="2", WORK_STEALING=stealing).serving()
+    workers = set(app.workers())
+
+    def one(_: int) -> int:
+        status, headers, _body = get(app.port, "/busy", headers={"Connection": "close"})
+        assert status == 200
+        return int(headers["x-pid"])
+
+    with ThreadPoolExecutor(16) as pool:
+        pids = list(pool.map(one, range(120)))
+    counts = {p: pids.count(p) for p in workers}
+    print(f"work_stealing={stealing} distribution: {counts}")
+    assert set(pids) == workers, counts
+
+
+def test_pinned_workers_have_their_own_sockets(app_factory) -> None:
+    app = app_factory(THREADS="2", WORK_STEALING="0").serving()
+
+    def listen_inodes(pid: int) -> set[str]:
+        return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
+    a, b = (listen_inodes(p) for p in app.workers())
+    assert a and b and not (a & b), (a, b)
+
+
+def test_sigterm_finishes_inflight_request_then_exits(app_factory) -> None:
+    app = app_factory(THREADS="1", SLOW="1.5").serving()
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=get(app.port, "/slow")))
+    t.start()
+    wait_for(lambda: (app.tmp / "slow.mark").exists(), 10, "the slow request to start")
+    app.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: not port_open(app.port), 10, "the listener to close")
+    t.join(20)
+    status, _, body = result["r"]
+    assert (status, body) == (200, b"slow done")
+    assert app.proc.wait(20) == 0
+    assert not (app.tmp / "p.pid").exists()
+
+
+def test_sigint_stops_at_once(app_factory) -> None:
+    app = app_factory(THREADS="2", SLOW="60").serving()
+    errors: list = []
+
+    def slow() -> None:
+        try:
+            get(app.port, "/slow", timeout=30)
+        except Exception as e:  # the fast stop cuts it: that is the point
+            errors.append(e)
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(lambda: (app.tmp / "slow.mark").exists(), 10, "the slow request to start")
+    app.proc.send_signal(signal.SIGINT)
+    assert app.proc.wait(15) == 0
+    t.join(15)
+    assert errors, "the in-flight request should have been cut by the fast stop"
+    assert not app.workers()
+
+
+def test_sigusr1_reopens_error_log(app_factory) -> None:
+    app = app_factory(THREADS="1").serving()
+    log = app.tmp / "error.log"
+    rotated = app.tmp / "error.log.1"
+    log.rename(rotated)
+    app.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: log.exists() and "reopened" in log.read_text(), 10, "a new error.log")
+
+
+def test_boot_failing_service_exits_3(app_factory) -> None:
+    app = app_factory(THREADS="1", FAIL_BG="1")
+    assert app.proc.wait(30) == 3
+    text = app.log()
+    assert "pyngora: background doomed" in text and "times in a row" in text, text
+    assert "this background task cannot boot" in text
+
+
+def _yaml_static(tmp_path, port: int, extra: str = "") -> str:
+    return (f"pid_file: {tmp_path}/y.pid\nupgrade_sock: {tmp_path}/yu.sock\n"
+            f"error_log: {tmp_path}/y.log\n{extra}"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: ['127.0.0.1:{port}']\n    body: hello\n")
+
+
+def test_taken_port_fails_clearly(tmp_path, pyngora_factory) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        p = pyngora_factory(_yaml_static(tmp_path, port)).start()
+        assert p.wait_exit(20) == 1
+        assert f"cannot listen on 127.0.0.1:{port} for service 'origin': address already in use" \
+            in (tmp_path / "y.log").read_text()
+    finally:
+        holder.close()
+
+
+def test_daemon_mode_pid_file(tmp_path, pyngora_factory) -> None:
+    port = free_port()
+    p = pyngora_factory(_yaml_static(tmp_path, port))
+    r = p.run("-d")
+    assert r.returncode == 0, r.stderr
+    pid = int((tmp_path / "y.pid").read_text())
+    p.extra_pgids.add(os.getpgid(pid))
+    # the launcher returned only once the master serves: no waiting needed
+    assert get(port)[0] == 200
+    assert title(pid).startswith("pyngora: master")
+    again = p.run("-d")
+    assert again.returncode == 1 and f"already runs as pid {pid}" in again.stderr
+    assert p.run("-s", "stop").returncode == 0
+    wait_for(lambda: not alive(pid), 20, "the daemon to stop")
+    assert not (tmp_path / "y.pid").exists()
+
+
+def test_daemon_launcher_reports_failure(tmp_path, pyngora_factory) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        p = pyngora_factory(_yaml_static(tmp_path, holder.getsockname()[1]))
+        r = p.run("-d")
+        assert r.returncode == 1 and "address already in use" in r.stderr
+    finally:
+        holder.close()
+
+
+def test_workers_exit_when_master_dies(app_factory) -> None:
+    app = app_factory(THREADS="2").serving()
+    workers = app.workers()
+    os.kill(app.proc.pid, signal.SIGKILL)
+    app.proc.wait(5)
+    for w in workers:
+        wait_for(lambda: not alive(w), 10, f"worker {w} to exit")
+
+
+def test_unix_listener_stale_path_and_mode(tmp_path, pyngora_factory) -> None:
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # leaves a socket file nobody listens on, as after a crash
+    conf = (f"pid_file: {tmp_path}/u.pid\nupgrade_sock: {tmp_path}/uu.sock\n"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: [{{address: 'unix:{path}', mode: '0600'}}]\n    body: over unix\n")
+    p = pyngora_factory(conf).start()
+
+    def answer() -> bytes:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+        except OSError:
+            return b""
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        s.close()
+        return data
+    data = wait_for(answer, 20, "the unix listener")
+    assert data.endswith(b"over unix")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    p.signal(signal.SIGTERM)
+    assert p.wait_exit(20) == 0
+    assert not path.exists()

@@ -1,0 +1,320 @@
+"""The downstream HTTP/1 connection (services/http_app.py) and the static service, in-process
+over real loopback sockets: keep-alive, pipelining order, HEAD, bodies both ways, 100-continue,
+malformed requests, limits, timeouts, draining, upgrades, back-pressure."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from pyngora.config.schema import LimitsConf, ServiceConf, StaticConf
+from pyngora.headers import Headers
+from pyngora.services import http_app
+from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.services.static import StaticService
+
+from tests.protocol.test_http_app_helpers import AppService, Client, EchoApp, run, serving
+
+
+def static(body: str = "hello", status: int = 200, **limits: object) -> StaticService:
+    conf = ServiceConf("origin", "static", spec=StaticConf(
+        status=status, headers=(("X-Origin", "yes"),), body=body, limits=LimitsConf(**limits)))
+    return StaticService("origin", conf)
+
+
+def test_static_keepalive_and_head() -> None:
+    async def main() -> None:
+        async with serving(static()) as (port, ctx):
+            c = await Client.connect(port)
+            for _ in range(3):
+                r = await c.request()
+                assert (r.status, r.body, r.header("x-origin")) == (200, b"hello", "yes")
+                assert r.header("connection") is None and r.header("date")
+            r = await c.request("HEAD")
+            assert r.status == 200 and r.header("content-length") == "5"
+            r = await c.request("GET")  # HEAD sent no body: the stream is still in step
+            assert r.body == b"hello"
+            assert len(ctx.connections) == 1
+            c.close()
+    run(main())
+
+
+def test_static_discards_request_bodies_and_http10() -> None:
+    async def main() -> None:
+        async with serving(static()) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"5\r\nhello\r\n")
+            r = await c.read_response()
+            assert r.status == 200
+            await c.send(b"3\r\nabc\r\n0\r\n\r\n")   # the rest of the body, dropped
+            r = await c.request("POST", "/b", b"x" * 100000)
+            assert r.body == b"hello"
+            c.close()
+            c = await Client.connect(port)
+            await c.send(b"GET / HTTP/1.0\r\n\r\n")
+            r = await c.read_response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await c.at_eof()
+            c = await Client.connect(port)
+            await c.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            r = await c.read_response()
+            assert r.header("connection") == "keep-alive"
+            r = await c.request()
+            assert r.status == 200
+    run(main())
+
+
+def test_pipelining_answers_in_order() -> None:
+    async def main() -> None:
+        app = EchoApp()
+        async with serving(AppService(app)) as (port, _):
+            c = await Client.connect(port)
+            # The first request is the slowest: its response must still come first.
+            await c.send(b"GET /1 HTTP/1.1\r\nHost: t\r\nX-Delay: 0.2\r\n\r\n"
+                         b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+                         b"GET /3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            bodies = [(await c.read_response()).body for _ in range(3)]
+            assert bodies == [b"/1", b"abc", b"/3"]
+            c.close()
+    run(main())
+
+
+def test_chunked_upload_echo_with_trailers() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"3\r\nabc\r\n4\r\ndefg\r\n0\r\nX-Sum: 7\r\n\r\n")
+            r = await c.read_response()
+            assert r.body == b"abcdefg" and r.header("transfer-encoding") == "chunked"
+            assert r.trailers is not None and r.trailers.get("x-sum") == b"7"
+            c.close()
+    run(main())
+
+
+def test_expect_100_continue() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            status, _, _ = await c.read_head()
+            assert status == 100
+            await c.send(b"body")
+            r = await c.read_response()
+            assert r.status == 200 and r.body == b"body"
+            c.close()
+        # The static service answers without reading: no 100, and the connection closes.
+        async with serving(static()) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            r = await c.read_response()
+            assert r.status == 200 and r.header("connection") == "close"
+    run(main())
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                    # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 70000 + b"\r\n\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n", 413),
+])
+def test_malformed_requests_get_error_and_close(raw: bytes, status: int) -> None:
+    async def main() -> None:
+        async with serving(static(max_body_bytes=1000)) as (port, _):
+            c = await Client.connect(port)
+            await c.send(raw)
+            r = await c.read_response()
+            assert r.status == status and r.body == b""
+            assert r.header("cache-control") == "private, no-store"
+            assert r.header("connection") == "close"
+            assert await c.at_eof()
+    run(main())
+
+
+def test_chunked_body_over_limit_is_413_then_close() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp(), LimitsConf(max_body_bytes=10))) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                         b"X-Full: 1\r\n\r\n8\r\n12345678\r\n")
+            await asyncio.sleep(0.05)
+            await c.send(b"8\r\n12345678\r\n")
+            r = await c.read_response()
+            assert r.status == 413 and r.header("connection") == "close"
+            assert await c.at_eof()
+    run(main())
+
+
+def test_header_timeout_408_and_idle_close() -> None:
+    async def main() -> None:
+        svc = static(header_read_timeout_seconds=0.3, keepalive_timeout_seconds=0.3)
+        async with serving(svc) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")  # never finished
+            r = await c.read_response()
+            assert r.status == 408 and r.header("connection") == "close"
+            assert await c.at_eof()
+            c = await Client.connect(port)
+            r = await c.request()
+            assert r.status == 200
+            # Idle keep-alive: closed silently.
+            assert await c.at_eof()
+            # Nothing sent at all: closed silently too.
+            c = await Client.connect(port)
+            assert await c.at_eof()
+    run(main())
+
+
+def test_keepalive_requests_limit() -> None:
+    async def main() -> None:
+        async with serving(static(keepalive_requests=2)) as (port, _):
+            c = await Client.connect(port)
+            assert (await c.request()).header("connection") is None
+            assert (await c.request()).header("connection") == "close"
+            assert await c.at_eof()
+    run(main())
+
+
+def test_close_when_idle_drains() -> None:
+    async def main() -> None:
+        app = EchoApp()
+        async with serving(AppService(app)) as (port, ctx):
+            idle = await Client.connect(port)
+            await idle.request()
+            busy = await Client.connect(port)
+            await busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\nX-Delay: 0.3\r\n\r\n")
+            for _ in range(100):
+                if len(app.exchanges) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            ctx.connections.drain()
+            assert await idle.at_eof()
+            r = await busy.read_response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await busy.at_eof()
+            await asyncio.wait_for(ctx.connections.wait_empty(), 5)
+    run(main())
+
+
+def test_app_exception_gives_500() -> None:
+    class Boom(HttpApp):
+        async def _run(self, ex: Exchange) -> None:
+            raise RuntimeError("boom")
+
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            return self._run(ex)
+
+    async def main() -> None:
+        async with serving(AppService(Boom())) as (port, _):
+            c = await Client.connect(port)
+            r = await c.request()
+            assert r.status == 500 and r.header("connection") == "close"
+    run(main())
+
+
+def test_upgrade_tunnel_echo() -> None:
+    class Upgrader(HttpApp):
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            return self._run(ex)
+
+        async def _run(self, ex: Exchange) -> None:
+            ex.write_head(101, Headers([("Upgrade", "echo"), ("Connection", "Upgrade")]))
+            t = ex.tunnel()
+            while True:
+                data = await t.read()
+                if not data:
+                    break
+                t.write(data.upper())
+                await t.drain()
+            t.close()
+
+    async def main() -> None:
+        async with serving(AppService(Upgrader())) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: echo\r\n\r\nearly")
+            status, _, _ = await c.read_head()
+            assert status == 101
+            assert await c.reader.readexactly(5) == b"EARLY"
+            await c.send(b"more")
+            assert await c.reader.readexactly(4) == b"MORE"
+            c.writer.write_eof()
+            assert await c.at_eof()
+    run(main())
+
+
+def test_request_body_backpressure_bounds_buffering() -> None:
+    """An app that does not read: the connection stops reading at the high-water mark, so the
+    client's sends block (kernel buffers full) instead of the server buffering the body."""
+    got: list[Exchange] = []
+    release = asyncio.Event
+
+    class Stalled(HttpApp):
+        def __init__(self) -> None:
+            self.go: asyncio.Event | None = None
+
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            got.append(ex)
+            return self._run(ex)
+
+        async def _run(self, ex: Exchange) -> None:
+            assert self.go is not None
+            await self.go.wait()
+            n = 0
+            while (data := await ex.read_body()) is not None:
+                n += len(data)
+            ex.respond(200, Headers(), str(n).encode())
+
+    async def main() -> None:
+        app = Stalled()
+        app.go = asyncio.Event()
+        total = 64 * 1024 * 1024
+        async with serving(AppService(app)) as (port, _):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % total)
+            chunk = b"z" * 65536
+            sent = 0
+            stalls = 0
+            # Push until the kernel refuses more several times in a row (server not reading).
+            while sent < total and stalls < 20:
+                try:
+                    sent += sock.send(chunk)
+                    stalls = 0
+                except BlockingIOError:
+                    stalls += 1
+                    await asyncio.sleep(0.02)
+            assert sent < total, "the whole body went in: nothing pushed back"
+            assert got and got[0]._buffered <= http_app.BODY_HIGH_WATER + 256 * 1024
+            app.go.set()
+            await loop.sock_sendall(sock, b"z" * (total - sent))
+            data = b""
+            while not data.endswith(str(total).encode()):
+                more = await loop.sock_recv(sock, 65536)
+                assert more
+                data += more
+            sock.close()
+    del release
+    run(main(), timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_reuses_connection() -> None:
+    async def main() -> None:
+        async with serving(static()) as (port, _):
+            url = f"http://127.0.0.1:{port}/"
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n",
+                url, url,
+                stdout=subprocess.PIPE)
+            out, _ = await proc.communicate()
+            assert out.decode().split("\n")[:2] == ["200 1", "200 0"]
+    run(main())

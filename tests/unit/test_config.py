@@ -1,0 +1,189 @@
+"""Configuration: every key, its default, and every kind of error naming file:line:key."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyngora.config.loader import load, parse_text
+from pyngora.config.schema import (ConfigError, HttpProxyConf, ServerConf, StaticConf,
+                                   parse_address)
+
+FULL = """\
+version: 1
+daemon: false
+error_log: /tmp/err.log
+pid_file: /run/p.pid
+upgrade_sock: /run/u.sock
+user: nobody
+group: nogroup
+working_directory: /tmp
+threads: 3
+work_stealing: false
+ca_file: /etc/ssl/certs/ca-certificates.crt
+grace_period_seconds: 12
+graceful_shutdown_timeout_seconds: 2.5
+upstream_keepalive_pool_size: 64
+max_retries: 4
+upgrade_timeout_seconds: 9
+access_log: stdout
+access_log_format: json
+log_level: debug
+metrics_dir: /tmp/m
+x-team: edge
+services:
+  - name: proxy
+    type: http_proxy
+    threads: 2
+    work_stealing: true
+    listeners:
+      - address: "0.0.0.0:80"
+        backlog: 511
+      - {address: "[::1]:8443", tls: {cert: /c.pem, key: /k.pem}}
+      - {address: "unix:/run/p.sock", mode: "0660"}
+      - {address: "127.0.0.1:8080", h2c: true}
+    upstreams:
+      - name: api
+        backends: [{addr: "10.0.0.1:80", weight: 3}, {addr: "10.0.0.2:80", tls: true, sni: api, verify: false}]
+        selection: consistent
+        hash_key: "header:x-user"
+        health_check: {type: http, path: /healthz, expect_status: 204, interval_seconds: 2,
+                       timeout_seconds: 1, healthy_after: 2, unhealthy_after: 3}
+        timeouts: {connect_seconds: 1, total_connect_seconds: 3, read_seconds: 30,
+                   write_seconds: 20, idle_seconds: 10}
+        retries: 2
+        h2: true
+      - name: dns
+        discovery: {type: dns, name: api.default.svc.cluster.local, port: 8080, record: SRV,
+                    refresh_seconds: 5}
+    routes:
+      - {host: api.example.com, path_prefix: /v1, upstream: api}
+      - {path_prefix: /, upstream: dns}
+    request_headers: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
+    response_headers: {remove: [server]}
+    limits: {max_header_bytes: 8192, max_body_bytes: 1000000, header_read_timeout_seconds: 5,
+             keepalive_timeout_seconds: 30, keepalive_requests: 100}
+    forwarded_headers: true
+    x-note: mine
+  - name: origin
+    type: static
+    listeners: ["127.0.0.1:6189"]
+    status: 201
+    headers: {content-type: text/plain}
+    body: hi
+  - {name: metrics, type: prometheus, listeners: ["127.0.0.1:6192"]}
+  - {name: bg, type: background, app: "mymod:Task"}
+"""
+
+
+def test_every_key_parses() -> None:
+    c = parse_text(FULL, "full.yaml")
+    assert (c.threads, c.work_stealing, c.grace_period_seconds) == (3, False, 12.0)
+    assert c.graceful_shutdown_timeout_seconds == 2.5
+    assert (c.upstream_keepalive_pool_size, c.max_retries, c.upgrade_timeout_seconds) == (64, 4, 9.0)
+    assert (c.access_log, c.access_log_format, c.log_level) == ("stdout", "json", "debug")
+    assert (c.user, c.group, c.pid_file, c.upgrade_sock) == ("nobody", "nogroup", "/run/p.pid", "/run/u.sock")
+    assert c.metrics_path == "/tmp/m"
+    proxy, origin, metrics, bg = c.services
+    assert proxy.threads == 2 and proxy.work_stealing is True
+    l0, l1, l2, l3 = proxy.listeners
+    assert (l0.host, l0.port, l0.backlog) == ("0.0.0.0", 80, 511)
+    assert l1.host == "::1" and l1.tls.cert == "/c.pem" and l1.tls.alpn == ("h2", "http/1.1")
+    assert l2.family == "unix" and l2.mode == 0o660 and l2.key == "unix:/run/p.sock"
+    assert l3.h2c is True
+    spec = proxy.spec
+    assert isinstance(spec, HttpProxyConf)
+    api, dns = spec.upstreams
+    assert api.backends[0].weight == 3 and api.backends[1].verify is False
+    assert api.selection == "consistent" and api.hash_key == "header:x-user"
+    assert api.health_check.unhealthy_after == 3 and api.timeouts.total_connect_seconds == 3
+    assert api.h2 is True and api.retries == 2
+    assert dns.discovery.record == "SRV" and dns.discovery.port == 8080
+    assert spec.routes[0].path_prefix == "/v1" and spec.routes[1].upstream == "dns"
+    assert spec.request_headers.set == (("x-a", "1"),) and spec.request_headers.remove == ("x-c",)
+    assert spec.limits.keepalive_requests == 100 and spec.forwarded_headers is True
+    assert spec.extra == {"x-note": "mine"}
+    assert isinstance(origin.spec, StaticConf) and origin.spec.status == 201
+    assert bg.spec.app == "mymod:Task" and bg.listeners == ()
+    assert metrics.type == "prometheus"
+
+
+def test_defaults_are_pingoras() -> None:
+    c = parse_text("services: []\n", "d.yaml")
+    assert c == ServerConf(source="d.yaml")
+    assert (c.version, c.daemon, c.pid_file, c.upgrade_sock) == (1, False, "/tmp/pyngora.pid", "/tmp/pyngora_upgrade.sock")
+    assert (c.threads, c.work_stealing, c.grace_period_seconds) == (1, True, 300.0)
+    assert (c.graceful_shutdown_timeout_seconds, c.upstream_keepalive_pool_size, c.max_retries) == (5.0, 128, 16)
+    assert (c.upgrade_timeout_seconds, c.access_log, c.access_log_format, c.log_level) == (30.0, "off", "combined", "info")
+
+
+def test_threads_auto() -> None:
+    assert parse_text("threads: auto\n", "a.yaml").threads == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("threads: 2\ngrace_period_secs: 3\n", "e.yaml:2: grace_period_secs: unknown key (did you mean 'grace_period_seconds'?)"),
+    ("threads: two\n", "e.yaml:1: threads: expected an integer, got 'two'"),
+    ("daemon: yes please\n", "e.yaml:1: daemon: expected true or false"),
+    ("services:\n  - name: a\n    type: statik\n    listeners: ['127.0.0.1:1']\n",
+     "e.yaml:3: services[0].type: must be one of http_proxy, static, prometheus, background (did you mean 'static'?)"),
+    ("services:\n  - name: a\n    type: static\n    listeners: ['nope']\n",
+     "e.yaml:4: services[0].listeners[0]: expected HOST:PORT, got 'nope'"),
+    ("services:\n  - name: a\n    type: static\n    listeners: ['127.0.0.1:1']\n    staus: 3\n",
+     "e.yaml:5: services[0].staus: unknown key (did you mean 'status'?)"),
+    ("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n    upstreams:\n"
+     "      - name: u\n        backends: [{addr: 'h:1', wieght: 2}]\n",
+     "e.yaml:7: services[0].upstreams[0].backends[0].wieght: unknown key (did you mean 'weight'?)"),
+    ("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n    upstreams: [{name: u, backends: [{addr: 'h:1'}]}]\n"
+     "    routes: [{path_prefix: /, upstream: nope}]\n",
+     "e.yaml:6: services[0].routes[0].upstream: no upstream group named 'nope'"),
+    ("access_log_format: xml\n", "e.yaml:1: access_log_format: must be one of combined, json; got 'xml'"),
+    ("grace_period_seconds: -1\n", "e.yaml:1: grace_period_seconds: must not be negative"),
+    ("a: [1,\n", "e.yaml:2: (top level): invalid YAML"),
+    ("pid_file: /a\npid_file: /b\n", "e.yaml:2: pid_file: duplicate key"),
+    ("services:\n  - {name: s, type: static}\n", "e.yaml:2: services[0].listeners: a static service needs at least one listener"),
+])
+def test_error_names_file_line_key(text: str, expect: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_text(text, "e.yaml")
+    assert expect in str(e.value)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_text("thread: 1\nlog_levl: info\nmax_retries: x\n", "e.yaml")
+    assert len(e.value.issues) == 3
+
+
+def test_x_keys_are_the_users() -> None:
+    parse_text("x-anything: {deep: [1, 2]}\n", "x.yaml")
+
+
+def test_addresses() -> None:
+    assert parse_address("[::]:443").host == "::"
+    assert parse_address("*:80").host == "0.0.0.0"
+    for bad in ("80", "host:port", "unix:relative", "[::1]443", "1.2.3.4:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_unreadable_file(tmp_path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(str(tmp_path / "missing.yaml"))
+    assert "missing.yaml" in str(e.value) and "cannot read" in str(e.value)
+
+
+def test_dash_t_cli(tmp_path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("services:\n  - {name: o, type: static, listeners: ['127.0.0.1:1'], body: hi}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  - {name: o, type: static, listeners: ['127.0.0.1:1'], bdy: hi}\n")
+    run = lambda f: subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", str(f)],
+                                   capture_output=True, text=True, timeout=60)
+    ok = run(good)
+    assert ok.returncode == 0 and f"configuration {good} is ok" in ok.stdout
+    ko = run(bad)
+    assert ko.returncode == 1
+    assert f"{bad}:2: services[0].bdy: unknown key (did you mean 'body'?)" in ko.stderr

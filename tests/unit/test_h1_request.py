@@ -1,0 +1,261 @@
+"""RequestParser behaviour beyond the corpus: pipelining, limits, upgrades, EOF, serialisers.
+
+Sans-IO: no event loop, bytes in and events out.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pyngora.headers import Headers
+from pyngora.protocols.events import Data, MessageEnd, RequestHead
+from pyngora.protocols.h1 import (H1Limits, ProtocolError, RequestParser, encode_chunk,
+                                  encode_last_chunk, remove_hop_by_hop,
+                                  serialize_request_head)
+
+GET = b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+def kinds(events: list) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+def test_simple_get_fields() -> None:
+    p = RequestParser()
+    ev = p.feed(b"GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-Case: Value\r\n\r\n")
+    assert kinds(ev) == ["RequestHead", "MessageEnd"]
+    head = ev[0]
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.version) == (b"GET", b"/a?b=1", "1.1")
+    assert head.headers.items() == [(b"Host", b"example.com"), (b"X-Case", b"Value")]
+    assert head.headers.get("x-case") == b"Value"
+    assert head.keep_alive and head.body == "none" and head.content_length is None
+    assert not head.expect_continue and not head.upgrade
+    assert ev[1].trailers is None
+    assert not p.in_message
+
+
+def test_parser_is_reused_across_keepalive_requests() -> None:
+    p = RequestParser()
+    for i in range(50):
+        ev = p.feed(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+        assert ev[0].target == b"/%d" % i
+
+
+def test_many_pipelined_requests_in_one_feed() -> None:
+    p = RequestParser()
+    ev = p.feed(GET * 200)
+    assert kinds(ev) == ["RequestHead", "MessageEnd"] * 200
+
+
+def test_content_length_body_split() -> None:
+    p = RequestParser()
+    ev = p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+    assert kinds(ev) == ["RequestHead", "Data"]
+    assert ev[0].body == "length" and ev[0].content_length == 10
+    assert p.in_message
+    ev = p.feed(b"world" + GET)
+    assert kinds(ev) == ["Data", "MessageEnd", "RequestHead", "MessageEnd"]
+    assert ev[0].data == b"world"
+
+
+def test_zero_content_length() -> None:
+    ev = RequestParser().feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert kinds(ev) == ["RequestHead", "MessageEnd"]
+    assert ev[0].body == "length" and ev[0].content_length == 0
+
+
+def test_chunked_with_trailers() -> None:
+    raw = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3;ext=1\r\nabc\r\n0\r\nX-Sum: 42\r\n\r\n")
+    ev = RequestParser().feed(raw)
+    assert kinds(ev) == ["RequestHead", "Data", "MessageEnd"]
+    assert ev[0].body == "chunked" and ev[0].content_length is None
+    assert ev[2].trailers.items() == [(b"X-Sum", b"42")]
+
+
+def test_error_keeps_events_of_earlier_pipelined_requests() -> None:
+    p = RequestParser()
+    with pytest.raises(ProtocolError) as info:
+        p.feed(GET + b"GET / HTTP/1.1\r\n\r\n")  # second one lacks Host
+    assert info.value.status == 400
+    assert kinds(info.value.events) == ["RequestHead", "MessageEnd"]
+    with pytest.raises(ProtocolError):
+        p.feed_eof()
+
+
+def test_expect_continue_only_on_http11() -> None:
+    raw = b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n"
+    assert RequestParser().feed(raw)[0].expect_continue is True
+    raw10 = b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"
+    assert RequestParser().feed(raw10)[0].expect_continue is False
+
+
+@pytest.mark.parametrize("raw,keep", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", False),
+    (b"GET / HTTP/1.0\r\n\r\n", False),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+])
+def test_keep_alive(raw: bytes, keep: bool) -> None:
+    assert RequestParser().feed(raw)[0].keep_alive is keep
+
+
+def test_bytes_after_connection_close_are_ignored() -> None:
+    p = RequestParser()
+    ev = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET)
+    assert kinds(ev) == ["RequestHead", "MessageEnd"]
+    assert p.feed(GET) == []
+    assert p.feed_eof() == []
+
+
+def test_websocket_upgrade_then_tunnel() -> None:
+    p = RequestParser()
+    ev = p.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\nFRAME1")
+    assert kinds(ev) == ["RequestHead", "MessageEnd"]
+    assert ev[0].upgrade is True
+    assert p.upgraded
+    assert p.take_trailing() == b"FRAME1"
+    assert p.take_trailing() == b""
+    ev = p.feed(b"FRAME2")
+    assert kinds(ev) == ["Data"] and ev[0].data == b"FRAME2"
+    assert p.feed_eof() == []
+
+
+def test_upgrade_header_without_connection_upgrade_is_plain_request() -> None:
+    p = RequestParser()
+    ev = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n")
+    assert ev[0].upgrade is False and not p.upgraded
+
+
+def test_connect_is_an_upgrade() -> None:
+    p = RequestParser()
+    ev = p.feed(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03")
+    assert ev[0].method == b"CONNECT" and ev[0].target == b"example.com:443"
+    assert ev[0].upgrade and p.upgraded and p.take_trailing() == b"\x16\x03"
+
+
+def test_eof_between_requests_is_clean() -> None:
+    p = RequestParser()
+    p.feed(GET)
+    assert p.feed_eof() == []
+    assert RequestParser().feed_eof() == []
+
+
+def test_eof_mid_head_is_400() -> None:
+    p = RequestParser()
+    p.feed(b"GET / HTTP/1.1\r\nHo")
+    assert p.in_message
+    with pytest.raises(ProtocolError) as info:
+        p.feed_eof()
+    assert info.value.status == 400
+
+
+def test_header_limit_counts_bytes_across_feeds() -> None:
+    p = RequestParser(H1Limits(max_header_bytes=1000))
+    p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(20):
+            p.feed(b"a" * 100)
+    assert info.value.status == 431
+
+
+def test_header_limit_after_pipelined_request_in_same_feed() -> None:
+    # The partial second head shares its feed with a complete request: it is not refused
+    # for the bytes of the first one.
+    p = RequestParser(H1Limits(max_header_bytes=200))
+    body = b"x" * 500
+    ev = p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 500\r\n\r\n" + body
+                + b"GET / HTTP/1.1\r\nHo")
+    assert kinds(ev) == ["RequestHead", "Data", "MessageEnd"]
+    ev = p.feed(b"st: a\r\n\r\n")
+    assert kinds(ev) == ["RequestHead", "MessageEnd"]
+
+
+def test_header_limit_exact_boundary() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    RequestParser(H1Limits(max_header_bytes=len(head) + 16)).feed(head)
+    with pytest.raises(ProtocolError) as info:
+        RequestParser(H1Limits(max_header_bytes=20)).feed(head)
+    assert info.value.status == 431
+
+
+def test_max_headers() -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: 1\r\n" * 9 + b"\r\n"
+    RequestParser(H1Limits(max_headers=10)).feed(raw)
+    with pytest.raises(ProtocolError) as info:
+        RequestParser(H1Limits(max_headers=9)).feed(raw)
+    assert info.value.status == 431
+
+
+def test_body_limit_allows_exact_size() -> None:
+    limits = H1Limits(max_body_bytes=5)
+    ev = RequestParser(limits).feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert kinds(ev) == ["RequestHead", "Data", "MessageEnd"]
+    ev = RequestParser(limits).feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                                    b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert kinds(ev) == ["RequestHead", "Data", "MessageEnd"]
+
+
+def test_body_limit_chunked_streaming_413() -> None:
+    p = RequestParser(H1Limits(max_body_bytes=5))
+    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    with pytest.raises(ProtocolError) as info:
+        p.feed(b"3\r\ndef\r\n")
+    assert info.value.status == 413
+
+
+def test_trailing_whitespace_is_not_part_of_value() -> None:
+    ev = RequestParser().feed(b"GET / HTTP/1.1\r\nHost: a \r\nX:  v w\t \r\n\r\n")
+    assert ev[0].headers.items() == [(b"Host", b"a"), (b"X", b"v w")]
+
+
+def test_absolute_form_default_port_matches() -> None:
+    ev = RequestParser().feed(b"GET https://a.example:443/p HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert ev[0].target == b"https://a.example:443/p"
+    with pytest.raises(ProtocolError):
+        RequestParser().feed(b"GET http://a.example:8080/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+
+
+def test_http10_without_host_is_fine() -> None:
+    ev = RequestParser().feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert ev[0].version == "1.0" and "host" not in ev[0].headers
+
+
+def test_ipv6_host() -> None:
+    ev = RequestParser().feed(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+    assert ev[0].headers.get(b"host") == b"[::1]:8080"
+
+
+def test_serialized_request_round_trips() -> None:
+    headers = Headers([("Host", "example.com"), ("X-A", "1"), ("Transfer-Encoding", "chunked")])
+    raw = (serialize_request_head(b"POST", b"/up?x=1", headers) + encode_chunk(b"hello")
+           + encode_chunk(b"") + encode_chunk(b" world") + encode_last_chunk(Headers([("X-T", "9")])))
+    ev = RequestParser().feed(raw)
+    assert kinds(ev) == ["RequestHead", "Data", "Data", "MessageEnd"]
+    assert ev[0].method == b"POST" and ev[0].target == b"/up?x=1"
+    assert ev[0].headers == headers
+    assert b"".join(e.data for e in ev if isinstance(e, Data)) == b"hello world"
+    end = ev[-1]
+    assert isinstance(end, MessageEnd) and end.trailers.items() == [(b"X-T", b"9")]
+
+
+def test_serialize_request_head_str_and_version() -> None:
+    raw = serialize_request_head(b"GET", b"/", Headers([("Host", "a")]), b"1.0")
+    assert raw == b"GET / HTTP/1.0\r\nHost: a\r\n\r\n"
+    assert encode_last_chunk() == b"0\r\n\r\n"
+    assert encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+
+
+def test_remove_hop_by_hop() -> None:
+    h = Headers([("Host", "a"), ("Connection", "keep-alive, X-Secret , x-other"),
+                 ("Keep-Alive", "timeout=5"), ("X-Secret", "1"), ("X-Other", "2"),
+                 ("Proxy-Connection", "close"), ("TE", "trailers"), ("Trailer", "X-T"),
+                 ("Transfer-Encoding", "chunked"), ("Upgrade", "websocket"), ("X-Kept", "3"),
+                 ("Connection", "X-Too")])
+    h.add("X-Too", "4")
+    remove_hop_by_hop(h)
+    assert h.items() == [(b"Host", b"a"), (b"X-Kept", b"3")]
+    plain = Headers([("Host", "a")])
+    remove_hop_by_hop(plain)
+    assert plain.items() == [(b"Host", b"a")]
