@@ -290,12 +290,18 @@ class LoadBalancer:
         """At most once per ``sync_interval``: open the table if needed, reload its index when
         the prober published a new one, and follow its backend set."""
         self._next_sync = now + self.sync_interval
+        path = self._table_path
         if self._table is None:
             try:
                 table = HealthTable.open(self._table_path)  # type: ignore[arg-type]
             except (OSError, ValueError):
                 return  # the prober has not created it yet: fail open meanwhile
             self._set_table(table)
+            return
+        if self._table.replaced():
+            self.close()
+            self._table_path = path
+            self._sync(now)
             return
         if self._table.refresh():
             self._follow_table()

@@ -293,45 +293,64 @@ class HealthService:
         try:
             if tasks:
                 await asyncio.gather(*tasks)
+            else:
+                await shutdown_event.wait()  # nothing to probe: still live until told to stop
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             table.close()
 
+    async def _discovery_loop(self, group: HealthGroup, table: HealthTable,
+                              shutdown: Any) -> None:
+        """Re-run discovery every ``refresh_seconds`` in its own task, so a slow or dead DNS
+        server never delays the probes; each change is published at once."""
+        assert group.refresh_seconds is not None
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time()
+        while True:
+            next_refresh += group.refresh_seconds
+            if await _sleep_or_stop(shutdown, next_refresh - loop.time()):
+                return
+            if await group.backends.update():
+                table.set_group(group.name, group.backends.get())
+            next_refresh = max(next_refresh, loop.time())  # a slow lookup: no catch-up burst
+
     async def _group_loop(self, group: HealthGroup, table: HealthTable, shutdown: Any,
                           first_round_done: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
+        await group.backends.update()  # the first round probes the discovered set
+        refresher = (asyncio.ensure_future(self._discovery_loop(group, table, shutdown))
+                     if group.refresh_seconds else None)
         health: dict[Backend, Health] = {}
-        next_refresh = 0.0
         next_round = loop.time()
         first = True
-        while not shutdown.is_set():
-            now = loop.time()
-            if first or (group.refresh_seconds is not None and now >= next_refresh):
-                await group.backends.update()
-                next_refresh = now + (group.refresh_seconds or 0.0)
-            backends = group.backends.get()
-            table.set_group(group.name, backends)
-            # Threshold state survives a prober restart: start from what the table says.
-            health = {b: health.get(b) or Health(table.state(health_key(group.name, b.addr))
-                                                 != UNHEALTHY)
-                      for b in backends}
-            check = group.health_check
-            if check is not None and backends:
-                await asyncio.gather(*(self._probe(group, table, check, b, health[b])
-                                       for b in backends))
-                self.rounds += 1
-            table.heartbeat()
-            if first:
-                first = False
-                first_round_done(group.name)
-            next_round += group.interval_seconds
-            now = loop.time()
-            if next_round < now:
-                next_round = now  # overran: start the next round now, skip the missed ones
-            if await _sleep_or_stop(shutdown, next_round - now):
-                return
+        try:
+            while not shutdown.is_set():
+                backends = group.backends.get()
+                table.set_group(group.name, backends)
+                # Threshold state survives a prober restart: start from what the table says.
+                health = {b: health.get(b) or Health(
+                    table.state(health_key(group.name, b.addr)) != UNHEALTHY) for b in backends}
+                check = group.health_check
+                if check is not None and backends:
+                    await asyncio.gather(*(self._probe(group, table, check, b, health[b])
+                                           for b in backends))
+                    self.rounds += 1
+                table.heartbeat()
+                if first:
+                    first = False
+                    first_round_done(group.name)
+                next_round += group.interval_seconds
+                now = loop.time()
+                if next_round < now:
+                    next_round = now  # overran: start the next round now, skip missed ones
+                if await _sleep_or_stop(shutdown, next_round - now):
+                    return
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
 
     async def _probe(self, group: HealthGroup, table: HealthTable, check: HealthCheck,
                      backend: Backend, health: Health) -> None:

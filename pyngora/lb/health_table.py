@@ -85,7 +85,7 @@ class HealthTable:
     """A mapped health table. Writers come from `create`, readers from `open`."""
 
     __slots__ = ("path", "index_path", "writable", "capacity", "_fd", "_mm", "_slots", "_groups",
-                 "_index_version", "_free", "_next_unused")
+                 "_index_version", "_free", "_next_unused", "_ident")
 
     def __init__(self, path: str, fd: int, mm: mmap.mmap, writable: bool) -> None:
         self.path = path
@@ -93,6 +93,8 @@ class HealthTable:
         self.writable = writable
         self._fd = fd
         self._mm = mm
+        st = os.fstat(fd)
+        self._ident = (st.st_dev, st.st_ino)
         magic, layout, capacity = _HEAD.unpack_from(mm, 0)
         if magic != MAGIC or layout != LAYOUT_VERSION or len(mm) != HEADER_SIZE + capacity:
             raise ValueError(f"{path}: not a pyngora health table (layout {LAYOUT_VERSION})")
@@ -192,6 +194,15 @@ class HealthTable:
                         for g, items in doc.get("groups", {}).items()}
         self._index_version = max(version, int(doc.get("version", 0)))
         return True
+
+    def replaced(self) -> bool:
+        """True when PATH is now another file (a writer recreated an incompatible table): the
+        reader should close and `open` again. One stat; readers call it about once a second."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) != self._ident
 
     @property
     def index_version(self) -> int:

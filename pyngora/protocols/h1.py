@@ -77,6 +77,7 @@ _WS = (32, 9)  # SP, HTAB: trailing OWS that llhttp leaves on a value
 # deleting these leaves the offending bytes: one C call, no regex.
 _HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~!$&'()*+;=:%[]")
+_GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, bounded)
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -101,14 +102,19 @@ class RequestParser:
     the connection alive, later bytes are ignored.
     """
 
-    __slots__ = ("_limits", "_p", "_events", "_url", "_items", "_keys", "_in_head",
+    __slots__ = ("_max_head", "_max_headers", "_max_body", "_stopped",
+                 "_p", "_events", "_url", "_items", "_keys", "_in_head",
                  "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
                  "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
                  "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
                  "_trailing")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
-        self._limits = limits or _DEFAULT_LIMITS
+        limits = limits or _DEFAULT_LIMITS
+        self._max_head = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._max_body = limits.max_body_bytes
+        self._stopped = False      # any of _error / upgraded / _closed is set
         self._p = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._url: list[bytes] = []
@@ -142,11 +148,11 @@ class RequestParser:
         Raises ProtocolError for anything malformed; the parser is then dead and raises the
         same error again on every later call.
         """
-        if self._error is not None:
-            raise self._error
-        if self.upgraded:
-            return [Data(data)] if data else []
-        if self._closed:
+        if self._stopped:  # dead, upgraded or closed: rare, so one flag on the fast path
+            if self._error is not None:
+                raise self._error
+            if self.upgraded:
+                return [Data(data)] if data else []
             return []
         events: list[Event] = []
         self._events = events
@@ -155,7 +161,7 @@ class RequestParser:
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.upgraded = True
+            self.upgraded = self._stopped = True
             self._trailing = data[exc.args[0]:]
             return events
         except httptools.HttpParserError as exc:
@@ -164,6 +170,7 @@ class RequestParser:
             err = self._error or self._map_error(exc)
             err.events = events
             self._error = err
+            self._stopped = True
             raise err from None
         if self._in_head:
             # The head is incomplete: llhttp buffers the partial field, unseen by the
@@ -172,7 +179,7 @@ class RequestParser:
             # this same feed its share is unknown and counts from the next feed on.
             if head_pending or not self._uncertain:
                 self._head_fed += len(data)
-                if self._head_fed > self._limits.max_header_bytes:
+                if self._head_fed > self._max_head:
                     self._reject_now(431, "request head too large", events)
         return events
 
@@ -199,12 +206,14 @@ class RequestParser:
         """Inside a callback: remember the error and unwind through llhttp."""
         err = ProtocolError(status, reason)
         self._error = err
+        self._stopped = True
         raise err
 
     def _reject_now(self, status: int, reason: str, events: list[Event]) -> None:
         err = ProtocolError(status, reason)
         err.events = events
         self._error = err
+        self._stopped = True
         raise err
 
     def _map_error(self, exc: Exception) -> ProtocolError:
@@ -237,52 +246,60 @@ class RequestParser:
     def on_url(self, part: bytes) -> None:
         self._url.append(part)
         self._head_size += len(part)
-        if self._head_size > self._limits.max_header_bytes:
+        if self._head_size > self._max_head:
             self._reject(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The hot path: collect only. Sizes and counts are checked once in
+        # on_headers_complete (until then memory is bounded by what one feed holds, and
+        # incomplete heads by the bytes-fed count in feed()).
         if value and value[-1] in _WS:
             value = value.rstrip(b" \t")
-        key = name.lower()
-        if not self._in_head:
-            self._on_trailer(name, key, value)
-            return
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limits.max_header_bytes:
-            self._reject(431, "request head too large")
-        keys = self._keys
-        if len(keys) >= self._limits.max_headers:
-            self._reject(431, "too many header fields")
-        self._items.append((name, value))
-        keys.append(key)
-        if key in _SPECIAL:
-            if key == _HOST:
-                self._hosts += 1
-                self._host = value
-            elif key == _CL:
-                self._cl = value
-            elif key == _TE:
-                if self._te is not None:
-                    self._reject(400, "more than one Transfer-Encoding field")
-                self._te = value
-            elif value.lower() == b"100-continue":
-                self._expect = True
+        if self._in_head:
+            key = name.lower()
+            self._items.append((name, value))
+            self._keys.append(key)
+            self._head_size += len(name) + len(value)
+            if key in _SPECIAL:
+                self._special(key, value)
+        else:
+            self._on_trailer(name, value)
 
-    def _on_trailer(self, name: bytes, key: bytes, value: bytes) -> None:
+    def _special(self, key: bytes, value: bytes) -> None:
+        """A header that decides framing or routing: remember it for on_headers_complete."""
+        if key == _HOST:
+            self._hosts += 1
+            self._host = value
+        elif key == _CL:
+            self._cl = value
+        elif key == _TE:
+            if self._te is not None:
+                self._reject(400, "more than one Transfer-Encoding field")
+            self._te = value
+        elif value.lower() == b"100-continue":
+            self._expect = True
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
         if key in _FORBIDDEN_TRAILERS:
             self._reject(400, f"{name.decode('latin-1')} is not allowed in trailers")
         if self._trailers is None:
             self._trailers = []
             self._tkeys = []
         self._head_size += len(name) + len(value) + 4
-        if (self._head_size > self._limits.max_header_bytes
-                or len(self._trailers) >= self._limits.max_headers):
+        if self._head_size > self._max_head or len(self._trailers) >= self._max_headers:
             self._reject(431, "trailers too large")
         self._trailers.append((name, value))
         self._tkeys.append(key)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        items = self._items
+        if len(items) > self._max_headers:
+            self._reject(431, "too many header fields")
+        self._head_size += 4 * len(items)
+        if self._head_size > self._max_head:
+            self._reject(431, "request head too large")
         p = self._p
         version = p.get_http_version()
         method = p.get_method()
@@ -294,15 +311,16 @@ class RequestParser:
             self._reject(505, f"HTTP/{version} is not supported over HTTP/1")
         url = self._url
         target = url[0] if len(url) == 1 else b"".join(url)
-        hosts = self._hosts
-        if hosts != 1:
-            if hosts > 1 or version == "1.1":
-                self._reject(400, "missing Host" if hosts == 0 else "more than one Host field")
-        elif self._host.translate(None, _HOST_CHARS):  # type: ignore[union-attr]
-            self._reject(400, "invalid Host")
-        if target[:1] != b"/":
+        if not target:
+            self._reject(400, "empty request-target")
+        if self._hosts != 1:
+            if self._hosts > 1 or version == "1.1":
+                self._reject(400, "missing Host" if self._hosts == 0 else "more than one Host field")
+        elif self._host not in _GOOD_HOSTS:
+            self._check_host(self._host)  # type: ignore[arg-type]
+        if target[0] != 47:  # not "/": asterisk-, authority- or absolute-form
             self._check_target_form(method, target)
-        elif b"#" in target:
+        elif 35 in target:  # "#"
             self._reject(400, "fragment in request-target")
         elif method == b"CONNECT":
             self._reject(400, "CONNECT needs an authority-form target")
@@ -316,7 +334,7 @@ class RequestParser:
             length = None
         elif self._cl is not None:
             length = int(self._cl)  # llhttp accepted only digits
-            limit = self._limits.max_body_bytes
+            limit = self._max_body
             if limit is not None and length > limit:
                 self._reject(413, "Content-Length over max_body_bytes")
             body = "length"
@@ -326,8 +344,16 @@ class RequestParser:
         keep_alive = p.should_keep_alive()
         self._keep_alive = keep_alive
         self._events.append(RequestHead(
-            method, target, version, Headers._from_parser(self._items, self._keys),
+            method, target, version, Headers._from_parser(items, self._keys),
             keep_alive, body, length, self._expect and version == "1.1", p.should_upgrade()))
+
+    def _check_host(self, host: bytes) -> None:
+        """Validate a Host value not seen before; remember it (hosts repeat on a proxy)."""
+        if host.translate(None, _HOST_CHARS):
+            self._reject(400, "invalid Host")
+        if len(_GOOD_HOSTS) >= 4096:
+            _GOOD_HOSTS.clear()  # bounded: a client inventing hosts only costs re-checks
+        _GOOD_HOSTS.add(host)
 
     def _check_target_form(self, method: bytes, target: bytes) -> None:
         """Checks for a target that is not origin-form: ``*``, authority- or absolute-form."""
@@ -362,7 +388,7 @@ class RequestParser:
 
     def on_body(self, body: bytes) -> None:
         if self._chunked:
-            limit = self._limits.max_body_bytes
+            limit = self._max_body
             if limit is not None:
                 self._body_seen += len(body)
                 if self._body_seen > limit:
@@ -376,7 +402,7 @@ class RequestParser:
         self._events.append(MessageEnd(
             Headers._from_parser(trailers, self._tkeys) if trailers is not None else None))
         if not self._keep_alive:
-            self._closed = True
+            self._closed = self._stopped = True
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -426,13 +426,16 @@ class Master:
         n = len(self.workers)
         log.ERROR.info("pyngora serving: %d processes, pid %d", n, self.pid)
         if self.upgrade_conn is not None:
-            daemon.write_pid_file(self.conf.pid_file)
+            conn, self.upgrade_conn = self.upgrade_conn, None
             try:
-                self.upgrade_conn.send_ready()
+                conn.send_ready()
             except Exception as e:
-                log.ERROR.warning("could not acknowledge the upgrade: %s", e)
-            self.upgrade_conn.close()
-            self.upgrade_conn = None
+                # The old master did not commit: it keeps serving, so we must not.
+                raise FatalError(f"upgrade failed: the old master did not take our ready: {e}",
+                                 EXIT_CONFIG) from None
+            finally:
+                conn.close()
+            daemon.write_pid_file(self.conf.pid_file)
             self._wait_reparented()
             self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
         else:

@@ -636,6 +636,12 @@ class H1Connection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Close now if idle, else after the current response (which says Connection: close)."""
         self._draining = True
+        # A fresh connection whose first request has not arrived yet is not idle: its client
+        # just connected and is sending. It gets that one answer (with Connection: close), and
+        # the header timeout still bounds the wait. Closing it would fail a request that HTTP
+        # gives the client no reason to retry.
+        if self._requests == 0 and not self._pending:
+            return
         if self._exchange is None and not self._pending and self._tunnel is None:
             self._close()
 

@@ -77,6 +77,8 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 # most of the caller's budget (the old master may connect at the last moment).
 _MIN_TRANSFER_SECONDS = 5.0
 _SD_LISTEN_FDS_START = 3
+# A vanished peer must give EPIPE, never SIGPIPE, even where a master reset the signal.
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 M_MANIFEST = b"M"
 M_FDS = b"F"
@@ -153,11 +155,11 @@ def _send_all(
         if fds:
             sock.settimeout(_remaining(deadline, what))
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            sent = sock.sendmsg([view], anc)
+            sent = sock.sendmsg([view], anc, _NOSIGNAL)
             view = view[sent:]
         while view:
             sock.settimeout(_remaining(deadline, what))
-            view = view[sock.send(view):]
+            view = view[sock.send(view, _NOSIGNAL):]
     except TransferError:
         raise
     except (TimeoutError, socket.timeout):

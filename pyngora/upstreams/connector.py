@@ -96,7 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("peer", "reused", "response_bytes_seen", "connect_duration", "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
-                 "_write_paused", "_idle", "_idle_handle", "_head_seen", "_tunnel")
+                 "_write_paused", "_idle", "_idle_handle", "_head_seen", "_tunnel", "alpn")
 
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -105,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_bytes_seen = False
         self.connect_duration = 0.0
         self.pause_count = 0
+        self.alpn: Optional[str] = None  # the protocol the TLS upstream chose (None: plaintext)
         self.transport: Any = None
         self._connector = connector
         self._loop = loop
@@ -252,9 +253,9 @@ class UpstreamConnection(asyncio.Protocol):
         the response, and InvalidHTTPHeader/H1Error for a response the parser refuses.
         """
         events = self._events
-        # Not a busy loop: each turn returns, raises, or awaits new input (a partial head
-        # wakes the reader without producing an event; the timeout restarts, as Pingora's
-        # read_timeout applies to each read).
+        # Not a busy loop: each turn returns, raises, or awaits a wake-up, which comes only
+        # with a new event, EOF, an error or close (a partial head wakes nobody, so a
+        # dribbling upstream cannot stretch read_timeout indefinitely).
         while True:
             if events:
                 event = events.popleft()
@@ -483,6 +484,8 @@ class Connector:
         """
         conn = self.pool.get(peer.reuse_key)
         if conn is not None:
+            # The new peer's timeouts apply (they are not part of the reuse key).
+            conn.peer = peer
             conn._reactivate()
             return conn
         return await self._connect(peer)
@@ -553,7 +556,8 @@ class Connector:
                         transport, conn, ctx, server_hostname=server_name or None,
                         # asyncio's own handshake limit (60 s) unless the total is shorter.
                         ssl_handshake_timeout=remaining)
-            except (OSError, TimeoutError, ssl.CertificateError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
+                # ValueError: e.g. hostname checking without a server name (a Unix peer).
                 transport.abort()
                 raise _connect_error(exc, True, peer) from None
             except BaseException:
@@ -563,6 +567,8 @@ class Connector:
                 raise Error(ErrorType.TLSHandshakeFailure, _UP, None,
                             f"TLS handshake with {peer.address} aborted", retry=True)
             conn.transport = tls_transport
+            ssl_object = tls_transport.get_extra_info("ssl_object")
+            conn.alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
             tls_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         conn.connect_duration = loop.time() - started
         return conn

@@ -18,12 +18,24 @@ class PidApp(StaticApp):
             time.sleep(0.02)
         if target.startswith(b"/slow"):
             return self.slow(exchange)
+        if target == b"/big":
+            return self.big(exchange)
         exchange.respond(200, Headers([(b"X-Pid", str(os.getpid()).encode())]), str(os.getpid()).encode())
 
     async def slow(self, exchange):
         open(os.environ["SLOW_MARK"], "w").close()
         await asyncio.sleep(float(os.environ.get("SLOW", "2")))
         exchange.respond(200, Headers([(b"X-Pid", str(os.getpid()).encode())]), b"slow done")
+
+
+    async def big(self, exchange):
+        """21 MiB streamed in 64 KiB chunks, waiting on the client (back-pressure)."""
+        chunk = b"x" * 65536
+        exchange.write_head(200, Headers([(b"Content-Length", str(336 * 65536).encode())]))
+        for _ in range(336):
+            exchange.write_body(chunk)
+            await exchange.drain()
+        exchange.write_end()
 
 
 class PidService(StaticService):

@@ -14,7 +14,7 @@ What is bound inside, and why:
 
 Command line (the e2e test uses the same code)::
 
-    python tests/systemd/nspawn.py [--standin] [UNIT ...]      # e2e scenario per unit
+    python tests/systemd/nspawn.py [--standin] [--config=FILE] [UNIT ...]   # e2e per unit
     python tests/systemd/nspawn.py --shell -- CMD ARG...        # any command inside
 
 Needs root, systemd-nspawn (package systemd-container), nsenter, and
@@ -172,17 +172,19 @@ def scenario_results(out: str) -> dict[str, Any] | None:
 
 
 def run_e2e(standin: bool = False, scenarios: list[tuple[str, str | None]] | None = None,
-            echo: bool = True) -> list[dict[str, Any]]:
+            echo: bool = True, config: str | None = None) -> list[dict[str, Any]]:
     """Boot once, install, run each scenario; one result dict per scenario.
 
     A result has ``unit``, ``ok``, ``checks`` (name/ok/detail), ``journal``,
     ``error_log``, ``output``; a scenario that crashed has ``ok`` False and its
-    output. ``standin`` runs tests/systemd/standin.py instead of the product.
+    output. ``standin`` runs tests/systemd/standin.py instead of the product;
+    ``config`` replaces tests/systemd/e2e.yaml (a file inside the repository).
     """
     target = str(HERE / "standin.py") if standin else str(REPO / ".venv" / "bin" / "pyngora")
     results: list[dict[str, Any]] = []
     with Container() as box:
-        r = box.run(["/usr/bin/python3", str(HERE / "scenario.py"), "install", "--pyngora", target], timeout=60)
+        r = box.run(["/usr/bin/python3", str(HERE / "scenario.py"), "install", "--pyngora", target]
+                    + (["--config", str(Path(config).resolve())] if config else []), timeout=60)
         if r.returncode:
             return [{"unit": "install", "ok": False, "checks": [], "output": r.stdout + r.stderr,
                      "journal": box.run(["journalctl", "-b", "--no-pager", "-n", "50"]).stdout}]
@@ -212,9 +214,10 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(r.stderr)
             return r.returncode
     standin = "--standin" in argv
+    config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     units = [a for a in argv if not a.startswith("--")]
     chosen = [s for s in SCENARIOS if not units or (s[1] or s[0]) in units]
-    results = run_e2e(standin=standin, scenarios=chosen)
+    results = run_e2e(standin=standin, scenarios=chosen, config=config)
     for res in results:
         if not res["ok"]:
             print(f"--- {res['unit']} failed; journal:\n{res.get('journal', '')[-3000:]}\n"

@@ -28,6 +28,7 @@ LEAVES = (
     "pyngora.upgrade",
     "pyngora.metrics.multiproc",
     "pyngora.version",
+    "pyngora.log",
 )
 
 # Rooms and the rooms each may import (besides itself and the leaves), most specific first.
@@ -45,8 +46,8 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "pyngora.server": ("pyngora.services.base", "pyngora.config", "pyngora.upgrade",
                        "pyngora.metrics.multiproc", "pyngora.log", "pyngora.errors"),
     "pyngora.config": (),
-    "pyngora.metrics": (),
-    "pyngora.log": (),
+    # the `prometheus` service type is a service: metrics may build on services (never the reverse)
+    "pyngora.metrics": ("pyngora.services", "pyngora.protocols", "pyngora.config"),
 }
 # Door 6: the composition root and the public face import across rooms. Examples are user
 # programs written against the public API.

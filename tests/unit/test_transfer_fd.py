@@ -485,6 +485,25 @@ def test_new_side_closes_without_answer(tmp: str) -> None:
         close_all(socks, received)
 
 
+def test_new_side_disappears_mid_transfer(tmp: str) -> None:
+    path = os.path.join(tmp, "u.sock")
+    socks = make_sockets(250, tmp)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    old = OldSide(path, socks)
+    old.start()
+    try:
+        conn, _ = srv.accept()
+        conn.close()                   # gone before (or while) the batches arrive
+        result = old.finish()
+        assert not result.ok
+    finally:
+        old.join(30)
+        srv.close()
+        close_all(socks)
+
+
 def test_garbage_new_side(tmp: str) -> None:
     """Something else listens on upgrade_sock and answers nonsense, with FDs even."""
     path = os.path.join(tmp, "u.sock")

@@ -1,0 +1,427 @@
+"""The phase engine: runs a ProxyHttp's phases for each request, in Pingora's order.
+
+- Only the phases a subclass overrides are called; which ones is decided once per class
+  (:func:`plan_for`), comparing its functions with ProxyHttp's. Defaults that do something
+  (``fail_to_proxy`` answering the error) run inline when not overridden.
+- Retries (SPEC section 7): ``upstream_peer`` is called again on each attempt, at most
+  ``max_retries`` more times, and only when the error says ``retry`` (a connect failure, or a
+  pooled connection that failed before any response byte), no response byte went to the
+  client, and the body can be sent again (nothing sent yet, or an idempotent request whose
+  body is still in the 64 KiB retry buffer): never a non-idempotent request whose body was sent.
+- Bodies stream piece by piece both ways with back-pressure (``drain`` on each side), so
+  memory per request is bounded whatever the size. A 101 turns into a two-way tunnel.
+- The upstream connection goes back to the pool only after a clean, complete exchange; a
+  client that disconnects mid-response (the request task is cancelled, or a write fails)
+  makes the engine close it instead.
+- ``logging`` runs last, always; then the access log line (when enabled).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Optional
+
+from pyngora import log
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.headers import Headers, RequestHeader, ResponseHeader
+from pyngora.protocols import h1
+from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
+from pyngora.proxy import access
+from pyngora.proxy.phases import PHASES, ProxyHttp
+from pyngora.proxy.session import Session
+from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.upstreams.connector import Connector, UpstreamConnection
+from pyngora.upstreams.peer import HttpPeer
+
+try:  # metrics are optional: the engine works (and is tested) without them
+    from pyngora.metrics import registry as _registry
+except Exception:  # pragma: no cover - only when the metrics package is broken or absent
+    _registry = None  # type: ignore[assignment]
+
+__all__ = ["ProxyEngine", "plan_for", "Plan"]
+
+_EXPECT = b"expect"
+
+
+class Plan:
+    """For one ProxyHttp class: for each phase, None (not overridden: skip it) or True/False
+    (overridden; True = ``async def``, its result must be awaited)."""
+
+    __slots__ = PHASES
+
+    def __init__(self, cls: type) -> None:
+        for name in PHASES:
+            fn = getattr(cls, name, None)
+            base = getattr(ProxyHttp, name)
+            if fn is None or fn is base:
+                setattr(self, name, None)
+            else:
+                setattr(self, name, inspect.iscoroutinefunction(fn))
+
+
+_PLANS: dict[type, Plan] = {}
+
+
+def plan_for(cls: type) -> Plan:
+    """The (cached) plan of ``cls``: which phases it overrides."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = Plan(cls)
+    return plan
+
+
+def _downstream_closed() -> Error:
+    return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
+                 "client disconnected")
+
+
+class ProxyEngine(HttpApp):
+    """The HttpApp of a proxy service: one per worker, wrapping the user's ProxyHttp."""
+
+    def __init__(self, proxy: ProxyHttp, connector: Connector, max_retries: int = 16,
+                 service: str = "", access_format: str = "combined") -> None:
+        self.proxy = proxy
+        self.connector = connector
+        self.max_retries = max_retries
+        self.service = service
+        self.access_format = access_format
+        self.plan = plan_for(type(proxy))
+        if self.plan.upstream_peer is None:
+            raise TypeError(f"{type(proxy).__name__} must implement upstream_peer")
+        self._upstream_metrics: dict[str, Any] = {}
+
+    def handle(self, exchange: Exchange) -> Any:
+        return self.run(exchange)
+
+    def _umetrics(self, peer: HttpPeer) -> Any:
+        if _registry is None:
+            return None
+        name = peer.upstream or "default"
+        m = self._upstream_metrics.get(name)
+        if m is None:
+            m = self._upstream_metrics[name] = _registry.upstream_metrics(name)
+        return m
+
+    # ------------------------------------------------------------------ one request
+    async def run(self, ex: Exchange) -> None:
+        """The whole life of one request (runs as the connection's request task)."""
+        proxy, plan = self.proxy, self.plan
+        session = Session(ex, self.service)
+        err: Optional[Error] = None
+        ctx: Any = None
+        try:
+            if plan.new_ctx is not None:
+                ctx = proxy.new_ctx()
+                if plan.new_ctx:
+                    ctx = await ctx
+            if plan.early_request_filter is not None:
+                r = proxy.early_request_filter(session, ctx)
+                if plan.early_request_filter:
+                    await r
+            done = False
+            if plan.request_filter is not None:
+                done = proxy.request_filter(session, ctx)
+                if plan.request_filter:
+                    done = await done
+            if done:
+                self._finish_answered(ex)
+            else:
+                go = True
+                if plan.proxy_upstream_filter is not None:
+                    go = proxy.proxy_upstream_filter(session, ctx)
+                    if plan.proxy_upstream_filter:
+                        go = await go
+                if not go:
+                    if not ex.head_sent:
+                        ex.respond_error(502)
+                    self._finish_answered(ex)
+                else:
+                    await self._proxy_to_upstream(session, ctx)
+        except Error as e:
+            err = e
+        except asyncio.CancelledError:
+            err = _downstream_closed()  # the connection cancelled us: the client is gone
+        except Exception as e:  # a bug in a phase: answer 500, log it
+            err = Error(ErrorType.InternalError, ErrorSource.Internal, e, repr(e))
+        if err is not None:
+            await self._fail(session, err, ctx)
+        if plan.logging is not None:
+            try:
+                r = proxy.logging(session, err, ctx)
+                if plan.logging:
+                    await r
+            except Exception as e:  # logging must not break the connection
+                log.ERROR.error("logging phase failed: %r", e)
+        if log.access_enabled():
+            log.ACCESS.info(access.format_line(session, err, self.access_format))
+        if not ex.finished:
+            # Whatever happened, the connection must not wait for a response forever.
+            ex.respond_error(502)
+
+    def _finish_answered(self, ex: Exchange) -> None:
+        """After request_filter said 'answered': make sure the response is complete."""
+        if ex.finished:
+            return
+        if ex.head_sent:
+            ex.write_end()
+        else:
+            log.ERROR.error("request_filter returned True without a response: %s",
+                            ex.head.target.decode("latin-1"))
+            ex.respond_error(500)
+
+    async def _fail(self, session: Session, err: Error, ctx: Any) -> None:
+        """fail_to_proxy (the user's, or the default inline), and the error log line."""
+        proxy, plan, ex = self.proxy, self.plan, session.exchange
+        try:
+            if plan.fail_to_proxy is not None:
+                code = proxy.fail_to_proxy(session, err, ctx)
+                if plan.fail_to_proxy:
+                    code = await code
+            else:
+                code = err.status
+                if ex.finished:
+                    pass
+                elif code > 0 and not ex.conn.closed:
+                    ex.respond_error(code)  # aborts instead when a response already started
+                else:
+                    session.abort()
+        except Exception as e:
+            log.ERROR.error("fail_to_proxy failed: %r", e)
+            code = 500
+            if not ex.finished:
+                ex.respond_error(500)
+        if err.source is not ErrorSource.Downstream or (code or 0) >= 500:
+            summary = (proxy.request_summary(session, ctx) if plan.request_summary is not None
+                       else session.request_summary())
+            log.ERROR.warning("Fail to proxy: %s, status: %s, tries: %d, %s", err, code,
+                              session.retries + 1, summary)
+
+    # ------------------------------------------------------------------ upstream attempts
+    async def _proxy_to_upstream(self, session: Session, ctx: Any) -> None:
+        proxy, plan = self.proxy, self.plan
+        ex = session.exchange
+        while True:
+            peer = proxy.upstream_peer(session, ctx)
+            if plan.upstream_peer:
+                peer = await peer
+            if peer is None:
+                raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
+                            "no upstream peer")
+            session.peer = peer
+            um = self._umetrics(peer)
+            try:
+                conn = await self.connector.get(peer)
+            except Error as e:
+                if um is not None:
+                    um.error(peer.backend, e.etype)
+                if plan.fail_to_connect is not None:
+                    r = proxy.fail_to_connect(session, peer, ctx, e)
+                    e = (await r) if plan.fail_to_connect else r
+                if self._may_retry(session, e):
+                    continue
+                raise e
+            reused = conn.reused
+            if um is not None:
+                if reused:
+                    um.pool_reused()
+                else:
+                    um.connect_duration(conn.connect_duration)
+            clean = False
+            try:
+                if plan.connected_to_upstream is not None:
+                    r = proxy.connected_to_upstream(session, reused, peer, ctx)
+                    if plan.connected_to_upstream:
+                        await r
+                clean = await self._proxy_h1(session, conn, ctx)
+                if um is not None:
+                    um.request_done(peer.backend, session.upstream_status)
+                return
+            except Error as e:
+                if e.source is not ErrorSource.Downstream and um is not None:
+                    um.error(peer.backend, e.etype)
+                if plan.error_while_proxy is not None and e.source is not ErrorSource.Downstream:
+                    r = proxy.error_while_proxy(peer, session, e, ctx, reused)
+                    e = (await r) if plan.error_while_proxy else r
+                if e.source is not ErrorSource.Downstream and self._may_retry(session, e):
+                    continue
+                raise e
+            finally:
+                # Pooled only after a clean, complete exchange; closed otherwise (a client
+                # that left mid-response, an error, a cancelled task).
+                self.connector.release(conn, clean)
+
+    def _may_retry(self, session: Session, e: Error) -> bool:
+        if not e.retry or session.retries >= self.max_retries:
+            return False
+        if session.exchange.head_sent or not session._body_replayable():
+            return False
+        session.retries += 1
+        return True
+
+    async def _proxy_h1(self, session: Session, conn: UpstreamConnection, ctx: Any) -> bool:
+        """One attempt on ``conn``: send the request, stream the response. Returns True when
+        the exchange completed cleanly (the connection may be pooled)."""
+        proxy, plan = self.proxy, self.plan
+        ex = session.exchange
+        head = ex.head
+        req = session.req_header
+        up_headers = req.headers.copy()
+        h1.remove_hop_by_hop(up_headers)
+        up_headers.remove(_EXPECT)  # 100-continue is handled downstream, by the connection
+        upgrade = head.upgrade
+        if upgrade:
+            value = req.headers.get(b"upgrade")
+            if value is not None:
+                up_headers.add(b"Connection", b"upgrade")
+                up_headers.add(b"Upgrade", value)
+        has_body = head.body != "none"
+        chunked = has_body and (head.body == "chunked" or plan.request_body_filter is not None)
+        if chunked:
+            up_headers.remove(b"content-length")
+            up_headers.add(b"Transfer-Encoding", b"chunked")
+        up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
+        if plan.upstream_request_filter is not None:
+            r = proxy.upstream_request_filter(session, up_req, ctx)
+            if plan.upstream_request_filter:
+                await r
+        method = up_req.method.encode("latin-1")
+        conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers)
+        if has_body:
+            await self._send_body(session, conn, chunked, ctx)
+        # -- the response head (1xx first)
+        while True:
+            ev = await conn.read_event()
+            if ev.__class__ is InformationalResponse:
+                if ev.status != 100:  # type: ignore[union-attr]
+                    ex.write_informational(ev.status, ev.headers)  # type: ignore[union-attr]
+                continue
+            break
+        if ev.__class__ is not ResponseHead:
+            raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
+                        "no response head from upstream")
+        rh: ResponseHead = ev  # type: ignore[assignment]
+        session.upstream_status = rh.status
+        headers = rh.headers
+        switching = rh.status == 101 and upgrade
+        upgrade_value = headers.get(b"upgrade") if switching else None
+        h1.remove_hop_by_hop(headers)
+        if switching:
+            headers.add(b"Connection", b"upgrade")
+            if upgrade_value is not None:
+                headers.add(b"Upgrade", upgrade_value)
+        reason = rh.reason.decode("latin-1") if rh.reason else None
+        resp = ResponseHeader(rh.status, reason, rh.version, headers)
+        if plan.upstream_response_filter is not None:
+            r = proxy.upstream_response_filter(session, resp, ctx)
+            if plan.upstream_response_filter:
+                await r
+        if plan.response_filter is not None:
+            r = proxy.response_filter(session, resp, ctx)
+            if plan.response_filter:
+                await r
+        if switching:
+            ev = await conn.read_event()  # the 101's (empty) MessageEnd
+            ex.write_head(101, resp.headers, resp.reason)
+            await self._tunnel(ex, conn)
+            return False
+        filtered = (plan.upstream_response_body_filter is not None
+                    or plan.response_body_filter is not None)
+        if rh.body == "none" and not filtered:
+            ev = await conn.read_event()  # MessageEnd
+            ex.write_head(resp.status, resp.headers, resp.reason, end=True)
+            return True
+        ex.write_head(resp.status, resp.headers, resp.reason)
+        # -- the response body
+        while True:
+            ev = await conn.read_event()
+            if ev.__class__ is Data:
+                data: Optional[bytes] = ev.data  # type: ignore[union-attr]
+                if filtered:
+                    data = await self._body_filters(session, data, False, ctx)
+                if data:
+                    ex.write_body(data)
+                    await ex.drain()
+            elif ev.__class__ is MessageEnd:
+                if filtered:
+                    data = await self._body_filters(session, None, True, ctx)
+                    if data:
+                        ex.write_body(data)
+                ex.write_end(ev.trailers)  # type: ignore[union-attr]
+                return True
+            else:
+                raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
+                            f"unexpected {ev.__class__.__name__} in a response body")
+
+    async def _body_filters(self, session: Session, data: Optional[bytes], end: bool,
+                            ctx: Any) -> Optional[bytes]:
+        proxy, plan = self.proxy, self.plan
+        if plan.upstream_response_body_filter is not None:
+            r = proxy.upstream_response_body_filter(session, data, end, ctx)
+            data = (await r) if plan.upstream_response_body_filter else r
+        if plan.response_body_filter is not None:
+            r = proxy.response_body_filter(session, data, end, ctx)
+            data = (await r) if plan.response_body_filter else r
+        return data
+
+    async def _send_body(self, session: Session, conn: UpstreamConnection, chunked: bool,
+                         ctx: Any) -> None:
+        """Stream the request body up: first what a failed attempt already sent (the retry
+        buffer), then the rest from the client, with back-pressure on both sides."""
+        proxy, plan = self.proxy, self.plan
+        ex = session.exchange
+        if session.body_bytes_sent_upstream:
+            for data in session._retry_buf:
+                conn.send_body(data, chunked)
+                await conn.drain()
+        filt = plan.request_body_filter
+        while not session._body_finished:
+            data = await ex.read_body()
+            end = data is None
+            if end:
+                session._body_finished = True
+            if filt is not None:
+                r = proxy.request_body_filter(session, data, end, ctx)
+                data = (await r) if filt else r
+            if data:
+                session._remember_body(data)
+                conn.send_body(data, chunked)
+                await conn.drain()
+        conn.send_end(chunked, ex.trailers if chunked else None)
+
+    async def _tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        """After a 101: copy bytes both ways until both sides are done (or one fails)."""
+        down = ex.tunnel()
+        for data in conn.into_tunnel():
+            down.write(data)
+
+        async def up_to_down() -> None:
+            while True:
+                data = await conn.read_raw()
+                if not data:
+                    down.write_eof()
+                    return
+                down.write(data)
+                await down.drain()
+
+        async def down_to_up() -> None:
+            while True:
+                data = await down.read()
+                if not data:
+                    conn.write_eof()
+                    return
+                conn.write_raw(data)
+                await conn.drain()
+
+        tasks = [asyncio.ensure_future(up_to_down()), asyncio.ensure_future(down_to_up())]
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            conn.close()
+            down.close()

@@ -1,0 +1,161 @@
+"""``Session``: one downstream request as the ProxyHttp phases see it (Pingora's Session).
+
+Built by the engine per request over the connection's :class:`Exchange`. It offers the
+client's request head (``req_header``, editable), the addresses, the body reader, and the
+response writers, with Pingora's names.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pyngora.headers import Headers, RequestHeader, ResponseHeader
+from pyngora.services.http_app import Exchange
+
+__all__ = ["Session"]
+
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+class Session:
+    """The downstream side of one proxied request.
+
+    ``req_header``: the client's request head (a RequestHeader: method, uri, version, headers);
+    ``client_addr`` / ``server_addr``: the socket addresses (tuples for TCP, a path or '' for
+    Unix sockets); ``scheme``: "http" or "https"; ``ctx_data``: a free dict-less slot for
+    whatever the engine's users want to keep. ``upstream_status`` / ``peer`` / ``retries`` are
+    filled in by the engine as it goes (for logging).
+    """
+
+    __slots__ = ("exchange", "req_header", "client_addr", "server_addr", "scheme",
+                 "peer", "upstream_status", "retries", "body_bytes_sent_upstream",
+                 "_retry_buf", "_retry_size", "_retry_truncated", "_body_finished",
+                 "service")
+
+    # Request body bytes kept so that a failed attempt can be retried with the same body.
+    RETRY_BUFFER_LIMIT = 64 * 1024
+
+    def __init__(self, exchange: Exchange, service: str = "") -> None:
+        head = exchange.head
+        self.exchange = exchange
+        self.req_header = RequestHeader(head.method.decode("latin-1"),
+                                        head.target.decode("latin-1"), head.version,
+                                        head.headers)
+        self.client_addr = exchange.client_addr
+        self.server_addr = exchange.server_addr
+        self.scheme = exchange.scheme
+        self.service = service
+        self.peer: Any = None
+        self.upstream_status = 0
+        self.retries = 0
+        self.body_bytes_sent_upstream = 0
+        self._retry_buf: list[bytes] = []
+        self._retry_size = 0
+        self._retry_truncated = False
+        self._body_finished = exchange.head.body == "none"
+
+    # ------------------------------------------------------------------ the request
+    @property
+    def client_ip(self) -> str:
+        """The client's IP address as text ('' on a Unix socket)."""
+        addr = self.client_addr
+        return addr[0] if isinstance(addr, tuple) and addr else ""
+
+    @property
+    def is_upgrade_req(self) -> bool:
+        """True when the client asked for a protocol upgrade (WebSocket)."""
+        return self.exchange.head.upgrade
+
+    @property
+    def is_idempotent(self) -> bool:
+        return self.exchange.head.method in _IDEMPOTENT
+
+    def get_header(self, name: str | bytes) -> Optional[bytes]:
+        """The first value of a request header (any case), or None."""
+        return self.req_header.headers.get(name)
+
+    async def read_request_body(self) -> Optional[bytes]:
+        """The next piece of the request body, None at its end. Raises Error (Downstream) for
+        a malformed or too-large body (status 400/413) or a client that went away. Bodies read
+        here are not sent upstream: a phase that reads them answers the request itself."""
+        data = await self.exchange.read_body()
+        if data is None:
+            self._body_finished = True
+        return data
+
+    @property
+    def request_body_finished(self) -> bool:
+        return self._body_finished
+
+    def request_summary(self) -> str:
+        """``METHOD URI, Host: HOST`` for error logs."""
+        host = self.req_header.headers.get(b"host")
+        return (f"{self.req_header.method} {self.req_header.uri}, Host: "
+                f"{host.decode('latin-1') if host else ''}")
+
+    # ------------------------------------------------------------------ the response
+    @property
+    def response_written(self) -> Optional[int]:
+        """The status of the response head already sent to the client, or None."""
+        ex = self.exchange
+        return ex.status if ex.head_sent else None
+
+    @property
+    def response_finished(self) -> bool:
+        return self.exchange.finished
+
+    async def write_response_header(self, resp: ResponseHeader, end: bool = False) -> None:
+        """Send a response head to the client (``end``: no body follows). Framing is chosen by
+        the connection: Content-Length if present, else chunked (HTTP/1.1)."""
+        self.exchange.write_head(resp.status, resp.headers, resp.reason, end)
+
+    async def write_response_body(self, data: Optional[bytes], end: bool = False) -> None:
+        """Send a piece of the response body (waits while the client is slow: back-pressure);
+        ``end`` finishes the response."""
+        ex = self.exchange
+        if data:
+            ex.write_body(data)
+            await ex.drain()
+        if end:
+            ex.write_end()
+
+    async def write_response_trailers(self, trailers: Headers) -> None:
+        """Finish a chunked response with trailers."""
+        self.exchange.write_end(trailers)
+
+    async def respond(self, status: int, body: bytes = b"",
+                      headers: Optional[Headers | list[tuple[str, str]]] = None) -> None:
+        """A whole response at once (Content-Length from ``body``)."""
+        h = headers if isinstance(headers, Headers) else Headers(headers or ())
+        self.exchange.respond(status, h, body)
+        await self.exchange.drain()
+
+    async def respond_error(self, status: int) -> None:
+        """An empty error response (``Cache-Control: private, no-store``) that closes the
+        connection; if a response already started, the connection is closed instead."""
+        self.exchange.respond_error(status)
+
+    def abort(self) -> None:
+        """Close the client connection now (nothing more is sent)."""
+        ex = self.exchange
+        ex.keep_alive = False
+        ex.conn.abort()
+        if not ex.finished:
+            ex._finish()
+
+    # ------------------------------------------------------------------ retries (engine)
+    def _remember_body(self, data: bytes) -> None:
+        """Keep what was sent upstream while it is small enough to be sent again."""
+        self.body_bytes_sent_upstream += len(data)
+        if self._retry_truncated:
+            return
+        self._retry_size += len(data)
+        if self._retry_size > self.RETRY_BUFFER_LIMIT:
+            self._retry_truncated = True
+            self._retry_buf.clear()
+        else:
+            self._retry_buf.append(data)
+
+    def _body_replayable(self) -> bool:
+        """True when a new attempt can send the same body (nothing sent, or all kept)."""
+        return self.body_bytes_sent_upstream == 0 or (
+            not self._retry_truncated and self.is_idempotent)

