@@ -23,7 +23,8 @@ from pyngora.protocols.events import (Data, Event, InformationalResponse, Messag
 
 __all__ = ["H1Limits", "ProtocolError", "RequestParser", "ResponseParser",
            "serialize_request_head", "serialize_response_head", "encode_chunk",
-           "encode_last_chunk", "remove_hop_by_hop", "HOP_BY_HOP", "H2_PREFACE"]
+           "encode_last_chunk", "remove_hop_by_hop", "origin_form", "HOP_BY_HOP",
+           "H2_PREFACE"]
 
 
 class H1Limits:
@@ -380,7 +381,9 @@ class RequestParser:
         authority = rest[:end].lower()
         if not authority or b"@" in authority or b"#" in rest:
             self._reject(400, "bad absolute-form target")
-        host = (self._host or b"").lower()
+        if self._host is None:
+            return  # HTTP/1.0 without Host: the target's authority is the only one
+        host = self._host.lower()
         if authority != host:
             port = _default_port(scheme)
             if authority.removesuffix(port) != host.removesuffix(port):
@@ -455,6 +458,8 @@ class ResponseParser:
         """Expect the response to a request made with ``request_method`` (call before each)."""
         if self._error is not None:
             raise self._error
+        if self.upgraded or self._state == _HEAD or self._state == _BODY:
+            raise RuntimeError("ResponseParser.start() before the previous response ended")
         self._method = request_method.upper()
         self._state = _HEAD
         self._buf = self._leftover
@@ -739,6 +744,24 @@ def encode_last_chunk(trailers: Optional[Headers] = None) -> bytes:
     if trailers:
         return b"0\r\n" + trailers.serialize() + b"\r\n"
     return b"0\r\n\r\n"
+
+
+def origin_form(target: bytes) -> bytes:
+    """The origin-form (path and query) of a request-target, for the request sent upstream.
+
+    An absolute-form target (``http://host/p?q``) gives ``/p?q`` (``/`` when it has no path);
+    origin-form, ``*`` and authority-form come back unchanged.
+    """
+    if not target or target[0] == 47 or target == b"*":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep:
+        return target  # authority-form (CONNECT)
+    for i, ch in enumerate(rest):
+        if ch == 47 or ch == 63:  # "/" or "?"
+            path = rest[i:]
+            return path if ch == 47 else b"/" + path
+    return b"/"
 
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",

@@ -21,14 +21,22 @@ def run(coro: Any, timeout: float = 20.0) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serving(svc: Service, server_conf: Optional[ServerConf] = None
+async def serving(svc: Service, server_conf: Optional[ServerConf] = None,
+                  accepted: Optional[list[int]] = None
                   ) -> AsyncIterator[tuple[int, WorkerContext]]:
-    """Start ``svc`` as one worker would, on 127.0.0.1:0; yields (port, ctx)."""
+    """Start ``svc`` as one worker would, on 127.0.0.1:0; yields (port, ctx). ``accepted``
+    (a list) gets one item per accepted connection."""
     loop = asyncio.get_running_loop()
     ctx = WorkerContext(svc, 0, 0, server_conf or ServerConf(), loop)
     await svc.start_worker(ctx)
-    server = await loop.create_server(svc.protocol_factory(ctx, parse_address("127.0.0.1:0")),
-                                      "127.0.0.1", 0)
+    factory = svc.protocol_factory(ctx, parse_address("127.0.0.1:0"))
+    if accepted is not None:
+        inner = factory
+
+        def factory() -> Any:  # type: ignore[no-redef]
+            accepted.append(1)
+            return inner()
+    server = await loop.create_server(factory, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1], ctx
     finally:

@@ -110,26 +110,32 @@ class Responder(asyncio.DatagramProtocol):
 
 
 async def start_responder() -> tuple[Responder, tuple[str, int], Any]:
+    """UDP on 127.0.0.1:0, plus TCP on the same port number (for the truncation fallback).
+    That port may be busy on the TCP side: try a few UDP ports."""
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(Responder,
-                                                           local_addr=("127.0.0.1", 0))
-    addr = transport.get_extra_info("sockname")[:2]
+    for _ in range(20):
+        transport, proto = await loop.create_datagram_endpoint(Responder,
+                                                               local_addr=("127.0.0.1", 0))
+        addr = transport.get_extra_info("sockname")[:2]
 
-    async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      proto: Responder = proto) -> None:
+            try:
+                (n,) = struct.unpack("!H", await reader.readexactly(2))
+                reply = proto.answer(await reader.readexactly(n), tcp=True)
+                if reply:
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    await writer.drain()
+            finally:
+                writer.close()
+
         try:
-            (n,) = struct.unpack("!H", await reader.readexactly(2))
-            reply = proto.answer(await reader.readexactly(n), tcp=True)
-            if reply:
-                writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    try:  # the same port number over TCP, for the truncation fallback
-        tcp_server = await asyncio.start_server(tcp, "127.0.0.1", addr[1])
-    except OSError:
-        tcp_server = None
-    return proto, addr, (transport, tcp_server)
+            tcp_server = await asyncio.start_server(tcp, "127.0.0.1", addr[1])
+        except OSError:
+            transport.close()
+            continue
+        return proto, addr, (transport, tcp_server)
+    raise AssertionError("no UDP port whose TCP twin is free")
 
 
 async def stop_responder(handles: Any) -> None:
@@ -154,7 +160,7 @@ def test_a_records_follow_changes_and_keep_last_good() -> None:
         try:
             dns.records[("web.test", A)] = ["10.0.0.1", "10.0.0.2"]
             disc = DnsDiscovery("web.test", 8080, refresh_seconds=0.1, resolver=server,
-                                timeout=0.3, attempts=1)
+                                timeout=1.0, attempts=1)
             backends = Backends(disc)
             assert await backends.update()
             assert addrs(backends.get()) == ["10.0.0.1:8080", "10.0.0.2:8080"]
@@ -183,7 +189,7 @@ def test_first_failure_raises_and_aaaa() -> None:
         dns, server, handles = await start_responder()
         try:
             dns.mode = "servfail"
-            disc = DnsDiscovery("v6.test", 443, kind="AAAA", resolver=server, timeout=0.3,
+            disc = DnsDiscovery("v6.test", 443, kind="AAAA", resolver=server, timeout=2.0,
                                 attempts=1)
             with pytest.raises(DnsError) as err:
                 await disc.discover()
@@ -210,7 +216,7 @@ def test_srv_ports_weights_priority_and_glue() -> None:
             ]
             dns.glue = {"pod-a.api.svc.test": "10.1.0.1", "pod-b.api.svc.test": "10.1.0.2"}
             dns.records[("pod-c.other.test", A)] = ["10.1.0.3"]
-            disc = DnsDiscovery(name, kind="SRV", resolver=server, timeout=0.5, attempts=1)
+            disc = DnsDiscovery(name, kind="SRV", resolver=server, timeout=2.0, attempts=1)
             found = {b.addr: b.weight for b in await disc.discover()}
             assert found == {"10.1.0.1:8001": 5, "10.1.0.2:8002": 1, "10.1.0.3:8003": 1}
             assert ("pod-a.api.svc.test", A) not in dns.queries  # glue was used
@@ -227,11 +233,9 @@ def test_truncated_udp_answer_falls_back_to_tcp() -> None:
     async def main() -> None:
         dns, server, handles = await start_responder()
         try:
-            if handles[1] is None:
-                pytest.skip("could not bind the TCP side on the UDP port")
             dns.records[("big.test", A)] = [f"10.2.0.{i}" for i in range(1, 60)]
             dns.mode = "truncate"
-            found = await DnsDiscovery("big.test", 80, resolver=server, timeout=1.0,
+            found = await DnsDiscovery("big.test", 80, resolver=server, timeout=2.0,
                                        attempts=1).discover()
             assert len(found) == 59
         finally:
@@ -246,7 +250,7 @@ def test_health_service_follows_dns_and_workers_follow_table(tmp_path: Any) -> N
         dns, server, handles = await start_responder()
         dns.records[("app.test", A)] = ["127.0.0.1"]
         group = HealthGroup("app", Backends(DnsDiscovery("app.test", 9, refresh_seconds=0.1,
-                                                         resolver=server, timeout=0.3,
+                                                         resolver=server, timeout=2.0,
                                                          attempts=1)),
                             None, interval_seconds=0.1)
         shutdown, ready = asyncio.Event(), asyncio.Event()
@@ -314,7 +318,7 @@ def test_search_list_against_responder(tmp_path: Any) -> None:
         try:
             f = tmp_path / "resolv.conf"
             f.write_text(f"nameserver {server[0]}\nsearch ns.svc.test svc.test\n"
-                         "options ndots:5 timeout:1 attempts:1\n")
+                         "options ndots:5 timeout:2 attempts:1\n")
             client = DnsClient(resolv_conf=str(f))
             client.conf.nameservers = [server]  # port is not expressible in resolv.conf
             dns.records[("web.svc.test", A)] = ["10.3.0.1"]

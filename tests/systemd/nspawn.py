@@ -14,7 +14,7 @@ What is bound inside, and why:
 
 Command line (the e2e test uses the same code)::
 
-    python tests/systemd/nspawn.py [--standin] [--config=FILE] [UNIT ...]   # e2e per unit
+    python tests/systemd/nspawn.py [--standin] [--config=FILE] [--bind-ro=SRC:DST] [UNIT ...]
     python tests/systemd/nspawn.py --shell -- CMD ARG...        # any command inside
 
 Needs root, systemd-nspawn (package systemd-container), nsenter, and
@@ -172,7 +172,8 @@ def scenario_results(out: str) -> dict[str, Any] | None:
 
 
 def run_e2e(standin: bool = False, scenarios: list[tuple[str, str | None]] | None = None,
-            echo: bool = True, config: str | None = None) -> list[dict[str, Any]]:
+            echo: bool = True, config: str | None = None,
+            binds_ro: list[str] | None = None) -> list[dict[str, Any]]:
     """Boot once, install, run each scenario; one result dict per scenario.
 
     A result has ``unit``, ``ok``, ``checks`` (name/ok/detail), ``journal``,
@@ -182,7 +183,7 @@ def run_e2e(standin: bool = False, scenarios: list[tuple[str, str | None]] | Non
     """
     target = str(HERE / "standin.py") if standin else str(REPO / ".venv" / "bin" / "pyngora")
     results: list[dict[str, Any]] = []
-    with Container() as box:
+    with Container(binds_ro=binds_ro) as box:
         r = box.run(["/usr/bin/python3", str(HERE / "scenario.py"), "install", "--pyngora", target]
                     + (["--config", str(Path(config).resolve())] if config else []), timeout=60)
         if r.returncode:
@@ -215,9 +216,10 @@ def main(argv: list[str]) -> int:
             return r.returncode
     standin = "--standin" in argv
     config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    binds = [a.split("=", 1)[1] for a in argv if a.startswith("--bind-ro=")]
     units = [a for a in argv if not a.startswith("--")]
     chosen = [s for s in SCENARIOS if not units or (s[1] or s[0]) in units]
-    results = run_e2e(standin=standin, scenarios=chosen, config=config)
+    results = run_e2e(standin=standin, scenarios=chosen, config=config, binds_ro=binds)
     for res in results:
         if not res["ok"]:
             print(f"--- {res['unit']} failed; journal:\n{res.get('journal', '')[-3000:]}\n"

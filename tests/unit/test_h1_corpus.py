@@ -150,3 +150,60 @@ def test_valid_semantics() -> None:
     assert _heads("content_length_leading_zeros.http")[0][7] == 5
     ev = _heads("connect_authority_form.http")
     assert ev[0][1] == b"CONNECT" and ev[0][9] is True and ev[-1] == ("tunnel", b"\x16\x03\x01")
+
+
+# -- fuzzing: whatever the bytes, the parsers answer events or ProtocolError, nothing else ----
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pyngora.protocols.h1 import ResponseParser  # noqa: E402
+
+SEEDS = [p.read_bytes() for p in VALID] + [p.read_bytes()[:2000] for p in MALFORMED]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    raw = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(0, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        pos = draw(st.integers(0, max(len(raw) - 1, 0)))
+        byte = draw(st.sampled_from(b"\r\n \t:;,\x00\x7f\xff0aAzZ-"))
+        if op == "flip" and raw:
+            raw[pos] = byte
+        elif op == "insert":
+            raw.insert(pos, byte)
+        elif raw:
+            del raw[pos]
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=4)))
+    return bytes(raw), cuts
+
+
+def _split(raw: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0] + cuts + [len(raw)]
+    return [raw[a:b] for a, b in zip(edges, edges[1:])]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_fuzz_request_parser_only_raises_protocol_error(case: tuple[bytes, list[int]]) -> None:
+    raw, cuts = case
+    p = RequestParser(LIMITS)
+    try:
+        for chunk in _split(raw, cuts):
+            p.feed(chunk)
+        p.feed_eof()
+    except ProtocolError as err:
+        assert err.status in (400, 413, 431, 505)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"POST"]))
+def test_fuzz_response_parser_only_raises_protocol_error(raw: bytes, method: bytes) -> None:
+    for prefix in (b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        p = ResponseParser()
+        p.start(method)
+        try:
+            p.feed(prefix + raw)
+            p.feed_eof()
+        except ProtocolError as err:
+            assert err.status == 502

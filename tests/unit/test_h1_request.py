@@ -8,9 +8,9 @@ import pytest
 
 from pyngora.headers import Headers
 from pyngora.protocols.events import Data, MessageEnd, RequestHead
-from pyngora.protocols.h1 import (H1Limits, ProtocolError, RequestParser, encode_chunk,
-                                  encode_last_chunk, remove_hop_by_hop,
-                                  serialize_request_head)
+from pyngora.protocols.h1 import (H2_PREFACE, H1Limits, ProtocolError, RequestParser,
+                                  encode_chunk, encode_last_chunk, origin_form,
+                                  remove_hop_by_hop, serialize_request_head)
 
 GET = b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
@@ -259,3 +259,32 @@ def test_remove_hop_by_hop() -> None:
     plain = Headers([("Host", "a")])
     remove_hop_by_hop(plain)
     assert plain.items() == [(b"Host", b"a")]
+
+
+def test_http10_absolute_form_without_host() -> None:
+    ev = RequestParser().feed(b"GET http://a.example/x HTTP/1.0\r\n\r\n")
+    assert ev[0].target == b"http://a.example/x"
+
+
+@pytest.mark.parametrize("target,expected", [
+    (b"/p?q=1", b"/p?q=1"), (b"*", b"*"), (b"a.example:443", b"a.example:443"),
+    (b"http://a.example/p?q=1", b"/p?q=1"), (b"http://a.example", b"/"),
+    (b"https://a.example?q=1", b"/?q=1"), (b"http://a.example:8080/", b"/"),
+])
+def test_origin_form(target: bytes, expected: bytes) -> None:
+    assert origin_form(target) == expected
+
+
+def test_h2_preface_is_505() -> None:
+    with pytest.raises(ProtocolError) as info:
+        RequestParser().feed(H2_PREFACE)
+    assert info.value.status == 505 and "HTTP/2" in info.value.reason
+
+
+def test_invalid_host_values_are_remembered_only_when_valid() -> None:
+    ok = b"GET / HTTP/1.1\r\nHost: cache-me.example:8080\r\n\r\n"
+    for _ in range(3):
+        assert RequestParser().feed(ok)[0].headers.get("host") == b"cache-me.example:8080"
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            RequestParser().feed(b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n")

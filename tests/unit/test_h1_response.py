@@ -282,3 +282,16 @@ def test_informational_event_type() -> None:
     ev = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert isinstance(ev[0], ResponseHead) and isinstance(ev[1], MessageEnd)
     assert not any(isinstance(e, Data) for e in ev)
+
+
+def test_start_before_the_previous_response_ended_is_a_bug() -> None:
+    p = ResponseParser()
+    p.start(b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    with pytest.raises(RuntimeError):
+        p.start(b"GET")
+
+
+def test_leading_blank_lines_before_status_line() -> None:
+    ev = run(b"GET", [b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"])
+    assert ev[0][1] == 200 and ev[1:] == [("data", b"x"), ("end", None)]

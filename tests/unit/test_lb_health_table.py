@@ -214,3 +214,20 @@ def test_layout_header_fields(tmp_path: Any) -> None:
         raw = f.read()
     assert raw[:8] == b"PYNGHT01" and raw[HEADER_SIZE + w.slot("a/x:1")] == UNHEALTHY
     w.close()
+
+
+def test_reader_follows_a_recreated_table(tmp_path: Any) -> None:
+    path = str(tmp_path / "h.tbl")
+    w = HealthTable.create(path, capacity=8)
+    w.set_group("api", [Backend("10.0.0.1:80"), Backend("10.0.0.2:80")])
+    lb = LoadBalancer(["10.0.0.1:80", "10.0.0.2:80"])
+    lb.sync_interval = 0.0
+    lb.attach_health_table(path, "api")
+    assert len({lb.select(b"") for _ in range(4)}) == 2
+    w.close()
+    w = HealthTable.create(path, capacity=16)  # incompatible: a new file replaces the old one
+    w.set_group("api", [Backend("10.0.0.1:80"), Backend("10.0.0.2:80")])
+    w.set("api/10.0.0.1:80", False)
+    assert {lb.select(b"") for _ in range(4)} == {Backend("10.0.0.2:80")}
+    lb.close()
+    w.close()

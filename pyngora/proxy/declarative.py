@@ -1,0 +1,283 @@
+"""The YAML ``http_proxy`` service (SPEC section 5) as a ProxyHttp subclass.
+
+Everything is compiled once, when the service is built: routes become a tuple of
+(host, path prefix, group) tried in order (first match wins), header edits become tuples of
+bytes, and the subclass is assembled with only the phases the configuration needs (no header
+edits, no forwarded headers -> no ``upstream_request_filter`` at all), so the engine skips the
+rest.
+
+Backend selection: proxy must not import ``pyngora.lb`` (DESIGN's one-way doors), so whoever
+builds the service may hand in ``balancer_factory(upstream_conf) -> balancer``; it is called
+once per upstream group in each worker, and the balancer must offer ``select(key: bytes) ->
+Backend | None`` (``Backend.addr``) and may offer ``report_failure(backend)``. Without a
+factory, each group picks its static backends round robin (weights honoured by repetition).
+
+``app: "module:Class"`` loads a user's ProxyHttp subclass instead, constructed with the
+HttpProxyConf as its context (``Class(conf)``, or ``Class()`` if it takes no argument).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+from typing import Any, Callable, Optional
+
+from pyngora.config.schema import (BackendConf, HeaderEdits, HttpProxyConf, ServiceConf,
+                                   UpstreamConf)
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.headers import Headers, RequestHeader, ResponseHeader
+from pyngora.proxy import ProxyService
+from pyngora.proxy.phases import ProxyHttp
+from pyngora.proxy.session import Session
+from pyngora.services.base import WorkerContext
+from pyngora.upstreams.peer import HttpPeer, PeerOptions
+
+__all__ = ["DeclarativeProxy", "build_proxy", "build_proxy_service", "load_app"]
+
+BalancerFactory = Callable[[UpstreamConf], Any]
+
+
+def _b(s: str) -> bytes:
+    return s.encode("latin-1")
+
+
+class _Edits:
+    """Pre-encoded header edits: remove, then set, then add (as nginx's and Pingora's users
+    expect: a field both removed and set ends up set)."""
+
+    __slots__ = ("remove", "set", "add")
+
+    def __init__(self, edits: HeaderEdits) -> None:
+        self.remove = tuple(_b(n) for n in edits.remove)
+        self.set = tuple((_b(n), _b(v)) for n, v in edits.set)
+        self.add = tuple((_b(n), _b(v)) for n, v in edits.add)
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.set or self.add)
+
+    def apply(self, headers: Headers) -> None:
+        for name in self.remove:
+            headers.remove(name)
+        for name, value in self.set:
+            headers.set(name, value)
+        for name, value in self.add:
+            headers.add(name, value)
+
+
+def _key_fn(hash_key: str) -> Callable[[Session], bytes]:
+    """The selection key of a request for ``hash_key`` (uri | path | client_ip | header:NAME |
+    cookie:NAME), compiled once."""
+    if hash_key == "path":
+        return lambda s: s.req_header.path.encode("latin-1")
+    if hash_key == "client_ip":
+        return lambda s: s.client_ip.encode("latin-1")
+    if hash_key.startswith("header:"):
+        name = _b(hash_key[7:].strip().lower())
+        return lambda s: s.req_header.headers.get(name) or b""
+    if hash_key.startswith("cookie:"):
+        want = _b(hash_key[7:].strip())
+
+        def cookie(s: Session) -> bytes:
+            for value in s.req_header.headers.get_all(b"cookie"):
+                for part in value.split(b";"):
+                    name, _, v = part.strip().partition(b"=")
+                    if name == want:
+                        return v
+            return b""
+        return cookie
+    return lambda s: s.req_header.uri.encode("latin-1")
+
+
+class _Group:
+    """One upstream group: its backends, peer options and selection, per worker."""
+
+    __slots__ = ("name", "conf", "backends", "options", "retries", "key", "balancer",
+                 "_rr", "_hashed")
+
+    def __init__(self, conf: UpstreamConf) -> None:
+        self.name = conf.name
+        self.conf = conf
+        self.backends: dict[str, BackendConf] = {b.addr: b for b in conf.backends}
+        t = conf.timeouts
+        self.options = PeerOptions(connection_timeout=t.connect_seconds,
+                                   total_connection_timeout=t.total_connect_seconds,
+                                   read_timeout=t.read_seconds, write_timeout=t.write_seconds,
+                                   idle_timeout=t.idle_seconds)
+        self.retries = conf.retries
+        self.key = _key_fn(conf.hash_key)
+        self._hashed = conf.selection in ("fnv", "consistent")
+        self.balancer: Any = None
+        ring = [b.addr for b in conf.backends for _ in range(max(b.weight, 1))]
+        self._rr = itertools.cycle(ring) if ring else None
+
+    def pick(self, session: Session) -> Optional[str]:
+        """The address of the backend for this request (None: none available)."""
+        bal = self.balancer
+        if bal is not None:
+            backend = bal.select(self.key(session) if self._hashed else b"")
+            return None if backend is None else backend.addr
+        return next(self._rr) if self._rr is not None else None
+
+    def peer(self, addr: str) -> HttpPeer:
+        b = self.backends.get(addr)
+        opts = self.options.copy()
+        if b is None:  # discovered (DNS): no per-backend settings
+            return HttpPeer(addr, False, "", opts, self.name)
+        if not b.verify:
+            opts.verify_cert = False
+            opts.verify_hostname = False
+        return HttpPeer(addr, b.tls, b.sni or "", opts, self.name)
+
+
+class DeclarativeProxy(ProxyHttp):
+    """``type: http_proxy`` from YAML. Build it with :func:`build_proxy` (which adds only the
+    header phases the configuration needs)."""
+
+    def __init__(self, conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory] = None
+                 ) -> None:
+        self.conf = conf
+        self.balancer_factory = balancer_factory
+        self.groups: dict[str, _Group] = {u.name: _Group(u) for u in conf.upstreams}
+        routes = []
+        for r in conf.routes:
+            host = r.host.lower() if r.host else None
+            routes.append((host, r.path_prefix or None, self.groups[r.upstream]))
+        self.routes: tuple[tuple[Optional[str], Optional[str], _Group], ...] = tuple(routes)
+        self.default: Optional[_Group] = self.groups.get(conf.upstream) if conf.upstream else None
+        if self.default is None and not routes and len(self.groups) == 1:
+            self.default = next(iter(self.groups.values()))
+        self.req_edits = _Edits(conf.request_headers)
+        self.resp_edits = _Edits(conf.response_headers)
+        self.forwarded = conf.forwarded_headers
+
+    async def worker_started(self, ctx: WorkerContext) -> None:
+        """In each worker: build the balancers (when a factory was given)."""
+        if self.balancer_factory is not None:
+            for g in self.groups.values():
+                g.balancer = self.balancer_factory(g.conf)
+
+    def route(self, session: Session) -> Optional[_Group]:
+        """The group of the first matching route (host and/or path prefix), else the default."""
+        if self.routes:
+            req = session.req_header
+            host_b = req.headers.get(b"host") or b""
+            host = host_b.decode("latin-1").lower()
+            if host.startswith("["):
+                host = host[:host.find("]") + 1]
+            else:
+                host = host.partition(":")[0]
+            path = req.uri
+            for rhost, prefix, group in self.routes:
+                if rhost is not None and not (
+                        rhost == host or (rhost[:2] == "*." and host.endswith(rhost[1:]))):
+                    continue
+                if prefix is not None and not path.startswith(prefix):
+                    continue
+                return group
+        return self.default
+
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        group = self.route(session)
+        if group is None:
+            raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
+                        "no route matches", status=404)
+        if group.retries is not None:
+            session.max_retries = group.retries
+        addr = group.pick(session)
+        if addr is None:
+            raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
+                        f"no healthy backend in upstream {group.name!r}")
+        return group.peer(addr)
+
+    async def fail_to_connect(self, session: Session, peer: HttpPeer, ctx: Any,
+                              e: Error) -> Error:
+        group = self.groups.get(peer.upstream)
+        bal = group.balancer if group is not None else None
+        report = getattr(bal, "report_failure", None)
+        if report is not None:
+            for b in bal.backends() if callable(getattr(bal, "backends", None)) else ():
+                if b.addr == peer.address:
+                    report(b)
+                    break
+        return e
+
+
+async def _request_edits(self: DeclarativeProxy, session: Session, up: RequestHeader,
+                         ctx: Any) -> None:
+    if self.forwarded:
+        h = up.headers
+        ip = session.client_ip
+        if ip:
+            prior = h.get(b"x-forwarded-for")
+            h.set(b"X-Forwarded-For", prior + b", " + ip.encode() if prior else ip.encode())
+        h.set(b"X-Forwarded-Proto", session.scheme.encode())
+        host = session.req_header.headers.get(b"host")
+        if host is not None:
+            h.set(b"X-Forwarded-Host", host)
+    if self.req_edits:
+        self.req_edits.apply(up.headers)
+
+
+async def _response_edits(self: DeclarativeProxy, session: Session, resp: ResponseHeader,
+                          ctx: Any) -> None:
+    self.resp_edits.apply(resp.headers)
+
+
+_CLASSES: dict[tuple[bool, bool], type] = {}
+
+
+def build_proxy(conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory] = None
+                ) -> ProxyHttp:
+    """The ProxyHttp for ``conf``: the user's ``app`` if set, else a DeclarativeProxy whose
+    class has only the header phases this configuration uses."""
+    if conf.app:
+        return load_app(conf.app, conf)
+    need_req = bool(conf.forwarded_headers or conf.request_headers.remove
+                    or conf.request_headers.set or conf.request_headers.add)
+    need_resp = bool(conf.response_headers.remove or conf.response_headers.set
+                     or conf.response_headers.add)
+    cls = _CLASSES.get((need_req, need_resp))
+    if cls is None:
+        attrs: dict[str, Any] = {}
+        if need_req:
+            attrs["upstream_request_filter"] = _request_edits
+        if need_resp:
+            attrs["response_filter"] = _response_edits
+        cls = DeclarativeProxy if not attrs else type("DeclarativeProxy", (DeclarativeProxy,),
+                                                      attrs)
+        _CLASSES[(need_req, need_resp)] = cls
+    return cls(conf, balancer_factory)
+
+
+def load_app(spec: str, conf: Any = None) -> ProxyHttp:
+    """Import ``"module:Class"`` and build it with ``conf`` as its context. Raises ImportError,
+    AttributeError or TypeError with a clear message (``pyngora -t`` reports them)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ImportError(f"app must be 'module:Class', got {spec!r}")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if inspect.isclass(obj):
+        if not issubclass(obj, ProxyHttp):
+            raise TypeError(f"{spec} is not a ProxyHttp subclass")
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        obj = obj(conf) if params else obj()
+    if not isinstance(obj, ProxyHttp):
+        raise TypeError(f"{spec} did not give a ProxyHttp (got {type(obj).__name__})")
+    return obj
+
+
+def build_proxy_service(service_conf: ServiceConf,
+                        balancer_factory: Optional[BalancerFactory] = None) -> ProxyService:
+    """The service for a YAML ``type: http_proxy`` entry (listeners, threads from
+    ``service_conf``; limits from its spec)."""
+    spec = service_conf.spec
+    if not isinstance(spec, HttpProxyConf):
+        raise TypeError(f"service {service_conf.name!r} is not an http_proxy")
+    return ProxyService(service_conf.name, build_proxy(spec, balancer_factory), service_conf,
+                        spec.limits)
