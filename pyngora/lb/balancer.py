@@ -90,6 +90,9 @@ class LoadBalancer:
         """Rebuild the selection arrays and per-index state for the current backend set. Runs
         when the set changes, never per request."""
         items = self._backends.get()
+        # Passive marks survive a rebuild (a discovery change must not forget a dead backend).
+        old = zip(getattr(self, "_items", ()), getattr(self, "_down_until", ()))
+        marks = {b: t for b, t in old if t}
         self._items: tuple[Backend, ...] = items
         self._index: dict[Backend, int] = {b: i for i, b in enumerate(items)}
         self._sel = self.selection(items)
@@ -97,8 +100,8 @@ class LoadBalancer:
         self._bad = bytearray(len(items))
         for i, b in enumerate(items):
             self._refresh_bad(i, b)
-        self._down_until = [0.0] * len(items)
-        self._passive = False
+        self._down_until = [marks.get(b, 0.0) for b in items]
+        self._passive = bool(marks)
         self._offsets = [-1] * len(items)
         if self._table is not None and self._group is not None:
             for i, b in enumerate(items):
@@ -237,31 +240,58 @@ class LoadBalancer:
                 self._refresh_bad(i, b)
 
     async def run(self, shutdown: Any, ready: Any = None) -> None:
-        """Pingora's BackgroundService for a LoadBalancer, for single-process use: discovery
-        every ``update_frequency`` and checks every ``health_check_frequency`` until
-        ``shutdown`` (anything with ``wait()``/``is_set()``). ``ready`` (a callable or an
-        object with ``notify_ready()``) is called after the first round."""
+        """Pingora's BackgroundService for a LoadBalancer: discovery every ``update_frequency``
+        and checks every ``health_check_frequency`` until ``shutdown`` (anything with
+        ``wait()``/``is_set()``). ``ready`` (a callable or an object with ``notify_ready()``) is
+        called after the first round.
+
+        When a health table is attached (``attach_health_table``), the process that runs this
+        becomes its writer: it publishes the backend set and every check result, so the
+        workers' copies of this balancer (forked from the same object, reading the table) see
+        them. That is how Pingora's ``background_service("hc", lb)`` example works pre-fork."""
         loop = asyncio.get_running_loop()
+        writer = (HealthTable.create(self._table_path)
+                  if self._table_path is not None and self._group is not None else None)
         next_update = next_check = loop.time()
         first = True
-        while not shutdown.is_set():
-            now = loop.time()
-            if first or (self.update_frequency and now >= next_update):
-                await self.update()
-                next_update = now + (self.update_frequency or 0.0)
-            if self.health_check is not None and (first or now >= next_check):
-                await self.run_health_check()
-                next_check = now + (self.health_check_frequency or 5.0)
-            if first and ready is not None:
-                getattr(ready, "notify_ready", ready)()
-            first = False
-            waits = [t for t, on in ((next_update, self.update_frequency),
-                                     (next_check, self.health_check)) if on]
-            delay = (min(waits) - loop.time()) if waits else 3600.0
-            try:
-                await asyncio.wait_for(shutdown.wait(), max(delay, 0.01))
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while not shutdown.is_set():
+                now = loop.time()
+                if first or (self.update_frequency and now >= next_update):
+                    await self.update()
+                    next_update = now + (self.update_frequency or 0.0)
+                    if writer is not None:
+                        writer.set_group(self._group, self._backends.get())  # type: ignore
+                if self.health_check is not None and (first or now >= next_check):
+                    await self.run_health_check()
+                    next_check = now + (self.health_check_frequency or 5.0)
+                    if writer is not None:
+                        for b in self._items:
+                            writer.set(health_key(self._group, b.addr),  # type: ignore
+                                       self._health[b].healthy)
+                if writer is not None:
+                    writer.heartbeat()
+                if first and ready is not None:
+                    getattr(ready, "notify_ready", ready)()
+                first = False
+                waits = [t for t, on in ((next_update, self.update_frequency),
+                                         (next_check, self.health_check)) if on]
+                delay = (min(waits) - loop.time()) if waits else 3600.0
+                try:
+                    await asyncio.wait_for(shutdown.wait(), max(delay, 0.01))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def start(self, shutdown: Any) -> None:
+        """BackgroundService entry point (``background_service("hc", lb)``)."""
+        await self.run(shutdown)
+
+    async def start_with_ready_notifier(self, shutdown: Any, ready: Any) -> None:
+        """BackgroundService entry point with readiness (first round done)."""
+        await self.run(shutdown, ready)
 
     # -- the shared table (pre-fork mode) ------------------------------------------------------
 

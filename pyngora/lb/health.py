@@ -57,7 +57,8 @@ class HealthCheck:
 
     async def _open(self, backend: Backend, tls: Optional[ssl.SSLContext] = None,
                     server_hostname: Optional[str] = None,
-                    port: Optional[int] = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                    port: Optional[int] = None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if backend.is_unix:
             return await asyncio.open_unix_connection(backend.host, ssl=tls,
                                                       server_hostname=server_hostname)

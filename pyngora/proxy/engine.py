@@ -251,7 +251,8 @@ class ProxyEngine(HttpApp):
                 self.connector.release(conn, clean)
 
     def _may_retry(self, session: Session, e: Error) -> bool:
-        if not e.retry or session.retries >= self.max_retries:
+        limit = session.max_retries if session.max_retries is not None else self.max_retries
+        if not e.retry or session.retries >= limit:
             return False
         if session.exchange.head_sent or not session._body_replayable():
             return False

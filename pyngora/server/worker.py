@@ -40,6 +40,19 @@ class WorkerSpec:
         self.master_pid = os.getpid()
 
 
+def _preload_modules() -> None:
+    """Import what the request path may import lazily, while the interpreter's files are still
+    readable: after the drop to ``user`` they may not be (a Python under /root, say)."""
+    import importlib
+    for name in ("concurrent.futures.thread", "ssl", "json", "email.utils", "zlib", "gzip",
+                 "hashlib", "hmac", "base64", "urllib.parse", "ipaddress", "encodings.idna",
+                 "prometheus_client", "h2.connection"):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+
+
 def _drop_privileges(conf: ServerConf) -> None:
     """Workers run as ``user``/``group`` (the master keeps its rights to bind on reload)."""
     if os.getuid() != 0 or not (conf.user or conf.group):
@@ -96,7 +109,6 @@ def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
     _set_parent_death_signal()
     conf = spec.conf
     log.setup(None if not conf.error_log else conf.error_log, conf.log_level, conf.access_log)
-    _drop_privileges(conf)
 
     import asyncio
     import uvloop
@@ -141,6 +153,8 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
 
     try:
         if service.is_background:
+            _preload_modules()
+            _drop_privileges(conf)
             task = loop.create_task(service.start_with_ready_notifier(  # type: ignore[attr-defined]
                 ctx.shutdown, ReadyNotifier(ready)))
             done, _ = await asyncio.wait({task, loop.create_task(ctx.shutdown.wait())},
@@ -158,6 +172,8 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
             return EXIT_OK
         try:
             await service.start_worker(ctx)
+            _preload_modules()
+            _drop_privileges(conf)
             for listener, sock in spec.sockets:
                 factory = service.protocol_factory(ctx, listener)
                 ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)

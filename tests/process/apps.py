@@ -48,6 +48,14 @@ class FailingTask(BackgroundService):
         raise RuntimeError("this background task cannot boot")
 
 
+class Sleeper(BackgroundService):
+    """Ready after its first cycle; runs until shutdown."""
+
+    async def start_with_ready_notifier(self, shutdown, ready):
+        ready.notify_ready()
+        await shutdown
+
+
 if __name__ == "__main__":
     server = Server(Opt.parse_args())
     server.bootstrap()
@@ -56,6 +64,8 @@ if __name__ == "__main__":
     svc.threads = int(os.environ.get("THREADS", "2"))
     svc.work_stealing = os.environ.get("WORK_STEALING", "1") == "1"
     server.add_service(svc)
+    if os.environ.get("BG"):
+        server.add_service(Sleeper("sleeper"))
     if os.environ.get("FAIL_BG"):
         server.add_service(FailingTask("doomed"))
     server.run_forever()

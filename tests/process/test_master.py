@@ -74,11 +74,13 @@ def app_factory(tmp_path):
         a.close()
 
 
-def test_titles_master_and_workers(app_factory) -> None:
-    app = app_factory(THREADS="3").serving()
+def test_titles_master_workers_background(app_factory) -> None:
+    app = app_factory(THREADS="3", BG="1").serving()
     assert title(app.proc.pid).startswith("pyngora: master -c ")
     assert sorted(title(p) for p in app.workers()) == [
         "pyngora: worker web/0", "pyngora: worker web/1", "pyngora: worker web/2"]
+    assert [title(p) for p in children_of(app.proc.pid) if "background" in title(p)] == [
+        "pyngora: background sleeper"]
 
 
 def test_killed_worker_is_replaced_and_queued_connection_answered(app_factory) -> None:
@@ -265,3 +267,25 @@ def test_unix_listener_stale_path_and_mode(tmp_path, pyngora_factory) -> None:
     p.signal(signal.SIGTERM)
     assert p.wait_exit(20) == 0
     assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_drop_to_user_and_group(tmp_path, pyngora_factory) -> None:
+    port = free_port()
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    p = pyngora_factory(_yaml_static(tmp_path, port, f"user: nobody\ngroup: nogroup\n"
+                                     f"working_directory: {wd}\n")).start()
+    p.wait_serving(port)
+    assert get(port)[0] == 200
+    (worker,) = wait_for(p.workers, 10, "the worker")
+    status = open(f"/proc/{worker}/status").read()
+    uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
+    gid_line = next(l for l in status.splitlines() if l.startswith("Gid:"))
+    import grp
+    import pwd
+    assert uid_line.split()[1:] == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    assert gid_line.split()[1] == str(grp.getgrnam("nogroup").gr_gid)
+    assert os.readlink(f"/proc/{p.pid}/cwd") == str(wd)
+    # the master keeps its rights (it rebinds on reload and owns the pid file)
+    assert open(f"/proc/{p.pid}/status").read().count("Uid:\t0\t0\t0\t0") == 1

@@ -295,3 +295,50 @@ def test_new_master_fds_equal_a_fresh_start(tmp_path, daemons) -> None:
     new = d.pid()
     wait_for(lambda: len(children_of(new)) == 2, 10, "new workers")
     assert _fd_count(new) == fresh_fds, (sorted(os.readlink(f"/proc/{new}/fd/{f}") for f in os.listdir(f"/proc/{new}/fd")),)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+def test_socket_activation_sockets_are_passed_on(tmp_path, daemons) -> None:
+    """Started as systemd would with LISTEN_FDS, then upgraded: the same kernel socket serves."""
+    port = free_port()
+    d = daemons(_conf(tmp_path, port, threads=1))
+    launcher = (
+        "import os, socket, sys\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('127.0.0.1', {port})); s.listen(128)\n"
+        "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+        f"os.execv(sys.executable, [sys.executable, '-m', 'pyngora', '-c', {str(d.conf)!r}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env=d.env, start_new_session=True,
+                            pass_fds=())
+    try:
+        wait_for(lambda: port_open(port) and read_pid(str(tmp_path / "p.pid")), 20, "serving")
+        master = d.pid()
+        assert master == proc.pid
+        assert "adopted 1 sockets from systemd" in d.log()
+        inode = _socket_inodes(master)
+        r = d.cmd("-s", "upgrade")
+        assert r.returncode == 0, r.stderr + d.log()
+        new = d.pid()
+        wait_for(lambda: children_of(new), 10, "the new worker")
+        (worker,) = children_of(new)
+        listening = _socket_inodes(worker) & inode
+        assert listening, "the worker of the new master must hold the socket systemd made"
+        assert get(port)[0] == 200
+        assert proc.wait(30) == 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Optional
 import pytest
 
 from pyngora.lb import Backend, Backends, DnsDiscovery, DnsError, HealthGroup, HealthService
-from pyngora.lb import HealthTable, LoadBalancer
+from pyngora.lb import LoadBalancer
 from pyngora.lb.dns import (DnsClient, parse_message, read_name, read_resolv_conf)
 
 A, AAAA, SRV = 1, 28, 33

@@ -250,3 +250,49 @@ def test_health_service_with_no_groups_is_ready_at_once(tmp_path: Any) -> None:
         await HealthService(str(tmp_path / "t"), []).run(shutdown, Notifier())  # type: ignore
         assert called == [1]
     run(main())
+
+
+def _prober_child(lb: LoadBalancer, stop: Any) -> None:
+    """A background-service process running Pingora's health-check loop for ``lb``."""
+    async def main() -> None:
+        shutdown = asyncio.Event()
+        fut = asyncio.get_running_loop().run_in_executor(None, stop.wait, 20)
+        fut.add_done_callback(lambda _: shutdown.set())
+        await lb.start(shutdown)
+    asyncio.run(main())
+
+
+def test_pingora_style_background_lb_shares_health_with_forked_workers(tmp_path: Any) -> None:
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen(128)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_addr = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    live_addr = f"127.0.0.1:{live.getsockname()[1]}"
+    # Built once (in the "master"), then used by the prober process and by this "worker".
+    lb = LoadBalancer.try_from_iter([live_addr, dead_addr])
+    lb.set_health_check(TcpHealthCheck(timeout=2.0))
+    lb.health_check_frequency = 0.1
+    lb.attach_health_table(str(tmp_path / "lb.tbl"), "default")
+    lb.sync_interval = 0.0
+    stop = ctx.Event()
+    proc = ctx.Process(target=_prober_child, args=(lb, stop))
+    proc.start()
+    try:
+        async def picks() -> None:
+            await until(lambda: {lb.select(b"") for _ in range(6)} == {Backend(live_addr)},
+                        timeout=15)
+        run(picks())
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        live.close()
+        lb.close()
+    assert proc.exitcode == 0

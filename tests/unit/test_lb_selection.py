@@ -188,3 +188,11 @@ def test_hash_key_extract() -> None:
     for bad in ("host", "header", "uri:x"):
         with pytest.raises(ValueError):
             HashKey(bad)
+
+
+def test_passive_mark_survives_backend_set_change() -> None:
+    lb = LoadBalancer.try_from_iter(ADDRS[:3])
+    lb.report_failure(Backend(ADDRS[0]), seconds=60)
+    lb.backends_set.replace(ADDRS[:4])  # discovery added one
+    picks = {lb.select(b"") for _ in range(40)}
+    assert Backend(ADDRS[0]) not in picks and Backend(ADDRS[3]) in picks

@@ -123,7 +123,10 @@ def test_dead_worker_keeps_counts_and_drops_live_gauges(mdir: str) -> None:
             r, w = os.pipe()
             ready_r, ready_w = os.pipe()
 
-            def body(k: int = k, r: int = r, ready_w: int = ready_w) -> None:
+            def body(k: int = k, r: int = r, ready_w: int = ready_w,
+                     inherited: tuple[int, ...] = (*gates, w)) -> None:
+                for fd in inherited:  # hold no write end of any gate, or EOF never comes
+                    os.close(fd)
                 registry.init_worker("web")
                 m = registry.service_metrics("web")
                 for _ in range(100 * k):

@@ -1,0 +1,528 @@
+"""The proxy engine end to end, in-process over loopback: client -> ProxyService -> origin.
+
+Origins are the static service, the echo app, or small asyncio servers that misbehave on
+purpose (silent, closing pooled connections, endless responses). Connection counts at the
+origin prove upstream reuse and that nothing is retried when it must not be.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from typing import Any, Awaitable, Callable, Optional
+
+from pyngora.config.schema import LimitsConf, ServerConf
+from pyngora.errors import Error, ErrorType
+from pyngora.headers import Headers
+from pyngora.proxy import ProxyHttp, Session, http_proxy_service
+from pyngora.proxy.engine import plan_for
+from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.upstreams.peer import HttpPeer, PeerOptions
+
+from tests.protocol.test_http_app import static
+from tests.protocol.test_http_app_helpers import AppService, Client, EchoApp, run, serving
+
+
+class ToPort(ProxyHttp):
+    """Proxies everything to one local port."""
+
+    def __init__(self, port: int, read_timeout: float = 10.0) -> None:
+        self.port = port
+        self.read_timeout = read_timeout
+
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        return HttpPeer(f"127.0.0.1:{self.port}",
+                        options=PeerOptions(read_timeout=self.read_timeout, connection_timeout=2))
+
+
+def proxy_to(port: int, read_timeout: float = 10.0, **limits: Any) -> Any:
+    return http_proxy_service(None, ToPort(port, read_timeout), limits=LimitsConf(**limits))
+
+
+async def raw_origin(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter, int],
+                                       Awaitable[None]]) -> tuple[asyncio.AbstractServer, list[int]]:
+    """An origin whose ``handler(reader, writer, n)`` runs per connection (n = its index)."""
+    conns: list[int] = []
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = len(conns)
+        conns.append(n)
+        try:
+            await handler(r, w, n)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, conns
+
+
+def port_of(server: asyncio.AbstractServer) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+def test_keepalive_reuse_both_sides() -> None:
+    async def main() -> None:
+        origin_conns: list[int] = []
+        async with serving(static(), accepted=origin_conns) as (oport, _):
+            client_conns: list[int] = []
+            async with serving(proxy_to(oport), accepted=client_conns) as (pport, pctx):
+                c = await Client.connect(pport)
+                for _ in range(5):
+                    r = await c.request()
+                    assert (r.status, r.body, r.header("x-origin")) == (200, b"hello", "yes")
+                c.close()
+                c = await Client.connect(pport)  # a new client connection, same pooled upstream
+                assert (await c.request()).status == 200
+                assert len(client_conns) == 2
+                assert len(origin_conns) == 1
+                c.close()
+    run(main())
+
+
+def test_pipelining_head_and_bodies_through_proxy() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"GET /1 HTTP/1.1\r\nHost: t\r\nX-Delay: 0.1\r\n\r\n"
+                             b"HEAD /2 HTTP/1.1\r\nHost: t\r\n\r\n"
+                             b"POST /3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+                             b"GET /4 HTTP/1.1\r\nHost: t\r\n\r\n")
+                r1 = await c.read_response()
+                r2 = await c.read_response(head_request=True)
+                r3 = await c.read_response()
+                r4 = await c.read_response()
+                assert r1.body == b"/1" and r2.header("content-length") == "2"
+                assert r3.body == b"abcde" and r3.header("transfer-encoding") == "chunked"
+                assert r4.body == b"/4"
+                c.close()
+    run(main())
+
+
+def test_expect_100_continue_through_proxy() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+                status, _, _ = await c.read_head()
+                assert status == 100
+                await c.send(b"hello")
+                r = await c.read_response()
+                assert r.status == 200 and r.body == b"hello"
+                c.close()
+    run(main())
+
+
+def _ws_accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+class WsOrigin(HttpApp):
+    """A WebSocket-ish origin: checks the handshake, answers 101, then echoes raw bytes."""
+
+    def handle(self, ex: Exchange) -> Any:
+        return self._run(ex)
+
+    async def _run(self, ex: Exchange) -> None:
+        h = ex.head.headers
+        assert h.get("upgrade") == b"websocket" and b"upgrade" in (h.get("connection") or b"").lower()
+        key = h.get("sec-websocket-key") or b""
+        ex.write_head(101, Headers([("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                    ("Sec-WebSocket-Accept", _ws_accept(key))]))
+        t = ex.tunnel()
+        while data := await t.read():
+            t.write(data)
+            await t.drain()
+        t.write_eof()
+        t.close()
+
+
+def test_websocket_echo_tunnel() -> None:
+    async def main() -> None:
+        async with serving(AppService(WsOrigin())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                c = await Client.connect(pport)
+                key = base64.b64encode(os.urandom(16))
+                await c.send(b"GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
+                             b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                status, h, _ = await c.read_head()
+                assert status == 101
+                assert h.get("sec-websocket-accept") == _ws_accept(key)
+                assert h.get("upgrade") == b"websocket"
+                # A masked text frame "hi": bytes go through untouched both ways.
+                frame = b"\x81\x82\x01\x02\x03\x04" + bytes([ord("h") ^ 1, ord("i") ^ 2])
+                for _ in range(3):
+                    await c.send(frame)
+                    assert await c.reader.readexactly(len(frame)) == frame
+                big = os.urandom(1 << 20)
+                await c.send(big)
+                assert await c.reader.readexactly(len(big)) == big
+                c.writer.write_eof()
+                assert await c.at_eof()
+    run(main())
+
+
+def test_upstream_refused_is_502_and_silent_is_504() -> None:
+    async def main() -> None:
+        # A port nobody listens on.
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead = port_of(srv)
+        srv.close()
+        await srv.wait_closed()
+        async with serving(proxy_to(dead)) as (pport, _):
+            c = await Client.connect(pport)
+            r = await c.request()
+            assert r.status == 502 and r.body == b""
+            assert r.header("cache-control") == "private, no-store"
+
+        async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.read()  # never answers
+
+        server, _ = await raw_origin(silent)
+        async with serving(proxy_to(port_of(server), read_timeout=0.3)) as (pport, _):
+            c = await Client.connect(pport)
+            r = await c.request()
+            assert r.status == 504 and r.body == b""
+        server.close()
+    run(main())
+
+
+async def _one_response_then_drop(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int,
+                                  seen: list[bytes]) -> None:
+    """Answers the first request of each connection with keep-alive; on the second request
+    (head and body read) closes without a byte: what a server timing out keep-alive does."""
+    count = 0
+    while True:
+        head = await r.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0])
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                await r.readexactly(int(line.split(b":")[1]))
+        count += 1
+        if count == 2:
+            return
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+
+
+def test_retry_on_dead_pooled_connection_but_not_post_with_body() -> None:
+    async def main() -> None:
+        seen: list[bytes] = []
+        server, conns = await raw_origin(
+            lambda r, w, n: _one_response_then_drop(r, w, n, seen))
+        async with serving(proxy_to(port_of(server))) as (pport, _):
+            c = await Client.connect(pport)
+            assert (await c.request("GET", "/a")).status == 200
+            # The pooled connection dies when used: a GET is retried on a new connection.
+            r = await c.request("GET", "/b")
+            assert r.status == 200 and r.body == b"ok"
+            assert len(conns) == 2 and seen.count(b"GET /b HTTP/1.1") == 2
+            # Now connection 2 is pooled; a POST with a body sent on it must not be retried.
+            r = await c.request("POST", "/c", b"payload")
+            assert r.status == 502
+            assert len(conns) == 2 and seen.count(b"POST /c HTTP/1.1") == 1
+        server.close()
+    run(main())
+
+
+def test_client_disconnect_mid_response_frees_upstream() -> None:
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(100000):
+                    w.write(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+                    await w.drain()
+            except ConnectionError:
+                closed.set()
+            else:
+                raise AssertionError("the proxy kept reading after the client left")
+
+        server, conns = await raw_origin(endless)
+        async with serving(proxy_to(port_of(server))) as (pport, pctx):
+            c = await Client.connect(pport)
+            await c.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            await c.read_head()
+            await c.reader.readexactly(100000)
+            c.writer.transport.abort()
+            await asyncio.wait_for(closed.wait(), 10)
+            assert len(pctx.state["connector"].pool) == 0
+        server.close()
+    run(main())
+
+
+def test_malformed_and_limits_never_reach_upstream() -> None:
+    async def main() -> None:
+        origin_conns: list[int] = []
+        async with serving(static(), accepted=origin_conns) as (oport, _):
+            svc = proxy_to(oport, max_body_bytes=100, max_header_bytes=4096,
+                           header_read_timeout_seconds=0.3)
+            async with serving(svc) as (pport, _):
+                for raw, status in [
+                    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+                    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+                    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 5000 + b"\r\n\r\n", 431),
+                    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n", 413),
+                    (b"GET / HTTP/1.1\r\nHost: a\r\n", 408),
+                ]:
+                    c = await Client.connect(pport)
+                    await c.send(raw)
+                    r = await c.read_response()
+                    assert r.status == status, raw
+                    assert r.header("connection") == "close" and r.body == b""
+                    assert await c.at_eof()
+                assert origin_conns == []
+    run(main())
+
+
+def test_chunked_body_over_limit_midway_is_413() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            async with serving(proxy_to(oport, max_body_bytes=10)) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"8\r\n12345678\r\n")
+                await asyncio.sleep(0.05)
+                await c.send(b"8\r\n12345678\r\n")
+                r = await c.read_response()
+                assert r.status == 413
+    run(main())
+
+
+class Recorder(ProxyHttp):
+    """Overrides every phase and records the order they run in."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.calls: list[str] = []
+
+    def new_ctx(self) -> Any:
+        self.calls.append("new_ctx")
+        return {}
+
+    async def early_request_filter(self, session: Session, ctx: Any) -> None:
+        self.calls.append("early_request_filter")
+
+    async def request_filter(self, session: Session, ctx: Any) -> bool:
+        self.calls.append("request_filter")
+        if session.req_header.uri == "/deny":
+            await session.respond(403, b"no")
+            return True
+        return False
+
+    async def proxy_upstream_filter(self, session: Session, ctx: Any) -> bool:
+        self.calls.append("proxy_upstream_filter")
+        return True
+
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        self.calls.append("upstream_peer")
+        return HttpPeer(f"127.0.0.1:{self.port}")
+
+    async def connected_to_upstream(self, session: Session, reused: bool, peer: HttpPeer,
+                                    ctx: Any) -> None:
+        self.calls.append("connected_to_upstream")
+
+    async def fail_to_connect(self, session: Session, peer: HttpPeer, ctx: Any, e: Error) -> Error:
+        self.calls.append("fail_to_connect")
+        return e
+
+    async def upstream_request_filter(self, session: Session, upstream_request: Any,
+                                      ctx: Any) -> None:
+        self.calls.append("upstream_request_filter")
+        upstream_request.insert_header("X-Up", "1")
+
+    def request_body_filter(self, session: Session, body: Optional[bytes], end: bool,
+                            ctx: Any) -> Optional[bytes]:  # a plain def works too
+        self.calls.append("request_body_filter")
+        return body.upper() if body else body
+
+    async def upstream_response_filter(self, session: Session, resp: Any, ctx: Any) -> None:
+        self.calls.append("upstream_response_filter")
+
+    async def response_filter(self, session: Session, resp: Any, ctx: Any) -> None:
+        self.calls.append("response_filter")
+        resp.insert_header("X-Down", "1")
+
+    async def upstream_response_body_filter(self, session: Session, body: Optional[bytes],
+                                            end: bool, ctx: Any) -> Optional[bytes]:
+        self.calls.append("upstream_response_body_filter")
+        return body
+
+    async def response_body_filter(self, session: Session, body: Optional[bytes], end: bool,
+                                   ctx: Any) -> Optional[bytes]:
+        self.calls.append("response_body_filter")
+        return body
+
+    async def error_while_proxy(self, peer: HttpPeer, session: Session, e: Error, ctx: Any,
+                                client_reused: bool) -> Error:
+        self.calls.append("error_while_proxy")
+        return e
+
+    async def fail_to_proxy(self, session: Session, e: Error, ctx: Any) -> int:
+        self.calls.append("fail_to_proxy")
+        return await super().fail_to_proxy(session, e, ctx)
+
+    async def logging(self, session: Session, e: Optional[Error], ctx: Any) -> None:
+        self.calls.append("logging")
+
+    def request_summary(self, session: Session, ctx: Any) -> str:
+        self.calls.append("request_summary")
+        return "summary"
+
+
+def _dedupe(calls: list[str]) -> list[str]:
+    out: list[str] = []
+    for c in calls:
+        if not out or out[-1] != c:
+            out.append(c)
+    return out
+
+
+def test_phases_run_in_pingora_order() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            rec = Recorder(oport)
+            async with serving(http_proxy_service(None, rec)) as (pport, _):
+                c = await Client.connect(pport)
+                r = await c.request("POST", "/x", b"abc")
+                assert r.body == b"ABC" and r.header("x-down") == "1"
+                assert _dedupe(rec.calls) == [
+                    "new_ctx", "early_request_filter", "request_filter", "proxy_upstream_filter",
+                    "upstream_peer", "connected_to_upstream", "upstream_request_filter",
+                    "request_body_filter", "upstream_response_filter", "response_filter",
+                    "upstream_response_body_filter", "response_body_filter",
+                    "upstream_response_body_filter", "response_body_filter", "logging"]
+                rec.calls.clear()
+                r = await c.request("GET", "/deny")
+                assert (r.status, r.body) == (403, b"no")
+                assert rec.calls == ["new_ctx", "early_request_filter", "request_filter",
+                                     "logging"]
+                c.close()
+            # Upstream down: fail_to_connect, then fail_to_proxy and logging.
+            rec2 = Recorder(1)
+            async with serving(http_proxy_service(None, rec2)) as (pport, _):
+                c = await Client.connect(pport)
+                r = await c.request("GET", "/")
+                assert r.status == 502
+                assert rec2.calls[-5:] == ["upstream_peer", "fail_to_connect", "fail_to_proxy",
+                                           "request_summary", "logging"]
+    run(main())
+
+
+def test_unoverridden_phases_are_not_called() -> None:
+    plan = plan_for(ToPort)
+    assert plan.upstream_peer is True
+    for name in ("new_ctx", "request_filter", "upstream_request_filter", "response_filter",
+                 "response_body_filter", "logging", "fail_to_proxy", "error_while_proxy"):
+        assert getattr(plan, name) is None, name
+
+    # Proof by behaviour: the base class's phases raise if anything calls them.
+    calls: list[str] = []
+
+    class Strict(ToPort):
+        pass
+
+    for name in ("request_filter", "upstream_request_filter", "response_filter",
+                 "upstream_response_body_filter", "logging"):
+        def boom(*a: Any, _n: str = name, **k: Any) -> Any:
+            calls.append(_n)
+            raise AssertionError(f"{_n} called")
+        setattr(ProxyHttp, name + "_probe", boom)  # not a phase: must not be called either
+
+    async def main() -> None:
+        async with serving(static()) as (oport, _):
+            async with serving(http_proxy_service(None, Strict(oport))) as (pport, _):
+                c = await Client.connect(pport)
+                assert (await c.request()).status == 200
+    run(main())
+    assert calls == []
+
+
+def test_errors_map_to_statuses() -> None:
+    class Failing(ProxyHttp):
+        async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+            uri = session.req_header.uri
+            if uri == "/503":
+                raise Error.new(ErrorType.NoUpstream)
+            if uri == "/418":
+                raise Error.http_status(418)
+            raise RuntimeError("bug")
+
+    async def main() -> None:
+        async with serving(http_proxy_service(None, Failing())) as (pport, _):
+            for path, status in (("/503", 503), ("/418", 418), ("/bug", 500)):
+                c = await Client.connect(pport)
+                r = await c.request("GET", path)
+                assert r.status == status and r.body == b""
+                assert r.header("cache-control") == "private, no-store"
+    run(main())
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_large_bodies_stream_with_flat_memory() -> None:
+    """128 MiB up through the proxy and back down (echo origin), client reading slowly at
+    first: the process's RSS must not grow by anything like the body size."""
+    size = 128 * 1024 * 1024
+
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                base = _rss_kb()
+                peak = [base]
+                stop = asyncio.Event()
+
+                async def sample() -> None:
+                    while not stop.is_set():
+                        peak[0] = max(peak[0], _rss_kb())
+                        await asyncio.sleep(0.05)
+
+                sampler = asyncio.ensure_future(sample())
+                r, w = await asyncio.open_connection("127.0.0.1", pport)
+                w.write(b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+
+                async def send() -> None:
+                    chunk = b"a" * (256 * 1024)
+                    for _ in range(size // len(chunk)):
+                        w.write(chunk)
+                        await w.drain()
+
+                sender = asyncio.ensure_future(send())
+                await asyncio.sleep(0.5)  # let buffers fill up while nobody reads
+                head = await r.readuntil(b"\r\n\r\n")
+                assert b" 200 " in head and b"chunked" in head.lower()
+                got = 0
+                while True:
+                    line = await r.readuntil(b"\r\n")
+                    n = int(line, 16)
+                    if n == 0:
+                        await r.readuntil(b"\r\n")
+                        break
+                    got += len(await r.readexactly(n))
+                    await r.readexactly(2)
+                await sender
+                stop.set()
+                await sampler
+                assert got == size
+                grown_mb = (peak[0] - base) / 1024
+                print(f"RSS growth while proxying {size >> 20} MiB both ways: {grown_mb:.1f} MiB")
+                assert grown_mb < 48
+                w.close()
+    run(main(), timeout=60)
