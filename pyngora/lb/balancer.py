@@ -21,13 +21,15 @@ import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 from pyngora.lb.backend import Backend, BackendLike, Backends
-from pyngora.lb.health import Health, HealthCheck, run_check
+from pyngora.lb.discovery import DnsDiscovery, StaticDiscovery
+from pyngora.lb.health import Health, HealthCheck, HealthGroup, make_health_check, run_check
 from pyngora.lb.health_table import HEADER_SIZE, UNHEALTHY, HealthTable, health_key
-from pyngora.lb.selection import RoundRobin
+from pyngora.lb.selection import SELECTIONS, RoundRobin
 
 log = logging.getLogger("pyngora.lb")
 
-__all__ = ["LoadBalancer"]
+__all__ = ["LoadBalancer", "discovery_from_conf", "health_check_from_conf",
+           "health_group_from_conf", "load_balancer_from_conf"]
 
 _BAD_UNHEALTHY = 1
 _BAD_DISABLED = 2
@@ -358,3 +360,65 @@ class LoadBalancer:
     def __repr__(self) -> str:
         name = getattr(self.selection, "__name__", repr(self.selection))
         return f"LoadBalancer({name}, {len(self._items)} backends)"
+
+
+# -- from the YAML configuration (duck-typed: lb does not import config) -------------------------
+
+def _resolver_tuple(value: Optional[str]) -> Optional[tuple[str, int]]:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if sep and port.isdigit() and (not host.count(":") or host.endswith("]")):
+        return host.strip("[]"), int(port)
+    return value.strip("[]"), 53
+
+
+def _backend_ext(b: Any) -> dict[str, Any]:
+    return {"tls": bool(getattr(b, "tls", False)), "sni": getattr(b, "sni", None),
+            "verify": bool(getattr(b, "verify", True))}
+
+
+def discovery_from_conf(upstream: Any) -> Union[StaticDiscovery, DnsDiscovery]:
+    """``UpstreamConf`` -> StaticDiscovery or DnsDiscovery. Called at boot by the composition
+    root (the prober and the workers build the same thing)."""
+    d = upstream.discovery
+    if getattr(d, "type", "static") == "dns":
+        ext = _backend_ext(upstream.backends[0]) if upstream.backends else None
+        return DnsDiscovery(d.name, d.port, d.refresh_seconds, d.record,
+                            _resolver_tuple(d.resolver), ext=ext)
+    return StaticDiscovery(Backend(b.addr, b.weight, _backend_ext(b)) for b in upstream.backends)
+
+
+def health_check_from_conf(upstream: Any) -> Optional[HealthCheck]:
+    """``UpstreamConf.health_check`` -> a check or None (type none). An http check speaks TLS
+    when the group's backends do, with ``host`` (default: the first backend's sni or host)."""
+    hc = upstream.health_check
+    tls = any(getattr(b, "tls", False) for b in upstream.backends)
+    host = hc.host
+    if host is None:
+        first = upstream.backends[0] if upstream.backends else None
+        host = (getattr(first, "sni", None) or (Backend(first.addr).host if first else None)
+                or getattr(upstream.discovery, "name", None) or "localhost")
+    verify = all(getattr(b, "verify", True) for b in upstream.backends)
+    return make_health_check(hc.type, path=hc.path, expect_status=hc.expect_status, host=host,
+                             tls=tls, verify=verify, timeout_seconds=hc.timeout_seconds,
+                             healthy_after=hc.healthy_after, unhealthy_after=hc.unhealthy_after)
+
+
+def health_group_from_conf(upstream: Any) -> HealthGroup:
+    """``UpstreamConf`` -> the prober's HealthGroup (discovery + check + interval)."""
+    return HealthGroup(upstream.name, Backends(discovery_from_conf(upstream)),
+                       health_check_from_conf(upstream),
+                       interval_seconds=upstream.health_check.interval_seconds)
+
+
+def load_balancer_from_conf(upstream: Any, table_path: Optional[str]) -> LoadBalancer:
+    """``UpstreamConf`` -> a worker's LoadBalancer, reading the shared table at ``table_path``
+    (the prober's) when given. Selection from ``selection``; discovery is not run by the
+    worker: the prober publishes the set in the table."""
+    disc = discovery_from_conf(upstream)
+    lb = LoadBalancer(Backends(disc), SELECTIONS[upstream.selection])
+    lb.update_frequency = None
+    if table_path is not None:
+        lb.attach_health_table(table_path, upstream.name, ext=getattr(disc, "ext", None))
+    return lb

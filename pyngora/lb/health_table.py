@@ -372,6 +372,18 @@ class HealthTable:
                 break
         return states
 
+    def backend_health(self) -> list[tuple[str, str, int]]:
+        """(upstream, backend addr, 1 healthy / 0 unhealthy) for every probed key: the samples
+        of ``pyngora_backend_healthy``. Unknown (never probed) keys are left out. Read by the
+        metrics exporter at scrape time, so the gauge is never stale and sums nothing."""
+        out = []
+        for key, state in sorted(self.snapshot().items()):
+            if state == UNKNOWN:
+                continue
+            group, _, addr = key.partition("/")
+            out.append((group, addr, 1 if state == HEALTHY else 0))
+        return out
+
     def __repr__(self) -> str:
         mode = "rw" if self.writable else "ro"
         return f"<HealthTable {self.path} {mode} {len(self._slots)}/{self.capacity} slots>"

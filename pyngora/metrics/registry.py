@@ -56,21 +56,27 @@ def kind_label(kind: Any) -> str:
 
 
 class _Bounded:
-    """Maps raw label values to at most ``cap`` distinct labels; later new ones become ``other``."""
+    """Maps raw values to labels, producing at most ``cap`` distinct labels; then ``other``."""
 
-    __slots__ = ("_map", "_cap", "_fn")
+    __slots__ = ("_memo", "_labels", "_cap", "_fn")
 
     def __init__(self, cap: int, fn: Any = str) -> None:
-        self._map: dict[Any, str] = {}
+        self._memo: dict[Any, str] = {}
+        self._labels: set[str] = set()
         self._cap = cap
         self._fn = fn
 
     def __call__(self, raw: Any) -> str:
-        label = self._map.get(raw)
+        label = self._memo.get(raw)
         if label is None:
-            label = self._fn(raw) if len(self._map) < self._cap else OTHER
-            if len(self._map) < self._cap * 4:  # remember; never grow without bound
-                self._map[raw] = label
+            label = self._fn(raw)
+            if label not in self._labels:
+                if len(self._labels) < self._cap:
+                    self._labels.add(label)
+                else:
+                    label = OTHER
+            if len(self._memo) < self._cap * 4:  # a memo, never growing without bound
+                self._memo[raw] = label
         return label
 
 

@@ -78,6 +78,7 @@ _WS = (32, 9)  # SP, HTAB: trailing OWS that llhttp leaves on a value
 # deleting these leaves the offending bytes: one C call, no regex.
 _HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~!$&'()*+;=:%[]")
+_new_headers = object.__new__
 _GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, bounded)
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -132,7 +133,7 @@ class RequestParser:
         self._cl: Optional[bytes] = None
         self._te: Optional[bytes] = None
         self._expect = False
-        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None  # of the current message
         self._tkeys: list[bytes] = []
         self._chunked = False
         self._body_seen = 0
@@ -240,9 +241,7 @@ class RequestParser:
         self._hosts = 0
         self._host = self._cl = self._te = None
         self._expect = False
-        self._trailers = None
-        self._chunked = False
-        self._body_seen = 0
+        # _trailers is reset by on_message_complete, _chunked/_body_seen by on_headers_complete
 
     def on_url(self, part: bytes) -> None:
         self._url.append(part)
@@ -332,20 +331,26 @@ class RequestParser:
                 self._reject(400, "Transfer-Encoding other than a single chunked")
             body = "chunked"
             self._chunked = True
+            self._body_seen = 0
             length = None
         elif self._cl is not None:
+            self._chunked = False
             length = int(self._cl)  # llhttp accepted only digits
             limit = self._max_body
             if limit is not None and length > limit:
                 self._reject(413, "Content-Length over max_body_bytes")
             body = "length"
         else:
+            self._chunked = False
             body = "none"
             length = None
         keep_alive = p.should_keep_alive()
         self._keep_alive = keep_alive
+        headers = _new_headers(Headers)  # Headers._from_parser, inlined: once per request
+        headers._items = items
+        headers._keys = self._keys
         self._events.append(RequestHead(
-            method, target, version, Headers._from_parser(items, self._keys),
+            method, target, version, headers,
             keep_alive, body, length, self._expect and version == "1.1", p.should_upgrade()))
 
     def _check_host(self, host: bytes) -> None:
@@ -402,8 +407,11 @@ class RequestParser:
         self._in_message = False
         self._completed += 1
         trailers = self._trailers
-        self._events.append(MessageEnd(
-            Headers._from_parser(trailers, self._tkeys) if trailers is not None else None))
+        if trailers is None:
+            self._events.append(MessageEnd(None))
+        else:
+            self._trailers = None
+            self._events.append(MessageEnd(Headers._from_parser(trailers, self._tkeys)))
         if not self._keep_alive:
             self._closed = self._stopped = True
 

@@ -35,9 +35,17 @@ def upgrade(conf: ServerConf, conf_path: str, old_pid: int) -> int:
         sys.stderr.write(f"pyngora: upgrade failed: the new master did not start: "
                          f"{proc.stderr.strip() or proc.returncode}\n")
         return 1
+    new_pid = 0
+    for word in proc.stdout.split():
+        if word.isdigit():
+            new_pid = int(word)
     os.kill(old_pid, signal.SIGQUIT)
     deadline = time.monotonic() + conf.upgrade_timeout_seconds + 5
     while time.monotonic() < deadline:
+        if new_pid and not pid_alive(new_pid):
+            sys.stderr.write(f"pyngora: upgrade failed: the new master {new_pid} exited; the old "
+                             f"master {old_pid} keeps serving (see error_log)\n")
+            return 1
         pid = read_pid(conf.pid_file)
         if pid is not None and pid != old_pid and pid_alive(pid):
             sys.stdout.write(f"pyngora: upgraded: master {old_pid} -> {pid} in "

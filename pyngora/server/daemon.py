@@ -103,6 +103,10 @@ def _launcher_wait(rfd: int, child: int) -> None:
         pass
     msg = data.decode("utf-8", "replace").strip()
     if msg.startswith("ok"):
+        pid = msg[2:].strip()
+        if pid:
+            sys.stdout.write(f"pyngora: master pid {pid}\n")
+            sys.stdout.flush()
         os._exit(0)
     parts = msg.split(" ", 2)
     text = parts[2] if len(parts) == 3 and parts[0] == "err" else \
@@ -123,7 +127,7 @@ def report(fd: int, ok: bool, message: str = "", code: int = 1) -> None:
     """The daemon tells its launcher how startup went (once)."""
     if fd < 0:
         return
-    text = "ok\n" if ok else f"err {code} {message}\n"
+    text = f"ok {os.getpid()}\n" if ok else f"err {code} {message}\n"
     try:
         os.write(fd, text.encode())
     except OSError:

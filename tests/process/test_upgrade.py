@@ -342,3 +342,15 @@ def test_socket_activation_sockets_are_passed_on(tmp_path, daemons) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_upgrade_command_reports_a_bad_new_config(tmp_path, daemons) -> None:
+    port = free_port()
+    d = daemons(_conf(tmp_path, port))
+    assert d.cmd("-d").returncode == 0
+    old = d.pid()
+    good = d.conf.read_text()
+    d.conf.write_text(good + "threads: many\n")
+    r = d.cmd("-s", "upgrade")
+    assert r.returncode == 1 and "upgrade failed" in r.stderr and "threads" in r.stderr
+    assert d.pid() == old and get(port)[0] == 200

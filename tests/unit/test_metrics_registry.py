@@ -174,4 +174,4 @@ def test_hot_path_micro_benchmark(mdir: str, tmp_path) -> None:
           f"Counter/Histogram for the same request: {theirs:.2f} us/call")
     from pyngora.metrics import exporter
     body, _ = exporter.render(mdir)
-    assert b'pyngora_requests_total{code="200",service="web"} 200000.0' in body
+    assert b'pyngora_requests_total{code="200",service="web"} 100000.0' in body
