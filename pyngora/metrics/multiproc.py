@@ -18,7 +18,7 @@ to 8-byte alignment, float64 value, float64 timestamp). The key is
 directions against the installed prometheus-client, so a change of format fails the suite.
 
 pyngora's own files are named ``<prefix>_<pid>-pyngora.db`` (prefix ``counter``, ``histogram`` or
-``gauge_<mode>``) so they never collide with the ``<prefix>_<pid>.db`` files prometheus-client
+``gauge_<mode>``; the master's end in ``-pyngora-master.db``) so they never collide with the ``<prefix>_<pid>.db`` files prometheus-client
 writes for a user's own metrics in the same process. Each write replaces the whole file
 (write to a temporary name, then ``rename``): a reader sees the old or the new file, never a torn
 value, and a process never needs an mmap.
@@ -54,7 +54,7 @@ ARCHIVE = "archive"
 # Which file names in the directory are metrics files, and whose. ``owner`` is a pid or "archive".
 FILE_RE = re.compile(
     r"^(?P<prefix>counter|histogram|summary|gauge_(?P<mode>[a-z]+))_"
-    r"(?P<owner>\d+|archive)(?P<suffix>-pyngora)?\.db$"
+    r"(?P<owner>\d+|archive)(?P<suffix>-pyngora(?:-[a-z]+)?)?\.db$"
 )
 _TMP_RE = re.compile(r"^\.[^/]*\.db\.\d+\.tmp$")
 # Files of these prefixes hold totals that must survive their process: they are archived.
@@ -230,9 +230,11 @@ def write_file(path: str, entries: Iterable[tuple[str, float, float]]) -> None:
     os.replace(tmp, path)
 
 
-def own_path(directory: str, prefix: str, pid: int) -> str:
-    """Path of pyngora's file of ``prefix`` for process ``pid``."""
-    return os.path.join(directory, f"{prefix}_{pid}{SUFFIX}.db")
+def own_path(directory: str, prefix: str, pid: int, role: str = "") -> str:
+    """Path of pyngora's file of ``prefix`` for process ``pid``; ``role`` ("master") keeps the
+    master's own files apart from a worker's (they can share a pid in tests and embeddings)."""
+    tag = f"-{role}" if role else ""
+    return os.path.join(directory, f"{prefix}_{pid}{SUFFIX}{tag}.db")
 
 
 # --------------------------------------------------------------------------- the directory
@@ -407,9 +409,10 @@ class ProcessFiles:
     workers through ``registry`` (written by ``registry.flush()`` about once a second).
     """
 
-    def __init__(self, directory: str, pid: int | None = None) -> None:
+    def __init__(self, directory: str, pid: int | None = None, role: str = "") -> None:
         self.directory = directory
         self.pid = os.getpid() if pid is None else pid
+        self.role = role
         self._tables: dict[str, dict[str, list[float]]] = {}
         self._dirty: set[str] = set()
 
@@ -420,7 +423,7 @@ class ProcessFiles:
             if prefix in _ARCHIVED:
                 # A file left by a dead process with our pid (not archived yet): continue from
                 # its totals instead of overwriting them, so no count is lost.
-                for key, value, ts in read_file(own_path(self.directory, prefix, self.pid)):
+                for key, value, ts in read_file(self.path(prefix)):
                     table[key] = [value, ts]
         return table
 
@@ -448,12 +451,16 @@ class ProcessFiles:
         cell = self._tables.get(prefix, {}).get(key)
         return None if cell is None else cell[0]
 
+    def path(self, prefix: str) -> str:
+        """The file this process writes for ``prefix``."""
+        return own_path(self.directory, prefix, self.pid, self.role)
+
     def write(self) -> int:
         """Write every file changed since the last write; returns how many were written."""
         written = 0
         for prefix in sorted(self._dirty):
             entries = ((k, c[0], c[1]) for k, c in self._tables[prefix].items())
-            write_file(own_path(self.directory, prefix, self.pid), entries)
+            write_file(self.path(prefix), entries)
             self._dirty.discard(prefix)  # only once written: a failed write is retried next time
             written += 1
         return written
@@ -470,7 +477,7 @@ def _master_files() -> ProcessFiles | None:
     if not directory:
         return None
     if _master is None or _master.pid != os.getpid() or _master.directory != directory:
-        _master = ProcessFiles(directory)
+        _master = ProcessFiles(directory, role="master")
     return _master
 
 

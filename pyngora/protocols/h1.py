@@ -507,7 +507,7 @@ class ResponseParser:
             if state == _HEAD:
                 self._head_input(data)
             else:
-                self._body_input(data)
+                self._feed_llhttp(data, head=False)
         except ProtocolError as err:
             err.events = events
             self._error = err
@@ -539,41 +539,39 @@ class ResponseParser:
     def _head_input(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         limit = self._limits.max_header_bytes
+        pos = 0  # where the next head starts in buf (after 1xx heads)
         while True:
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
-                if len(buf) > limit:
+                rest = buf[pos:] if pos else buf
+                if len(rest) > limit:
                     raise ProtocolError(502, "upstream response head too large")
-                if buf.count(b"\n") != buf.count(b"\r\n"):
+                if rest.count(b"\n") != rest.count(b"\r\n"):
                     raise ProtocolError(502, "bare LF in upstream response head")
-                self._buf = buf
+                self._buf = rest
                 return
             end += 4
-            if end > limit:
+            if end - pos > limit:
                 raise ProtocolError(502, "upstream response head too large")
-            head, buf = buf[:end], buf[end:]
             self._buf = b""
-            self._feed_llhttp(head, head=True)
+            view = memoryview(buf)  # llhttp reads views: the body after the head is not copied
+            self._feed_llhttp(view[pos:end], head=True)
+            pos = end
             if self._state == _HEAD:   # a 1xx came: the real head follows
                 continue
             if self.upgraded:
-                self._trailing = buf
-                return
-            if self._state == _DONE:
+                self._trailing = buf[pos:]
+            elif self._state == _DONE:
                 if self._skip_body:
                     self._p = httptools.HttpResponseParser(self)  # llhttp still waits for a body
-                if buf:
+                if pos < len(buf):
                     self._unsolicited = True
-                    self._leftover = buf
-                return
-            if buf:
-                self._body_input(buf)
+                    self._leftover = buf[pos:]
+            elif pos < len(buf):
+                self._feed_llhttp(view[pos:], head=False)
             return
 
-    def _body_input(self, data: bytes) -> None:
-        self._feed_llhttp(data, head=False)
-
-    def _feed_llhttp(self, data: bytes, head: bool) -> None:
+    def _feed_llhttp(self, data: bytes | memoryview, head: bool) -> None:
         p = self._p
         assert p is not None
         try:

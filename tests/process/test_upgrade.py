@@ -344,13 +344,22 @@ def test_socket_activation_sockets_are_passed_on(tmp_path, daemons) -> None:
             pass
 
 
-def test_upgrade_command_reports_a_bad_new_config(tmp_path, daemons) -> None:
+def test_upgrade_command_reports_a_failing_new_master(tmp_path, daemons) -> None:
     port = free_port()
     d = daemons(_conf(tmp_path, port))
     assert d.cmd("-d").returncode == 0
     old = d.pid()
-    good = d.conf.read_text()
-    d.conf.write_text(good + "threads: many\n")
-    r = d.cmd("-s", "upgrade")
-    assert r.returncode == 1 and "upgrade failed" in r.stderr and "threads" in r.stderr
-    assert d.pid() == old and get(port)[0] == 200
+    d.conf.write_text(d.conf.read_text() + "bogus: 1\n")
+    r = d.cmd("-s", "upgrade")  # the config is checked before anything is started
+    assert r.returncode == 1 and "bogus: unknown key" in r.stderr
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:  # valid, but its new listener cannot be bound: the new master gives up
+        d.conf.write_text(_conf(tmp_path, port, extra_listener=f"127.0.0.1:{holder.getsockname()[1]}"))
+        r = d.cmd("-s", "upgrade")
+        assert r.returncode == 1 and "upgrade failed" in r.stderr, r.stderr
+    finally:
+        holder.close()
+    wait_for(lambda: "upgrade failed, still serving" in d.log(), 20, "the old master's log")
+    assert d.pid() == old and alive(old) and get(port)[0] == 200

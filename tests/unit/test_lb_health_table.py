@@ -231,3 +231,14 @@ def test_reader_follows_a_recreated_table(tmp_path: Any) -> None:
     assert {lb.select(b"") for _ in range(4)} == {Backend("10.0.0.2:80")}
     lb.close()
     w.close()
+
+
+def test_backend_health_samples_for_the_gauge(tmp_path: Any) -> None:
+    w = HealthTable.create(str(tmp_path / "h.tbl"))
+    w.set_group("api", [Backend("10.0.0.1:80"), Backend("10.0.0.2:80"), Backend("10.0.0.3:80")])
+    w.set("api/10.0.0.1:80", True)
+    w.set("api/10.0.0.2:80", False)
+    r = HealthTable.open(w.path)
+    assert r.backend_health() == [("api", "10.0.0.1:80", 1), ("api", "10.0.0.2:80", 0)]
+    r.close()
+    w.close()
