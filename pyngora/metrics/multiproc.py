@@ -18,10 +18,10 @@ to 8-byte alignment, float64 value, float64 timestamp). The key is
 directions against the installed prometheus-client, so a change of format fails the suite.
 
 pyngora's own files are named ``<prefix>_<pid>-pyngora.db`` (prefix ``counter``, ``histogram`` or
-``gauge_<mode>``; the master's end in ``-pyngora-master.db``) so they never collide with the ``<prefix>_<pid>.db`` files prometheus-client
-writes for a user's own metrics in the same process. Each write replaces the whole file
-(write to a temporary name, then ``rename``): a reader sees the old or the new file, never a torn
-value, and a process never needs an mmap.
+``gauge_<mode>``; the master's end in ``-pyngora-master.db``) so they never collide with the
+``<prefix>_<pid>.db`` files prometheus-client writes for a user's own metrics in the same process.
+Each write replaces the whole file (write to a temporary name, then ``rename``): a reader sees
+the old or the new file, never a torn value, and a process never needs an mmap.
 
 Dead processes: a dead process's live-mode gauge files are deleted; its counter, histogram and
 summary files (ours and prometheus-client's) are folded into one ``<prefix>_archive.db`` per
@@ -495,6 +495,10 @@ def workers(service: str, n: int) -> None:
     if files is not None:
         d = METRICS["pyngora_workers"]
         files.set(d.prefix, sample_key(d, (service,)), float(n))
+        # The restart counter exists from the start at 0: Prometheus's increase() ignores the
+        # first sample of a series, so a counter born at 1 would hide the first restart.
+        r = METRICS["pyngora_worker_restarts_total"]
+        files.add(r.prefix, sample_key(r, (service,)), 0)
         files.write()
 
 
@@ -525,6 +529,10 @@ def build_info(version: str, python: str | None = None) -> None:
         d = METRICS["pyngora_build_info"]
         py = python or "%d.%d.%d" % sys.version_info[:3]
         files.set(d.prefix, sample_key(d, (version, py)), 1.0)
+        for name in ("pyngora_upgrades_total", "pyngora_upgrade_failures_total",
+                     "pyngora_reloads_total"):  # born at 0, see workers()
+            c = METRICS[name]
+            files.add(c.prefix, sample_key(c, ()), 0)
         files.write()
 
 

@@ -22,8 +22,8 @@ import inspect
 import itertools
 from typing import Any, Callable, Optional
 
-from pyngora.config.schema import (BackendConf, HeaderEdits, HttpProxyConf, ServiceConf,
-                                   UpstreamConf)
+from pyngora.config.schema import (BackendConf, HeaderEdits, HttpProxyConf, ServerConf,
+                                   ServiceConf, UpstreamConf)
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers, RequestHeader, ResponseHeader
 from pyngora.proxy import ProxyService
@@ -226,12 +226,12 @@ async def _response_edits(self: DeclarativeProxy, session: Session, resp: Respon
 _CLASSES: dict[tuple[bool, bool], type] = {}
 
 
-def build_proxy(conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory] = None
-                ) -> ProxyHttp:
+def build_proxy(conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory] = None,
+                load_object: Optional[Callable[[str], Any]] = None) -> ProxyHttp:
     """The ProxyHttp for ``conf``: the user's ``app`` if set, else a DeclarativeProxy whose
     class has only the header phases this configuration uses."""
     if conf.app:
-        return load_app(conf.app, conf)
+        return load_app(conf.app, conf, load_object)
     need_req = bool(conf.forwarded_headers or conf.request_headers.remove
                     or conf.request_headers.set or conf.request_headers.add)
     need_resp = bool(conf.response_headers.remove or conf.response_headers.set
@@ -249,16 +249,19 @@ def build_proxy(conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory]
     return cls(conf, balancer_factory)
 
 
-def load_app(spec: str, conf: Any = None) -> ProxyHttp:
+def load_app(spec: str, conf: Any = None,
+             load_object: Optional[Callable[[str], Any]] = None) -> ProxyHttp:
     """Import ``"module:Class"`` and build it with ``conf`` as its context. Raises ImportError,
     AttributeError or TypeError with a clear message (``pyngora -t`` reports them)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ImportError(f"app must be 'module:Class', got {spec!r}")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    if load_object is not None:
+        obj: Any = load_object(spec)
+    else:
+        module_name, sep, attr = spec.partition(":")
+        if not sep or not module_name or not attr:
+            raise ImportError(f"app must be 'module:Class', got {spec!r}")
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     if inspect.isclass(obj):
         if not issubclass(obj, ProxyHttp):
             raise TypeError(f"{spec} is not a ProxyHttp subclass")
@@ -272,12 +275,24 @@ def load_app(spec: str, conf: Any = None) -> ProxyHttp:
     return obj
 
 
-def build_proxy_service(service_conf: ServiceConf,
-                        balancer_factory: Optional[BalancerFactory] = None) -> ProxyService:
-    """The service for a YAML ``type: http_proxy`` entry (listeners, threads from
-    ``service_conf``; limits from its spec)."""
+def build_proxy_service(*args: Any, balancer_factory: Optional[BalancerFactory] = None,
+                        load_object: Optional[Callable[[str], Any]] = None) -> ProxyService:
+    """The service for a YAML ``type: http_proxy`` entry (listeners, threads from the
+    ServiceConf; limits from its spec). Called as ``build_proxy_service(service_conf)`` or,
+    by the CLI, ``build_proxy_service(server_conf, service_conf[, load_object])``.
+
+    ``balancer_factory(upstream_conf)``: see the module doc (None = built-in round robin).
+    ``load_object("module:Class")``: how ``app`` is imported (default: importlib)."""
+    rest = list(args)
+    if rest and isinstance(rest[0], ServerConf):
+        rest.pop(0)
+    if not rest or not isinstance(rest[0], ServiceConf):
+        raise TypeError("build_proxy_service needs a ServiceConf")
+    service_conf = rest.pop(0)
+    if rest and load_object is None and callable(rest[0]):
+        load_object = rest.pop(0)
     spec = service_conf.spec
     if not isinstance(spec, HttpProxyConf):
         raise TypeError(f"service {service_conf.name!r} is not an http_proxy")
-    return ProxyService(service_conf.name, build_proxy(spec, balancer_factory), service_conf,
-                        spec.limits)
+    return ProxyService(service_conf.name, build_proxy(spec, balancer_factory, load_object),
+                        service_conf, spec.limits)

@@ -287,8 +287,38 @@ class ProxyEngine(HttpApp):
                 await r
         method = up_req.method.encode("latin-1")
         conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers)
-        if has_body:
-            await self._send_body(session, conn, chunked, ctx)
+        if not has_body:
+            return await self._response(session, conn, upgrade, ctx)
+        # Full duplex: the body goes up in its own task while the response is read, so an
+        # upstream that answers (or streams) before it has read the whole body cannot
+        # deadlock against a proxy that only reads once it has written everything.
+        sender = asyncio.ensure_future(self._send_body_task(session, conn, chunked, ctx))
+        try:
+            clean = await self._response(session, conn, upgrade, ctx)
+        except Error as e:
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                raise sender.exception() from e  # type: ignore[misc]  # the real cause
+            raise
+        finally:
+            if not sender.done():
+                # The upstream answered before reading the whole body (or we failed): stop
+                # sending; the connection cannot be reused, the client's rest is discarded.
+                clean = False
+                sender.cancel()
+                try:
+                    await sender
+                except (asyncio.CancelledError, Exception):
+                    pass
+        if sender.exception() is not None:
+            return False
+        return clean
+
+    async def _response(self, session: Session, conn: UpstreamConnection, upgrade: bool,
+                        ctx: Any) -> bool:
+        """Read the response from ``conn`` and stream it to the client. Returns True when the
+        exchange completed cleanly."""
+        proxy, plan = self.proxy, self.plan
+        ex = session.exchange
         # -- the response head (1xx first)
         while True:
             ev = await conn.read_event()
@@ -352,6 +382,16 @@ class ProxyEngine(HttpApp):
             else:
                 raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
                             f"unexpected {ev.__class__.__name__} in a response body")
+
+    async def _send_body_task(self, session: Session, conn: UpstreamConnection, chunked: bool,
+                              ctx: Any) -> None:
+        try:
+            await self._send_body(session, conn, chunked, ctx)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            conn.close()  # wakes the response reader, which then reports our error
+            raise
 
     async def _body_filters(self, session: Session, data: Optional[bytes], end: bool,
                             ctx: Any) -> Optional[bytes]:

@@ -291,8 +291,8 @@ def test_chunked_body_over_limit_midway_is_413() -> None:
         async with serving(AppService(EchoApp())) as (oport, _):
             async with serving(proxy_to(oport, max_body_bytes=10)) as (pport, _):
                 c = await Client.connect(pport)
-                await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"8\r\n12345678\r\n")
+                await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                             b"X-Full: 1\r\n\r\n8\r\n12345678\r\n")
                 await asyncio.sleep(0.05)
                 await c.send(b"8\r\n12345678\r\n")
                 r = await c.read_response()

@@ -1,0 +1,235 @@
+"""The YAML ``http_proxy`` service (proxy/declarative.py), in-process over loopback: routes,
+header edits, forwarded headers, round robin, the balancer hook, timeouts, retries, and
+``app: "module:Class"``."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from pyngora.config.loader import parse_text
+from pyngora.config.schema import HttpProxyConf, ServerConf, ServiceConf
+from pyngora.headers import Headers
+from pyngora.proxy import ProxyHttp, Session
+from pyngora.proxy.declarative import build_proxy_service
+from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.upstreams.peer import HttpPeer
+
+from tests.protocol.test_http_app import static
+from tests.protocol.test_http_app_helpers import AppService, Client, run, serving
+
+
+class HeaderEcho(HttpApp):
+    """Origin that answers with the request head it received, one field per line."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+
+    def handle(self, ex: Exchange) -> None:
+        lines = [ex.head.method + b" " + ex.head.target]
+        lines += [n + b": " + v for n, v in ex.head.headers]
+        ex.respond(200, Headers([("X-Tag", self.tag), ("X-Remove-Me", "x")]),
+                   b"\n".join(lines))
+        return None
+
+
+def proxy_conf(yaml_services: str) -> tuple[ServerConf, ServiceConf]:
+    conf = parse_text("version: 1\nservices:\n" + yaml_services, "<test>")
+    return conf, conf.services[0]
+
+
+def heads(body: bytes) -> dict[str, str]:
+    out = {}
+    for line in body.decode().split("\n")[1:]:
+        n, _, v = line.partition(": ")
+        out[n.lower()] = v
+    return out
+
+
+def test_routes_header_edits_and_forwarded_headers() -> None:
+    async def main() -> None:
+        async with serving(AppService(HeaderEcho("a"))) as (pa, _), \
+                serving(AppService(HeaderEcho("b"))) as (pb, _):
+            conf, sc = proxy_conf(f"""
+  - name: gw
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - {{name: a, backends: [{{addr: "127.0.0.1:{pa}"}}]}}
+      - {{name: b, backends: [{{addr: "127.0.0.1:{pb}"}}]}}
+    routes:
+      - {{host: api.example.com, path_prefix: /v2, upstream: b}}
+      - {{path_prefix: /static, upstream: b}}
+      - {{host: "*.b.test", upstream: b}}
+    upstream: a
+    forwarded_headers: true
+    request_headers: {{set: {{x-env: test}}, add: {{x-added: "1"}}, remove: [x-secret]}}
+    response_headers: {{set: {{x-proxy: pyngora}}, remove: [x-remove-me]}}
+""")
+            async with serving(build_proxy_service(conf, sc), conf) as (pport, _):
+                c = await Client.connect(pport)
+                cases = [("api.example.com", "/v2/x", "b"), ("api.example.com:8080", "/v2", "b"),
+                         ("api.example.com", "/v1", "a"), ("other", "/static/app.js", "b"),
+                         ("x.b.test", "/", "b"), ("b.test.evil", "/", "a")]
+                for host, path, tag in cases:
+                    await c.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Secret: s\r\n"
+                                 f"X-Forwarded-For: 10.0.0.1\r\n\r\n".encode())
+                    r = await c.read_response()
+                    assert r.header("x-tag") == tag, (host, path)
+                    assert r.header("x-proxy") == "pyngora" and r.header("x-remove-me") is None
+                    h = heads(r.body)
+                    assert h["x-env"] == "test" and h["x-added"] == "1" and "x-secret" not in h
+                    assert h["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+                    assert h["x-forwarded-proto"] == "http" and h["x-forwarded-host"] == host
+                    assert h["host"] == host  # the Host header goes up as the client sent it
+                c.close()
+    run(main())
+
+
+def test_round_robin_and_retry_to_next_backend() -> None:
+    async def main() -> None:
+        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dport = dead.sockets[0].getsockname()[1]
+        dead.close()
+        await dead.wait_closed()
+        async with serving(AppService(HeaderEcho("a"))) as (pa, _), \
+                serving(AppService(HeaderEcho("b"))) as (pb, _):
+            conf, sc = proxy_conf(f"""
+  - name: lb
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: pool
+        backends: [{{addr: "127.0.0.1:{pa}"}}, {{addr: "127.0.0.1:{pb}"}}, {{addr: "127.0.0.1:{dport}"}}]
+""")
+            async with serving(build_proxy_service(conf, sc), conf) as (pport, _):
+                c = await Client.connect(pport)
+                tags = [(await c.request()).header("x-tag") for _ in range(6)]
+                # The dead backend's turn is retried on the next one: never an error.
+                assert sorted(set(tags)) == ["a", "b"] and len(tags) == 6
+                c.close()
+    run(main())
+
+
+class FixedBalancer:
+    """What a pyngora.lb.LoadBalancer offers the declarative proxy: select + report_failure."""
+
+    class B:
+        def __init__(self, addr: str) -> None:
+            self.addr = addr
+
+    def __init__(self, addrs: list[str]) -> None:
+        self._b = [self.B(a) for a in addrs]
+        self.keys: list[bytes] = []
+        self.failed: list[str] = []
+
+    def select(self, key: bytes) -> Optional["FixedBalancer.B"]:
+        self.keys.append(key)
+        alive = [b for b in self._b if b.addr not in self.failed]
+        return alive[0] if alive else None
+
+    def backends(self) -> tuple["FixedBalancer.B", ...]:
+        return tuple(self._b)
+
+    def report_failure(self, b: "FixedBalancer.B") -> None:
+        self.failed.append(b.addr)
+
+
+def test_balancer_hook_hash_key_and_no_backend_503() -> None:
+    async def main() -> None:
+        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dport = dead.sockets[0].getsockname()[1]
+        dead.close()
+        await dead.wait_closed()
+        async with serving(AppService(HeaderEcho("a"))) as (pa, _):
+            conf, sc = proxy_conf(f"""
+  - name: lb
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: pool
+        selection: consistent
+        hash_key: "header:x-user"
+        backends: [{{addr: "127.0.0.1:{dport}"}}, {{addr: "127.0.0.1:{pa}"}}]
+      - name: gone
+        backends: [{{addr: "127.0.0.1:{dport}"}}]
+    routes:
+      - {{path_prefix: /none, upstream: gone}}
+      - {{path_prefix: /, upstream: pool}}
+""")
+            made: dict[str, FixedBalancer] = {}
+
+            def factory(uconf: Any) -> FixedBalancer:
+                made[uconf.name] = FixedBalancer([b.addr for b in uconf.backends])
+                return made[uconf.name]
+
+            svc = build_proxy_service(conf, sc, balancer_factory=factory)
+            async with serving(svc, conf) as (pport, _):
+                c = await Client.connect(pport)
+                r = await c.request("GET", "/", headers=(("X-User", "alice"),))
+                assert r.status == 200 and r.header("x-tag") == "a"
+                assert made["pool"].keys[:2] == [b"alice", b"alice"]
+                assert made["pool"].failed == [f"127.0.0.1:{dport}"]
+                # Its only backend fails, is reported, and the balancer then has none: 503.
+                r = await c.request("GET", "/none")
+                assert r.status == 503 and made["gone"].failed == [f"127.0.0.1:{dport}"]
+    run(main())
+
+
+def test_timeouts_and_retries_from_yaml() -> None:
+    async def main() -> None:
+        hits: list[int] = []
+
+        async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            hits.append(1)
+            await r.read()
+            w.close()
+
+        srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        conf, sc = proxy_conf(f"""
+  - name: slow
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: s
+        backends: [{{addr: "127.0.0.1:{port}"}}]
+        timeouts: {{read_seconds: 0.3, connect_seconds: 1}}
+        retries: 0
+""")
+        async with serving(build_proxy_service(conf, sc), conf) as (pport, _):
+            c = await Client.connect(pport)
+            r = await c.request()
+            assert r.status == 504
+            assert hits == [1]  # a read timeout is not retried
+        srv.close()
+    run(main())
+
+
+class MyApp(ProxyHttp):
+    """Loaded by ``app: "tests.protocol.test_proxy_declarative:MyApp"`` with the YAML as ctx."""
+
+    def __init__(self, conf: HttpProxyConf) -> None:
+        self.port = int(conf.extra["x-origin-port"])
+
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        return HttpPeer(f"127.0.0.1:{self.port}")
+
+    async def response_filter(self, session: Session, resp: Any, ctx: Any) -> None:
+        resp.insert_header("X-App", "mine")
+
+
+def test_app_module_class() -> None:
+    async def main() -> None:
+        async with serving(static()) as (oport, _):
+            conf, sc = proxy_conf(f"""
+  - name: custom
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    app: "tests.protocol.test_proxy_declarative:MyApp"
+    x-origin-port: {oport}
+""")
+            async with serving(build_proxy_service(conf, sc), conf) as (pport, _):
+                c = await Client.connect(pport)
+                r = await c.request()
+                assert (r.status, r.body, r.header("x-app")) == (200, b"hello", "mine")
+    run(main())
