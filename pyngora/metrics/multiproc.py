@@ -536,6 +536,24 @@ def build_info(version: str, python: str | None = None) -> None:
         files.write()
 
 
+_EVENTS = {"worker_restart": worker_restart, "upgrade": upgrade, "upgrade_failed": upgrade_failed,
+           "reload": reload}
+
+
+def record_master_event(name: str, service: str = "") -> None:
+    """Master: count event ``name`` (worker_restart, upgrade, upgrade_failed, reload).
+
+    ``service`` is used by ``worker_restart`` only. ValueError for an unknown name.
+    """
+    fn = _EVENTS.get(name)
+    if fn is None:
+        raise ValueError(f"unknown master event {name!r}")
+    if name == "worker_restart":
+        fn(service)
+    else:
+        fn()
+
+
 def master_exit() -> None:
     """Master: last call before it exits; drops its live gauges and archives its counters."""
     global _master

@@ -9,6 +9,13 @@ size limits. The callbacks only collect; no regex runs per request.
 
 Rejections raise :class:`ProtocolError` carrying the status to answer (400, 413, 431, 505 for
 requests; 502 for a bad upstream response). The caller answers it and closes the connection.
+
+Decisions where the RFCs leave room: OWS around a value is not part of it (``Content-Length:
+5 `` is 5; leading zeros are fine); versions other than 1.0/1.1 get 505 (HTTP/0.9 lines 400);
+methods llhttp does not know get 400; a fragment in the target is 400; ``Expect:
+100-continue`` counts on HTTP/1.1 only; bytes after a request that closes the connection are
+ignored; after an upgrade request the following bytes are not parsed (tunnel them, or close
+the connection if the upstream refuses the upgrade).
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class _Stop(Exception):
 # Lowercased names that the request callbacks look at; everything else is only collected.
 _HOST, _CL, _TE, _EXPECT = b"host", b"content-length", b"transfer-encoding", b"expect"
 _SPECIAL = frozenset((_HOST, _CL, _TE, _EXPECT))
+_FRAMING = frozenset((_CL, _TE))
 # RFC 9110 6.5.1: framing, routing and the like must not come in trailers.
 _FORBIDDEN_TRAILERS = frozenset((_HOST, _CL, _TE, b"connection", b"keep-alive", b"upgrade",
                                  b"trailer", b"te", b"proxy-connection"))
@@ -109,7 +117,7 @@ class RequestParser:
                  "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
                  "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
                  "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
-                 "_trailing")
+                 "_trailing", "_stall")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         limits = limits or _DEFAULT_LIMITS
@@ -142,6 +150,7 @@ class RequestParser:
         self._closed = False        # a request that closes the connection has ended
         self.upgraded = False
         self._trailing = b""
+        self._stall = 0             # body-phase bytes fed in a row without any event
 
     # -- public API ------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[Event]:
@@ -183,6 +192,14 @@ class RequestParser:
                 self._head_fed += len(data)
                 if self._head_fed > self._max_head:
                     self._reject_now(431, "request head too large", events)
+        elif events:
+            self._stall = 0
+        elif self._in_message:
+            # Body bytes that produced nothing: chunk lines or trailers, which llhttp may be
+            # buffering (a trailer value that never ends). Bounded like a head.
+            self._stall += len(data)
+            if self._stall > self._max_head:
+                self._reject_now(431, "chunk lines or trailers too large", events)
         return events
 
     def feed_eof(self) -> list[Event]:
@@ -433,7 +450,7 @@ class ResponseParser:
     __slots__ = ("_limits", "_p", "_method", "_state", "_buf", "_events", "_items", "_keys",
                  "_reason", "_cl", "_te", "_status", "_skip_body", "_tunnel", "_framing",
                  "_keep_alive", "_error", "_leftover", "_unsolicited", "_seen", "upgraded",
-                 "_trailing", "_trailers", "_tkeys", "_head_done")
+                 "_trailing", "_trailers", "_tkeys", "_head_done", "_stall")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         self._limits = limits or _DEFAULT_LIMITS
@@ -461,6 +478,7 @@ class ResponseParser:
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
         self._tkeys: list[bytes] = []
         self._head_done = False
+        self._stall = 0
 
     def start(self, request_method: bytes) -> None:
         """Expect the response to a request made with ``request_method`` (call before each)."""
@@ -470,6 +488,7 @@ class ResponseParser:
             raise RuntimeError("ResponseParser.start() before the previous response ended")
         self._method = request_method.upper()
         self._state = _HEAD
+        self._stall = 0
         self._buf = self._leftover
         self._leftover = b""
         self._seen = bool(self._buf)
@@ -497,7 +516,8 @@ class ResponseParser:
         if state == _IDLE or state == _DONE:
             if data:
                 self._unsolicited = True  # bytes nobody asked for: do not reuse the connection
-                self._leftover += data
+                if len(self._leftover) < self._limits.max_header_bytes:  # bounded
+                    self._leftover += data
             return []
         events: list[Event] = []
         self._events = events
@@ -508,6 +528,12 @@ class ResponseParser:
                 self._head_input(data)
             else:
                 self._feed_llhttp(data, head=False)
+                if events:
+                    self._stall = 0
+                else:  # chunk lines / trailers that llhttp may be buffering: bounded
+                    self._stall += len(data)
+                    if self._stall > self._limits.max_header_bytes:
+                        raise ProtocolError(502, "upstream chunk lines or trailers too large")
         except ProtocolError as err:
             err.events = events
             self._error = err
@@ -620,29 +646,37 @@ class ResponseParser:
             value = value.rstrip(b" \t")
         key = name.lower()
         if self._head_done:
-            if key in _FORBIDDEN_TRAILERS:
-                self._reject(f"{name.decode('latin-1')} in upstream trailers")
-            if self._trailers is None:
-                self._trailers = []
-                self._tkeys = []
-            self._trailers.append((name, value))
-            self._tkeys.append(key)
+            self._on_trailer(name, key, value)
             return
-        if len(self._keys) >= self._limits.max_headers:
-            self._reject("too many header fields in upstream response")
+        # The head was fed whole (at most max_header_bytes), so the count is checked once,
+        # in on_headers_complete.
         self._items.append((name, value))
         self._keys.append(key)
-        if key == _CL:
-            self._cl = value
-        elif key == _TE:
-            if self._te is not None:
+        if key in _FRAMING:
+            if key == _CL:
+                self._cl = value
+            elif self._te is not None:
                 self._reject("more than one Transfer-Encoding field in upstream response")
-            self._te = value
+            else:
+                self._te = value
+
+    def _on_trailer(self, name: bytes, key: bytes, value: bytes) -> None:
+        if key in _FORBIDDEN_TRAILERS:
+            self._reject(f"{name.decode('latin-1')} in upstream trailers")
+        if self._trailers is None:
+            self._trailers = []
+            self._tkeys = []
+        elif len(self._trailers) >= self._limits.max_headers:
+            self._reject("too many trailer fields in upstream response")
+        self._trailers.append((name, value))
+        self._tkeys.append(key)
 
     def on_headers_complete(self) -> None:
         self._head_done = True
         p = self._p
         assert p is not None
+        if len(self._items) > self._limits.max_headers:
+            self._reject("too many header fields in upstream response")
         status = p.get_status_code()
         self._status = status
         if status < 100:

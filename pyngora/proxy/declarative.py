@@ -103,7 +103,9 @@ class _Group:
                                    total_connection_timeout=t.total_connect_seconds,
                                    read_timeout=t.read_seconds, write_timeout=t.write_seconds,
                                    idle_timeout=t.idle_seconds)
-        self.retries = conf.retries
+        # Retries default to one per backend (at least one, for a dead pooled connection),
+        # so a group of one unreachable backend fails in one connect timeout, not sixteen.
+        self.retries = conf.retries if conf.retries is not None else max(len(conf.backends), 1)
         self.key = _key_fn(conf.hash_key)
         self._hashed = conf.selection in ("fnv", "consistent")
         self.balancer: Any = None
@@ -181,8 +183,7 @@ class DeclarativeProxy(ProxyHttp):
         if group is None:
             raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
                         "no route matches", status=404)
-        if group.retries is not None:
-            session.max_retries = group.retries
+        session.max_retries = group.retries
         addr = group.pick(session)
         if addr is None:
             raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,

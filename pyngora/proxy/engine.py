@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
-from pyngora.headers import Headers, RequestHeader, ResponseHeader
+from pyngora.headers import RequestHeader, ResponseHeader
 from pyngora.protocols import h1
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.proxy import access
@@ -251,7 +251,9 @@ class ProxyEngine(HttpApp):
                 self.connector.release(conn, clean)
 
     def _may_retry(self, session: Session, e: Error) -> bool:
-        limit = session.max_retries if session.max_retries is not None else self.max_retries
+        limit = self.max_retries  # the server-wide cap; a phase may lower it per request
+        if session.max_retries is not None and session.max_retries < limit:
+            limit = session.max_retries
         if not e.retry or session.retries >= limit:
             return False
         if session.exchange.head_sent or not session._body_replayable():

@@ -135,6 +135,12 @@ class Session:
         connection; if a response already started, the connection is closed instead."""
         self.exchange.respond_error(status)
 
+    def set_keepalive(self, seconds: Optional[float]) -> None:
+        """Pingora's ``set_keepalive``: None closes the client connection after this response
+        (the idle timeout itself is the service's ``keepalive_timeout_seconds``)."""
+        if seconds is None or seconds <= 0:
+            self.exchange.keep_alive = False
+
     def abort(self) -> None:
         """Close the client connection now (nothing more is sent)."""
         ex = self.exchange

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import sys
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
@@ -320,11 +321,13 @@ class Exchange:
             # HTTP/1.0 client and no length: the body ends when the connection closes.
             headers.remove(b"transfer-encoding")
             keep_alive = False
+        app_conn = headers.get(b"connection")
+        if app_conn is not None and b"close" in app_conn.lower():
+            keep_alive = False  # the app asked to close
         if keep_alive:
             if head.version == "1.0":
                 headers.set(b"Connection", b"keep-alive")
-            else:
-                headers.remove(b"connection")
+            # HTTP/1.1: keep-alive is the default; an app's own Connection tokens stay.
         else:
             headers.set(b"Connection", b"close")
         self.keep_alive = keep_alive
@@ -792,7 +795,12 @@ class H1Connection(asyncio.Protocol):
         if self._pending:
             self._pump()
         if self._exchange is None and self._state == _S_IDLE and not self.closed:
-            self._arm(self.settings.keepalive_timeout, self._close)
+            if self.parser.in_message:
+                # Part of the next (pipelined) request is already here: the header timeout.
+                self._state = _S_HEAD
+                self._arm(self.settings.header_read_timeout, self._on_header_timeout)
+            else:
+                self._arm(self.settings.keepalive_timeout, self._close)
 
     def _may_keep_alive(self) -> bool:
         limit = self.settings.keepalive_requests
@@ -933,6 +941,12 @@ class HttpService(Service):
         raise NotImplementedError
 
     async def start_worker(self, ctx: WorkerContext) -> None:
+        if "service_metrics" not in ctx.state:
+            # The worker loads the metrics registry when metrics are on; services must not
+            # import it (DESIGN's one-way doors), so it is used only if already loaded.
+            registry = sys.modules.get("pyngora.metrics.registry")
+            if registry is not None:
+                ctx.state["service_metrics"] = registry.service_metrics(self.name)
         ctx.state["http_app"] = self.new_app(ctx)
 
     def protocol_factory(self, ctx: WorkerContext,

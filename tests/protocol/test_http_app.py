@@ -254,7 +254,6 @@ def test_request_body_backpressure_bounds_buffering() -> None:
     """An app that does not read: the connection stops reading at the high-water mark, so the
     client's sends block (kernel buffers full) instead of the server buffering the body."""
     got: list[Exchange] = []
-    release = asyncio.Event
 
     class Stalled(HttpApp):
         def __init__(self) -> None:
@@ -302,7 +301,6 @@ def test_request_body_backpressure_bounds_buffering() -> None:
                 assert more
                 data += more
             sock.close()
-    del release
     run(main(), timeout=30)
 
 

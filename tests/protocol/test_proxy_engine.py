@@ -12,7 +12,7 @@ import hashlib
 import os
 from typing import Any, Awaitable, Callable, Optional
 
-from pyngora.config.schema import LimitsConf, ServerConf
+from pyngora.config.schema import LimitsConf
 from pyngora.errors import Error, ErrorType
 from pyngora.headers import Headers
 from pyngora.proxy import ProxyHttp, Session, http_proxy_service
@@ -420,31 +420,34 @@ def test_phases_run_in_pingora_order() -> None:
     run(main())
 
 
-def test_unoverridden_phases_are_not_called() -> None:
+def test_unoverridden_phases_are_not_called(monkeypatch: Any) -> None:
     plan = plan_for(ToPort)
     assert plan.upstream_peer is True
     for name in ("new_ctx", "request_filter", "upstream_request_filter", "response_filter",
                  "response_body_filter", "logging", "fail_to_proxy", "error_while_proxy"):
         assert getattr(plan, name) is None, name
 
-    # Proof by behaviour: the base class's phases raise if anything calls them.
+    # Proof by behaviour: every default phase of the base class now raises if called; a
+    # subclass overriding only upstream_peer still proxies (its plan is computed afresh).
     calls: list[str] = []
-
-    class Strict(ToPort):
-        pass
-
-    for name in ("request_filter", "upstream_request_filter", "response_filter",
-                 "upstream_response_body_filter", "logging"):
+    for name in ("new_ctx", "early_request_filter", "request_filter", "proxy_upstream_filter",
+                 "connected_to_upstream", "upstream_request_filter", "upstream_response_filter",
+                 "response_filter", "upstream_response_body_filter", "response_body_filter",
+                 "logging", "request_summary"):
         def boom(*a: Any, _n: str = name, **k: Any) -> Any:
             calls.append(_n)
             raise AssertionError(f"{_n} called")
-        setattr(ProxyHttp, name + "_probe", boom)  # not a phase: must not be called either
+        monkeypatch.setattr(ProxyHttp, name, boom)
+
+    class Fresh(ToPort):
+        pass
 
     async def main() -> None:
         async with serving(static()) as (oport, _):
-            async with serving(http_proxy_service(None, Strict(oport))) as (pport, _):
+            async with serving(http_proxy_service(None, Fresh(oport))) as (pport, _):
                 c = await Client.connect(pport)
-                assert (await c.request()).status == 200
+                r = await c.request()
+                assert (r.status, r.body) == (200, b"hello")
     run(main())
     assert calls == []
 
@@ -526,3 +529,49 @@ def test_large_bodies_stream_with_flat_memory() -> None:
                 assert grown_mb < 48
                 w.close()
     run(main(), timeout=60)
+
+
+def test_hop_by_hop_fields_are_removed_both_ways() -> None:
+    class HopOrigin(HttpApp):
+        def handle(self, ex: Exchange) -> None:
+            seen = b",".join(sorted(n.lower() for n, _ in ex.head.headers))
+            ex.respond(200, Headers([("Connection", "X-Resp-Hop"), ("X-Resp-Hop", "1"),
+                                     ("Keep-Alive", "timeout=5"), ("X-Kept", "1"),
+                                     ("Proxy-Connection", "keep-alive")]), seen)
+            return None
+
+    async def main() -> None:
+        async with serving(AppService(HopOrigin())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Hop\r\n"
+                             b"X-Hop: 1\r\nKeep-Alive: 300\r\nTE: trailers\r\n"
+                             b"Proxy-Connection: x\r\nTrailer: X-T\r\nX-End: 1\r\n\r\n")
+                r = await c.read_response()
+                assert r.body == b"host,x-end"
+                names = {n.lower() for n, _ in r.headers}
+                assert b"x-kept" in names
+                assert not names & {b"x-resp-hop", b"keep-alive", b"proxy-connection"}
+                assert r.header("connection") is None  # keep-alive, HTTP/1.1: nothing to say
+                c.close()
+    run(main())
+
+
+def test_trailers_both_ways_and_http10_client() -> None:
+    async def main() -> None:
+        async with serving(AppService(EchoApp())) as (oport, _):
+            async with serving(proxy_to(oport)) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"4\r\nwxyz\r\n0\r\nX-Checksum: 42\r\n\r\n")
+                r = await c.read_response()
+                assert r.body == b"wxyz" and r.trailers is not None
+                assert r.trailers.get("x-checksum") == b"42"
+                c.close()
+                # HTTP/1.0 client, chunked upstream response: close-delimited downstream.
+                c = await Client.connect(pport)
+                await c.send(b"POST /t HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+                r = await c.read_response()
+                assert r.status == 200 and r.body == b"abc"
+                assert r.header("transfer-encoding") is None and r.header("connection") == "close"
+    run(main())

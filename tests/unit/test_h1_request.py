@@ -288,3 +288,23 @@ def test_invalid_host_values_are_remembered_only_when_valid() -> None:
     for _ in range(2):
         with pytest.raises(ProtocolError):
             RequestParser().feed(b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n")
+
+
+def test_endless_trailer_is_bounded() -> None:
+    p = RequestParser(H1Limits(max_header_bytes=1000))
+    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"1\r\na\r\n0\r\nX-Trailer: ")
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(20):
+            p.feed(b"b" * 100)
+    assert info.value.status == 431
+
+
+def test_slow_chunked_upload_is_not_a_stall() -> None:
+    p = RequestParser(H1Limits(max_header_bytes=100))
+    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    got = 0
+    for _ in range(100):
+        for ev in p.feed(b"5\r\nhello\r\n"):
+            got += len(ev.data)
+    assert got == 500

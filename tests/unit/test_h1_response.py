@@ -295,3 +295,24 @@ def test_start_before_the_previous_response_ended_is_a_bug() -> None:
 def test_leading_blank_lines_before_status_line() -> None:
     ev = run(b"GET", [b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"])
     assert ev[0][1] == 200 and ev[1:] == [("data", b"x"), ("end", None)]
+
+
+def test_endless_upstream_trailer_is_bounded() -> None:
+    p = ResponseParser(H1Limits(max_header_bytes=1000))
+    p.start(b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: ")
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(20):
+            p.feed(b"b" * 100)
+    assert info.value.status == 502
+
+
+def test_too_many_upstream_header_fields_is_502() -> None:
+    p = ResponseParser(H1Limits(max_headers=3))
+    p.start(b"GET")
+    with pytest.raises(ProtocolError) as info:
+        p.feed(b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 4 + b"\r\n")
+    assert info.value.status == 502
+    p = ResponseParser(H1Limits(max_headers=3))
+    p.start(b"GET")
+    assert p.feed(b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 2 + b"Content-Length: 0\r\n\r\n")

@@ -1,0 +1,689 @@
+"""Sans-IO HTTP/2 server side: bytes in, pyngora events out, over ``h2.connection.H2Connection``.
+
+No asyncio here (DESIGN's one-way doors): the asyncio edge is ``services/h2_app.py``. One
+:class:`H2Server` per downstream connection. ``feed(data)`` returns the same events as the
+HTTP/1 parser (RequestHead, Data, MessageEnd, each with its ``stream_id``) plus StreamReset,
+ConnectionClosed and :class:`RequestRejected`; the responses go in through ``send_head``,
+``send_body``, ``send_end``; ``data_to_send()`` says what to write to the socket.
+
+Decisions where the RFCs leave a choice (documented in the report and tests):
+
+- A malformed request (RFC 9113 8.1.1: bad or misplaced pseudo-headers, upper-case or invalid
+  field names, CR/LF/NUL or surrounding whitespace in values, connection-specific fields, TE
+  other than ``trailers``, pseudo-headers or Content-Length/Transfer-Encoding/Host in trailers)
+  is a stream error: RST_STREAM PROTOCOL_ERROR. We validate ourselves (the h2 library's own
+  validation turns every such error into a connection error and walks values byte by byte).
+- A well-formed request that HTTP/1 would answer with 400 (no ``:authority`` nor Host,
+  ``:authority`` and Host that disagree, a target with bytes outside visible ASCII) gets 400;
+  CONNECT (and extended CONNECT) gets 501; Content-Length above ``max_body_bytes`` gets 413.
+- Content-Length not matching the DATA received is detected by the h2 library, which ends the
+  whole connection (GOAWAY PROTOCOL_ERROR): RFC 9113 5.4.1 lets a stream error be treated as
+  a connection error, and a client lying about lengths does not deserve its other streams.
+- Concurrency: SETTINGS_MAX_CONCURRENT_STREAMS is advertised; streams beyond it whose
+  handlers still run (the client reset them, but our work goes on: the "rapid reset" attack)
+  are refused with RST_STREAM REFUSED_STREAM, which a client may retry.
+- Abuse: every stream the client resets before its response ended, and every refused or
+  malformed stream, counts as "premature"; past ``max_premature_resets`` and more than half of
+  all streams, the connection ends with GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are
+  bounded by the library (64 frames per header block) and by ``max_header_list_size``.
+- Graceful shutdown (RFC 9113 6.8): GOAWAY with the last stream id 2^31-1 and a PING; on the
+  PING's ACK, a second GOAWAY with the last stream actually seen. Streams up to it finish. The
+  GOAWAY frames are built here because h2's state machine forbids any frame after its own.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame, PingFrame
+
+from pyngora.headers import Headers
+from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, RequestHead,
+                                      StreamReset)
+
+__all__ = ["H2Limits", "H2Server", "RequestRejected", "PREFACE", "translate_request",
+           "CONNECTION_SPECIFIC", "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "CANCEL",
+           "REFUSED_STREAM", "ENHANCE_YOUR_CALM"]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+NO_ERROR = 0x0
+PROTOCOL_ERROR = 0x1
+INTERNAL_ERROR = 0x2
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
+
+_MAX_STREAM_ID = 2 ** 31 - 1
+_SHUTDOWN_PING = b"pyngora\x00"
+
+# Fields that only mean something to one HTTP/1 hop: malformed in an HTTP/2 request (RFC 9113
+# 8.2.2), and never sent in an HTTP/2 response.
+CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                 b"transfer-encoding", b"upgrade"))
+# Fields a trailer section must not carry (SPEC section 7).
+_TRAILER_FORBIDDEN = frozenset((b"content-length", b"transfer-encoding", b"host"))
+# What a lower-case HTTP/2 field name may contain: translate(None, this) leaves the bad bytes.
+_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+# Visible ASCII: anything else in :path is refused (as non-ASCII targets are over HTTP/1).
+_PATH_CHARS = bytes(range(0x21, 0x7F))
+_WS = (0x20, 0x09)
+_PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
+
+
+class H2Limits:
+    """Per-connection HTTP/2 limits (from the service's ``limits`` where they overlap)."""
+
+    __slots__ = ("max_concurrent_streams", "max_header_list_size", "stream_window",
+                 "connection_window", "max_frame_size", "max_body_bytes",
+                 "max_premature_resets")
+
+    def __init__(self, max_concurrent_streams: int = 100, max_header_list_size: int = 65536,
+                 stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
+                 max_frame_size: int = 16384, max_body_bytes: Optional[int] = None,
+                 max_premature_resets: int = 100) -> None:
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_size = max_header_list_size
+        # The stream window bounds what one request may have buffered unread; the connection
+        # window bounds the total per connection (memory bounded whatever the body sizes).
+        self.stream_window = stream_window
+        self.connection_window = max(connection_window, 65535)
+        self.max_frame_size = max_frame_size
+        self.max_body_bytes = max_body_bytes
+        self.max_premature_resets = max_premature_resets
+
+
+class RequestRejected:
+    """The adapter refused a request itself: ``status`` > 0 was answered (400, 413, 501),
+    ``status`` 0 means the stream was reset (``error_code``). ``reason`` is for the log."""
+
+    __slots__ = ("stream_id", "status", "error_code", "reason")
+
+    def __init__(self, stream_id: int, status: int, error_code: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.status = status
+        self.error_code = error_code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"RequestRejected({self.stream_id}, {self.status}, {self.error_code}, {self.reason!r})"
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status  # 0 = malformed: RST_STREAM PROTOCOL_ERROR
+        self.reason = reason
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    """A regular field of a request or trailer section (RFC 9113 8.2.1); _Reject(0) if bad."""
+    if not name or name.translate(None, _NAME_CHARS):
+        raise _Reject(0, f"invalid field name {name!r}")
+    if value:
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            raise _Reject(0, f"CR, LF or NUL in the value of {name!r}")
+        if value[0] in _WS or value[-1] in _WS:
+            raise _Reject(0, f"whitespace around the value of {name!r}")
+
+
+def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
+                      end_stream: bool, max_body_bytes: Optional[int] = None) -> RequestHead:
+    """An HTTP/2 request header list -> the RequestHead an HTTP/1 request would give.
+
+    ``:method`` -> method, ``:path`` -> target, ``:authority`` -> Host (first field), version
+    "2", body "none" (END_STREAM on HEADERS), "length" (Content-Length) or "stream". Cookie
+    fields are joined with "; " (RFC 9113 8.2.3). Raises _Reject: status 0 for a malformed
+    request (reset the stream), else the status to answer."""
+    method = path = authority = None
+    scheme = False
+    regular = False
+    items: list[tuple[bytes, bytes]] = []
+    keys: list[bytes] = []
+    cookies: list[bytes] = []
+    hosts: list[bytes] = []
+    expect = False
+    for name, value in fields:
+        if name[:1] == b":":
+            if regular:
+                raise _Reject(0, "pseudo-header after a regular field")
+            if name not in _PSEUDO_REQUEST:
+                if name == b":protocol":
+                    raise _Reject(501, "extended CONNECT is not supported")
+                raise _Reject(0, f"unknown pseudo-header {name!r}")
+            if b"\r" in value or b"\n" in value or b"\0" in value:
+                raise _Reject(0, f"CR, LF or NUL in {name!r}")
+            if name == b":method":
+                if method is not None:
+                    raise _Reject(0, "duplicate :method")
+                method = value
+            elif name == b":path":
+                if path is not None:
+                    raise _Reject(0, "duplicate :path")
+                path = value
+            elif name == b":authority":
+                if authority is not None:
+                    raise _Reject(0, "duplicate :authority")
+                authority = value
+            else:
+                if scheme:
+                    raise _Reject(0, "duplicate :scheme")
+                scheme = True
+            continue
+        regular = True
+        _check_field(name, value)
+        if name in CONNECTION_SPECIFIC:
+            raise _Reject(0, f"connection-specific field {name!r}")
+        if name == b"te":
+            if value.lower() != b"trailers":
+                raise _Reject(0, "TE other than trailers")
+        elif name == b"cookie":
+            cookies.append(value)
+            continue
+        elif name == b"host":
+            hosts.append(value)
+            continue
+        elif name == b"expect":
+            expect = value.lower() == b"100-continue"
+        items.append((name, value))
+        keys.append(name)
+    if not method or method.translate(None, _NAME_CHARS.upper() + _NAME_CHARS):
+        raise _Reject(0, "missing or invalid :method")
+    if method == b"CONNECT":
+        raise _Reject(501, "CONNECT is not supported over HTTP/2")
+    if not scheme or not path:
+        raise _Reject(0, "missing :scheme or :path")
+    if path.translate(None, _PATH_CHARS):
+        raise _Reject(400, "invalid character in :path")
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        raise _Reject(400, "request target is not origin-form")
+    if len(hosts) > 1:
+        raise _Reject(400, "duplicate Host")
+    if authority is not None:
+        if not authority or b"@" in authority or authority.translate(None, _PATH_CHARS):
+            raise _Reject(400, "invalid :authority")
+        if hosts and hosts[0].lower() != authority.lower():
+            raise _Reject(400, ":authority and Host disagree")
+        host = authority
+    elif hosts:
+        host = hosts[0]
+    else:
+        raise _Reject(400, "no :authority and no Host")
+    items.insert(0, (b"host", host))
+    keys.insert(0, b"host")
+    if cookies:
+        items.append((b"cookie", b"; ".join(cookies)))
+        keys.append(b"cookie")
+    content_length: Optional[int] = None
+    if b"content-length" in keys:
+        # h2 already refused non-digit or conflicting values (a connection error).
+        content_length = int(items[keys.index(b"content-length")][1])
+        if max_body_bytes is not None and content_length > max_body_bytes:
+            raise _Reject(413, "Content-Length above max_body_bytes")
+    if end_stream:
+        body = "none"
+    elif content_length is not None:
+        body = "length"
+    else:
+        body = "stream"
+    return RequestHead(method, path, "2", Headers._from_parser(items, keys), True, body,
+                       content_length, expect and body != "none", False, stream_id)
+
+
+def _check_trailers(fields: Iterable[tuple[bytes, bytes]]) -> Headers:
+    items: list[tuple[bytes, bytes]] = []
+    keys: list[bytes] = []
+    for name, value in fields:
+        if name[:1] == b":":
+            raise _Reject(0, "pseudo-header in trailers")
+        _check_field(name, value)
+        if name in CONNECTION_SPECIFIC or name in _TRAILER_FORBIDDEN:
+            raise _Reject(0, f"{name!r} in trailers")
+        items.append((name, value))
+        keys.append(name)
+    return Headers._from_parser(items, keys)
+
+
+class _Stream:
+    """Our bookkeeping for one stream (the h2 library keeps the protocol state)."""
+
+    __slots__ = ("out", "out_bytes", "end", "trailers", "ended", "remote_done", "body_bytes",
+                 "rejected", "reset")
+
+    def __init__(self) -> None:
+        self.out: deque[bytes] = deque()
+        self.out_bytes = 0
+        self.end = False          # the response end is queued (after ``out``)
+        self.trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self.ended = False        # END_STREAM (or a reset) went to h2: nothing more to send
+        self.remote_done = False  # the request body is complete (or the stream was reset)
+        self.body_bytes = 0
+        self.rejected = False     # body refused (413): further DATA is acknowledged and dropped
+        self.reset = False
+
+
+class H2Server:
+    """The server side of one HTTP/2 connection (see the module docstring for decisions).
+
+    ``closed`` becomes True when the connection is over for the protocol (fatal error, or the
+    final GOAWAY sent and every stream done): write ``data_to_send()`` then close the socket.
+    ``active`` is the number of requests handed out and not yet ``release``d.
+    """
+
+    __slots__ = ("limits", "conn", "streams", "active", "closed", "error_code", "_out",
+                 "_goaway_last", "_shutdown", "_streams_opened", "_premature")
+
+    def __init__(self, limits: Optional[H2Limits] = None) -> None:
+        self.limits = limits = limits or H2Limits()
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False)
+        self.conn = h2.connection.H2Connection(config=config)
+        # MAX_CONCURRENT_STREAMS is left out of the first SETTINGS frame and sent by
+        # ``initiate`` in a second one: h2 enforces initial values at once (a connection
+        # error), but a client cannot know the limit before it reads our SETTINGS; until it
+        # ACKs them, ``active`` refuses the excess with REFUSED_STREAM instead.
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+        })
+        self.streams: dict[int, _Stream] = {}
+        self.active = 0
+        self.closed = False
+        self.error_code: Optional[int] = None
+        self._out = bytearray()
+        self._goaway_last: Optional[int] = None  # the final GOAWAY's last stream id, once sent
+        self._shutdown = False                   # the first (2^31-1) GOAWAY was sent
+        self._streams_opened = 0
+        self._premature = 0
+
+    # ------------------------------------------------------------------ connection
+    def initiate(self) -> None:
+        """Queue our SETTINGS and the connection window increase (call once, first)."""
+        conn = self.conn
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS:
+                              self.limits.max_concurrent_streams})
+        # The hpack decoder enforces the header list size as soon as we say it.
+        conn.decoder.max_header_list_size = self.limits.max_header_list_size
+        extra = self.limits.connection_window - 65535
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the socket now (empty when there is nothing)."""
+        data = self.conn.data_to_send()
+        if self._out:
+            data = bytes(self._out) + data
+            self._out.clear()
+        return data
+
+    def _take(self) -> None:
+        """Move h2's queued frames into ours, so a frame we build goes after them."""
+        data = self.conn.data_to_send()
+        if data:
+            self._out += data
+
+    def _goaway(self, last: int, code: int) -> None:
+        self._take()
+        f = GoAwayFrame(0)
+        f.last_stream_id = last
+        f.error_code = code
+        self._out += f.serialize()
+
+    def begin_shutdown(self) -> None:
+        """Graceful stop, step 1: GOAWAY(2^31-1) and a PING; its ACK triggers step 2."""
+        if self._shutdown or self.closed:
+            return
+        self._shutdown = True
+        self._goaway(_MAX_STREAM_ID, NO_ERROR)
+        p = PingFrame(0)
+        p.opaque_data = _SHUTDOWN_PING
+        self._out += p.serialize()
+
+    def goaway(self, code: int = NO_ERROR) -> None:
+        """Graceful stop, step 2 (also the fallback when the PING is not answered): the final
+        GOAWAY; streams up to the last one seen finish, later ones are refused."""
+        if self._goaway_last is not None or self.closed:
+            return
+        self._shutdown = True
+        last = self.conn.highest_inbound_stream_id
+        self._goaway_last = last
+        self._goaway(last, code)
+        self._check_done()
+
+    def _fatal(self, code: int) -> None:
+        """End the connection now (abuse): GOAWAY ``code``; nothing more is processed."""
+        if self.closed:
+            return
+        if self._goaway_last is None:
+            self._goaway_last = self.conn.highest_inbound_stream_id
+            self._goaway(self._goaway_last, code)
+        self.closed = True
+        self.error_code = code
+
+    def _check_done(self) -> None:
+        if self._goaway_last is not None and not self.streams and self.active == 0:
+            self.closed = True
+
+    @property
+    def shutting_down(self) -> bool:
+        """A GOAWAY went out (or came in): no new streams will be accepted for long."""
+        return self._shutdown
+
+    @property
+    def goaway_sent(self) -> bool:
+        """The final GOAWAY went out (or the client's came in): the connection ends when
+        its streams are done."""
+        return self._goaway_last is not None
+
+    def is_idle(self) -> bool:
+        """No request in progress and nothing left to send on any stream."""
+        return self.active == 0 and not self.streams
+
+    # ------------------------------------------------------------------ input
+    def feed(self, data: bytes) -> list:
+        """Process bytes from the client; return the events for the connection layer."""
+        if self.closed:
+            return []
+        # h2 drops its unsent frames when a GOAWAY arrives: take them first.
+        self._take()
+        try:
+            h2_events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 queued GOAWAY with the right code (PROTOCOL_ERROR, FRAME_SIZE_ERROR, ...).
+            self.closed = True
+            self.error_code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
+            return [ConnectionClosed(self.conn.highest_inbound_stream_id)]
+        out: list = []
+        for ev in h2_events:
+            cls = ev.__class__
+            if cls is h2.events.RequestReceived:
+                self._on_request(ev, out)
+            elif cls is h2.events.DataReceived:
+                self._on_data(ev, out)
+            elif cls is h2.events.TrailersReceived:
+                self._on_trailers(ev, out)
+            elif cls is h2.events.StreamReset:
+                self._on_reset(ev, out)
+            elif cls is h2.events.WindowUpdated or cls is h2.events.RemoteSettingsChanged:
+                self._flush_all()
+            elif cls is h2.events.PingAckReceived:
+                if ev.ping_data == _SHUTDOWN_PING:
+                    self.goaway()
+            elif cls is h2.events.ConnectionTerminated:
+                self._on_goaway(ev, out)
+            if self.closed:
+                break
+        self._check_done()
+        return out
+
+    def _on_request(self, ev: h2.events.RequestReceived, out: list) -> None:
+        sid = ev.stream_id
+        end = ev.stream_ended is not None
+        self._streams_opened += 1
+        if self._goaway_last is not None and sid > self._goaway_last:
+            self._refuse(sid, REFUSED_STREAM, "stream opened after GOAWAY", out, premature=False)
+            return
+        if self.active >= self.limits.max_concurrent_streams:
+            self._refuse(sid, REFUSED_STREAM, "too many concurrent streams", out)
+            return
+        s = _Stream()
+        s.remote_done = end
+        self.streams[sid] = s
+        try:
+            head = translate_request(ev.headers, sid, end, self.limits.max_body_bytes)
+        except _Reject as rej:
+            if rej.status == 0:
+                del self.streams[sid]
+                self._refuse(sid, PROTOCOL_ERROR, rej.reason, out)
+                return
+            self._premature += 1
+            s.rejected = True
+            self.send_head(sid, rej.status, [(b"content-length", b"0"),
+                                              (b"cache-control", b"private, no-store")], True)
+            out.append(RequestRejected(sid, rej.status, NO_ERROR, rej.reason))
+            self._abuse_check()
+            return
+        self.active += 1
+        out.append(head)
+        if end:
+            out.append(MessageEnd(None, sid))
+
+    def _refuse(self, sid: int, code: int, reason: str, out: list, premature: bool = True) -> None:
+        try:
+            self.conn.reset_stream(sid, code)
+        except h2.exceptions.ProtocolError:
+            pass
+        out.append(RequestRejected(sid, 0, code, reason))
+        if premature:
+            self._premature += 1
+            self._abuse_check()
+
+    def _abuse_check(self) -> None:
+        p = self._premature
+        if p >= self.limits.max_premature_resets and p * 2 > self._streams_opened:
+            self._fatal(ENHANCE_YOUR_CALM)
+
+    def _on_data(self, ev: h2.events.DataReceived, out: list) -> None:
+        sid = ev.stream_id
+        data = ev.data
+        flow = ev.flow_controlled_length
+        s = self.streams.get(sid)
+        conn = self.conn
+        if s is None or s.rejected or s.ended:
+            # Nobody will read it (refused, answered already): hand the window back now.
+            if flow:
+                conn.acknowledge_received_data(flow, sid)
+            if s is not None and ev.stream_ended is not None:
+                s.remote_done = True
+                self._maybe_forget(sid, s)
+            return
+        if flow > len(data):
+            conn.acknowledge_received_data(flow - len(data), sid)  # padding
+        s.body_bytes += len(data)
+        limit = self.limits.max_body_bytes
+        if limit is not None and s.body_bytes > limit:
+            s.rejected = True
+            conn.acknowledge_received_data(len(data), sid)
+            out.append(RequestRejected(sid, 413, NO_ERROR, "request body too large"))
+            return
+        if data:
+            out.append(Data(data, sid))
+        if ev.stream_ended is not None:
+            s.remote_done = True
+            out.append(MessageEnd(None, sid))
+
+    def _on_trailers(self, ev: h2.events.TrailersReceived, out: list) -> None:
+        sid = ev.stream_id
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        s.remote_done = True
+        if s.rejected or s.ended:
+            self._maybe_forget(sid, s)
+            return
+        try:
+            trailers = _check_trailers(ev.headers)
+        except _Reject as rej:
+            s.rejected = True
+            self.reset(sid, PROTOCOL_ERROR)
+            out.append(RequestRejected(sid, 400, PROTOCOL_ERROR, rej.reason))
+            return
+        out.append(MessageEnd(trailers, sid))
+
+    def _on_reset(self, ev: h2.events.StreamReset, out: list) -> None:
+        sid = ev.stream_id
+        s = self.streams.pop(sid, None)
+        if s is None:
+            return
+        if not s.ended:
+            self._premature += 1  # reset before its response ended
+        s.ended = s.reset = s.remote_done = True
+        out.append(StreamReset(sid, int(ev.error_code)))
+        self._abuse_check()
+
+    def _on_goaway(self, ev: h2.events.ConnectionTerminated, out: list) -> None:
+        if ev.error_code:
+            self.closed = True
+            self.error_code = int(ev.error_code)
+        else:
+            # A graceful GOAWAY from the client: our in-flight responses may still go out, but
+            # h2's state machine closes on it; reopen it (h2 issue #1181).
+            state = getattr(self.conn.state_machine, "state", None)
+            if self.streams and state is not None:
+                self.conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            if self._goaway_last is None:
+                self._shutdown = True
+                self._goaway_last = self.conn.highest_inbound_stream_id
+        out.append(ConnectionClosed(ev.last_stream_id or 0))
+
+    # ------------------------------------------------------------------ output
+    def send_head(self, sid: int, status: int, fields: Iterable[tuple[bytes, bytes]],
+                  end: bool = False) -> None:
+        """The response head. ``fields``: lower-case names, no connection-specific ones (see
+        ``response_fields``). ``end``: no body follows."""
+        s = self.streams.get(sid)
+        if s is None or s.ended:
+            return
+        headers = [(b":status", b"%d" % status)]
+        headers.extend(fields)
+        self.conn.send_headers(sid, headers, end_stream=end)
+        if end:
+            self._ended(sid, s)
+
+    def send_informational(self, sid: int, status: int,
+                           fields: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """A 1xx before the final response (100 Continue, 103 Early Hints)."""
+        s = self.streams.get(sid)
+        if s is None or s.ended:
+            return
+        headers = [(b":status", b"%d" % status)]
+        headers.extend(fields)
+        self.conn.send_headers(sid, headers, end_stream=False)
+
+    def send_body(self, sid: int, data: bytes, end: bool = False) -> None:
+        """Queue body bytes; they go out as the flow-control windows allow. ``end``: they
+        are the last ones (END_STREAM rides on the last DATA frame)."""
+        s = self.streams.get(sid)
+        if s is None or s.ended or s.end:
+            return
+        if data:
+            s.out.append(data)
+            s.out_bytes += len(data)
+        if end:
+            s.end = True
+        self._flush(sid, s)
+
+    def send_end(self, sid: int, trailers: Optional[Iterable[tuple[bytes, bytes]]] = None) -> None:
+        """End the response (with trailers) once the queued body has gone out."""
+        s = self.streams.get(sid)
+        if s is None or s.ended or s.end:
+            return
+        s.end = True
+        s.trailers = list(trailers) if trailers else None
+        self._flush(sid, s)
+
+    def pending(self, sid: int) -> int:
+        """Body bytes of ``sid`` queued and not yet framed (0 once the stream is gone)."""
+        s = self.streams.get(sid)
+        return s.out_bytes if s is not None else 0
+
+    def reset(self, sid: int, code: int = CANCEL) -> None:
+        """Reset one stream (an aborted response, a cancelled handler)."""
+        s = self.streams.pop(sid, None)
+        if s is None:
+            return
+        s.ended = s.reset = True
+        try:
+            self.conn.reset_stream(sid, code)
+        except h2.exceptions.ProtocolError:
+            pass  # already closed at the protocol level
+        self._check_done()
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The application read ``n`` body bytes of ``sid``: give the window back."""
+        if n > 0 and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(n, sid)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def release(self, sid: int) -> None:
+        """The handler of ``sid`` is done (its response is queued or the stream was reset):
+        it no longer counts against the concurrent-stream limit."""
+        if self.active > 0:
+            self.active -= 1
+        self._check_done()
+
+    def _flush_all(self) -> None:
+        for sid, s in list(self.streams.items()):
+            if s.out or s.end:
+                self._flush(sid, s)
+
+    def _flush(self, sid: int, s: _Stream) -> None:
+        conn = self.conn
+        out = s.out
+        while out:
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if window <= 0:
+                return
+            chunk = out[0]
+            n = len(chunk)
+            if n <= window:
+                out.popleft()
+                s.out_bytes -= n
+                last = not out and s.end and s.trailers is None
+                conn.send_data(sid, chunk, end_stream=last)
+                if last:
+                    self._ended(sid, s)
+                    return
+            else:
+                out[0] = chunk[window:]
+                s.out_bytes -= window
+                conn.send_data(sid, chunk[:window])
+        if s.end and not s.ended:
+            if s.trailers is not None:
+                conn.send_headers(sid, s.trailers, end_stream=True)
+            else:
+                conn.end_stream(sid)
+            self._ended(sid, s)
+
+    def _ended(self, sid: int, s: _Stream) -> None:
+        s.ended = True
+        s.out.clear()
+        s.out_bytes = 0
+        self._maybe_forget(sid, s)
+
+    def _maybe_forget(self, sid: int, s: _Stream) -> None:
+        if not s.ended:
+            return
+        if not s.remote_done:
+            # Answered before the whole request arrived: ask the client to stop sending
+            # (RFC 9113 8.1, RST_STREAM NO_ERROR after a complete response).
+            try:
+                self.conn.reset_stream(sid, NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        self.streams.pop(sid, None)
+        self._check_done()
+
+
+def response_fields(headers: Iterable[tuple[bytes, bytes]], drop_length: bool = False
+                    ) -> list[tuple[bytes, bytes]]:
+    """HTTP/1-style response fields -> HTTP/2 ones: names lower-cased, connection-specific
+    fields (and ``Content-Length`` when ``drop_length``) left out."""
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in CONNECTION_SPECIFIC or (drop_length and lname == b"content-length"):
+            continue
+        out.append((lname, value))
+    return out

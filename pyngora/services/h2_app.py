@@ -1,0 +1,667 @@
+"""The downstream HTTP/2 connection: an asyncio Protocol driving ``protocols.h2.H2Server``.
+
+One :class:`H2Connection` per socket that speaks HTTP/2 (ALPN ``h2`` over TLS, or h2c prior
+knowledge; ``services/h2_dispatch.py`` chooses). Every stream becomes an :class:`H2Exchange`
+with the public API of ``http_app.Exchange`` (head, ``read_body``, ``write_head``,
+``write_body``, ``drain``, ``write_end``, ``respond``, ``respond_prebuilt``, ``respond_error``,
+trailers), so the same :class:`HttpApp` (static service, proxy engine, every ProxyHttp phase)
+serves HTTP/1 and HTTP/2 unchanged. What it guarantees:
+
+- back-pressure: request body bytes are acknowledged (WINDOW_UPDATE) only when the app reads
+  them, so a slow reader stops the client, not our memory; ``drain()`` waits while the
+  stream's queued response bytes exceed what its flow-control window lets out, or while the
+  socket's write buffer is full (reading from the socket pauses then, too);
+- limits and abuse handling of ``H2Server`` (concurrent streams, header list size, resets,
+  CONTINUATION floods);
+- ``close_when_idle()`` (worker draining): GOAWAY, in-flight streams finish, then close;
+- a client resetting a stream cancels its handler (like a client closing an HTTP/1 socket).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Awaitable, Optional
+
+from pyngora import log
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.headers import Headers
+from pyngora.protocols import h2 as h2p
+from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, RequestHead,
+                                      StreamReset)
+from pyngora.services.base import ConnectionTracker
+from pyngora.services.http_app import HttpApp, HttpSettings, error_status_of
+
+__all__ = ["H2Connection", "H2Exchange", "h2_limits"]
+
+# Queued response bytes per stream above which ``drain()`` waits.
+STREAM_HIGH_WATER = 64 * 1024
+# How long the graceful GOAWAY waits for the PING's ACK before the final GOAWAY.
+SHUTDOWN_PING_SECONDS = 1.0
+
+_ERROR_FIELDS = [(b"content-length", b"0"), (b"cache-control", b"private, no-store")]
+
+
+def h2_limits(settings: HttpSettings, **overrides: Any) -> h2p.H2Limits:
+    """H2Limits from a service's HttpSettings (header and body limits carry over)."""
+    pl = settings.parser_limits
+    kw: dict[str, Any] = {"max_header_list_size": getattr(pl, "max_header_bytes", 65536),
+                          "max_body_bytes": getattr(pl, "max_body_bytes", None)}
+    kw.update(overrides)
+    return h2p.H2Limits(**kw)
+
+
+def _closed_error(context: str = "downstream stream closed") -> Error:
+    return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None, context)
+
+
+_PREBUILT: dict[bytes, tuple[list[tuple[bytes, bytes]], bool]] = {}
+
+
+def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1 head (status line + fields, see ``Exchange.respond_prebuilt``) -> HTTP/2
+    fields. Cached: the static service changes its head once a second."""
+    hit = _PREBUILT.get(head)
+    if hit is not None:
+        return hit[0]
+    fields = []
+    for line in head.split(b"\r\n")[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        fields.append((name.strip(), value.strip()))
+    out = h2p.response_fields(fields)
+    if len(_PREBUILT) > 16:
+        _PREBUILT.clear()
+    _PREBUILT[head] = (out, True)
+    return out
+
+
+class StreamHandle:
+    """What ``exchange.conn`` offers for one stream: ``loop``, ``closed`` and ``abort()``
+    (which resets this stream only, not the connection its neighbours share)."""
+
+    __slots__ = ("connection", "exchange", "loop")
+
+    def __init__(self, connection: "H2Connection", exchange: "H2Exchange") -> None:
+        self.connection = connection
+        self.exchange = exchange
+        self.loop = connection.loop
+
+    @property
+    def closed(self) -> bool:
+        return self.exchange._gone()
+
+    def abort(self) -> None:
+        self.connection._reset_stream(self.exchange.stream_id, h2p.INTERNAL_ERROR)
+
+
+class H2Exchange:
+    """One HTTP/2 stream: a request and its response, with ``http_app.Exchange``'s API."""
+
+    __slots__ = ("conn", "h2conn", "stream_id", "head", "client_addr", "server_addr", "scheme",
+                 "start_time", "status", "keep_alive", "head_sent", "finished", "req_bytes",
+                 "resp_bytes", "trailers", "task", "_no_body", "_chunks", "_buffered",
+                 "_body_done", "_error", "_waiter", "_drain_waiter", "_continue_pending",
+                 "_reset")
+
+    def __init__(self, h2conn: "H2Connection", head: RequestHead, start_time: float) -> None:
+        self.h2conn = h2conn
+        self.stream_id = head.stream_id
+        self.conn = StreamHandle(h2conn, self)
+        self.head = head
+        self.client_addr = h2conn.client_addr
+        self.server_addr = h2conn.server_addr
+        self.scheme = h2conn.scheme
+        self.start_time = start_time
+        self.status = 0
+        self.keep_alive = True
+        self.head_sent = False
+        self.finished = False
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.trailers: Optional[Headers] = None
+        self.task: Optional[asyncio.Task[Any]] = None
+        self._no_body = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._body_done = head.body == "none"
+        self._error: Optional[Error] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._drain_waiter: Optional[asyncio.Future[None]] = None
+        self._continue_pending = head.expect_continue and not self._body_done
+        self._reset = False
+
+    # ------------------------------------------------------------------ request body
+    @property
+    def body_done(self) -> bool:
+        """True once the whole request body has been received (not necessarily read)."""
+        return self._body_done
+
+    async def read_body(self) -> Optional[bytes]:
+        """The next piece of the request body, ``None`` at its end; reading it hands the
+        flow-control window back to the client. Raises Error (Downstream) when the stream
+        was reset or the body refused (``status`` 400/413)."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft()
+                self._buffered -= len(data)
+                self.h2conn._consumed(self.stream_id, len(data))
+                return data
+            if self._body_done:
+                return None
+            if self._error is not None:
+                raise self._error
+            if self._continue_pending:
+                self._continue_pending = False
+                if not self.head_sent:
+                    self.h2conn.proto.send_informational(self.stream_id, 100)
+                    self.h2conn._schedule_flush()
+            waiter = self._waiter = self.h2conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def read_full_body(self, limit: Optional[int] = None) -> bytes:
+        """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
+        parts = []
+        total = 0
+        while True:
+            data = await self.read_body()
+            if data is None:
+                return b"".join(parts)
+            total += len(data)
+            if limit is not None and total > limit:
+                raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
+                            "request body too large", status=413)
+            parts.append(data)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self.req_bytes += len(data)
+        if self.finished:
+            self.h2conn._consumed(self.stream_id, len(data))  # nobody will read it
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def _end(self, trailers: Optional[Headers]) -> None:
+        self.trailers = trailers
+        self._body_done = True
+        self._continue_pending = False
+        self._wake()
+
+    def _fail(self, err: Error) -> None:
+        if self._error is None:
+            self._error = err
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(err)
+        self._wake_drain(err)
+
+    def _wake_drain(self, err: Optional[Error] = None) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            if err is None:
+                w.set_result(None)
+            else:
+                w.set_exception(err)
+
+    # ------------------------------------------------------------------ response
+    def _gone(self) -> bool:
+        """The stream was reset (by either side) or the connection is closed."""
+        return self._reset or self.h2conn.closed
+
+    def write_informational(self, status: int, headers: Optional[Headers] = None) -> None:
+        """Forward a 1xx (103 Early Hints, ...) before the final response."""
+        if self.head_sent or status in (100, 101) or not 100 < status < 200 or self._gone():
+            return
+        self.h2conn.proto.send_informational(self.stream_id, status,
+                                             h2p.response_fields(headers or ()))
+        self.h2conn._schedule_flush()
+
+    def write_head(self, status: int, headers: Headers, reason: Optional[bytes | str] = None,
+                   end: bool = False) -> None:
+        """Send the response head (``reason`` has no place in HTTP/2 and is ignored).
+        Connection-specific fields are dropped, names lower-cased. ``end``: no body."""
+        if self.head_sent:
+            raise RuntimeError("response head already sent")
+        if self._gone():
+            raise _closed_error()
+        if status == 101 or status < 200:
+            raise RuntimeError("HTTP/2 has no upgrades; use write_informational for 1xx")
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        no_body = self.head.method == b"HEAD" or status == 204 or status == 304
+        self._no_body = no_body
+        fields = h2p.response_fields(headers, drop_length=status == 204)
+        self.h2conn.proto.send_head(self.stream_id, status, fields, end or no_body)
+        self.h2conn._schedule_flush()
+        if end:
+            self._finish()
+
+    def write_body(self, data: bytes) -> None:
+        """Queue a piece of the body. Raises Error (Downstream, ConnectionClosed) when the
+        stream or the connection is gone, so pumps stop."""
+        if self.finished:
+            raise RuntimeError("response already finished")
+        if not data or self._no_body:
+            return
+        if self._gone():
+            raise _closed_error()
+        self.resp_bytes += len(data)
+        self.h2conn.proto.send_body(self.stream_id, data)
+        self.h2conn._schedule_flush()
+
+    async def drain(self) -> None:
+        """Wait while this stream has more than STREAM_HIGH_WATER bytes queued (its window is
+        closed) or the socket's write buffer is full. Raises Error when the stream is gone."""
+        conn = self.h2conn
+        while True:
+            if self._gone():
+                raise _closed_error()
+            if conn.proto.pending(self.stream_id) <= STREAM_HIGH_WATER and not conn._write_paused:
+                return
+            w = self._drain_waiter = conn.loop.create_future()
+            conn._drain_waiting.add(self)
+            try:
+                await w
+            finally:
+                self._drain_waiter = None
+                conn._drain_waiting.discard(self)
+
+    def write_end(self, trailers: Optional[Headers] = None) -> None:
+        """End the response (with trailers: gRPC) once the queued body is out."""
+        if self.finished:
+            return
+        if not self._gone() and not self._no_body:
+            self.h2conn.proto.send_end(self.stream_id,
+                                       h2p.response_fields(trailers) if trailers else None)
+            self.h2conn._schedule_flush()
+        self._finish()
+
+    def respond(self, status: int, headers: Optional[Headers] = None, body: bytes = b"",
+                reason: Optional[bytes | str] = None) -> None:
+        """A whole response at once (``Content-Length`` is set from ``body``)."""
+        if headers is None:
+            headers = Headers()
+        if b"content-length" not in headers and status != 204 and status != 304:
+            headers.add(b"Content-Length", str(len(body)).encode())
+        if not body:
+            self.write_head(status, headers, reason, end=True)
+            return
+        self.write_head(status, headers, reason)
+        if not self._no_body:
+            self.resp_bytes += len(body)
+            self.h2conn.proto.send_body(self.stream_id, body, end=True)
+        self._finish()
+
+    def respond_prebuilt(self, status: int, head: bytes, body: bytes) -> None:
+        """Fast path for fixed answers: ``head`` is an HTTP/1 status line and fields (the
+        static service's), turned into HTTP/2 fields once and cached."""
+        if self.head_sent:
+            raise RuntimeError("response head already sent")
+        if self._gone():
+            return
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        proto = self.h2conn.proto
+        fields = _parse_prebuilt(head)
+        if body and self.head.method != b"HEAD":
+            self.resp_bytes = len(body)
+            proto.send_head(self.stream_id, status, fields, False)
+            proto.send_body(self.stream_id, body, end=True)
+        else:
+            proto.send_head(self.stream_id, status, fields, True)
+        self.h2conn._schedule_flush()
+        self._finish()
+
+    def respond_error(self, status: int) -> None:
+        """An empty-bodied error (``Cache-Control: private, no-store``), or a stream reset
+        when a response head was already sent (a truncated response must not look whole)."""
+        if self.finished:
+            return
+        if self.head_sent or status <= 0:
+            self.h2conn._reset_stream(self.stream_id, h2p.INTERNAL_ERROR)
+            self._finish()
+            return
+        self.head_sent = True
+        self.status = status
+        if not self._gone():
+            self.h2conn.proto.send_head(self.stream_id, status, _ERROR_FIELDS, True)
+            self.h2conn._schedule_flush()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self._buffered:
+                # Read no further: return what was buffered to the connection window.
+                self.h2conn._consumed(self.stream_id, self._buffered)
+                self._buffered = 0
+                self._chunks.clear()
+            self.h2conn._exchange_done(self)
+
+    def tunnel(self) -> Any:
+        raise RuntimeError("HTTP/2 streams cannot be upgraded")
+
+
+class H2Connection(asyncio.Protocol):
+    """An HTTP/2 server connection (built by ``h2_dispatch``; ``initial`` = bytes already
+    read by the dispatcher, the client preface included)."""
+
+    __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport", "proto",
+                 "client_addr", "server_addr", "closed", "_streams", "_write_paused",
+                 "_read_paused", "_drain_waiting", "_flush_scheduled", "_timer",
+                 "_draining", "_initial")
+
+    def __init__(self, app: HttpApp, settings: HttpSettings,
+                 tracker: Optional[ConnectionTracker] = None, scheme: str = "https",
+                 metrics: Any = None, loop: Optional[asyncio.AbstractEventLoop] = None,
+                 limits: Optional[h2p.H2Limits] = None, initial: bytes = b"") -> None:
+        self.loop = loop or asyncio.get_event_loop()
+        self.app = app
+        self.settings = settings
+        self.tracker = tracker
+        self.metrics = metrics
+        self.scheme = scheme
+        self.transport: Optional[asyncio.Transport] = None
+        self.proto = h2p.H2Server(limits or h2_limits(settings))
+        self.client_addr: Any = None
+        self.server_addr: Any = None
+        self.closed = False
+        self._streams: dict[int, H2Exchange] = {}
+        self._write_paused = False
+        self._read_paused = False
+        self._drain_waiting: set[H2Exchange] = set()
+        self._flush_scheduled = False
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._draining = False
+        self._initial = initial
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client_addr = transport.get_extra_info("peername")
+        self.server_addr = transport.get_extra_info("sockname")
+        if self.metrics is not None:
+            self.metrics.connection_opened()
+        self.proto.initiate()
+        self._flush()
+        # The first request must come within the header timeout, later ones within the
+        # keep-alive timeout (both re-armed whenever the connection goes idle).
+        self._arm(self.settings.header_read_timeout)
+        if self.tracker is not None:
+            self.tracker.add(self)  # may call close_when_idle at once (draining worker)
+        initial, self._initial = self._initial, b""
+        if initial:
+            self.data_received(initial)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        if self.metrics is not None:
+            self.metrics.connection_closed()
+        err = _closed_error("downstream connection closed")
+        for ex in list(self._streams.values()):
+            self._stream_gone(ex, err)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        events = self.proto.feed(data)
+        for ev in events:
+            cls = ev.__class__
+            if cls is Data:
+                ex = self._streams.get(ev.stream_id)
+                if ex is not None:
+                    ex._feed(ev.data)
+                else:
+                    self.proto.consumed(ev.stream_id, len(ev.data))
+            elif cls is RequestHead:
+                self._start(ev)
+            elif cls is MessageEnd:
+                ex = self._streams.get(ev.stream_id)
+                if ex is not None:
+                    ex._end(ev.trailers)
+            elif cls is StreamReset:
+                ex = self._streams.get(ev.stream_id)
+                if ex is not None:
+                    self._stream_gone(ex, _closed_error("client reset the stream"))
+            elif cls is h2p.RequestRejected:
+                self._rejected(ev)
+            elif cls is ConnectionClosed:
+                if not self.proto.closed:
+                    self._draining = True  # the client's graceful GOAWAY
+        self._flush()
+
+    def eof_received(self) -> Optional[bool]:
+        # A half-closed HTTP/2 client cannot send WINDOW_UPDATE or new requests: finish now.
+        return None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        # Control frames (PING/SETTINGS ACKs, RSTs) are produced by what we read: stop
+        # reading while the client is not reading either.
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_reading()
+        self._wake_drains()
+
+    # ------------------------------------------------------------------ draining
+    def close_when_idle(self) -> None:
+        """Graceful stop: GOAWAY (2^31-1 + PING, then the real last stream id); in-flight
+        streams finish; the socket closes when none is left."""
+        self._draining = True
+        if self.closed:
+            return
+        self.proto.begin_shutdown()
+        self.loop.call_later(SHUTDOWN_PING_SECONDS, self._final_goaway)
+        self._flush()
+
+    def _final_goaway(self) -> None:
+        if not self.closed:
+            self.proto.goaway()
+            self._flush()
+
+    def abort(self) -> None:
+        """Close the socket now (fast stop)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    # ------------------------------------------------------------------ streams
+    def _start(self, head: RequestHead) -> None:
+        self._cancel_timer()
+        ex = H2Exchange(self, head, self.loop.time())
+        self._streams[head.stream_id] = ex
+        try:
+            result: Optional[Awaitable[None]] = self.app.handle(ex)  # type: ignore[arg-type]
+        except Exception as exc:  # the app failed synchronously
+            self._app_failed(ex, exc)
+            self._release(ex)
+            return
+        if result is not None:
+            task = self.loop.create_task(result)  # type: ignore[arg-type]
+            ex.task = task
+            task.add_done_callback(lambda t, ex=ex: self._task_done(ex, t))
+        else:
+            self._release(ex)  # answered synchronously (the static service)
+
+    def _app_failed(self, ex: H2Exchange, exc: BaseException) -> None:
+        if not (isinstance(exc, Error) and exc.source is ErrorSource.Downstream):
+            log.ERROR.error("request handler failed: %s %s: %r", ex.head.method.decode("latin-1"),
+                            ex.head.target.decode("latin-1"), exc, exc_info=exc)
+        if not ex.finished:
+            ex.respond_error(error_status_of(exc))
+
+    def _task_done(self, ex: H2Exchange, task: "asyncio.Task[Any]") -> None:
+        exc: Optional[BaseException] = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._app_failed(ex, exc)
+        elif not ex.finished:
+            if task.cancelled():
+                ex.respond_error(0)
+            else:
+                if not ex.head_sent:
+                    log.ERROR.error("request handler returned without a response: %s %s",
+                                    ex.head.method.decode("latin-1"),
+                                    ex.head.target.decode("latin-1"))
+                ex.respond_error(500)
+        self._release(ex)
+        self._schedule_flush()
+
+    def _release(self, ex: H2Exchange) -> None:
+        """The handler is done: the stream no longer counts against the concurrency limit."""
+        if self._streams.pop(ex.stream_id, None) is not None:
+            self.proto.release(ex.stream_id)
+            if not self._streams:
+                self._arm(self.settings.keepalive_timeout)
+        self._maybe_close()
+
+    def _exchange_done(self, ex: H2Exchange) -> None:
+        if self.metrics is not None:
+            self.metrics.request_done(ex.status, self.loop.time() - ex.start_time,
+                                      ex.req_bytes, ex.resp_bytes)
+
+    def _stream_gone(self, ex: H2Exchange, err: Error) -> None:
+        """The client reset the stream or the connection closed: fail reads and drains, and
+        cancel a handler still working on it (its cleanup closes the upstream it used)."""
+        ex._reset = True
+        ex._fail(err)
+        if ex._buffered:
+            self.proto.consumed(ex.stream_id, ex._buffered)
+            ex._buffered = 0
+            ex._chunks.clear()
+        if ex.task is not None and not ex.task.done():
+            if not ex.finished:
+                ex.task.cancel()  # _task_done releases it
+        else:
+            if not ex.finished:
+                ex.finished = True
+                if self.metrics is not None:
+                    self.metrics.request_done(0, self.loop.time() - ex.start_time,
+                                              ex.req_bytes, ex.resp_bytes)
+            self._release(ex)
+
+    def _rejected(self, ev: h2p.RequestRejected) -> None:
+        ex = self._streams.get(ev.stream_id)
+        if ex is not None:
+            # The body was refused (413) or its trailers malformed (400): the handler sees an
+            # Error from read_body and answers (or the stream is reset already).
+            if ev.error_code:
+                ex._reset = True  # the protocol reset the stream itself
+            ex._fail(Error(ErrorType.BodyTooLarge if ev.status == 413 else
+                           ErrorType.InvalidHTTPHeader, ErrorSource.Downstream, None,
+                           ev.reason, status=ev.status or 400))
+        elif ev.status and self.metrics is not None:
+            self.metrics.request_done(ev.status, 0.0, 0, 0)
+
+    def _reset_stream(self, sid: int, code: int) -> None:
+        self.proto.reset(sid, code)
+        ex = self._streams.get(sid)
+        if ex is not None:
+            ex._reset = True
+            ex._wake_drain(_closed_error("stream reset"))
+        self._schedule_flush()
+
+    def _consumed(self, sid: int, n: int) -> None:
+        self.proto.consumed(sid, n)
+        self._schedule_flush()
+
+    # ------------------------------------------------------------------ output
+    def _schedule_flush(self) -> None:
+        """Write what the protocol queued at the end of this loop iteration: one write for
+        all the frames the handlers produced meanwhile."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or self.transport is None:
+            return
+        data = self.proto.data_to_send()
+        if data:
+            self.transport.write(data)
+        if self._drain_waiting:
+            self._wake_drains()
+        self._maybe_close()
+
+    def _wake_drains(self) -> None:
+        if self._write_paused:
+            return
+        proto = self.proto
+        for ex in list(self._drain_waiting):
+            if proto.pending(ex.stream_id) <= STREAM_HIGH_WATER or ex._gone():
+                ex._wake_drain()
+
+    def _maybe_close(self) -> None:
+        """Close the socket when the protocol is over: a fatal error, or draining with no
+        stream left after the final GOAWAY (sent at once when no PING is outstanding)."""
+        proto = self.proto
+        if self.closed:
+            return
+        if not proto.closed:
+            if not (self._draining and not self._streams and proto.is_idle()):
+                return
+            if not proto.goaway_sent:
+                if proto.shutting_down:
+                    return  # waiting for the PING's ACK (or _final_goaway's timer)
+                proto.goaway()
+            if not proto.closed:
+                return
+        data = proto.data_to_send()
+        t = self.transport
+        if t is not None:
+            if data:
+                t.write(data)
+            self.closed = True
+            self._cancel_timer()
+            t.close()
+
+    # ------------------------------------------------------------------ timers and reading
+    def _arm(self, delay: Optional[float]) -> None:
+        self._cancel_timer()
+        if delay and delay > 0 and not self.closed:
+            self._timer = self.loop.call_later(delay, self._on_idle_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_idle_timeout(self) -> None:
+        self._timer = None
+        if not self._streams:
+            self._draining = True
+            self.proto.goaway()
+            self._flush()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = True
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass

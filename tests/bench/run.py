@@ -1,0 +1,573 @@
+"""pyngora against nginx, in the same run, on the same pinned cores.
+
+    .venv/bin/python -m tests.bench.run [--quick] [--scenarios static,small,...] [--runs N]
+        [--duration S] [--no-profile] [--idle-conns N] [--no-record] [--json FILE]
+
+Layout (tests/bench/README.md): the proxy under test (pyngora master + one worker per service,
+or nginx with one worker) on core 0; the origin (nginx, one worker) and the load generator
+on core 1. Both proxies run for the whole session; each scenario alternates nginx, pyngora,
+nginx, pyngora, ... and reports the median run of each. A full run appends a dated section
+to tests/bench/RESULTS.md. Everything started is killed (process groups) at the end, on an
+error, and on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tests.bench import configs
+from tests.bench.memory import IdleConnResult, hold_idle_connections
+from tests.bench.pyspy import Profile, profile_worker, py_spy
+from tests.bench.tools import (LoadResult, Procs, children, free_port, parse_h2load, parse_wrk,
+                               pin, rss_kib, title, wait_until)
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the table: which listener, which path, how the load generator behaves."""
+    name: str
+    target: str                  # "static" | "proxy" | "h2": which listener of each server
+    path: str
+    close: bool                  # Connection: close (a new connection per request)
+    min_ratio: Optional[float]   # issue 9's req/s target, pyngora/nginx
+    max_p99_ratio: Optional[float]
+    text: str
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("static", "static", "/", False, None, None,
+             "keep-alive, small body; pyngora `static` service vs nginx `return 200`"),
+    Scenario("static-churn", "static", "/", True, None, None,
+             "new connection per request; pyngora `static` vs nginx `return 200`"),
+    Scenario("small", "proxy", "/", False, 0.8, 2.0,
+             "reverse proxy, keep-alive, small body"),
+    Scenario("large", "proxy", configs.LARGE_PATH, False, 0.9, None,
+             "reverse proxy, keep-alive, 64 KiB body"),
+    Scenario("churn", "proxy", "/", True, 0.6, None,
+             "reverse proxy, new connection per request (Connection: close)"),
+    Scenario("h2", "h2", "/", False, 0.5, None,
+             "reverse proxy, h2c prior knowledge, h2load -c 10 -m 100"),
+)}
+
+SERVERS = ("nginx", "pyngora")
+
+
+@dataclass
+class Row:
+    """Every run of one scenario against both servers, and the medians."""
+    scenario: str
+    text: str
+    commands: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, list[LoadResult]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+    skipped: str = ""
+
+    def median(self, server: str) -> Optional[LoadResult]:
+        """The run with the median req/s (its own p50/p99 come with it)."""
+        runs = sorted(self.runs[server], key=lambda r: r.rps)
+        return runs[(len(runs) - 1) // 2] if runs else None
+
+    def errors(self) -> int:
+        return sum(r.errors for runs in self.runs.values() for r in runs)
+
+
+# --- the servers ---------------------------------------------------------------------------
+
+@dataclass
+class Ports:
+    static: int
+    proxy: Optional[int]
+    h2: Optional[int]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """One GET on a fresh connection; (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "pyngora-bench"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def answers(port: int, path: str, expect: bytes | int) -> str:
+    """'' when ``port`` answers ``path`` with 200 and the expected body (or body length),
+    else why not."""
+    try:
+        status, body = http_get(port, path)
+    except OSError as e:
+        return f"GET {path}: {e!r}"
+    ok_body = len(body) == expect if isinstance(expect, int) else body == expect
+    if status != 200 or not ok_body:
+        return f"GET {path}: status {status}, {len(body)} body bytes"
+    return ""
+
+
+def answers_h2(port: int) -> str:
+    """'' when ``port`` answers an HTTP/2 prior-knowledge GET with 200, else why not."""
+    if shutil.which("curl") is None:
+        return "curl is not installed"
+    try:
+        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "--max-time", "3",
+                              "--http2-prior-knowledge", "-w", "%{http_version} %{http_code}",
+                              f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "h2c GET: no answer"
+    return "" if out.stdout.strip() == "2 200" else f"h2c GET: {out.stdout.strip() or 'failed'}"
+
+
+def wait_answers(port: int, path: str, expect: bytes | int, proc: subprocess.Popen,
+                 timeout: float = 20.0) -> str:
+    """Wait for ``port`` to answer; '' or the last reason (also when ``proc`` exited)."""
+    last = ["not tried"]
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            last[0] = f"exited with {proc.returncode}"
+            return True
+        last[0] = answers(port, path, expect)
+        return not last[0]
+
+    wait_until(ready, timeout, 0.1)
+    return last[0]
+
+
+def start_nginx(procs: Procs, name: str, conf: str, d: Path, cpu: Optional[str]
+                ) -> subprocess.Popen:
+    """nginx in the foreground (daemon off) with its prefix, config and error log in ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nginx.conf").write_text(conf)
+    return procs.start(name, pin(cpu, ["nginx", "-p", str(d), "-e", str(d / "error.log"),
+                                      "-c", str(d / "nginx.conf")]), signal.SIGTERM)
+
+
+def start_pyngora(procs: Procs, tmp: Path, origin_port: int, want_proxy: bool, want_h2: bool,
+                  cpu: Optional[str]) -> tuple[subprocess.Popen, Ports, dict[str, str]]:
+    """Start pyngora with as much as it can serve: proxy + h2c, else proxy, else static only.
+
+    Returns the master, its ports and, per target it cannot serve ("proxy", "h2"), why.
+    """
+    why: dict[str, str] = {}
+    attempts = []
+    if want_proxy and want_h2:
+        attempts.append((True, True))
+    if want_proxy:
+        attempts.append((True, False))
+    attempts.append((False, False))
+    for n, (proxy, h2) in enumerate(attempts):
+        ports = Ports(free_port(), free_port() if proxy else None, free_port() if h2 else None)
+        conf = tmp / f"pyngora-{n}.yaml"
+        conf.write_text(configs.pyngora_conf(tmp, ports.static, ports.proxy, ports.h2,
+                                             origin_port))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        master = procs.start(f"pyngora-{n}", pin(cpu, [PY, "-m", "pyngora", "-c", str(conf)]),
+                             signal.SIGINT, env=env, cwd=ROOT)
+        reason = wait_answers(ports.static, "/", configs.SMALL_BODY.encode(), master)
+        if reason:
+            tail = procs.log_tail(f"pyngora-{n}", 4).replace("\n", " / ")
+            failed = "h2" if h2 else "proxy" if proxy else "static"
+            why[failed] = f"pyngora did not start with it: {reason}: {tail}"
+            if failed == "proxy":
+                why.setdefault("h2", why["proxy"])
+            procs.stop(master)
+            continue
+        if not proxy:
+            why.setdefault("proxy", "http_proxy service not started")
+        else:
+            reason = wait_answers(ports.proxy, "/", configs.SMALL_BODY.encode(), master, 5)
+            if reason:
+                why["proxy"] = f"http_proxy does not answer ({reason})"
+        if not h2:
+            why.setdefault("h2", why.get("proxy", "h2c listener not started"))
+        elif "proxy" in why:
+            why["h2"] = why["proxy"]
+        else:
+            reason = answers_h2(ports.h2)
+            if reason:
+                why["h2"] = f"h2c listener does not answer ({reason})"
+        return master, ports, why
+    raise RuntimeError(f"pyngora does not start even with the static service only: {why}")
+
+
+def workers_of(master: int) -> dict[str, int]:
+    """{title: pid} of the master's children."""
+    return {title(p) or str(p): p for p in children(master)}
+
+
+def worker_for(master: int, service: str) -> Optional[int]:
+    """The pid of ``service``'s first worker (pyngora titles: 'pyngora: worker SERVICE/N')."""
+    for t, pid in workers_of(master).items():
+        if f"worker {service}/" in t:
+            return pid
+    return None
+
+
+# --- the load ------------------------------------------------------------------------------
+
+def load_command(s: Scenario, port: int, seconds: int, conns: int, cpu: Optional[str],
+                 log: Path) -> list[str]:
+    """The exact load-generator command for ``s`` against ``port``."""
+    url = f"http://127.0.0.1:{port}{s.path}"
+    if s.target == "h2":
+        return pin(cpu, ["h2load", "-c", "10", "-m", "100", "-t", "1", "-D", str(seconds),
+                         "--log-file", str(log), url])
+    cmd = ["wrk", "-c", str(conns), "-t", "1", "-d", f"{seconds}s", "--latency"]
+    if s.close:
+        cmd += ["-H", "Connection: close"]
+    return pin(cpu, cmd + [url])
+
+
+def run_load(procs: Procs, s: Scenario, port: int, seconds: int, conns: int,
+             cpu: Optional[str], tmp: Path) -> tuple[LoadResult, str]:
+    """One measured run; (result, the command as text)."""
+    log = tmp / "h2load.log"
+    log.unlink(missing_ok=True)
+    argv = load_command(s, port, seconds, conns, cpu, log)
+    out = procs.run(argv[0] if argv[0] != "taskset" else argv[3], argv, timeout=seconds + 60)
+    result = parse_h2load(out, log) if s.target == "h2" else parse_wrk(out)
+    shown = [a if a != str(log) else "LOG" for a in argv]
+    return result, " ".join(shlex.quote(a) for a in shown)
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def _f(x: Optional[float], fmt: str) -> str:
+    return "-" if x is None or x != x else format(x, fmt)
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table of medians and ratios."""
+    out = ["| scenario | nginx req/s | pyngora req/s | ratio | target | nginx p50 ms | "
+           "pyngora p50 ms | nginx p99 ms | pyngora p99 ms | p99 ratio | errors |",
+           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        s = SCENARIOS[row.scenario]
+        n, p = row.median("nginx"), row.median("pyngora")
+        if row.skipped or n is None or p is None:
+            out.append(f"| {row.scenario} | {_f(n.rps if n else None, '.0f')} | skipped: "
+                       f"{row.skipped or 'no run'} | | | | | | | | |")
+            continue
+        ratio = p.rps / n.rps if n.rps else float("nan")
+        p99r = p.p99_ms / n.p99_ms if n.p99_ms else float("nan")
+        target = ""
+        if s.min_ratio is not None:
+            target = f">= {s.min_ratio}" + (" " + ("met" if ratio >= s.min_ratio else "MISSED"))
+        if s.max_p99_ratio is not None:
+            met = p99r <= s.max_p99_ratio
+            target += f"; p99 <= {s.max_p99_ratio}x {'met' if met else 'MISSED'}"
+        out.append(f"| {row.scenario} | {n.rps:.0f} | {p.rps:.0f} | {ratio:.2f} | {target} | "
+                   f"{n.p50_ms:.2f} | {p.p50_ms:.2f} | {n.p99_ms:.2f} | {p.p99_ms:.2f} | "
+                   f"{p99r:.2f} | {row.errors()} |")
+    return "\n".join(out)
+
+
+def memory_text(idle: dict[str, dict[str, int]], conns: dict[str, IdleConnResult | str],
+                conns_target: str) -> str:
+    """The memory section: idle RSS per process, then the idle keep-alive connections."""
+    lines = ["| process | idle VmRSS MiB |", "|---|---:|"]
+    for server, procs in idle.items():
+        for t, kib in procs.items():
+            lines.append(f"| {server}: {t} | {kib / 1024:.1f} |")
+    lines += ["", f"Idle keep-alive connections held on one worker ({conns_target} listener):",
+              "", "| server | opened | held | 2nd request ok | worker RSS before MiB | after MiB "
+              "| per connection KiB | after close MiB | worker FDs before/after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for server, r in conns.items():
+        if isinstance(r, str):
+            lines.append(f"| {server} | {r} | | | | | | | |")
+            continue
+        close = "-" if r.rss_after_close_kib is None else f"{r.rss_after_close_kib / 1024:.1f}"
+        lines.append(f"| {server} | {r.opened}/{r.wanted} | {r.held} | {r.sample_ok}/{r.sample} "
+                     f"| {r.rss_before_kib / 1024:.1f} | {r.rss_after_kib / 1024:.1f} | "
+                     f"{r.per_conn_bytes / 1024:.2f} | {close} | {r.fds_before}/{r.fds_after} |"
+                     + (f" {r.error}" if r.error else ""))
+    return "\n".join(lines)
+
+
+def profile_text(p: Profile, what: str) -> str:
+    """The top functions of the profile as markdown."""
+    lines = [f"py-spy, {p.samples} samples of the pyngora worker during {what}.", "",
+             "| # | function | file | self % | total % |", "|---:|---|---|---:|---:|"]
+    for i, c in enumerate(p.top_self, 1):
+        lines.append(f"| {i} | `{c.func}` | {c.file} | {c.self_pct:.1f} | {c.total_pct:.1f} |")
+    lines += ["", "Inclusive (total %) of the request path's frames:", "",
+              "| function | file | total % | self % |", "|---|---|---:|---:|"]
+    for c in p.top_total:
+        if c.file.startswith("pyngora/") and c.total_pct < 99.0:
+            lines.append(f"| `{c.func}` | {c.file} | {c.total_pct:.1f} | {c.self_pct:.1f} |")
+    lines += ["", "Self time by file:", "", "| file | self % |", "|---|---:|"]
+    lines += [f"| {f} | {pct:.1f} |" for f, pct in p.by_file]
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    """Tool and interpreter versions, for the record."""
+    def first(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    commit = first(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return (f"commit {commit} (plus the working tree), Python {platform.python_version()}, "
+            f"{first(['nginx', '-v'])}, {first(['wrk', '-v'])}, {first(['h2load', '--version'])}, "
+            f"{os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}")
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 s per run, 1 run, no warm-up, no profile, 200 idle connections, "
+                         "RESULTS.md untouched (the smoke test's mode)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"comma-separated, from {', '.join(SCENARIOS)}")
+    ap.add_argument("--runs", type=int, default=3, help="runs per server, alternating")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per run")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c")
+    ap.add_argument("--idle-conns", type=int, default=None,
+                    help="idle keep-alive connections to hold (0: skip; default 10000, "
+                         "200 with --quick)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    ap.add_argument("--profile-seconds", type=int, default=10)
+    ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="append to RESULTS.md even if --quick")
+    ap.add_argument("--note", default="", help="a line saying what changed, for RESULTS.md")
+    ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--proxy-cpu", default="0")
+    ap.add_argument("--load-cpu", default="1")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.runs, a.duration, a.no_profile = 1, 1, True
+    if a.idle_conns is None:
+        a.idle_conns = 200 if a.quick else 10000
+    a.names = [n.strip() for n in a.scenarios.split(",") if n.strip()]
+    unknown = [n for n in a.names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    if len(os.sched_getaffinity(0)) < 2:
+        a.proxy_cpu = a.load_cpu = None  # one core: pinning would only serialise everything
+    return a
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by every server started)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: end the run the way Ctrl-C does, through main's ``finally``."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = parse_args(argv)
+    missing = [t for t in ("wrk", "nginx", "curl") if shutil.which(t) is None]
+    if missing:
+        print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    nofile = raise_nofile()
+    started = dt.datetime.now(dt.timezone.utc)
+    env_line = versions()
+    tmp = Path(tempfile.mkdtemp(prefix="pyngora-bench-"))
+    tmp.chmod(0o755)  # nginx workers run as nobody when the bench runs as root
+    procs = Procs(tmp)
+    # SIGTERM ends the run like Ctrl-C: through the finally below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    rows: list[Row] = []
+    idle: dict[str, dict[str, int]] = {}
+    conns: dict[str, IdleConnResult | str] = {}
+    conns_target = ""
+    prof: Optional[Profile] = None
+    prof_what = ""
+    prof_error = ""
+    try:
+        # The origin, on the load generator's core.
+        www = tmp / "www"
+        www.mkdir()
+        (www / configs.LARGE_PATH.lstrip("/")).write_bytes(os.urandom(configs.LARGE_SIZE))
+        origin_port = free_port()
+        origin = start_nginx(procs, "origin", configs.origin_conf(tmp / "origin", origin_port,
+                                                                  www, nofile),
+                             tmp / "origin", a.load_cpu)
+        for path, expect in (("/", configs.SMALL_BODY.encode()),
+                             (configs.LARGE_PATH, configs.LARGE_SIZE)):
+            why = wait_answers(origin_port, path, expect, origin)
+            if why:
+                raise RuntimeError(f"origin nginx: {why}\n{procs.log_tail('origin')}")
+
+        want = {SCENARIOS[n].target for n in a.names}
+        want_h2 = "h2" in want and shutil.which("h2load") is not None
+        ng_ports = Ports(free_port(), free_port(), free_port() if want_h2 else None)
+        nginx = start_nginx(procs, "nginx", configs.nginx_conf(
+            tmp / "nginx", ng_ports.static, ng_ports.proxy, ng_ports.h2, origin_port, nofile),
+            tmp / "nginx", a.proxy_cpu)
+        for port in (ng_ports.static, ng_ports.proxy):
+            why = wait_answers(port, "/", configs.SMALL_BODY.encode(), nginx)
+            if why:
+                raise RuntimeError(f"nginx under test: {why}\n{procs.log_tail('nginx')}")
+
+        master, py_ports, unavailable = start_pyngora(
+            procs, tmp, origin_port, bool(want & {"proxy", "h2"}), want_h2, a.proxy_cpu)
+        if "h2" in want and not want_h2:
+            unavailable["h2"] = "h2load is not installed"
+        for target, why in unavailable.items():
+            print(f"bench: pyngora {target} scenarios skipped: {why}", file=sys.stderr)
+
+        time.sleep(0.5)
+        idle["pyngora"] = {"master": rss_kib(master.pid) or 0}
+        for t, pid in workers_of(master.pid).items():
+            idle["pyngora"][t.replace("pyngora: ", "")] = rss_kib(pid) or 0
+        idle["nginx"] = {"master": rss_kib(nginx.pid) or 0}
+        for pid in children(nginx.pid):
+            idle["nginx"][f"worker {pid}"] = rss_kib(pid) or 0
+
+        for name in a.names:
+            s = SCENARIOS[name]
+            row = Row(name, s.text)
+            rows.append(row)
+            if s.target in unavailable:
+                row.skipped = unavailable[s.target]
+                continue
+            ports = {"nginx": getattr(ng_ports, s.target), "pyngora": getattr(py_ports, s.target)}
+            if not a.quick:  # warm-up: upstream pools, caches, the CPU's frequency
+                for server in SERVERS:
+                    run_load(procs, s, ports[server], 2, a.connections, a.load_cpu, tmp)
+            for i in range(a.runs):
+                for server in SERVERS:
+                    result, cmd = run_load(procs, s, ports[server], a.duration, a.connections,
+                                           a.load_cpu, tmp)
+                    row.runs[server].append(result)
+                    row.commands[server] = cmd
+                    print(f"bench: {name:13s} {server:8s} run {i + 1}: {result.rps:10.0f} req/s "
+                          f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms "
+                          f"errors {result.errors}", file=sys.stderr, flush=True)
+
+        target = "proxy" if "proxy" not in unavailable else "static"
+        if not a.no_profile:
+            service = target
+            pid = worker_for(master.pid, service)
+            prof_what = (f"the {'small' if target == 'proxy' else 'static'} scenario "
+                         f"(wrk -c {a.connections}, keep-alive)")
+            if pid is None or py_spy() is None:
+                prof_error = "no worker found" if pid is None else "py-spy is not installed"
+            else:
+                s = SCENARIOS["small" if target == "proxy" else "static"]
+                argv = load_command(s, getattr(py_ports, target), a.profile_seconds + 2,
+                                    a.connections, a.load_cpu, tmp / "unused.log")
+                try:
+                    prof = profile_worker(procs, pid, argv, a.profile_seconds,
+                                          tmp / "profile.raw")
+                    if a.keep_tmp or not a.no_record:
+                        shutil.copy(tmp / "profile.raw", HERE / "last-profile.raw.txt")
+                except RuntimeError as e:
+                    prof_error = str(e)
+
+        if a.idle_conns > 0:
+            conns_target = target
+            need = a.idle_conns + 200
+            if nofile < need:
+                a.idle_conns = max(0, nofile - 500)
+            for server, port, pid in (
+                    ("nginx", getattr(ng_ports, target), (children(nginx.pid) or [0])[0]),
+                    ("pyngora", getattr(py_ports, target), worker_for(master.pid, target) or 0)):
+                if not pid:
+                    conns[server] = "worker not found"
+                    continue
+                # Twice: the second round shows whether the first one's memory is reused
+                # (allocator keeps it) or grows again (a leak per connection).
+                for rnd in (1, 2):
+                    conns[f"{server} round {rnd}"] = hold_idle_connections(
+                        port, pid, a.idle_conns, pause=0.5 if a.quick else 2.0)
+                    if a.quick:
+                        break
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopping everything it started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if a.keep_tmp:
+            print(f"bench: configs and logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    report = table(rows)
+    mem = memory_text(idle, conns, conns_target)
+    print(report)
+    print()
+    print(mem)
+    if prof is not None:
+        print()
+        print(profile_text(prof, prof_what))
+    elif prof_error:
+        print(f"\nprofile: {prof_error}")
+    if a.json:
+        a.json.write_text(json.dumps({
+            "started": started.isoformat(), "env": env_line,
+            "rows": [{"scenario": r.scenario, "skipped": r.skipped, "commands": r.commands,
+                      "runs": {k: [dict(asdict(x), raw="") for x in v]
+                               for k, v in r.runs.items()}} for r in rows],
+            "idle_rss_kib": idle,
+            "idle_conns": {k: (asdict(v) if isinstance(v, IdleConnResult) else v)
+                           for k, v in conns.items()},
+        }, indent=1))
+    if (not a.quick and not a.no_record) or a.record:
+        record(started, a, env_line, rows, report, mem, prof, prof_what, prof_error)
+    return 0
+
+
+def record(started: dt.datetime, a: argparse.Namespace, env_line: str, rows: list[Row],
+           report: str, mem: str, prof: Optional[Profile], prof_what: str,
+           prof_error: str) -> None:
+    """Append a dated section to RESULTS.md: date, environment, exact commands, table."""
+    parts = [f"\n## {started:%Y-%m-%d %H:%M} UTC: {a.runs} x {a.duration} s per server, "
+             f"alternating{' (quick)' if a.quick else ''}", ""]
+    if a.note:
+        parts += [a.note, ""]
+    parts += [f"- {env_line}",
+              f"- driver: `.venv/bin/python -m tests.bench.run {' '.join(sys.argv[1:])}`".rstrip(),
+              f"- pinning: proxy under test on CPU {a.proxy_cpu}, origin + load generator on "
+              f"CPU {a.load_cpu}", "", "Commands (ports change every run):", ""]
+    for r in rows:
+        for server, cmd in r.commands.items():
+            parts.append(f"- {r.scenario}, {server}: `{cmd}`")
+    parts += ["", report, "", mem, ""]
+    if prof is not None:
+        parts += [profile_text(prof, prof_what), ""]
+    elif prof_error:
+        parts += [f"Profile: {prof_error}", ""]
+    with open(RESULTS, "a") as f:
+        f.write("\n".join(parts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Smoke test of the benchmark driver: ``python -m tests.bench.run --quick`` runs every
+scenario against nginx and pyngora for about a second each and produces numbers with no
+errors. Never a timing assertion: the figures themselves live in tests/bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("wrk", "nginx", "curl")),
+    reason="the bench needs wrk, nginx and curl (bin/test installs them as root)")
+
+# h2 is the one scenario allowed to be skipped, and only while pyngora's h2c listener does not
+# answer (HTTP/2 not landed) or h2load is missing.
+OPTIONAL = {"h2"}
+
+
+def test_quick_bench_produces_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--quick", "--no-record", "--idle-conns", "100",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [r["scenario"] for r in result["rows"]]
+    assert {"static", "static-churn", "small", "large", "churn"} <= set(names)
+    for row in result["rows"]:
+        if row["skipped"]:
+            assert row["scenario"] in OPTIONAL, f"{row['scenario']} skipped: {row['skipped']}"
+            assert row["skipped"], "a skipped scenario says why"
+            continue
+        for server in ("nginx", "pyngora"):
+            runs = row["runs"][server]
+            assert runs, f"{row['scenario']}: no run against {server}"
+            for r in runs:
+                assert r["requests"] > 0 and r["rps"] > 0, (row["scenario"], server, r)
+                assert r["errors"] == 0, (row["scenario"], server, r["error_detail"])
+    assert result["idle_rss_kib"]["pyngora"]["master"] > 0
+    for server, held in result["idle_conns"].items():
+        assert isinstance(held, dict), (server, held)
+        assert held["opened"] == held["wanted"] == 100, (server, held)
+        assert held["held"] == 100 and held["sample_ok"] == held["sample"], (server, held)
