@@ -98,12 +98,14 @@ CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 _DEFS = (
     MetricDef("pyngora_requests_total", "counter",
-              "Downstream requests answered, by service and HTTP status code.", ("service", "code")),
+              "Downstream requests answered, by service and HTTP status code.",
+              ("service", "code")),
     MetricDef("pyngora_request_duration_seconds", "histogram",
               "Seconds from the start of a downstream request to the end of its response.",
               ("service",), buckets=REQUEST_BUCKETS),
     MetricDef("pyngora_upstream_requests_total", "counter",
-              "Responses received from upstream backends, by upstream group, backend and status code.",
+              "Responses received from upstream backends, by upstream group, backend and "
+              "status code.",
               ("upstream", "backend", "code")),
     MetricDef("pyngora_upstream_connect_duration_seconds", "histogram",
               "Seconds to open a new upstream connection (TCP connect and TLS handshake).",
@@ -112,7 +114,8 @@ _DEFS = (
               "Upstream failures, by upstream group, backend and error kind.",
               ("upstream", "backend", "kind")),
     MetricDef("pyngora_upstream_pool_reused_total", "counter",
-              "Upstream requests sent on a reused keep-alive connection from the pool.", ("upstream",)),
+              "Upstream requests sent on a reused keep-alive connection from the pool.",
+              ("upstream",)),
     MetricDef("pyngora_backend_healthy", "gauge",
               "1 if the backend passes its health check, 0 if it does not.",
               ("upstream", "backend"), mode="livemostrecent"),
@@ -125,10 +128,12 @@ _DEFS = (
     MetricDef("pyngora_response_bytes_total", "counter",
               "Bytes sent to downstream clients (response heads and bodies).", ("service",)),
     MetricDef("pyngora_workers", "gauge",
-              "Worker processes running now, per service (old and new master together during an upgrade).",
+              "Worker processes running now, per service (old and new master together during "
+              "an upgrade).",
               ("service",), mode="livesum"),
     MetricDef("pyngora_worker_restarts_total", "counter",
-              "Worker processes that died unexpectedly and were replaced by the master.", ("service",)),
+              "Worker processes that died unexpectedly and were replaced by the master.",
+              ("service",)),
     MetricDef("pyngora_upgrades_total", "counter",
               "Zero-downtime upgrades completed (listening sockets handed to a new master)."),
     MetricDef("pyngora_upgrade_failures_total", "counter",
@@ -164,8 +169,10 @@ def series_key(metric_name: str, sample_name: str, labels: dict[str, str], help_
     return json.dumps([metric_name, sample_name, labels, help_text], sort_keys=True)
 
 
-def sample_key(d: MetricDef, values: tuple[str, ...], suffix: str = "", le: str | None = None) -> str:
-    """Key of the sample of ``d`` with label ``values``; ``suffix`` is ``_bucket``/``_sum`` for histograms."""
+def sample_key(d: MetricDef, values: tuple[str, ...], suffix: str = "",
+               le: str | None = None) -> str:
+    """Key of the sample of ``d`` with label ``values`` (in ``d.labels`` order); ``suffix`` is
+    ``_bucket`` (with ``le``) or ``_sum`` for histograms."""
     labels = dict(zip(d.labels, values))
     if le is not None:
         labels["le"] = le

@@ -172,7 +172,8 @@ class _State:
         self.kind_label = _Bounded(MAX_KINDS, kind_label)
         self.code_label = _Bounded(1000, code_label)
 
-    def key(self, d: MetricDef, values: tuple[str, ...], suffix: str = "", le: str | None = None) -> str:
+    def key(self, d: MetricDef, values: tuple[str, ...], suffix: str = "",
+            le: str | None = None) -> str:
         """Cached multiprocess key (building JSON costs microseconds; the set is bounded)."""
         ck = (d.name, values, suffix, le)
         k = self.keys.get(ck)
@@ -286,7 +287,8 @@ def _flush_services(st: _State, files: multiproc.ProcessFiles) -> None:
 
 def _flush_upstreams(st: _State, files: multiproc.ProcessFiles) -> None:
     req, err = METRICS["pyngora_upstream_requests_total"], METRICS["pyngora_upstream_errors_total"]
-    con, reu = METRICS["pyngora_upstream_connect_duration_seconds"], METRICS["pyngora_upstream_pool_reused_total"]
+    con = METRICS["pyngora_upstream_connect_duration_seconds"]
+    reu = METRICS["pyngora_upstream_pool_reused_total"]
     for m in st.upstreams.values():
         up = st.upstream_label(m.name)
         requests, m.requests = m.requests, {}

@@ -74,7 +74,8 @@ class PrometheusApp(HttpApp):
     def __init__(self, metrics_dir: str, path: str = "/metrics", render: Optional[Render] = None,
                  health_tables: Sequence[str] = ()) -> None:
         if render is None:
-            from pyngora.metrics import exporter  # the exporter process alone loads prometheus_client
+            # Only the exporter process loads prometheus_client.
+            from pyngora.metrics import exporter
             render = exporter.render
         self.path = path.encode("ascii")
         self.metrics_dir = metrics_dir

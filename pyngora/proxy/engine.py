@@ -41,6 +41,7 @@ except Exception:  # pragma: no cover - only when the metrics package is broken 
 __all__ = ["ProxyEngine", "plan_for", "Plan"]
 
 _EXPECT = b"expect"
+_HOST = b"host"
 
 
 class Plan:
@@ -271,6 +272,11 @@ class ProxyEngine(HttpApp):
         up_headers = req.headers.copy()
         h1.remove_hop_by_hop(up_headers)
         up_headers.remove(_EXPECT)  # 100-continue is handled downstream, by the connection
+        if _HOST not in up_headers:
+            # An HTTP/1.0 client may send no Host; HTTP/1.1 upstream requires one (nginx sends
+            # the upstream's address, as here).
+            up_headers.add(b"Host", b"localhost" if conn.peer.unix_path
+                           else conn.peer.address.encode("latin-1"))
         upgrade = head.upgrade
         if upgrade:
             value = req.headers.get(b"upgrade")

@@ -51,7 +51,8 @@ PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} not installed (Debian package 'prometheus'; bin/test installs it as root)")
+        pytest.skip(f"{name} not installed (Debian package 'prometheus'; "
+                    "bin/test installs it as root)")
     return path
 
 
@@ -154,7 +155,8 @@ def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('sum by (code) (rate(pyngora_requests_total{job="$job", code=~"5.."}[$__rate_interval]))'
+    expr = ('sum by (code) (rate(pyngora_requests_total{job="$job", code=~"5.."}'
+            '[$__rate_interval]))'
             ' / on (job) histogram_quantile(0.99, pyngora_x_bucket) > 1e3')
     assert metric_names(expr) == {"pyngora_requests_total", "pyngora_x_bucket"}
 

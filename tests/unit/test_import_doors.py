@@ -29,6 +29,10 @@ LEAVES = (
     "pyngora.metrics.multiproc",
     "pyngora.version",
     "pyngora.log",
+    # the shared health table is a file format (stdlib only): the prober writes it, workers and
+    # the metrics exporter read it
+    "pyngora.lb.health_table",
+    "pyngora.lb.backend",
 )
 
 # Rooms and the rooms each may import (besides itself and the leaves), most specific first.

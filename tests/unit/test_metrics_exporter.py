@@ -79,7 +79,8 @@ def test_render_has_every_spec_metric_with_help_and_type(mdir: str) -> None:
     for name in SPEC_METRICS:
         assert f"# HELP {name} " in text and f"# TYPE {name} " in text
     assert "process_cpu_seconds_total" in names and "process_resident_memory_bytes" in names
-    assert 'pyngora_build_info{python="%d.%d.%d",version="0.1.0"} 1.0' % sys.version_info[:3] in text
+    py = "%d.%d.%d" % sys.version_info[:3]
+    assert f'pyngora_build_info{{python="{py}",version="0.1.0"}} 1.0' in text
     assert 'pyngora_request_duration_seconds_count{service="web"} 2.0' in text
 
 
@@ -90,7 +91,10 @@ def test_render_gzip_when_asked(mdir: str) -> None:
     assert headers["Content-Encoding"] == "gzip" and headers["Vary"] == "Accept-Encoding"
     unzipped = gzip.decompress(zipped)
     # process_cpu_seconds and friends may move between the two renders; the pyngora part does not
-    strip = lambda b: [ln for ln in b.decode().splitlines() if ln.startswith("pyngora_")]  # noqa: E731
+
+    def strip(b: bytes) -> list[str]:
+        return [ln for ln in b.decode().splitlines() if ln.startswith("pyngora_")]
+
     assert strip(unzipped) == strip(plain)
     _, headers = exporter.render(mdir, "gzip;q=0, identity")
     assert "Content-Encoding" not in headers
