@@ -29,10 +29,6 @@ LEAVES = (
     "pyngora.metrics.multiproc",
     "pyngora.version",
     "pyngora.log",
-    # the shared health table is a file format (stdlib only): the prober writes it, workers and
-    # the metrics exporter read it
-    "pyngora.lb.health_table",
-    "pyngora.lb.backend",
 )
 
 # Rooms and the rooms each may import (besides itself and the leaves), most specific first.
@@ -51,7 +47,9 @@ ROOMS: dict[str, tuple[str, ...]] = {
                        "pyngora.metrics.multiproc", "pyngora.log", "pyngora.errors"),
     "pyngora.config": (),
     # the `prometheus` service type is a service: metrics may build on services (never the reverse)
-    "pyngora.metrics": ("pyngora.services", "pyngora.protocols", "pyngora.config"),
+    # ... and reads the shared health table (a file format) for pyngora_backend_healthy
+    "pyngora.metrics": ("pyngora.services", "pyngora.protocols", "pyngora.config",
+                        "pyngora.lb.health_table"),
 }
 # Door 6: the composition root and the public face import across rooms. Examples are user
 # programs written against the public API.
