@@ -10,7 +10,8 @@ Why not prometheus-client's metric objects on the request path: in multiprocess 
 ``inc()``/``observe()`` takes a lock, checks the pid and packs into an mmap. Measured on this
 project's 2-core box (prometheus-client 0.26, CPython 3.11): ``Counter.inc`` 0.76 us,
 ``Histogram.observe`` 1.6 us, and one request's worth (requests, duration, two byte counters,
-with ``labels()``) 7.6 us; the same with these recorders is well under 1 us (see
+with ``labels()``) 7.1-7.6 us; ``ServiceMetrics.request_done`` does the same in 0.21 us, a
+connection open+close 0.11 us, and a flush after 100,000 requests ~0.5 ms (see
 tests/unit/test_metrics_registry.py, which prints the numbers). The price: a worker killed
 with SIGKILL loses at most its last flush interval of counts (never more, never negative).
 

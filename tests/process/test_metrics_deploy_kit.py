@@ -245,11 +245,11 @@ def test_real_prometheus_scrapes_exact_counts(tmp_path: Path, monkeypatch) -> No
         "scrape_configs:\n"
         "  - job_name: pyngora\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{server.server_address[1]}']}}]\n")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
-        start_new_session=True)
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         first = [_count_in_worker(250) for _ in range(2)]
         q = 'sum(pyngora_requests_total{job="pyngora",code="200"})'

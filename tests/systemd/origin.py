@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Slow origin for the systemd e2e test (stdlib only; runs inside the container).
 
-``GET /slow`` answers after ``--delay`` seconds, so a request proxied through
+``GET /slow`` answers after ``--delay`` seconds (``/slow?delay=S``: S), so a request proxied through
 pyngora is still in flight while the test reloads or stops the service.
 ``GET /inflight`` answers the number of /slow requests now being served: the
 test awaits ``>= 1`` instead of sleeping. Usage: origin.py HOST:PORT [--delay S]
@@ -42,7 +42,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with _lock:
                 _inflight += 1
             try:
-                time.sleep(self.delay)
+                # /slow?delay=S overrides --delay for one request
+                _, _, query = self.path.partition("?delay=")
+                time.sleep(float(query) if query else self.delay)
                 self._answer(b"slow response complete\n")
             finally:
                 with _lock:

@@ -128,12 +128,13 @@ class Loop(threading.Thread):
 class Slow(threading.Thread):
     """One slow request through the proxy; ``result`` is (status, body, error)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = ORIGIN_DELAY) -> None:
         super().__init__(daemon=True)
+        self.delay = delay
         self.result: tuple[int, str, str] | None = None
 
     def run(self) -> None:
-        self.result = curl(SLOW_URL, max_time=60)
+        self.result = curl(f"{SLOW_URL}?delay={self.delay}", max_time=60)
 
     def start_in_flight(self) -> bool:
         """Start it and wait until the origin holds it (it is in flight)."""
@@ -311,15 +312,16 @@ def _run(c: Checks, unit: str, socket_unit: str | None, pids: list[int]) -> None
             f"alive: {[p for p in old if alive(p)]}")
     c.check("no restarts", show(unit, "NRestarts") in ("0", ""), f"NRestarts={show(unit, 'NRestarts')}")
     # The stop comes right after one more upgrade: one slow request is in flight
-    # on the old (draining) master, another on the new one. Both must complete.
-    on_old = Slow()
+    # on the old (draining) master, another on the new one. Both must complete;
+    # the one on the old master lasts longer, so it outlives the new master's drain.
+    on_old = Slow(delay=2 * ORIGIN_DELAY)
     c.check("stop: slow request in flight (old master)", on_old.start_in_flight())
     r = sh("systemctl", "reload", unit, timeout=90)
     c.check("stop: reload just before", r.returncode == 0, r.stderr.strip())
     for p in (int(show(unit, "MainPID") or 0), pid_file()):
         if p and p not in pids:
             pids.append(p)
-    on_new = Slow()
+    on_new = Slow(delay=ORIGIN_DELAY / 2)
     c.check("stop: slow request in flight (new master)", on_new.start_in_flight())
     t = time.monotonic()
     r = sh("systemctl", "stop", *([socket_unit] if socket_unit else []), unit, timeout=120)

@@ -1,0 +1,86 @@
+"""HTTP/1.x on the wire: serialising heads and chunks, hop-by-hop fields, origin-form.
+
+Split from h1.py (the parsers); ``pyngora.protocols.h1`` re-exports every name.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Optional
+
+from pyngora.headers import Headers
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: Headers,
+                           version: bytes = b"1.1") -> bytes:
+    """The wire form of a request head: request line, fields, blank line."""
+    return (_bytes(method) + b" " + _bytes(target) + b" HTTP/" + _bytes(version) + b"\r\n"
+            + headers.serialize() + b"\r\n")
+
+
+def serialize_response_head(status: int, reason: Optional[bytes], headers: Headers,
+                            version: bytes = b"1.1") -> bytes:
+    """The wire form of a response head; ``reason`` None = the standard phrase for ``status``."""
+    version = _bytes(version)
+    if reason is None:
+        line = _STATUS_LINES.get((version, status))
+        if line is None:
+            line = b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+            if len(_STATUS_LINES) < 4096:
+                _STATUS_LINES[(version, status)] = line
+    else:
+        line = b"HTTP/%b %d %b\r\n" % (version, status, _bytes(reason))
+    return line + headers.serialize() + b"\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body. Empty data gives b"" (an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Optional[Headers] = None) -> bytes:
+    """The last chunk, with ``trailers`` if any: ends a chunked body."""
+    if trailers:
+        return b"0\r\n" + trailers.serialize() + b"\r\n"
+    return b"0\r\n\r\n"
+
+
+def origin_form(target: bytes) -> bytes:
+    """The origin-form (path and query) of a request-target, for the request sent upstream.
+
+    An absolute-form target (``http://host/p?q``) gives ``/p?q`` (``/`` when it has no path);
+    origin-form, ``*`` and authority-form come back unchanged.
+    """
+    if not target or target[0] == 47 or target == b"*":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep:
+        return target  # authority-form (CONNECT)
+    for i, ch in enumerate(rest):
+        if ch == 47 or ch == 63:  # "/" or "?"
+            path = rest[i:]
+            return path if ch == 47 else b"/" + path
+    return b"/"
+
+
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"))
+
+
+def remove_hop_by_hop(headers: Headers) -> None:
+    """Remove hop-by-hop fields (RFC 9110 7.6.1) and every field named in Connection."""
+    names = set(HOP_BY_HOP)
+    for value in headers.get_all(b"connection"):
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                names.add(token)
+    headers.remove_names(names)
