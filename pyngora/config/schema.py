@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 import socket
 import typing
@@ -285,7 +286,12 @@ class ServerConf:
 
     @property
     def metrics_path(self) -> str:
-        return self.metrics_dir or os.path.join(_default_runtime_dir(), "metrics")
+        """``metrics_dir``, else one directory per ``pid_file`` under the runtime directory, so
+        two servers on one host never mix their counts."""
+        if self.metrics_dir:
+            return self.metrics_dir
+        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        return os.path.join(_default_runtime_dir(), "metrics-" + tag)
 
     def service_threads(self, svc_threads: Optional[int]) -> int:
         return svc_threads if svc_threads is not None else self.threads

@@ -48,6 +48,7 @@ from typing import Iterable, Iterator
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".pyngora.lock"
+OWNER_NAME = ".pyngora.owner"  # pid of the master that owns the directory
 SUFFIX = "-pyngora"
 ARCHIVE = "archive"
 
@@ -250,16 +251,46 @@ def metrics_dir() -> str | None:
     return os.environ.get(ENV_VAR) or None
 
 
+class MetricsDirInUse(RuntimeError):
+    """A fresh start found the directory owned by another live pyngora master."""
+
+
+def _owner_pid(path: str) -> int | None:
+    """The live pyngora master recorded as the directory's owner, or None (none, or stale)."""
+    try:
+        with open(os.path.join(path, OWNER_NAME)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid() or not _pid_exists(pid):
+        return None
+    try:  # a recycled pid of some other program is not an owner
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"pyngora" not in f.read():
+                return None
+    except OSError:
+        pass  # no /proc: trust the pid
+    return pid
+
+
 def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) -> None:
     """Create the metrics directory and export it as ``PROMETHEUS_MULTIPROC_DIR``.
 
     Runs in the master before it forks anything. ``fresh`` (a cold start): delete every metrics
     file and leftover temporary file in it (other files are left alone). Not fresh (an upgrade:
-    the old master's workers still write here): keep everything. ``owner`` (uid, gid) chowns the
-    directory and its lock file, for a master that starts as root and runs workers as ``user``.
+    the old master's workers still write here): keep everything. Either way this master becomes
+    the directory's owner. ``owner`` (uid, gid) chowns the directory and its lock file, for a
+    master that starts as root and runs workers as ``user``.
+
+    Raises MetricsDirInUse on a fresh start while another live pyngora master owns ``path``
+    (two servers sharing one ``metrics_dir`` would wipe and mix each other's counts).
     """
     os.makedirs(path, mode=0o755, exist_ok=True)
     if fresh:
+        other = _owner_pid(path)
+        if other is not None:
+            raise MetricsDirInUse(f"metrics_dir {path} is in use by the pyngora master pid "
+                                  f"{other}; give this server its own metrics_dir")
         for name in os.listdir(path):
             if FILE_RE.match(name) or _TMP_RE.match(name):
                 with contextlib.suppress(FileNotFoundError):
@@ -267,6 +298,10 @@ def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) ->
     lock = os.path.join(path, LOCK_NAME)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     os.close(fd)
+    write_owner = os.path.join(path, f".{OWNER_NAME}.{os.getpid()}.tmp")
+    with open(write_owner, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(write_owner, os.path.join(path, OWNER_NAME))
     if owner is not None:
         for p in (path, lock):
             os.chown(p, owner[0], owner[1])
@@ -562,8 +597,19 @@ def record_master_event(name: str, service: str = "") -> None:
 
 
 def master_exit() -> None:
-    """Master: last call before it exits; drops its live gauges and archives its counters."""
+    """Master: last call before it exits; drops its live gauges, archives its counters and
+    gives up ownership of the directory (unless a new master took it over in an upgrade)."""
     global _master
     if _master is not None and _master.pid == os.getpid():
         mark_process_dead(_master.pid, _master.directory, lock_timeout=1.0)
         _master = None
+    directory = metrics_dir()
+    if directory:
+        path = os.path.join(directory, OWNER_NAME)
+        try:
+            with open(path) as f:
+                mine = f.read().strip() == str(os.getpid())
+            if mine:
+                os.unlink(path)
+        except OSError:
+            pass

@@ -25,24 +25,26 @@ process, after which new values are counted under ``other``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Callable
 
 from pyngora.metrics import multiproc
 from pyngora.metrics.multiproc import CONNECT_BUCKETS, METRICS, REQUEST_BUCKETS, MetricDef
 
 OTHER = "other"
 MAX_NAMES = 256  # distinct services / upstreams / backends per upstream
-MAX_KINDS = 32  # distinct error kinds
+MAX_KINDS = 48  # distinct error kinds (ErrorType has 28)
 FLUSH_INTERVAL = 1.0  # seconds; the worker's timer, see start_flusher
 
 _REQ_BOUNDS = list(REQUEST_BUCKETS)
 _CONN_BOUNDS = list(CONNECT_BUCKETS)
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# CamelCase word boundaries: "ConnectTimedout" -> Connect|Timedout, "TLSHandshake" -> TLS|Handshake
+_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def code_label(code: int) -> str:
@@ -166,6 +168,7 @@ class _State:
         self.health: dict[tuple[str, str], tuple[float, float]] = {}
         self.health_dirty = False
         self.files: multiproc.ProcessFiles | None = None
+        self.stop_flusher: Callable[..., None] | None = None
         self.keys: dict[tuple[Any, ...], str] = {}
         self.service_label = _Bounded(MAX_NAMES)
         self.upstream_label = _Bounded(MAX_NAMES)
@@ -187,15 +190,28 @@ _state = _State(None)
 
 
 def init_worker(service: str | None = None) -> None:
-    """Start this process's metrics afresh; a worker calls it once right after fork.
+    """Start this process's metrics; a worker calls it once right after fork.
 
-    Drops anything inherited from the parent, and creates the service's series at zero so
-    that dashboards show 0 rather than nothing before the first request.
+    Drops anything inherited from the parent (its counts are in its own files), and creates
+    the service's series at zero so that dashboards show 0 rather than nothing before the
+    first request. Recorders already handed out in this process stay valid (calling it after
+    a service's ``start_worker`` took its recorders loses nothing).
     """
     global _state
-    _state = _State(service)
+    if _state.pid != os.getpid():
+        _state = _State(service)
+    elif service is not None:
+        _state.service = service
     if service is not None:
         service_metrics(service)
+
+
+def reset() -> None:
+    """Forget everything recorded in this process (tests; never on a serving worker)."""
+    global _state
+    if _state.stop_flusher is not None:
+        _state.stop_flusher(False)
+    _state = _State(None)
 
 
 def _current() -> _State:
@@ -204,12 +220,24 @@ def _current() -> _State:
     return _state
 
 
+def _ensure_flusher(st: _State) -> None:
+    """Start the flush timer the first time recorders are taken inside a running loop, so a
+    worker that only wires recorders still publishes (its exit still needs ``close()``)."""
+    if st.stop_flusher is None and multiproc.metrics_dir() is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        start_flusher(loop)
+
+
 def service_metrics(service: str) -> ServiceMetrics:
     """The recorders of ``service`` (the same object on every call; keep a reference)."""
     st = _current()
     m = st.services.get(service)
     if m is None:
         m = st.services[service] = ServiceMetrics(service)
+    _ensure_flusher(st)
     return m
 
 
@@ -219,6 +247,7 @@ def upstream_metrics(upstream: str) -> UpstreamMetrics:
     m = st.upstreams.get(upstream)
     if m is None:
         m = st.upstreams[upstream] = UpstreamMetrics(upstream)
+    _ensure_flusher(st)
     return m
 
 
@@ -307,30 +336,58 @@ def _flush_upstreams(st: _State, files: multiproc.ProcessFiles) -> None:
         m.reused = 0
 
 
-def start_flusher(loop: Any, interval: float = FLUSH_INTERVAL) -> Any:
+def start_flusher(loop: Any, interval: float = FLUSH_INTERVAL,
+                  on_error: Callable[[OSError], None] | None = None) -> Callable[..., None]:
     """Call ``flush()`` every ``interval`` seconds on an asyncio ``loop``; returns a stopper.
 
-    The returned callable cancels the timer and flushes one last time (call it at exit).
-    A failing flush (disk full) is retried on the next tick instead of killing the worker.
+    Replaces any flusher started before in this process (one timer per process). The
+    returned callable cancels the timer and flushes one last time (call it at exit, or call
+    ``close()``; it raises OSError if that last flush fails).
+    A failing flush (disk full, a directory the worker's user cannot write) is retried on the
+    next tick instead of killing the worker; ``on_error`` hears about the first failure of each
+    streak (give it the error log).
     """
+    st = _current()
+    if st.stop_flusher is not None:
+        st.stop_flusher(False)
     handle: list[Any] = [None]
+    failing = [False]
 
     def tick() -> None:
         try:
             flush()
-        except OSError:
-            pass  # the next tick retries; counts stay in memory meanwhile
+            failing[0] = False
+        except OSError as exc:  # counts stay in memory; the next tick retries
+            if not failing[0] and on_error is not None:
+                on_error(exc)
+            failing[0] = True
         handle[0] = loop.call_later(interval, tick)
 
     handle[0] = loop.call_later(interval, tick)
 
-    def stop() -> None:
+    def stop(final_flush: bool = True) -> None:
         if handle[0] is not None:
             handle[0].cancel()
             handle[0] = None
-        flush()
+        if st.stop_flusher is stop:
+            st.stop_flusher = None
+        if final_flush:
+            flush()
 
+    st.stop_flusher = stop
     return stop
+
+
+def close() -> None:
+    """A worker's last metrics call before ``os._exit``: stop the timer, flush everything.
+
+    Raises OSError if the directory cannot be written (the caller logs it and exits anyway).
+    """
+    st = _current()
+    if st.stop_flusher is not None:
+        st.stop_flusher(True)
+    else:
+        flush()
 
 
 # Master-side recorders live in the leaf ``multiproc`` (the master imports no prometheus_client

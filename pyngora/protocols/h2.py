@@ -74,6 +74,11 @@ _NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _PATH_CHARS = bytes(range(0x21, 0x7F))
 _WS = (0x20, 0x09)
 _PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
+# ``RequestHead.body`` for a request body without Content-Length (its end is END_STREAM).
+# "chunked" tells every consumer what it must know: the length is unknown, the body ends
+# with MessageEnd, and re-serialised as HTTP/1 it must be chunked (the proxy engine does so
+# for "chunked" only: "stream" would reach the origin unframed, a request-smuggling hazard).
+UNKNOWN_LENGTH_BODY = "chunked"
 
 
 class H2Limits:
@@ -137,7 +142,8 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
     """An HTTP/2 request header list -> the RequestHead an HTTP/1 request would give.
 
     ``:method`` -> method, ``:path`` -> target, ``:authority`` -> Host (first field), version
-    "2", body "none" (END_STREAM on HEADERS), "length" (Content-Length) or "stream". Cookie
+    "2", body "none" (END_STREAM on HEADERS), "length" (Content-Length) or
+    UNKNOWN_LENGTH_BODY ("chunked": see there). Cookie
     fields are joined with "; " (RFC 9113 8.2.3). Raises _Reject: status 0 for a malformed
     request (reset the stream), else the status to answer."""
     method = path = authority = None
@@ -230,7 +236,7 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
     elif content_length is not None:
         body = "length"
     else:
-        body = "stream"
+        body = UNKNOWN_LENGTH_BODY
     return RequestHead(method, path, "2", Headers._from_parser(items, keys), True, body,
                        content_length, expect and body != "none", False, stream_id)
 

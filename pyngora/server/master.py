@@ -41,6 +41,21 @@ SIGNALS = {
 }
 
 
+def _worker_owner(conf: ServerConf) -> Optional[tuple[int, int]]:
+    """(uid, gid) the workers drop to, when they do: they must be able to write metrics."""
+    if os.getuid() != 0 or not (conf.user or conf.group):
+        return None
+    import grp
+    import pwd
+    uid, gid = 0, 0
+    if conf.user:
+        pw = pwd.getpwnam(conf.user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if conf.group:
+        gid = grp.getgrnam(conf.group).gr_gid
+    return uid, gid
+
+
 class FatalError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
@@ -172,7 +187,9 @@ class Master:
         except ImportError:
             return
         try:
-            multiproc.prepare_dir(path, fresh=fresh)
+            multiproc.prepare_dir(path, fresh=fresh, owner=_worker_owner(self.conf))
+            from pyngora.version import __version__
+            multiproc.build_info(__version__)
         except Exception as e:  # metrics must never stop the proxy
             log.ERROR.warning("metrics directory %s unusable: %s", path, e)
 
@@ -259,6 +276,7 @@ class Master:
         w = Worker(pid, spec, rfd)
         self.workers[pid] = w
         self.selector.register(rfd, selectors.EVENT_READ, w)
+        self._publish_workers(svc.name)
         log.ERROR.debug("started %s %s/%d pid %d (generation %d)", kind, svc.name, slot, pid,
                         gen.number)
 
@@ -303,6 +321,7 @@ class Master:
                 self.selector.unregister(w.fd)
                 os.close(w.fd)
             self._mark_dead(pid)
+            self._publish_workers(w.spec.service.name)
             code = os.waitstatus_to_exitcode(status)
             gen = self._gen(w.gen)
             key = (w.spec.service.name, w.spec.slot)
@@ -352,6 +371,14 @@ class Master:
         try:
             from pyngora.metrics import multiproc
             multiproc.mark_process_dead(pid)
+        except Exception:
+            pass
+
+    def _publish_workers(self, service: str) -> None:
+        try:
+            from pyngora.metrics import multiproc
+            n = sum(1 for w in self.workers.values() if w.spec.service.name == service)
+            multiproc.workers(service, n)
         except Exception:
             pass
 
@@ -582,6 +609,11 @@ class Master:
                 pass
         self.table.close_all(unlink=not self.handed_over and not self.upgrade_mode)
         daemon.remove_pid_file(self.conf.pid_file)
+        try:
+            from pyngora.metrics import multiproc
+            multiproc.master_exit()
+        except Exception:
+            pass
         for w in self.workers.values():
             if w.fd >= 0:
                 os.close(w.fd)

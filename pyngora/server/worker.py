@@ -46,7 +46,7 @@ def _preload_modules() -> None:
     import importlib
     for name in ("concurrent.futures.thread", "ssl", "json", "email.utils", "zlib", "gzip",
                  "hashlib", "hmac", "base64", "urllib.parse", "ipaddress", "encodings.idna",
-                 "prometheus_client", "h2.connection"):
+                 "h2.connection"):
         try:
             importlib.import_module(name)
         except Exception:
@@ -150,6 +150,7 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
     loop.add_signal_handler(signal.SIGUSR1, log.reopen)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     watch = loop.create_task(_watch_master(spec.master_pid, ctx))
+    metrics = _start_metrics(service.name, ctx, loop)
 
     try:
         if service.is_background:
@@ -206,8 +207,26 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
         return EXIT_OK
     finally:
         watch.cancel()
-        if not booted and not service.is_background:
-            pass
+        if metrics is not None:
+            try:
+                metrics.close()  # the last counts reach the files before os._exit
+            except Exception:
+                pass
+
+
+def _start_metrics(service: str, ctx: WorkerContext, loop: object) -> Optional[object]:
+    """Per-worker metrics: plain counters flushed to the multiprocess files every second.
+    Metrics must never stop a worker, so any failure here only logs."""
+    try:
+        from pyngora.metrics import registry
+        registry.init_worker(service)
+        ctx.state["service_metrics"] = registry.service_metrics(service)
+        registry.start_flusher(loop, on_error=lambda e: log.ERROR.warning(
+            "metrics flush failed: %s", e))
+        return registry
+    except Exception as e:
+        log.ERROR.warning("metrics off in %s: %s", service, e)
+        return None
 
 
 async def _watch_master(master_pid: int, ctx: WorkerContext) -> None:

@@ -166,7 +166,7 @@ class Exchange:
                  "status", "keep_alive", "head_sent", "finished", "req_bytes", "resp_bytes",
                  "trailers", "task", "_chunked", "_no_body", "_chunks", "_buffered",
                  "_body_done", "_error", "_waiter", "_continue_pending", "_upgrade",
-                 "_tunnel")
+                 "_tunnel", "_head_buf")
 
     def __init__(self, conn: "H1Connection", head: RequestHead, start_time: float) -> None:
         self.conn = conn
@@ -193,6 +193,7 @@ class Exchange:
         self._continue_pending = head.expect_continue and not self._body_done
         self._upgrade = head.upgrade
         self._tunnel: Optional[Tunnel] = None
+        self._head_buf: Optional[bytes] = None  # a response head not sent yet (see write_head)
 
     # ------------------------------------------------------------------ request body
     @property
@@ -331,9 +332,21 @@ class Exchange:
         else:
             headers.set(b"Connection", b"close")
         self.keep_alive = keep_alive
-        conn._write(status_line(status, reason) + headers.serialize() + _CRLF)
+        data = status_line(status, reason) + headers.serialize() + _CRLF
         if end:
+            conn._write(data)
             self._finish()
+        else:
+            # Held back until the first body bytes (one send for head + body), or until the
+            # end of this loop iteration when the body is not ready yet.
+            self._head_buf = data
+            conn.loop.call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        data = self._head_buf
+        if data is not None:
+            self._head_buf = None
+            self.conn._write(data)
 
     def write_body(self, data: bytes) -> None:
         """Send a piece of the body (framed as chunked when the head chose it). Raises Error
@@ -346,7 +359,14 @@ class Exchange:
         if not data or self._no_body:
             return
         self.resp_bytes += len(data)
-        if self._chunked:
+        head = self._head_buf
+        if head is not None:
+            self._head_buf = None
+            if self._chunked:
+                conn.transport.writelines((head, b"%x\r\n" % len(data), data, _CRLF))  # type: ignore[union-attr]
+            else:
+                conn.transport.writelines((head, data))  # type: ignore[union-attr]
+        elif self._chunked:
             conn.transport.writelines((b"%x\r\n" % len(data), data, _CRLF))  # type: ignore[union-attr]
         else:
             conn.transport.write(data)  # type: ignore[union-attr]
@@ -354,17 +374,26 @@ class Exchange:
     async def drain(self) -> None:
         """Wait while the write buffer is above its high-water mark (write back-pressure).
         Raises Error (Downstream, ConnectionClosed) when the client is gone."""
+        if self._head_buf is not None:
+            self._flush_head()
         await self.conn._drain()
 
     def write_end(self, trailers: Optional[Headers] = None) -> None:
         """End the response (with trailers when chunked); the next request may start."""
         if self.finished:
             return
-        if self._chunked and not self.conn.closed:
+        head = self._head_buf
+        if head is not None:
+            self._head_buf = None
+        else:
+            head = b""
+        if self._chunked:
             if trailers:
-                self.conn._write(b"0\r\n" + trailers.serialize() + _CRLF)
+                self.conn._write(head + b"0\r\n" + trailers.serialize() + _CRLF)
             else:
-                self.conn._write(_LAST_CHUNK)
+                self.conn._write(head + _LAST_CHUNK)
+        elif head:
+            self.conn._write(head)
         self._finish()
 
     def respond(self, status: int, headers: Optional[Headers] = None, body: bytes = b"",
@@ -409,11 +438,12 @@ class Exchange:
         was already sent (a truncated response must not look complete)."""
         if self.finished:
             return
-        if self.head_sent:
+        if self.head_sent and self._head_buf is None:
             self.keep_alive = False
             self.conn.abort()
             self._finish()
             return
+        self._head_buf = None  # a head still held back never reached the client: replace it
         self.head_sent = True
         self.status = status
         self.keep_alive = False

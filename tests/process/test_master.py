@@ -79,7 +79,9 @@ def test_titles_master_workers_background(app_factory) -> None:
     assert title(app.proc.pid).startswith("pyngora: master -c ")
     assert sorted(title(p) for p in app.workers()) == [
         "pyngora: worker web/0", "pyngora: worker web/1", "pyngora: worker web/2"]
-    assert [title(p) for p in children_of(app.proc.pid) if "background" in title(p)] == [
+    # a child takes its title right after fork: wait for it rather than race it
+    assert wait_for(lambda: [title(p) for p in children_of(app.proc.pid)
+                             if "background" in title(p)], 10, "the background title") == [
         "pyngora: background sleeper"]
 
 

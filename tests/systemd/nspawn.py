@@ -58,11 +58,14 @@ def unavailable() -> str | None:
     return None
 
 
-def interpreter_root() -> Path:
-    """The directory tree the venv's python lives in (to bind read-only)."""
+def interpreter_root() -> Path | None:
+    """The directory tree the venv's python lives in (to bind read-only), or
+    None when it is under /usr, which the container shares with the host."""
     real = Path(os.path.realpath(REPO / ".venv" / "bin" / "python3"))
+    if real.is_relative_to("/usr") or real.is_relative_to(REPO):
+        return None
     for parent in real.parents:  # /root/.pyenv/versions/3.11.7/bin -> /root/.pyenv
-        if parent.name.startswith(".") or parent.parent == Path("/"):
+        if parent.name.startswith(".") or parent.parent.parent == Path("/"):
             return parent
     return real.parent.parent
 
@@ -72,7 +75,8 @@ class Container:
 
     def __init__(self, binds_ro: list[str] | None = None, boot_timeout: float = 60) -> None:
         self.name = f"pyngora-e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.binds_ro = [f"{REPO}:{REPO}", str(interpreter_root())] + (binds_ro or [])
+        interp = interpreter_root()
+        self.binds_ro = [f"{REPO}:{REPO}"] + ([str(interp)] if interp else []) + (binds_ro or [])
         self.boot_timeout = boot_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
@@ -224,7 +228,7 @@ def main(argv: list[str]) -> int:
         if not res["ok"]:
             print(f"--- {res['unit']} failed; journal:\n{res.get('journal', '')[-3000:]}\n"
                   f"--- error_log:\n{res.get('error_log', '')}\n--- output:\n{res.get('output', '')[-2000:]}")
-    print(" ".join(f"{r['unit']}={'ok' if r['ok'] else 'FAILED'}" for r in results))
+    print(" ".join(f"{r['unit']}={'ok' if r['ok'] else 'FAILED'} ({r.get('seconds', '?')}s)" for r in results))
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -80,6 +80,15 @@ def pid_file() -> int:
         return 0
 
 
+def ppid(pid: int) -> int:
+    """The parent of ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def alive(pid: int) -> bool:
     return pid > 0 and os.path.exists(f"/proc/{pid}")
 
@@ -210,6 +219,7 @@ def run(unit: str, socket_unit: str | None) -> int:
         shutil.copy(os.path.join(REPO, "systemd", f), f"/etc/systemd/system/{f}")
     sh("systemctl", "daemon-reload")
     cursor = journal_cursor()
+    started = time.monotonic()
     pids: list[int] = []
     try:
         _run(c, unit, socket_unit, pids)
@@ -225,6 +235,7 @@ def run(unit: str, socket_unit: str | None) -> int:
     bad = [ln for ln in journal.splitlines() if "SIGKILL" in ln or "not our child" in ln]
     c.check("journal: no SIGKILL, no alien main PID", not bad, "; ".join(bad)[:500])
     print(json.dumps({"unit": name, "ok": c.ok, "checks": c.items, "pids": pids,
+                      "seconds": round(time.monotonic() - started, 1),
                       "journal": journal[-6000:], "error_log": errlog[-3000:]}), flush=True)
     return 0 if c.ok else 1
 
@@ -247,6 +258,8 @@ def _run(c: Checks, unit: str, socket_unit: str | None, pids: list[int]) -> None
     pid = int(show(unit, "MainPID") or 0)
     pids.append(pid)
     c.check("MainPID is set", pid > 0, f"MainPID={pid}")
+    if show(unit, "Type") == "notify":
+        c.check("STATUS= is shown", show(unit, "StatusText") != "", show(unit, "StatusText"))
     results = [curl(URL) for _ in range(5)]
     c.check("requests succeed", all(r[0] == 200 and r[1] == BODY for r in results),
             "" if all(r[0] == 200 for r in results) else repr(results[:2]))
@@ -287,6 +300,8 @@ def _run(c: Checks, unit: str, socket_unit: str | None, pids: list[int]) -> None
         if new:
             pid = new
             pids.append(new)
+            # systemd only waits for a main process that is its own child
+            c.check(f"reload #{i}: new master's parent is PID 1", ppid(new) == 1, f"ppid={ppid(new)}")
         if show(unit, "ActiveState") != "active":
             c.check("unit survived the reloads", False, f"gave up after reload #{i}")
             return

@@ -44,7 +44,9 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "pyngora.proxy": ("pyngora.services", "pyngora.upstreams", "pyngora.protocols",
                       "pyngora.metrics.registry", "pyngora.config"),
     "pyngora.server": ("pyngora.services.base", "pyngora.config", "pyngora.upgrade",
-                       "pyngora.metrics.multiproc", "pyngora.log", "pyngora.errors"),
+                       "pyngora.metrics.multiproc", "pyngora.log", "pyngora.errors",
+                       # stdlib-only counters a worker starts (never prometheus_client)
+                       "pyngora.metrics.registry"),
     "pyngora.config": (),
     # the `prometheus` service type is a service: metrics may build on services (never the reverse)
     # ... and reads the shared health table (a file format) for pyngora_backend_healthy

@@ -39,9 +39,10 @@ def mdir(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv(multiproc.ENV_VAR, d)
     multiproc.prepare_dir(d, fresh=True)
     monkeypatch.setattr(multiproc, "_master", None)
+    registry.reset()
     registry.init_worker("web")
     yield d
-    registry.init_worker(None)
+    registry.reset()
 
 
 def populate() -> None:

@@ -259,7 +259,32 @@ def test_prepare_dir_fresh_and_upgrade(tmp_path, monkeypatch) -> None:
     multiproc.prepare_dir(d, fresh=False)  # an upgrade: old workers still write here
     assert "counter_4242-pyngora.db" in os.listdir(d)
     multiproc.prepare_dir(d, fresh=True)  # a cold start
-    assert sorted(os.listdir(d)) == [".pyngora.lock", "notes.txt"]
+    assert sorted(os.listdir(d)) == [".pyngora.lock", ".pyngora.owner", "notes.txt"]
+
+
+def test_fresh_start_refuses_a_directory_of_another_live_master(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    d = str(tmp_path / "m")
+    monkeypatch.setenv(multiproc.ENV_VAR, d)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pyngora"])
+    try:
+        os.makedirs(d)
+        with open(os.path.join(d, multiproc.OWNER_NAME), "w") as f:
+            f.write(str(other.pid))
+        with pytest.raises(multiproc.MetricsDirInUse):
+            multiproc.prepare_dir(d, fresh=True)
+        multiproc.prepare_dir(d, fresh=False)  # an upgrade takes the directory over
+        with open(os.path.join(d, multiproc.OWNER_NAME)) as f:
+            assert f.read().strip() == str(os.getpid())
+    finally:
+        other.kill()
+        other.wait()
+    with open(os.path.join(d, multiproc.OWNER_NAME), "w") as f:
+        f.write(str(other.pid))  # dead now: stale, not an owner
+    multiproc.prepare_dir(d, fresh=True)
+    multiproc.master_exit()
+    assert multiproc.OWNER_NAME not in os.listdir(d)
 
 
 def test_master_metrics_and_master_exit(mdir: str) -> None:

@@ -23,9 +23,10 @@ def mdir(tmp_path, monkeypatch) -> str:
     d = str(tmp_path / "metrics")
     monkeypatch.setenv(multiproc.ENV_VAR, d)
     multiproc.prepare_dir(d, fresh=True)
+    registry.reset()
     registry.init_worker("web")
     yield d
-    registry.init_worker(None)
+    registry.reset()
 
 
 def series(directory: str) -> set[str]:
@@ -43,7 +44,12 @@ def test_labels_are_bounded() -> None:
     assert registry.code_label(1000) == "000"
     assert registry.code_label("200") == "000"  # type: ignore[arg-type]
     assert registry.kind_label("ConnectTimedout") == "connect_timedout"
-    assert registry.kind_label("TLSHandshakeFailure") == "tlshandshake_failure"
+    assert registry.kind_label("TLSHandshakeFailure") == "tls_handshake_failure"
+    assert registry.kind_label("InvalidHTTPHeader") == "invalid_http_header"
+    assert registry.kind_label("H2Error") == "h2_error"
+    from pyngora.errors import ErrorType
+    labels = {registry.kind_label(e) for e in ErrorType}
+    assert len(labels) == len(ErrorType) and "other" not in labels
     assert registry.kind_label("read_timeout") == "read_timeout"
     assert registry.kind_label("/etc/passwd?x=1") == "other"
     assert registry.kind_label("x" * 200) == "other"
@@ -105,6 +111,7 @@ def test_flush_writes_only_changes_and_zero_series_show(mdir: str) -> None:
 
 def test_flush_without_directory_is_a_noop(monkeypatch) -> None:
     monkeypatch.delenv(multiproc.ENV_VAR, raising=False)
+    registry.reset()
     registry.init_worker("web")
     registry.service_metrics("web").request_done(200, 0.1, 1, 1)
     assert registry.flush() == 0
@@ -126,6 +133,55 @@ def test_flusher_runs_on_the_loop(mdir: str) -> None:
         assert any('"code": "404"' in k for k, _v, _t in multiproc.read_file(path))
 
     asyncio.run(main())
+
+
+def test_recorders_taken_before_init_worker_stay_valid(mdir: str) -> None:
+    m = registry.service_metrics("web")
+    registry.init_worker("web")  # a worker calling it late must not orphan m
+    m.request_done(201, 0.1, 1, 1)
+    registry.close()
+    assert any('"code": "201"' in k for k in series(mdir))
+
+
+def test_taking_recorders_in_a_loop_starts_the_flusher(mdir: str) -> None:
+    async def main() -> None:
+        m = registry.service_metrics("auto")  # no start_flusher call: it starts by itself
+        m.request_done(202, 0.1, 1, 1)
+        for _ in range(300):  # bounded: FLUSH_INTERVAL is 1 s
+            if any('"code": "202"' in k for k in series(mdir)):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("nothing flushed by the automatic timer")
+        m.request_done(203, 0.1, 1, 1)
+        registry.close()  # the worker's exit: cancel the timer, flush the rest
+        assert any('"code": "203"' in k for k in series(mdir))
+
+    asyncio.run(main())
+
+
+def test_flusher_reports_a_failing_directory_once(tmp_path, monkeypatch) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    monkeypatch.setenv(multiproc.ENV_VAR, str(blocked))  # every write fails
+    registry.reset()
+    registry.init_worker("web")
+    errors: list[OSError] = []
+
+    async def main() -> None:
+        stop = registry.start_flusher(asyncio.get_running_loop(), interval=0.01,
+                                      on_error=errors.append)
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if errors:
+                break
+        await asyncio.sleep(0.05)  # several more failing ticks
+        with pytest.raises(OSError):
+            stop()  # the last flush reports to the caller
+
+    asyncio.run(main())
+    assert len(errors) == 1
+    registry.reset()
 
 
 def _per_call_us(fn, n: int) -> float:

@@ -23,13 +23,14 @@ def mdir(tmp_path, monkeypatch) -> str:
     d = str(tmp_path / "metrics")
     monkeypatch.setenv(multiproc.ENV_VAR, d)
     multiproc.prepare_dir(d, fresh=True)
+    registry.reset()
     registry.init_worker("web")
     m = registry.service_metrics("web")
     for _ in range(42):
         m.request_done(200, 0.01, 1, 1)
     registry.flush()
     yield d
-    registry.init_worker(None)
+    registry.reset()
 
 
 async def _exchange(port: int, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
