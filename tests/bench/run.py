@@ -70,7 +70,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "reverse proxy, h2c prior knowledge, h2load -c 10 -m 100"),
 )}
 
-SERVERS = ("nginx", "pyngora")
+SERVERS = ("nginx", "pyngora", "floor")  # floor: tests/bench/floor.py, with --floor
 
 
 @dataclass
@@ -83,9 +83,15 @@ class Row:
     skipped: str = ""
 
     def median(self, server: str) -> Optional[LoadResult]:
-        """The run with the median req/s (its own p50/p99 come with it)."""
-        runs = sorted(self.runs[server], key=lambda r: r.rps)
-        return runs[(len(runs) - 1) // 2] if runs else None
+        """The median of each figure over the runs (req/s, p50 and p99 taken separately, so
+        one run's outlier tail does not ride along with its throughput)."""
+        runs = self.runs.get(server) or []
+        if not runs:
+            return None
+        return LoadResult(statistics.median(r.rps for r in runs),
+                          statistics.median(r.p50_ms for r in runs),
+                          statistics.median(r.p99_ms for r in runs),
+                          sum(r.requests for r in runs), sum(r.errors for r in runs))
 
     def errors(self) -> int:
         return sum(r.errors for runs in self.runs.values() for r in runs)
@@ -257,17 +263,18 @@ def _f(x: Optional[float], fmt: str) -> str:
     return "-" if x is None or x != x else format(x, fmt)
 
 
-def table(rows: list[Row]) -> str:
-    """The markdown table of medians and ratios."""
+def table(rows: list[Row], floor: bool = False) -> str:
+    """The markdown table of medians and ratios (plus the floor's columns with ``floor``)."""
+    fh, fs = (" floor req/s | pyngora/floor |", "---:|---:|") if floor else ("", "")
     out = ["| scenario | nginx req/s | pyngora req/s | ratio | target | nginx p50 ms | "
-           "pyngora p50 ms | nginx p99 ms | pyngora p99 ms | p99 ratio | errors |",
-           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+           f"pyngora p50 ms | nginx p99 ms | pyngora p99 ms | p99 ratio | errors |{fh}",
+           f"|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|{fs}"]
     for row in rows:
         s = SCENARIOS[row.scenario]
-        n, p = row.median("nginx"), row.median("pyngora")
+        n, p, fl = row.median("nginx"), row.median("pyngora"), row.median("floor")
         if row.skipped or n is None or p is None:
             out.append(f"| {row.scenario} | {_f(n.rps if n else None, '.0f')} | skipped: "
-                       f"{row.skipped or 'no run'} | | | | | | | | |")
+                       f"{row.skipped or 'no run'} | | | | | | | | |" + (" | |" if floor else ""))
             continue
         ratio = p.rps / n.rps if n.rps else float("nan")
         p99r = p.p99_ms / n.p99_ms if n.p99_ms else float("nan")
@@ -279,7 +286,9 @@ def table(rows: list[Row]) -> str:
             target += f"; p99 <= {s.max_p99_ratio}x {'met' if met else 'MISSED'}"
         out.append(f"| {row.scenario} | {n.rps:.0f} | {p.rps:.0f} | {ratio:.2f} | {target} | "
                    f"{n.p50_ms:.2f} | {p.p50_ms:.2f} | {n.p99_ms:.2f} | {p.p99_ms:.2f} | "
-                   f"{p99r:.2f} | {row.errors()} |")
+                   f"{p99r:.2f} | {row.errors()} |"
+                   + (f" {_f(fl.rps if fl else None, '.0f')} | "
+                      f"{_f(p.rps / fl.rps if fl and fl.rps else None, '.2f')} |" if floor else ""))
     return "\n".join(out)
 
 
@@ -332,7 +341,8 @@ def versions() -> str:
             return "?"
     commit = first(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     return (f"commit {commit} (plus the working tree), Python {platform.python_version()}, "
-            f"{first(['nginx', '-v'])}, {first(['wrk', '-v'])}, {first(['h2load', '--version'])}, "
+            f"{first(['nginx', '-v'])}, {' '.join(first(['wrk', '-v']).split()[:2])}, "
+            f"{first(['h2load', '--version'])}, "
             f"{os.cpu_count()} CPUs, loadavg at start {os.getloadavg()[0]:.2f}")
 
 
@@ -359,6 +369,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--note", default="", help="a line saying what changed, for RESULTS.md")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure tests/bench/floor.py (bare uvloop + httptools)")
+    ap.add_argument("--profile-scenario", default="small", choices=("small", "static"),
+                    help="which scenario the profile samples")
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
     a = ap.parse_args(argv)
@@ -438,6 +452,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         master, py_ports, unavailable = start_pyngora(
             procs, tmp, origin_port, bool(want & {"proxy", "h2"}), want_h2, a.proxy_cpu)
+        servers = ["nginx", "pyngora"]
+        fl_ports = Ports(free_port(), free_port(), None)
+        if a.floor:
+            floor = procs.start("floor", pin(a.proxy_cpu, [
+                PY, "-m", "tests.bench.floor", str(fl_ports.static), str(fl_ports.proxy),
+                str(origin_port), configs.SMALL_BODY]), signal.SIGKILL, cwd=ROOT)
+            why = wait_answers(fl_ports.proxy, "/", configs.SMALL_BODY.encode(), floor)
+            if why:
+                raise RuntimeError(f"floor: {why}\n{procs.log_tail('floor')}")
+            servers.append("floor")
         if "h2" in want and not want_h2:
             unavailable["h2"] = "h2load is not installed"
         for target, why in unavailable.items():
@@ -458,12 +482,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             if s.target in unavailable:
                 row.skipped = unavailable[s.target]
                 continue
-            ports = {"nginx": getattr(ng_ports, s.target), "pyngora": getattr(py_ports, s.target)}
+            ports = {"nginx": getattr(ng_ports, s.target), "pyngora": getattr(py_ports, s.target),
+                     "floor": getattr(fl_ports, s.target)}
+            here = [x for x in servers if ports[x]]
             if not a.quick:  # warm-up: upstream pools, caches, the CPU's frequency
-                for server in SERVERS:
+                for server in here:
                     run_load(procs, s, ports[server], 2, a.connections, a.load_cpu, tmp)
             for i in range(a.runs):
-                for server in SERVERS:
+                for server in here:
                     result, cmd = run_load(procs, s, ports[server], a.duration, a.connections,
                                            a.load_cpu, tmp)
                     row.runs[server].append(result)
@@ -474,15 +500,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         target = "proxy" if "proxy" not in unavailable else "static"
         if not a.no_profile:
-            service = target
+            service = "static" if a.profile_scenario == "static" else target
             pid = worker_for(master.pid, service)
-            prof_what = (f"the {'small' if target == 'proxy' else 'static'} scenario "
-                         f"(wrk -c {a.connections}, keep-alive)")
+            s = SCENARIOS["small" if service == "proxy" else "static"]
+            prof_what = f"the {s.name} scenario (wrk -c {a.connections}, keep-alive)"
             if pid is None or py_spy() is None:
                 prof_error = "no worker found" if pid is None else "py-spy is not installed"
             else:
-                s = SCENARIOS["small" if target == "proxy" else "static"]
-                argv = load_command(s, getattr(py_ports, target), a.profile_seconds + 2,
+                argv = load_command(s, getattr(py_ports, service), a.profile_seconds + 2,
                                     a.connections, a.load_cpu, tmp / "unused.log")
                 try:
                     prof = profile_worker(procs, pid, argv, a.profile_seconds,
@@ -520,8 +545,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    report = table(rows)
-    mem = memory_text(idle, conns, conns_target)
+    report = table(rows, a.floor)
+    mem = memory_text(idle, conns, conns_target) if conns else memory_text(idle, {}, "-")
     print(report)
     print()
     print(mem)
@@ -554,7 +579,8 @@ def record(started: dt.datetime, a: argparse.Namespace, env_line: str, rows: lis
     if a.note:
         parts += [a.note, ""]
     parts += [f"- {env_line}",
-              f"- driver: `.venv/bin/python -m tests.bench.run {' '.join(sys.argv[1:])}`".rstrip(),
+              f"- driver: `.venv/bin/python -m tests.bench.run {shlex.join(sys.argv[1:])}`".rstrip(),
+              f"- loadavg at end {os.getloadavg()[0]:.2f}",
               f"- pinning: proxy under test on CPU {a.proxy_cpu}, origin + load generator on "
               f"CPU {a.load_cpu}", "", "Commands (ports change every run):", ""]
     for r in rows:

@@ -1,0 +1,162 @@
+"""Metrics through the running server: exact counts across workers and kill -9, promtool on a
+real scrape, a real Prometheus scraping pyngora, and an upgrade that keeps the endpoint up."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.support import alive, children_of, free_port, get, title, wait_for
+
+
+def _conf(tmp, origin: int, metrics: int) -> str:
+    return (f"pid_file: {tmp}/p.pid\nupgrade_sock: {tmp}/u.sock\nerror_log: {tmp}/error.log\n"
+            f"metrics_dir: {tmp}/metrics\nthreads: 2\ngrace_period_seconds: 10\n"
+            f"services:\n"
+            f"  - name: origin\n    type: static\n    listeners: ['127.0.0.1:{origin}']\n"
+            f"    body: hello\n"
+            f"  - name: metrics\n    type: prometheus\n    listeners: ['127.0.0.1:{metrics}']\n")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sample name with labels -> value, from the text format."""
+    status, _, body = get(port, "/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def requests_total(port: int, service: str = "origin") -> float:
+    return sum(v for k, v in scrape(port).items()
+               if k.startswith("pyngora_requests_total{") and f'service="{service}"' in k)
+
+
+@pytest.fixture
+def server(tmp_path, pyngora_factory):
+    origin, metrics = free_port(), free_port()
+    p = pyngora_factory(_conf(tmp_path, origin, metrics)).start()
+    p.wait_serving(origin)
+    p.wait_serving(metrics)
+    return p, origin, metrics
+
+
+def test_counts_exact_across_workers_and_kill_9(server) -> None:
+    p, origin, metrics = server
+    n = 200
+    for _ in range(n):
+        get(origin, headers={"Connection": "close"})
+    wait_for(lambda: requests_total(metrics) == n, 10, f"{n} requests counted")
+    s = scrape(metrics)
+    hist = sum(v for k, v in s.items()
+               if k.startswith("pyngora_request_duration_seconds_count") and "origin" in k)
+    assert hist == n
+    workers = [w for w in children_of(p.pid) if title(w).startswith("pyngora: worker origin")]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: not alive(workers[0]), 5, "the worker to die")
+    m = 150
+    for _ in range(m):
+        get(origin, headers={"Connection": "close"})
+    wait_for(lambda: requests_total(metrics) == n + m, 10, f"{n + m} requests counted")
+    s = scrape(metrics)
+    assert s['pyngora_workers{service="origin"}'] == 2
+    assert s['pyngora_worker_restarts_total{service="origin"}'] == 1
+
+
+def test_ten_thousand_urls_make_no_new_series(server) -> None:
+    p, origin, metrics = server
+    get(origin)
+    wait_for(lambda: requests_total(metrics) == 1, 10, "the first request")
+    # the exporter counts its own scrapes: let its series exist before taking the baseline
+    wait_for(lambda: requests_total(metrics, "metrics") >= 1, 10, "a counted scrape")
+    before = {k for k in scrape(metrics) if not k.startswith("process_")}
+    import socket
+    with socket.create_connection(("127.0.0.1", origin)) as s:  # keep-alive, 100 per write
+        s.settimeout(30)
+        for batch in range(100):
+            s.sendall(b"".join(f"GET /item/{batch}-{i}?x={i} HTTP/1.1\r\nHost: x\r\n\r\n"
+                               .encode() for i in range(100)))
+            got = b""
+            while got.count(b"HTTP/1.1 200") < 100:
+                chunk = s.recv(1 << 20)
+                assert chunk
+                got += chunk
+    wait_for(lambda: requests_total(metrics) == 10_001, 10, "all counted")
+    after = {k for k in scrape(metrics) if not k.startswith("process_")}
+    assert after - before == set(), after - before
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian package prometheus)")
+def test_promtool_check_metrics_on_a_real_scrape(server) -> None:
+    p, origin, metrics = server
+    for _ in range(5):
+        get(origin)
+    wait_for(lambda: requests_total(metrics) == 5, 10, "requests counted")
+    _, _, body = get(metrics, "/metrics")
+    r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus not installed (Debian package prometheus)")
+def test_real_prometheus_scrapes_pyngora(server, tmp_path) -> None:
+    p, origin, metrics = server
+    prom_port = free_port()
+    (tmp_path / "prom.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n  - job_name: pyngora\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{metrics}']}}]\n")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path}/prom.yml",
+                             f"--storage.tsdb.path={tmp_path}/tsdb",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        for _ in range(42):
+            get(origin)
+
+        def query() -> float:
+            url = (f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+                   "sum(pyngora_requests_total%7Bservice%3D%22origin%22%7D)")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    data = json.load(r)
+            except OSError:
+                return 0.0
+            result = data["data"]["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+        wait_for(lambda: query() == 42, 60, "Prometheus to see 42 requests", interval=0.5)
+    finally:
+        os.killpg(prom.pid, signal.SIGKILL)
+        prom.wait(10)
+
+
+def test_endpoint_survives_upgrade_and_counters_never_go_back(server, tmp_path) -> None:
+    p, origin, metrics = server
+    for _ in range(30):
+        get(origin)
+    wait_for(lambda: requests_total(metrics) == 30, 10, "30 counted")
+    r = p.run("-s", "upgrade")
+    assert r.returncode == 0, r.stderr
+    new = int((tmp_path / "p.pid").read_text())
+    p.extra_pgids.add(os.getpgid(new))
+    last = 0.0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # scrape while requests flow: never backwards
+        get(origin)
+        value = requests_total(metrics)
+        assert value >= last, (value, last)
+        last = value
+    assert scrape(metrics)["pyngora_upgrades_total"] >= 0
+    wait_for(lambda: not alive(p.pid), 20, "the old master")
+    assert get(metrics, "/metrics")[0] == 200
