@@ -217,6 +217,8 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
 def _start_metrics(service: str, ctx: WorkerContext, loop: object) -> Optional[object]:
     """Per-worker metrics: plain counters flushed to the multiprocess files every second.
     Metrics must never stop a worker, so any failure here only logs."""
+    if os.environ.get("PYNGORA_METRICS") == "off":  # the benchmark's metrics-off arm
+        return None
     try:
         from pyngora.metrics import registry
         registry.init_worker(service)
