@@ -8,6 +8,10 @@ ConnectionClosed and :class:`RequestRejected`; the responses go in through ``sen
 
 Decisions where the RFCs leave a choice (documented in the report and tests):
 
+- Translation: ``:method``/``:path`` -> method/target, ``:authority`` -> Host, version "2",
+  cookies joined; a body without Content-Length is ``body == "chunked"`` (UNKNOWN_LENGTH_BODY:
+  length unknown, ends with MessageEnd, must be chunked when re-sent as HTTP/1).
+
 - A malformed request (RFC 9113 8.1.1: bad or misplaced pseudo-headers, upper-case or invalid
   field names, CR/LF/NUL or surrounding whitespace in values, connection-specific fields, TE
   other than ``trailers``, pseudo-headers or Content-Length/Transfer-Encoding/Host in trailers)

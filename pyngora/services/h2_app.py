@@ -54,7 +54,7 @@ def _closed_error(context: str = "downstream stream closed") -> Error:
     return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None, context)
 
 
-_PREBUILT: dict[bytes, tuple[list[tuple[bytes, bytes]], bool]] = {}
+_PREBUILT: dict[bytes, list[tuple[bytes, bytes]]] = {}
 
 
 def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -62,7 +62,7 @@ def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
     fields. Cached: the static service changes its head once a second."""
     hit = _PREBUILT.get(head)
     if hit is not None:
-        return hit[0]
+        return hit
     fields = []
     for line in head.split(b"\r\n")[1:]:
         if not line:
@@ -72,7 +72,7 @@ def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
     out = h2p.response_fields(fields)
     if len(_PREBUILT) > 16:
         _PREBUILT.clear()
-    _PREBUILT[head] = (out, True)
+    _PREBUILT[head] = out
     return out
 
 

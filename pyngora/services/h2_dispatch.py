@@ -38,13 +38,15 @@ def wants_h2(listener: ListenerConf) -> bool:
 class _Sniffer(asyncio.Protocol):
     """Holds a fresh connection until its protocol is known, then hands it over."""
 
-    __slots__ = ("make_h1", "make_h2", "tls", "loop", "timeout", "transport", "buf", "timer",
-                 "done")
+    __slots__ = ("make_h1", "make_h2", "tls", "loop", "timeout", "tracker", "transport", "buf",
+                 "timer", "done")
 
     def __init__(self, make_h1: Callable[[], asyncio.Protocol],
                  make_h2: Callable[[bytes], asyncio.Protocol], tls: bool,
-                 loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+                 loop: asyncio.AbstractEventLoop, timeout: float,
+                 tracker: Optional[ConnectionTracker] = None) -> None:
         self.make_h1 = make_h1
+        self.tracker = tracker
         self.make_h2 = make_h2
         self.tls = tls
         self.loop = loop
@@ -61,9 +63,12 @@ class _Sniffer(asyncio.Protocol):
             alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
             self._switch(self.make_h2(b"") if alpn == "h2" else self.make_h1(), b"")
             return
-        # h2c: a client that says nothing is closed like an idle HTTP/1 one.
+        # h2c: a client that says nothing is closed like an idle HTTP/1 one. Meanwhile the
+        # worker's tracker knows it, so draining waits for its first request as for HTTP/1.
         if self.timeout and self.timeout > 0:
             self.timer = self.loop.call_later(self.timeout, self._give_up)
+        if self.tracker is not None:
+            self.tracker.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -87,24 +92,37 @@ class _Sniffer(asyncio.Protocol):
         self.done = True
         self._cancel()
 
+    def close_when_idle(self) -> None:
+        """Draining: nothing to do yet (the protocol chosen next is told by the tracker)."""
+
+    def abort(self) -> None:
+        self.done = True
+        self._cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
     def _give_up(self) -> None:
         self.timer = None
         if not self.done and self.transport is not None:
             self.done = True
             self.transport.close()
 
-    def _cancel(self) -> None:
+    def _cancel(self, untrack: bool = True) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if untrack and self.tracker is not None:
+            self.tracker.discard(self)
 
     def _switch(self, proto: asyncio.Protocol, data: bytes) -> None:
         self.done = True
-        self._cancel()
+        self._cancel(untrack=False)
         t = self.transport
         assert t is not None
         t.set_protocol(proto)
-        proto.connection_made(t)
+        proto.connection_made(t)  # tracks itself first: the tracker never looks empty
+        if self.tracker is not None:
+            self.tracker.discard(self)
         if data:
             proto.data_received(data)
 
@@ -133,6 +151,6 @@ def protocol_factory(app: HttpApp, settings: HttpSettings, listener: ListenerCon
     timeout = settings.header_read_timeout
 
     def factory() -> asyncio.BaseProtocol:
-        return _Sniffer(make_h1, make_h2, tls, loop, timeout)
+        return _Sniffer(make_h1, make_h2, tls, loop, timeout, tracker)
 
     return factory

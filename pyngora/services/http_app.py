@@ -538,7 +538,8 @@ class H1Connection(asyncio.Protocol):
     __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport",
                  "parser", "client_addr", "server_addr", "closed", "_state", "_exchange",
                  "_body_open", "_discarding", "_pending", "_pumping", "_paused",
-                 "_write_paused", "_drain_waiters", "_timer", "_requests", "_draining",
+                 "_write_paused", "_drain_waiters", "_timer", "_deadline", "_timer_cb",
+                 "_requests", "_draining",
                  "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
@@ -565,6 +566,8 @@ class H1Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._deadline: Optional[float] = None  # when _timer_cb is due (None: no timeout)
+        self._timer_cb: Optional[Callable[[], None]] = None
         self._requests = 0
         self._draining = False
         self._tunnel: Optional[Tunnel] = None
@@ -590,7 +593,10 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._state = _S_CLOSING
-        self._cancel_timer()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()  # do not keep the connection alive until it would fire
+            self._timer = None
         if self.tracker is not None:
             self.tracker.discard(self)
         if self.metrics is not None:
@@ -639,17 +645,10 @@ class H1Connection(asyncio.Protocol):
             return True  # half-close: the other direction may still carry data
         if self._upgrade_head:
             return True
-        ex = self._exchange
-        if ex is not None and not ex.finished:
-            if self._body_open:
-                try:
-                    self.parser.feed_eof()
-                except h1.ProtocolError as exc:
-                    ex._fail(_downstream_error(exc))
-                else:
-                    ex._fail(_closed_error("client closed before the end of the body"))
-            return True  # keep writing the response; close after it
-        return None  # idle: close
+        # Idle: close. With a request in flight, EOF means the client gave up (nginx's "client
+        # prematurely closed connection"): closing runs connection_lost, which cancels the
+        # handler so its upstream connection is closed rather than left to finish for nobody.
+        return None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -739,7 +738,9 @@ class H1Connection(asyncio.Protocol):
         self._requests += 1
         ex = Exchange(self, head, self.loop.time())
         self._exchange = ex
-        self._body_open = not ex._body_done
+        # Events up to this request's MessageEnd are its own (a body-less request has one too:
+        # leaving it queued would look like a pipelined request and pause reading).
+        self._body_open = True
         if head.upgrade and self.parser.upgraded:
             # Everything after this head belongs to whatever the app upgrades to.
             self._upgrade_head = True
@@ -853,19 +854,43 @@ class H1Connection(asyncio.Protocol):
         self._linger()
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
         if self._exchange is None and self._state == _S_HEAD:
             self._send_error(408)
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback) if delay and delay > 0 else None
+        """Run ``callback`` in ``delay`` seconds unless re-armed or cancelled first.
+
+        Lazy, because it runs twice per request: one loop timer per connection is kept and
+        only moved earlier when needed; when it fires early it re-schedules itself for the
+        current deadline. So a keep-alive request costs no timer-heap work at all."""
+        if not delay or delay <= 0:
+            self._deadline = None
+            return
+        when = self.loop.time() + delay
+        self._deadline = when
+        self._timer_cb = callback
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.closed:
+            return
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self._deadline = None
+        callback, self._timer_cb = self._timer_cb, None
+        if callback is not None:
+            callback()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
 
     # ------------------------------------------------------------------ I/O helpers
     def _write(self, data: bytes) -> None:

@@ -50,6 +50,11 @@ class Upstream(asyncio.Protocol):
     def __init__(self, down: "Splice") -> None:
         self.down = down
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Back-pressure, the least a floor needs: stop reading the origin while the client's
+        # side has too much queued.
+        self.down.up_transport = transport  # type: ignore[assignment]
+
     def data_received(self, data: bytes) -> None:
         self.down.transport.write(data)
 
@@ -66,6 +71,7 @@ class Splice(asyncio.Protocol):
         self.up: Optional[asyncio.Transport] = None
         self.pending: list[bytes] = []
         self.transport: asyncio.Transport
+        self.up_transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -93,6 +99,14 @@ class Splice(asyncio.Protocol):
             self.pending.append(data)
         else:
             self.up.write(data)
+
+    def pause_writing(self) -> None:
+        if self.up_transport is not None:
+            self.up_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up_transport is not None:
+            self.up_transport.resume_reading()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.up is not None:

@@ -34,8 +34,8 @@ from typing import Optional
 from tests.bench import configs
 from tests.bench.memory import IdleConnResult, hold_idle_connections
 from tests.bench.pyspy import Profile, profile_worker, py_spy
-from tests.bench.tools import (LoadResult, Procs, children, free_port, parse_h2load, parse_wrk,
-                               pin, rss_kib, title, wait_until)
+from tests.bench.tools import (LoadResult, Procs, children, cpu_seconds, free_port,
+                               parse_h2load, parse_wrk, pin, rss_kib, title, wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -88,10 +88,13 @@ class Row:
         runs = self.runs.get(server) or []
         if not runs:
             return None
-        return LoadResult(statistics.median(r.rps for r in runs),
-                          statistics.median(r.p50_ms for r in runs),
-                          statistics.median(r.p99_ms for r in runs),
-                          sum(r.requests for r in runs), sum(r.errors for r in runs))
+        m = LoadResult(statistics.median(r.rps for r in runs),
+                       statistics.median(r.p50_ms for r in runs),
+                       statistics.median(r.p99_ms for r in runs),
+                       sum(r.requests for r in runs), sum(r.errors for r in runs))
+        m.cpu_s = sum(r.cpu_s for r in runs)
+        m.wall_s = sum(r.wall_s for r in runs)
+        return m
 
     def errors(self) -> int:
         return sum(r.errors for runs in self.runs.values() for r in runs)
@@ -246,13 +249,19 @@ def load_command(s: Scenario, port: int, seconds: int, conns: int, cpu: Optional
 
 
 def run_load(procs: Procs, s: Scenario, port: int, seconds: int, conns: int,
-             cpu: Optional[str], tmp: Path) -> tuple[LoadResult, str]:
-    """One measured run; (result, the command as text)."""
+             cpu: Optional[str], tmp: Path, pids: tuple[int, ...] = ()
+             ) -> tuple[LoadResult, str]:
+    """One measured run; (result, the command as text). ``pids``: the server's processes,
+    whose CPU time during the run goes into the result."""
     log = tmp / "h2load.log"
     log.unlink(missing_ok=True)
     argv = load_command(s, port, seconds, conns, cpu, log)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
     out = procs.run(argv[0] if argv[0] != "taskset" else argv[3], argv, timeout=seconds + 60)
+    cpu1, t1 = cpu_seconds(pids), time.monotonic()
     result = parse_h2load(out, log) if s.target == "h2" else parse_wrk(out)
+    if pids:
+        result.cpu_s, result.wall_s = cpu1 - cpu0, t1 - t0
     shown = [a if a != str(log) else "LOG" for a in argv]
     return result, " ".join(shlex.quote(a) for a in shown)
 
@@ -267,14 +276,16 @@ def table(rows: list[Row], floor: bool = False) -> str:
     """The markdown table of medians and ratios (plus the floor's columns with ``floor``)."""
     fh, fs = (" floor req/s | pyngora/floor |", "---:|---:|") if floor else ("", "")
     out = ["| scenario | nginx req/s | pyngora req/s | ratio | target | nginx p50 ms | "
-           f"pyngora p50 ms | nginx p99 ms | pyngora p99 ms | p99 ratio | errors |{fh}",
-           f"|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|{fs}"]
+           "pyngora p50 ms | nginx p99 ms | pyngora p99 ms | p99 ratio | errors | nginx CPU | "
+           f"pyngora CPU | req per CPU-s ratio |{fh}",
+           f"|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{fs}"]
     for row in rows:
         s = SCENARIOS[row.scenario]
         n, p, fl = row.median("nginx"), row.median("pyngora"), row.median("floor")
         if row.skipped or n is None or p is None:
             out.append(f"| {row.scenario} | {_f(n.rps if n else None, '.0f')} | skipped: "
-                       f"{row.skipped or 'no run'} | | | | | | | | |" + (" | |" if floor else ""))
+                       f"{row.skipped or 'no run'} | | | | | | | | | | | |"
+                       + (" | |" if floor else ""))
             continue
         ratio = p.rps / n.rps if n.rps else float("nan")
         p99r = p.p99_ms / n.p99_ms if n.p99_ms else float("nan")
@@ -286,7 +297,8 @@ def table(rows: list[Row], floor: bool = False) -> str:
             target += f"; p99 <= {s.max_p99_ratio}x {'met' if met else 'MISSED'}"
         out.append(f"| {row.scenario} | {n.rps:.0f} | {p.rps:.0f} | {ratio:.2f} | {target} | "
                    f"{n.p50_ms:.2f} | {p.p50_ms:.2f} | {n.p99_ms:.2f} | {p.p99_ms:.2f} | "
-                   f"{p99r:.2f} | {row.errors()} |"
+                   f"{p99r:.2f} | {row.errors()} | {_f(n.cpu_share, '.2f')} | "
+                   f"{_f(p.cpu_share, '.2f')} | {_f(p.per_cpu_s / n.per_cpu_s, '.2f')} |"
                    + (f" {_f(fl.rps if fl else None, '.0f')} | "
                       f"{_f(p.rps / fl.rps if fl and fl.rps else None, '.2f')} |" if floor else ""))
     return "\n".join(out)
@@ -453,6 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         master, py_ports, unavailable = start_pyngora(
             procs, tmp, origin_port, bool(want & {"proxy", "h2"}), want_h2, a.proxy_cpu)
         servers = ["nginx", "pyngora"]
+        pid_of = {"nginx": nginx.pid, "pyngora": master.pid}
         fl_ports = Ports(free_port(), free_port(), None)
         if a.floor:
             floor = procs.start("floor", pin(a.proxy_cpu, [
@@ -462,6 +475,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if why:
                 raise RuntimeError(f"floor: {why}\n{procs.log_tail('floor')}")
             servers.append("floor")
+            pid_of["floor"] = floor.pid
         if "h2" in want and not want_h2:
             unavailable["h2"] = "h2load is not installed"
         for target, why in unavailable.items():
@@ -490,13 +504,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     run_load(procs, s, ports[server], 2, a.connections, a.load_cpu, tmp)
             for i in range(a.runs):
                 for server in here:
+                    pids = (pid_of[server],) + tuple(children(pid_of[server]))
                     result, cmd = run_load(procs, s, ports[server], a.duration, a.connections,
-                                           a.load_cpu, tmp)
+                                           a.load_cpu, tmp, pids)
                     row.runs[server].append(result)
                     row.commands[server] = cmd
                     print(f"bench: {name:13s} {server:8s} run {i + 1}: {result.rps:10.0f} req/s "
                           f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms "
-                          f"errors {result.errors}", file=sys.stderr, flush=True)
+                          f"cpu {result.cpu_share:.2f} errors {result.errors}",
+                          file=sys.stderr, flush=True)
 
         target = "proxy" if "proxy" not in unavailable else "static"
         if not a.no_profile:

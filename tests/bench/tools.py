@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["Procs", "free_port", "wait_until", "rss_kib", "children", "title", "fd_count",
-           "LoadResult", "parse_wrk", "parse_h2load", "percentile", "pin"]
+           "LoadResult", "parse_wrk", "parse_h2load", "percentile", "pin", "cpu_seconds"]
 
 
 def free_port() -> int:
@@ -171,6 +171,22 @@ def title(pid: int) -> str:
         return ""
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (those still alive)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / _TICK
+
+
 def fd_count(pid: int) -> Optional[int]:
     """How many file descriptors ``pid`` holds, or None if it is gone."""
     try:
@@ -191,6 +207,18 @@ class LoadResult:
     errors: int
     error_detail: str = ""
     raw: str = field(default="", repr=False)
+    cpu_s: float = float("nan")   # CPU seconds the server under test used during the run
+    wall_s: float = float("nan")
+
+    @property
+    def cpu_share(self) -> float:
+        """The server's CPU use during the run, in cores (1.0 = one core busy throughout)."""
+        return self.cpu_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def per_cpu_s(self) -> float:
+        """Requests per CPU second of the server: its efficiency, whatever else ran."""
+        return self.requests / self.cpu_s if self.cpu_s else float("nan")
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}

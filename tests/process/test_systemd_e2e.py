@@ -48,7 +48,7 @@ def _explain(res: dict[str, Any]) -> str:
     ])
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("unit", [sock or svc for svc, sock in nspawn.SCENARIOS])
 def test_unit_under_real_systemd(results: dict[str, dict[str, Any]], unit: str) -> None:
     if "install" in results:

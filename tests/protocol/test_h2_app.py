@@ -26,7 +26,7 @@ from pyngora.services.h2_dispatch import protocol_factory
 from pyngora.services.http_app import HttpApp, HttpSettings
 from pyngora.services.static import StaticApp
 
-from tests.protocol.h2_client import H2Client
+from tests.protocol.test_h2_helpers import H2Client
 
 
 def run(coro: Any, timeout: float = 25.0) -> Any:
@@ -198,8 +198,11 @@ def test_download_waits_for_the_client_window() -> None:
             sid = c.start("GET", "/down", (("x-download", str(size)),))
             s = c.streams[sid]
             # without WINDOW_UPDATEs only the initial 65535 bytes may come
-            for _ in range(50):
+            for _ in range(1000):
+                if len(s.body) >= 65535:
+                    break
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
             assert len(s.body) == 65535 and not s.ended
             c.auto_ack = True
             c.conn.acknowledge_received_data(len(s.body), sid)
@@ -264,7 +267,7 @@ def test_goaway_on_close_when_idle_lets_the_in_flight_stream_finish() -> None:
             await asyncio.wait_for(app.started.wait(), 10)
             tracker.drain()  # what a draining worker does
             await asyncio.wait_for(c.goaway_event.wait(), 10)
-            for _ in range(300):  # the final GOAWAY follows the PING's ACK
+            for _ in range(1000):  # the final GOAWAY follows the PING's ACK
                 if len(c.goaways) >= 2:
                     break
                 await asyncio.sleep(0.01)
@@ -421,3 +424,96 @@ def test_h2load_100_concurrent_streams_no_failures() -> None:
             assert "status codes: 2000 2xx" in out, out
             assert m.requests.count(200) == 2000
     run(main(), 70)
+
+
+def test_preface_and_http1_split_across_reads_and_silent_clients() -> None:
+    async def main() -> None:
+        async with serving(StaticApp(200, (), "ok"), header_read_timeout_seconds=0.3) as (port, tr, _m):
+            # HTTP/1 whose first bytes look like nothing yet
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"G")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"ET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            writer.close()
+            # the HTTP/2 preface in pieces
+            import h2.config
+            import h2.connection
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                                  (":authority", "t")], end_stream=True)
+            data = conn.data_to_send()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for piece in (data[:3], data[3:20], data[20:]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            got = b""
+            while b"ok" not in got:
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                assert chunk
+                got += chunk
+            writer.close()
+            # a client that says nothing is closed after the header timeout, HTTP/1 or not
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            # an HTTP/2 client that sends only its preface gets GOAWAY, then EOF
+            c = await H2Client.connect(port)
+            await asyncio.wait_for(c.closed.wait(), 10)
+            assert c.goaways and c.goaways[-1].error_code == 0
+            await c.close()
+            await asyncio.wait_for(tr.wait_empty(), 10)
+    run(main())
+
+
+def test_rapid_reset_flood_on_a_live_connection_gets_goaway() -> None:
+    async def main() -> None:
+        app = EchoApp()
+        lim = H2Limits(max_concurrent_streams=20, max_premature_resets=30)
+        async with serving(app, limits=lim) as (port, _, _m):
+            c = await H2Client.connect(port)
+            await asyncio.sleep(0.05)
+            for _ in range(200):
+                if c.goaway_event.is_set() or c.closed.is_set():
+                    break
+                sid = c.start("GET", "/", (("x-gate", "1"),))
+                c.reset(sid)
+                await asyncio.sleep(0)
+            await asyncio.wait_for(c.closed.wait(), 10)
+            assert c.goaways and c.goaways[-1].error_code == 0xB  # ENHANCE_YOUR_CALM
+            await c.close()
+    run(main())
+
+
+def test_expect_100_continue_and_early_hints() -> None:
+    class Hints(HttpApp):
+        def handle(self, ex: H2Exchange) -> Any:  # type: ignore[override]
+            return self._run(ex)
+
+        async def _run(self, ex: H2Exchange) -> None:
+            ex.write_informational(103, Headers([(b"Link", b"</a.css>; rel=preload")]))
+            body = await ex.read_full_body()
+            ex.respond(200, Headers([(b"X-Len", str(len(body)).encode())]), body)
+
+    async def main() -> None:
+        async with serving(Hints()) as (port, _, _m):
+            c = await H2Client.connect(port)
+            sid = c.start("PUT", "/", (("expect", "100-continue"), ("content-length", "5")),
+                          end=False)
+            s = c.streams[sid]
+            for _ in range(500):  # the client waits for 100 before sending its body
+                if len(s.informational) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            statuses = [dict(h)[b":status"] for h in s.informational]
+            assert statuses == [b"103", b"100"]
+            assert dict(s.informational[0])[b"link"] == b"</a.css>; rel=preload"
+            await c.send_body(sid, b"hello")
+            r = await c.wait(sid)
+            assert r.status == 200 and bytes(r.body) == b"hello" and r.header(b"x-len") == b"5"
+            await c.close()
+    run(main())

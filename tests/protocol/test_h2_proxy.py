@@ -14,7 +14,7 @@ from pyngora.services.h2_dispatch import protocol_factory
 from pyngora.services.http_app import HttpSettings
 from pyngora.upstreams.peer import HttpPeer, PeerOptions
 
-from tests.protocol.h2_client import H2Client
+from tests.protocol.test_h2_helpers import H2Client
 from tests.protocol.test_http_app import static
 from tests.protocol.test_http_app_helpers import AppService, EchoApp, run, serving
 

@@ -575,3 +575,24 @@ def test_trailers_both_ways_and_http10_client() -> None:
                 assert r.status == 200 and r.body == b"abc"
                 assert r.header("transfer-encoding") is None and r.header("connection") == "close"
     run(main())
+
+
+def test_client_gone_while_waiting_for_upstream_closes_it() -> None:
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            if await r.read() == b"":  # EOF: the proxy closed its upstream connection
+                closed.set()
+
+        server, _ = await raw_origin(silent)
+        async with serving(proxy_to(port_of(server), read_timeout=30)) as (pport, pctx):
+            c = await Client.connect(pport)
+            await c.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            await asyncio.sleep(0.1)
+            c.writer.transport.abort()
+            await asyncio.wait_for(closed.wait(), 5)  # long before the 30 s read timeout
+            assert len(pctx.state["connector"].pool) == 0
+        server.close()
+    run(main())

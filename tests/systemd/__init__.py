@@ -1,0 +1,1 @@
+"""The systemd-nspawn harness (nspawn.py) and what it runs inside the container."""

@@ -195,7 +195,7 @@ def run_e2e(standin: bool = False, scenarios: list[tuple[str, str | None]] | Non
                      "journal": box.run(["journalctl", "-b", "--no-pager", "-n", "50"]).stdout}]
         for unit, sock in scenarios or SCENARIOS:
             argv = ["/usr/bin/python3", str(HERE / "scenario.py"), "run", unit] + (["--socket", sock] if sock else [])
-            r = box.run(argv, timeout=240)
+            r = box.run(argv, timeout=150)
             if echo:
                 sys.stdout.write(r.stdout)
                 sys.stdout.flush()

@@ -89,6 +89,15 @@ def ppid(pid: int) -> int:
         return 0
 
 
+def children(pid: int) -> set[int]:
+    """The live child processes of ``pid``."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and ppid(int(entry)) == pid:
+            out.add(int(entry))
+    return out
+
+
 def alive(pid: int) -> bool:
     return pid > 0 and os.path.exists(f"/proc/{pid}")
 
@@ -307,16 +316,36 @@ def _run(c: Checks, unit: str, socket_unit: str | None, pids: list[int]) -> None
             return
         in_file = pid_file()
         c.check(f"reload #{i}: pid_file names MainPID", in_file == pid, f"pid_file={in_file} MainPID={pid}")
+    # A reload with a broken config must fail loudly and change nothing.
+    with open(CONF) as f:
+        good = f.read()
+    with open(CONF, "a") as f:
+        f.write("no_such_key: 1\n")
+    try:
+        r = sh("systemctl", "reload", unit, timeout=90)
+    finally:
+        with open(CONF, "w") as f:
+            f.write(good)
+    c.check("bad config: systemctl reload fails", r.returncode != 0, r.stderr.strip()[:200])
+    code, body, _ = curl(URL)
+    c.check("bad config: same master still serving",
+            show(unit, "ActiveState") == "active" and show(unit, "MainPID") == str(pid) and code == 200,
+            f"{show(unit, 'ActiveState')} MainPID {pid} -> {show(unit, 'MainPID')} status={code}")
     # SIGHUP = reload in place (same master, new generation of workers); a
     # Type=notify master says RELOADING=1 ... READY=1 around it.
     loop = Loop()
     loop.start()
     wait_until(lambda: loop.ok >= 3 or loop.failures, 20)
+    workers = children(pid)
     r = sh("systemctl", "kill", "-s", "SIGHUP", "--kill-who=main", unit)
     c.check("SIGHUP: sent to the main process", r.returncode == 0, r.stderr.strip())
     n0 = loop.ok
     wait_until(lambda: loop.ok >= n0 + 10 or len(loop.failures) > 20, 20)
     state = wait_until(lambda: show(unit, "ActiveState") == "active", 20)
+    if workers:  # (the harness self-check stand-in has no worker processes)
+        renewed = wait_until(lambda: children(pid) and not children(pid) & workers, 30)
+        c.check("SIGHUP: a new generation of workers replaced the old", bool(renewed),
+                f"before {sorted(workers)}, after {sorted(children(pid))}")
     loop.stop()
     c.check("SIGHUP: active again, same MainPID", bool(state) and show(unit, "MainPID") == str(pid),
             f"{show(unit, 'ActiveState')} MainPID {pid} -> {show(unit, 'MainPID')}")

@@ -208,15 +208,11 @@ def write_pid(path: str) -> None:
 def run_master(conf: dict[str, Any], upgrade: bool, notify_parent: Any) -> int:
     """The master: bind or adopt, serve, notify, then wait for a signal."""
     master = Master(conf)
-    events: list[int] = []
-    wake = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:  # handlers only enqueue
-        events.append(signum)
-        wake.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, on_signal)
+    # Signals are blocked (in every thread, which inherit the mask) and taken
+    # with sigtimedwait below: no handler, so nothing can deadlock on a lock
+    # that the interrupted code holds.
+    sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     conn = None
     if upgrade:
         conn, adopted = receive_upgrade(conf, lambda: notify_parent(True))
@@ -236,10 +232,9 @@ def run_master(conf: dict[str, Any], upgrade: bool, notify_parent: Any) -> int:
         systemd.ready("stand-in serving")
         notify_parent(True)
     while True:
-        wake.wait(1.0)
-        wake.clear()
-        while events:
-            sig = events.pop(0)
+        info = signal.sigtimedwait(sigs, 1.0)
+        if info is not None:
+            sig = info.si_signo
             if sig in (signal.SIGTERM, signal.SIGINT):
                 systemd.stopping()
                 master.drain()

@@ -1,5 +1,5 @@
-"""A small asyncio HTTP/2 client for the tests, built on the h2 library (no other client
-library is allowed at runtime, and the tests must see frames the way a client does)."""
+"""Shared helpers for the HTTP/2 tests (no tests here): a small asyncio HTTP/2 client built on
+the h2 library, so the tests see frames the way a client does."""
 from __future__ import annotations
 
 import asyncio
