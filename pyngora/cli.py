@@ -32,7 +32,10 @@ def build_service(conf: ServerConf, sc: ServiceConf) -> Service:
         return StaticService(sc.name, sc)
     if sc.type == "http_proxy":
         from pyngora.proxy.declarative import build_proxy_service
-        return build_proxy_service(conf, sc, load_object)
+        table = _health_table(conf, sc)
+        from pyngora.lb.balancer import load_balancer_from_conf
+        return build_proxy_service(conf, sc, load_object,
+                                   balancer_factory=lambda u: load_balancer_from_conf(u, table))
     if sc.type == "prometheus":
         from pyngora.metrics.service import PrometheusService
         return PrometheusService(sc.name, sc)
@@ -45,19 +48,56 @@ def build_service(conf: ServerConf, sc: ServiceConf) -> Service:
     raise ValueError(f"unknown service type {sc.type!r}")
 
 
+def _needs_prober(sc: ServiceConf) -> bool:
+    ups = getattr(sc.spec, "upstreams", ())
+    return any(u.health_check.type != "none" or u.discovery.type == "dns" for u in ups)
+
+
+def _health_table(conf: ServerConf, sc: ServiceConf) -> Optional[str]:
+    return conf.health_table_path(sc.name) if _needs_prober(sc) else None
+
+
+def _prober(conf: ServerConf, sc: ServiceConf) -> Service:
+    """One health-check process per proxy service: probes run once per server, whatever the
+    worker count, and workers read the shared table (pingora's background health check)."""
+    from pyngora.lb.balancer import health_group_from_conf
+    from pyngora.lb.health import HealthService
+    prober = HealthService(conf.health_table_path(sc.name),
+                           [health_group_from_conf(u) for u in sc.spec.upstreams])
+
+    class _Task:
+        async def start_with_ready_notifier(self, shutdown: Any, ready: Any) -> None:
+            await prober.run(shutdown, ready)
+
+    return background_service(f"health-{sc.name}", _Task())
+
+
 def build_services(conf: ServerConf) -> list[Service]:
-    """Every service of a configuration; ConfigError naming the service on failure."""
+    """Every service of a configuration; ConfigError naming the service on failure.
+
+    A proxy whose upstreams have health checks or DNS discovery gets a prober process and
+    depends on it, so it accepts no connection before the first round of checks has run."""
     out: list[Service] = []
     issues: list[ConfigIssue] = []
+    tables: list[str] = []
     for i, sc in enumerate(conf.services):
         try:
-            out.append(build_service(conf, sc))
+            svc = build_service(conf, sc)
+            if sc.type == "http_proxy" and _needs_prober(sc):
+                prober = _prober(conf, sc)
+                svc.add_dependency(prober)
+                out.append(prober)
+                tables.append(conf.health_table_path(sc.name))
+            out.append(svc)
         except ConfigError as e:
             issues.extend(e.issues)
         except Exception as e:  # an app that does not import, a bad certificate, ...
             issues.append(ConfigIssue(("services", i), f"service {sc.name!r}: {e}"))
     if issues:
         raise ConfigError(conf.source, issues)
+    for svc in out:
+        if hasattr(svc, "health_tables") and tables:
+            svc.health_tables = tables
     return out
 
 

@@ -293,6 +293,11 @@ class ServerConf:
         tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
         return os.path.join(_default_runtime_dir(), "metrics-" + tag)
 
+    def health_table_path(self, service: str) -> str:
+        """The shared health table of one proxy service (written by its prober process)."""
+        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        return os.path.join(_default_runtime_dir(), f"health-{tag}-{service}.tbl")
+
     def service_threads(self, svc_threads: Optional[int]) -> int:
         return svc_threads if svc_threads is not None else self.threads
 

@@ -421,6 +421,8 @@ class H2Connection(asyncio.Protocol):
             return
         events = self.proto.feed(data)
         for ev in events:
+            if self.closed:
+                break  # a fatal error closed us while handling earlier events
             cls = ev.__class__
             if cls is Data:
                 ex = self._streams.get(ev.stream_id)

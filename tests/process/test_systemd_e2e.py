@@ -4,9 +4,13 @@ For systemd/pyngora.service (Type=notify), systemd/pyngora-forking.service
 (Type=forking + PIDFile) and systemd/pyngora.socket (socket activation into
 pyngora.service): ``systemctl start``; requests succeed (curl); ``systemctl
 reload`` (the zero-downtime upgrade) three times under a curl loop with 0 failed
-requests and a new MainPID each time; a slow request in flight across the first
-reload and across the stop completes; ``systemctl stop`` ends with
-Result=success, no SIGKILL, no process left.
+requests and a new MainPID (a child of PID 1) each time; a slow request in
+flight across a reload completes; a reload with a broken config fails and
+changes nothing; SIGHUP (reload in place) renews the workers with 0 failed
+requests; ``systemctl stop`` right after one more reload lets a slow request on
+the draining old master and one on the new master complete, and ends with
+Result=success, no SIGKILL, no process left. tests/systemd/scenario.py lists
+every check.
 
 One container boot serves all three (about 1 s); the scenarios run in it one
 after another (tests/systemd/scenario.py), driven by tests/systemd/nspawn.py.

@@ -7,11 +7,16 @@ the container's own /usr/bin/python3 (stdlib only; systemd is PID 1 there).
     scenario.py run UNIT [--socket SOCKET]   one unit: start, 3 reloads under load, stop
 
 ``run`` installs the repository's unit file unchanged, then checks: the unit
-starts; requests succeed (curl); each ``systemctl reload`` (the zero-downtime
-upgrade) fails no request of a concurrent curl loop and moves MainPID; a slow
-request in flight across the first reload and across the stop completes;
-the stop ends with Result=success, no SIGKILL, no process left. It prints a
-line per check and, last, one JSON line that tests/systemd/nspawn.py parses.
+starts; requests succeed (curl); each of 3 ``systemctl reload`` (the
+zero-downtime upgrade) fails no request of a concurrent curl loop, moves
+MainPID to a master whose parent is PID 1, and leaves pid_file right; a slow
+request in flight across the first reload completes; a reload with a broken
+config fails and changes nothing; SIGHUP renews the workers under the same
+master without a failed request; old masters exit; ``systemctl stop`` right
+after one more reload lets a slow request on the draining old master and one
+on the new master complete, and ends with Result=success, no SIGKILL in the
+journal, no process left. It prints a line per check and, last, one JSON line
+that tests/systemd/nspawn.py parses.
 """
 
 from __future__ import annotations

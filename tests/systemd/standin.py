@@ -40,10 +40,23 @@ def log(msg: str) -> None:
     print(f"standin[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
+SERVER_KEYS = {  # SPEC section 5; anything else is an error, as in pyngora
+    "version", "daemon", "error_log", "pid_file", "upgrade_sock", "user", "group", "working_directory",
+    "threads", "work_stealing", "ca_file", "grace_period_seconds", "graceful_shutdown_timeout_seconds",
+    "upstream_keepalive_pool_size", "max_retries", "upgrade_timeout_seconds", "access_log",
+    "access_log_format", "log_level", "metrics_dir", "services",
+}
+
+
 def load(path: str) -> dict[str, Any]:
-    """The YAML config with SPEC defaults for the keys the stand-in uses."""
+    """The YAML config with SPEC defaults for the keys the stand-in uses;
+    SystemExit(1) on an unknown server key."""
     with open(path) as f:
         conf = yaml.safe_load(f) or {}
+    unknown = sorted(k for k in conf if k not in SERVER_KEYS and not str(k).startswith("x-"))
+    if unknown:
+        print(f"{path}: unknown keys {unknown}", file=sys.stderr)
+        raise SystemExit(1)
     conf.setdefault("pid_file", "/tmp/pyngora.pid")
     conf.setdefault("upgrade_sock", "/tmp/pyngora_upgrade.sock")
     conf.setdefault("upgrade_timeout_seconds", 30)
