@@ -81,6 +81,13 @@ def build_services(conf: ServerConf) -> list[Service]:
     issues: list[ConfigIssue] = []
     tables: list[str] = []
     for i, sc in enumerate(conf.services):
+        for j, listener in enumerate(sc.listeners):
+            if listener.tls is not None:
+                from pyngora.protocols.tls import check_tls
+                path = ("services", i, "listeners", j, "tls")
+                for problem in check_tls(listener.tls, where="tls"):
+                    issues.append(ConfigIssue(path, problem.removeprefix("tls: ").removeprefix("tls"),
+                                              conf.line_of(path)))
         try:
             svc = build_service(conf, sc)
             if sc.type == "http_proxy" and _needs_prober(sc):
@@ -92,7 +99,8 @@ def build_services(conf: ServerConf) -> list[Service]:
         except ConfigError as e:
             issues.extend(e.issues)
         except Exception as e:  # an app that does not import, a bad certificate, ...
-            issues.append(ConfigIssue(("services", i), f"service {sc.name!r}: {e}"))
+            issues.append(ConfigIssue(("services", i), f"service {sc.name!r}: {e}",
+                                      conf.line_of(("services", i))))
     if issues:
         raise ConfigError(conf.source, issues)
     for svc in out:

@@ -283,6 +283,13 @@ class ServerConf:
     metrics_dir: Optional[str] = None
     services: tuple[ServiceConf, ...] = ()
     source: str = field(default="", compare=False)
+    # the loader's key -> line lookup, so checks made after parsing (certificates, apps) can
+    # still name file, line and key
+    where: Optional[Callable[[Path], Optional[int]]] = field(default=None, compare=False,
+                                                              repr=False)
+
+    def line_of(self, path: Path) -> Optional[int]:
+        return self.where(path) if self.where is not None else None
 
     @property
     def metrics_path(self) -> str:
@@ -323,7 +330,8 @@ class _Builder:
             self.fail(path, f"expected a mapping, got {type(raw).__name__}")
             return None
         hints = typing.get_type_hints(cls)
-        flds = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "extra")}
+        flds = {f.name: f for f in dataclasses.fields(cls)
+                if f.name not in ("source", "extra", "where")}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in raw.items():
@@ -446,7 +454,8 @@ class _Builder:
         services = self.services(raw.get("services"), ("services",))
         if conf is None:
             return None
-        return dataclasses.replace(conf, services=tuple(services), source=source)
+        return dataclasses.replace(conf, services=tuple(services), source=source,
+                                   where=self.where)
 
     def services(self, raw: Any, path: Path) -> list[ServiceConf]:
         if raw is None:

@@ -1,0 +1,512 @@
+"""One request and its response on a downstream HTTP/1 connection: ``Exchange`` (what an
+``HttpApp`` reads and writes), ``Tunnel`` (the byte stream after a 101), ``HttpSettings`` and
+the connection's shared constants. ``http_app`` (the connection) re-exports every name.
+"""
+from __future__ import annotations
+
+import asyncio
+import http
+from collections import deque
+from typing import TYPE_CHECKING, Any, Awaitable, Optional
+
+from pyngora.config.schema import LimitsConf
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.headers import Headers
+from pyngora.protocols import h1
+from pyngora.protocols.events import RequestHead
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyngora.services.http_app import H1Connection
+
+# Request body bytes buffered for the app before reading from the socket pauses (and resumes
+# once it is back under the low mark): bounds memory per connection whatever the body size.
+BODY_HIGH_WATER = 256 * 1024
+BODY_LOW_WATER = 64 * 1024
+# Tunnel bytes buffered before pausing (WebSocket and other upgrades).
+TUNNEL_HIGH_WATER = 256 * 1024
+# How long a closing connection keeps reading (and discarding) after its last response, so the
+# kernel does not answer unread request bytes with a RST that would destroy that response.
+LINGER_SECONDS = 2.0
+
+# Reasons for pausing reads (a bitmask: reading resumes only when none is left).
+_P_BODY = 1      # the app has not taken the request body buffered so far
+_P_PIPELINE = 2  # events of a later request wait for the current response
+_P_WRITE = 4     # the write buffer is full and requests are waiting to be answered
+_P_TUNNEL = 8    # the tunnel's reader is behind
+
+# Connection states.
+_S_IDLE = 0      # between requests, nothing received yet (keep-alive timer armed)
+_S_HEAD = 1      # some bytes of a request head received (header timer armed)
+_S_ACTIVE = 2    # a request is being answered
+_S_CLOSING = 3   # lingering close / closed: ignore input
+
+_ERROR_HEADERS = b"Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int, reason: Optional[bytes | str] = None) -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n`` (cached for the default reason phrases)."""
+    if reason is None:
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+            _STATUS_LINES[status] = line
+        return line
+    if isinstance(reason, str):
+        reason = reason.encode("latin-1")
+    if b"\r" in reason or b"\n" in reason:
+        reason = _reason(status)
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def error_response(status: int) -> bytes:
+    """The bytes of an empty-bodied error answer that closes the connection (SPEC section 7)."""
+    return status_line(status) + _ERROR_HEADERS
+
+
+_PROTOCOL_ETYPES = {400: ErrorType.InvalidHTTPHeader, 408: ErrorType.RequestHeaderTimeout,
+                    413: ErrorType.BodyTooLarge, 431: ErrorType.HeadersTooLarge}
+
+
+def error_status_of(exc: BaseException) -> int:
+    """The status a request failing with ``exc`` is answered with (0 = write nothing)."""
+    if isinstance(exc, Error):
+        return exc.status
+    st = getattr(exc, "status", None)
+    return st if isinstance(st, int) else 500
+
+
+def _downstream_error(exc: BaseException) -> Error:
+    """A parser's ProtocolError (or any exception) as an Error from the downstream."""
+    if isinstance(exc, Error):
+        return exc
+    status = getattr(exc, "status", 400)
+    etype = _PROTOCOL_ETYPES.get(status, ErrorType.InvalidHTTPHeader)
+    return Error(etype, ErrorSource.Downstream, exc, str(getattr(exc, "reason", "") or exc),
+                 status=status)
+
+
+def _closed_error(context: str = "downstream connection closed") -> Error:
+    return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None, context)
+
+
+class HttpSettings:
+    """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
+
+    __slots__ = ("parser_limits", "header_read_timeout", "keepalive_timeout",
+                 "keepalive_requests")
+
+    def __init__(self, limits: Optional[LimitsConf] = None) -> None:
+        limits = limits or LimitsConf()
+        self.parser_limits = h1.H1Limits(max_header_bytes=limits.max_header_bytes,
+                                         max_body_bytes=limits.max_body_bytes)
+        self.header_read_timeout = limits.header_read_timeout_seconds
+        self.keepalive_timeout = limits.keepalive_timeout_seconds
+        self.keepalive_requests = limits.keepalive_requests
+
+
+class HttpApp:
+    """What a connection calls per request. Subclass and implement ``handle``.
+
+    ``handle`` runs once per request, when its head has been parsed and every earlier response
+    on the connection is finished. Return ``None`` when the response was written synchronously
+    (``exchange.respond(...)``), or an awaitable that writes it (run as a task; if it fails
+    before the response head, the client gets a 500; after, the connection is aborted so a
+    truncated response never looks complete).
+    """
+
+    def handle(self, exchange: "Exchange") -> Optional[Awaitable[None]]:
+        raise NotImplementedError
+
+
+class Exchange:
+    """One request and its response on a downstream connection.
+
+    Reading: ``head`` (a RequestHead), ``await read_body()`` -> next chunk or ``None`` at the end
+    (raises Error when the client breaks off or sends a malformed body), ``trailers`` after it.
+    Writing: ``write_head(status, headers, end=...)`` chooses the framing (Content-Length as given,
+    else chunked on HTTP/1.1, else close-delimited), ``write_body(data)``, ``await drain()``,
+    ``write_end(trailers)``; ``respond(status, headers, body)`` does all three; ``respond_error``
+    sends an empty error that closes the connection. After a 101, ``tunnel()`` takes the socket.
+    """
+
+    __slots__ = ("conn", "head", "client_addr", "server_addr", "scheme", "start_time",
+                 "status", "keep_alive", "head_sent", "finished", "req_bytes", "resp_bytes",
+                 "trailers", "task", "_chunked", "_no_body", "_chunks", "_buffered",
+                 "_body_done", "_error", "_waiter", "_continue_pending", "_upgrade",
+                 "_tunnel", "_head_buf")
+
+    def __init__(self, conn: "H1Connection", head: RequestHead, start_time: float) -> None:
+        self.conn = conn
+        self.head = head
+        self.client_addr = conn.client_addr
+        self.server_addr = conn.server_addr
+        self.scheme = conn.scheme
+        self.start_time = start_time
+        self.status = 0
+        self.keep_alive = head.keep_alive
+        self.head_sent = False
+        self.finished = False
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.trailers: Optional[Headers] = None
+        self.task: Optional[asyncio.Task[Any]] = None
+        self._chunked = False
+        self._no_body = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._body_done = head.body == "none"
+        self._error: Optional[Error] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._continue_pending = head.expect_continue and not self._body_done
+        self._upgrade = head.upgrade
+        self._tunnel: Optional[Tunnel] = None
+        self._head_buf: Optional[bytes] = None  # a response head not sent yet (see write_head)
+
+    # ------------------------------------------------------------------ request body
+    @property
+    def body_done(self) -> bool:
+        """True once the whole request body has been received (not necessarily read)."""
+        return self._body_done
+
+    async def read_body(self) -> Optional[bytes]:
+        """The next piece of the request body, ``None`` at its end. Sends ``100 Continue`` the
+        first time when the client asked for it. Raises Error (Downstream) when the body is
+        malformed or too large (its ``status`` says 400/413) or the client went away."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft()
+                self._buffered -= len(data)
+                if self._buffered <= BODY_LOW_WATER:
+                    self.conn._resume(_P_BODY)
+                return data
+            if self._body_done:
+                return None
+            if self._error is not None:
+                raise self._error
+            if self._continue_pending:
+                self._continue_pending = False
+                if not self.head_sent:
+                    self.conn._write(_CONTINUE)
+            waiter = self._waiter = self.conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def read_full_body(self, limit: Optional[int] = None) -> bytes:
+        """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
+        parts = []
+        total = 0
+        while True:
+            data = await self.read_body()
+            if data is None:
+                return b"".join(parts)
+            total += len(data)
+            if limit is not None and total > limit:
+                raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
+                            "request body too large", status=413)
+            parts.append(data)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self.req_bytes += len(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > BODY_HIGH_WATER:
+            self.conn._pause(_P_BODY)
+        self._wake()
+
+    def _end(self, trailers: Optional[Headers]) -> None:
+        self.trailers = trailers
+        self._body_done = True
+        self._continue_pending = False
+        self._wake()
+
+    def _fail(self, err: Error) -> None:
+        if self._error is None:
+            self._error = err
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(err)
+        if self._tunnel is not None:
+            self._tunnel._on_eof()
+
+    # ------------------------------------------------------------------ response
+    def write_informational(self, status: int, headers: Optional[Headers] = None) -> None:
+        """Forward a 1xx (103 Early Hints, ...) before the final response; 100 and 101 are
+        handled by the connection (100) and ``write_head`` (101)."""
+        if self.head_sent or status in (100, 101) or not 100 < status < 200:
+            return
+        if self.head.version == "1.0":
+            return  # HTTP/1.0 clients do not understand 1xx (RFC 9110 15.2)
+        self.conn._write(status_line(status) + (headers.serialize() if headers else b"") + _CRLF)
+
+    def write_head(self, status: int, headers: Headers, reason: Optional[bytes | str] = None,
+                   end: bool = False) -> None:
+        """Send the response head. ``headers`` is used (and edited: Connection and framing
+        fields) as given; hop-by-hop fields from elsewhere must already be removed. ``end``:
+        the response has no body (``Content-Length: 0`` is added when needed)."""
+        if self.head_sent:
+            raise RuntimeError("response head already sent")
+        conn = self.conn
+        if conn.closed:
+            raise _closed_error()
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        head = self.head
+        if status == 101:
+            # The connection becomes a tunnel: no framing, no keep-alive decision.
+            self.keep_alive = False
+            conn._write(status_line(101, reason) + headers.serialize() + _CRLF)
+            return
+        no_body = head.method == b"HEAD" or status == 204 or status == 304 or status < 200
+        self._no_body = no_body
+        keep_alive = self.keep_alive and conn._may_keep_alive()
+        if (not self._body_done and head.expect_continue) or conn._upgrade_head:
+            # The client may not send (or may be about to send) a body we would have to parse,
+            # or the parser stopped at an upgrade that did not happen.
+            keep_alive = False
+        if no_body:
+            if status == 204 or status < 200:
+                headers.remove(b"content-length")
+            headers.remove(b"transfer-encoding")
+        elif b"content-length" in headers:
+            headers.remove(b"transfer-encoding")
+        elif end:
+            headers.add(b"Content-Length", b"0")
+        elif head.version == "1.1" and b"transfer-encoding" not in headers:
+            headers.add(b"Transfer-Encoding", b"chunked")
+            self._chunked = True
+        elif head.version == "1.1":
+            self._chunked = True  # the app asked for chunked itself
+        else:
+            # HTTP/1.0 client and no length: the body ends when the connection closes.
+            headers.remove(b"transfer-encoding")
+            keep_alive = False
+        app_conn = headers.get(b"connection")
+        if app_conn is not None and b"close" in app_conn.lower():
+            keep_alive = False  # the app asked to close
+        if keep_alive:
+            if head.version == "1.0":
+                headers.set(b"Connection", b"keep-alive")
+            # HTTP/1.1: keep-alive is the default; an app's own Connection tokens stay.
+        else:
+            headers.set(b"Connection", b"close")
+        self.keep_alive = keep_alive
+        data = status_line(status, reason) + headers.serialize() + _CRLF
+        if end:
+            conn._write(data)
+            self._finish()
+        else:
+            # Held back until the first body bytes (one send for head + body), or until the
+            # end of this loop iteration when the body is not ready yet.
+            self._head_buf = data
+            conn.loop.call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        data = self._head_buf
+        if data is not None:
+            self._head_buf = None
+            self.conn._write(data)
+
+    def write_body(self, data: bytes) -> None:
+        """Send a piece of the body (framed as chunked when the head chose it). Raises Error
+        (Downstream, ConnectionClosed) when the client is gone, so pumps stop."""
+        if self.finished:
+            raise RuntimeError("response already finished")
+        conn = self.conn
+        if conn.closed:
+            raise _closed_error()
+        if not data or self._no_body:
+            return
+        self.resp_bytes += len(data)
+        head = self._head_buf
+        if head is not None:
+            self._head_buf = None
+            if self._chunked:
+                conn.transport.writelines((head, b"%x\r\n" % len(data), data, _CRLF))  # type: ignore[union-attr]
+            else:
+                conn.transport.writelines((head, data))  # type: ignore[union-attr]
+        elif self._chunked:
+            conn.transport.writelines((b"%x\r\n" % len(data), data, _CRLF))  # type: ignore[union-attr]
+        else:
+            conn.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        """Wait while the write buffer is above its high-water mark (write back-pressure).
+        Raises Error (Downstream, ConnectionClosed) when the client is gone."""
+        if self._head_buf is not None:
+            self._flush_head()
+        await self.conn._drain()
+
+    def write_end(self, trailers: Optional[Headers] = None) -> None:
+        """End the response (with trailers when chunked); the next request may start."""
+        if self.finished:
+            return
+        head = self._head_buf
+        if head is not None:
+            self._head_buf = None
+        else:
+            head = b""
+        if self._chunked:
+            if trailers:
+                self.conn._write(head + b"0\r\n" + trailers.serialize() + _CRLF)
+            else:
+                self.conn._write(head + _LAST_CHUNK)
+        elif head:
+            self.conn._write(head)
+        self._finish()
+
+    def respond(self, status: int, headers: Optional[Headers] = None, body: bytes = b"",
+                reason: Optional[bytes | str] = None) -> None:
+        """A whole response at once (``Content-Length`` is set from ``body``)."""
+        if headers is None:
+            headers = Headers()
+        if b"content-length" not in headers and status != 204 and status != 304:
+            headers.add(b"Content-Length", str(len(body)).encode())
+        self.write_head(status, headers, reason)
+        if body:
+            self.write_body(body)
+        self.write_end()
+
+    def respond_prebuilt(self, status: int, head: bytes, body: bytes) -> None:
+        """Fast path for fixed answers: ``head`` is the status line and header lines (with
+        Content-Length, without Connection and the final blank line)."""
+        if self.head_sent:
+            raise RuntimeError("response head already sent")
+        conn = self.conn
+        if conn.closed:
+            return
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        keep_alive = self.keep_alive and conn._may_keep_alive() and not (
+            (not self._body_done and self.head.expect_continue) or conn._upgrade_head)
+        self.keep_alive = keep_alive
+        if keep_alive:
+            tail = b"Connection: keep-alive\r\n\r\n" if self.head.version == "1.0" else _CRLF
+        else:
+            tail = b"Connection: close\r\n\r\n"
+        if body and self.head.method != b"HEAD":
+            self.resp_bytes = len(body)
+            conn.transport.writelines((head, tail, body))  # type: ignore[union-attr]
+        else:
+            conn.transport.write(head + tail)  # type: ignore[union-attr]
+        self._finish()
+
+    def respond_error(self, status: int) -> None:
+        """An empty-bodied error that closes the connection, or an abort when a response head
+        was already sent (a truncated response must not look complete)."""
+        if self.finished:
+            return
+        if self.head_sent and self._head_buf is None:
+            self.keep_alive = False
+            self.conn.abort()
+            self._finish()
+            return
+        self._head_buf = None  # a head still held back never reached the client: replace it
+        self.head_sent = True
+        self.status = status
+        self.keep_alive = False
+        self.conn._write(error_response(status))
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.conn._exchange_done(self)
+
+    # ------------------------------------------------------------------ upgrades
+    def tunnel(self) -> "Tunnel":
+        """After ``write_head(101, ...)``: the raw two-way byte stream of the connection."""
+        if self.status != 101:
+            raise RuntimeError("tunnel() needs a 101 response first")
+        if self._tunnel is None:
+            self._tunnel = Tunnel(self.conn)
+            self.conn._start_tunnel(self._tunnel)
+        return self._tunnel
+
+
+class Tunnel:
+    """The downstream side of an upgraded connection: ``await read()`` (b"" at EOF),
+    ``write(data)``, ``await drain()``, ``write_eof()``, ``close()``."""
+
+    __slots__ = ("conn", "_chunks", "_buffered", "_eof", "_waiter")
+
+    def __init__(self, conn: "H1Connection") -> None:
+        self.conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > TUNNEL_HIGH_WATER:
+                self.conn._pause(_P_TUNNEL)
+            self._wake()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self) -> bytes:
+        while True:
+            if self._chunks:
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                if self._buffered <= BODY_LOW_WATER:
+                    self.conn._resume(_P_TUNNEL)
+                return data
+            if self._eof:
+                return b""
+            self._waiter = self.conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def write(self, data: bytes) -> None:
+        if self.conn.closed:
+            raise _closed_error()
+        self.conn.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        await self.conn._drain()
+
+    def write_eof(self) -> None:
+        t = self.conn.transport
+        if t is not None and not self.conn.closed and t.can_write_eof():
+            try:
+                t.write_eof()
+            except (OSError, RuntimeError):
+                pass
+
+    def close(self) -> None:
+        self.conn._close()
