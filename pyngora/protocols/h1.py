@@ -166,7 +166,6 @@ class RequestParser:
         events: list[Event] = []
         self._events = events
         self._completed = 0
-        head_pending = self._in_head
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -185,11 +184,15 @@ class RequestParser:
             # The head is incomplete: llhttp buffers the partial field, unseen by the
             # callbacks, so bound it by bytes fed. Exact when the head began in an earlier
             # feed or at the start of this one; when it began after another request ended in
-            # this same feed its share is unknown and counts from the next feed on.
-            if head_pending or not self._uncertain:
+            # this same feed its share is unknown and counts from the next feed on. (Whether
+            # a head was pending when the feed began says nothing: with pipelining, that head
+            # may have ended and a later one begun in this feed, whose share is not ``data``.)
+            if not self._uncertain:
                 self._head_fed += len(data)
                 if self._head_fed > self._max_head:
                     self._reject_now(431, "request head too large", events)
+            else:
+                self._uncertain = False  # the same head in the next feed: count every byte
         elif events:
             self._stall = 0
         elif self._in_message:
