@@ -399,10 +399,18 @@ class Master:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        watchdog = sd.watchdog_interval(any_pid=self.upgrade_mode) if sd is not None else None
+        next_ping = 0.0
         while True:
             timeout = self._respawn_due()
             if self.stopping:
                 timeout = min(timeout, 0.1)
+            if watchdog:
+                now = time.monotonic()
+                if now >= next_ping:  # WatchdogSec= (the interval is already half of it)
+                    sd.watchdog_ping()
+                    next_ping = now + watchdog
+                timeout = min(timeout, max(0.0, next_ping - now))
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
                     try:
