@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from pyngora.config.schema import ConfigError, ConfigIssue, ServerConf, ServiceConf
 from pyngora.server.server import Opt, Server
-from pyngora.services.base import BackgroundService, Service, background_service
+from pyngora.services.base import Service, background_service
 from pyngora.version import __version__
 
 

@@ -20,6 +20,7 @@ from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
+from pyngora.server.generation import Generation, Worker, _worker_owner
 from pyngora.server.worker import EXIT_BOOT_FAILED, WorkerSpec, run_worker
 from pyngora.services.base import Service
 
@@ -41,64 +42,10 @@ SIGNALS = {
 }
 
 
-def _worker_owner(conf: ServerConf) -> Optional[tuple[int, int]]:
-    """(uid, gid) the workers drop to, when they do: they must be able to write metrics."""
-    if os.getuid() != 0 or not (conf.user or conf.group):
-        return None
-    import grp
-    import pwd
-    uid, gid = 0, 0
-    if conf.user:
-        pw = pwd.getpwnam(conf.user)
-        uid, gid = pw.pw_uid, pw.pw_gid
-    if conf.group:
-        gid = grp.getgrnam(conf.group).gr_gid
-    return uid, gid
-
-
 class FatalError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-class Worker:
-    __slots__ = ("pid", "spec", "ready", "fd", "started", "gen")
-
-    def __init__(self, pid: int, spec: WorkerSpec, fd: int) -> None:
-        self.pid = pid
-        self.spec = spec
-        self.ready = False
-        self.fd = fd
-        self.started = time.monotonic()
-        self.gen = spec.generation
-
-
-class Generation:
-    """One set of services and their workers; SIGHUP starts a new one, then retires the old."""
-
-    def __init__(self, number: int, conf: ServerConf, services: list[Service]) -> None:
-        self.number = number
-        self.conf = conf
-        self.services = services
-        self.retired = False
-        self.started: set[str] = set()           # service names whose workers were forked
-        self.boot_failures: dict[tuple[str, int], int] = {}
-        self.respawn_at: dict[tuple[str, int], float] = {}
-        self.ready_slots: set[tuple[str, int]] = set()
-
-    def slots(self, svc: Service) -> int:
-        return 1 if svc.is_background else self.conf.service_threads(svc.threads)
-
-    def pinned(self, svc: Service) -> bool:
-        ws = svc.work_stealing if svc.work_stealing is not None else self.conf.work_stealing
-        return not ws
-
-    def service_ready(self, svc: Service) -> bool:
-        return all((svc.name, n) in self.ready_slots for n in range(self.slots(svc)))
-
-    def all_ready(self) -> bool:
-        return all(self.service_ready(s) for s in self.services)
 
 
 class Master:

@@ -96,17 +96,20 @@ class Server:
             launcher_fd = -1
             if conf.working_directory:
                 os.chdir(conf.working_directory)
-        log.setup(conf.error_log if (self.opt.daemon or conf.daemon) else conf.error_log,
-                  conf.log_level, "off")
-        reload_conf = None
+        log.setup(conf.error_log, conf.log_level, "off")
+        reload_conf: Optional[Callable[[], ServerConf]] = None
         if self.opt.conf and self.build_services is not None:
-            path = os.path.abspath(self.opt.conf)
-
-            def reload_conf() -> ServerConf:
-                from pyngora.config.loader import load
-                return load(path)
+            reload_conf = _loader(os.path.abspath(self.opt.conf))
         title = f"pyngora: master -c {self.opt.conf}" if self.opt.conf else "pyngora: master"
         master = Master(conf, self.services, upgrade=self.opt.upgrade,
                         build_services=self.build_services, reload_conf=reload_conf,
                         launcher_fd=launcher_fd, title=title)
         return master.run()
+
+
+def _loader(path: str) -> Callable[[], ServerConf]:
+    """SIGHUP re-reads the same file, wherever the master's working directory is now."""
+    def load() -> ServerConf:
+        from pyngora.config.loader import load as load_file
+        return load_file(path)
+    return load

@@ -129,7 +129,6 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
     loop = asyncio.get_running_loop()
     service = spec.service
     conf = spec.conf
-    booted = False
     servers = []
 
     def ready() -> None:
@@ -184,7 +183,6 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
         except Exception:
             log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
             return EXIT_BOOT_FAILED
-        booted = True
         ready()
         await ctx.shutdown.wait()
         # Drain: stop accepting, take what is already queued, let in-flight requests finish.
