@@ -73,6 +73,8 @@ def daemonize(error_log: Optional[str], working_directory: Optional[str]) -> int
         _launcher_wait(rfd, pid)
     os.close(rfd)
     os.setsid()
+    # the intermediate process: the master waits until it is gone before sending MAINPID=
+    os.environ["PYNGORA_LAUNCHER_PID"] = str(os.getpid())
     if os.fork() > 0:
         os._exit(0)
     os.umask(0o022)

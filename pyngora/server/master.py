@@ -417,9 +417,11 @@ class Master:
                                  EXIT_CONFIG) from None
             finally:
                 conn.close()
-            daemon.write_pid_file(self.conf.pid_file)
+            # systemd must know the new MAINPID before the old master can exit, and -s upgrade
+            # returns as soon as it sees pid_file change: notify first, then write it.
             self._wait_reparented()
             self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
+            daemon.write_pid_file(self.conf.pid_file)
         else:
             self._notify("READY=1", f"STATUS=serving, {n} workers")
         daemon.report(self.launcher_fd, True)
@@ -538,13 +540,18 @@ class Master:
         if self.stopping == "fast" or (self.stopping and how == "graceful"):
             return
         self.stopping = how
+        # With NotifyAccess=all any process speaks for the unit: a master that handed over (or a
+        # -u master that never became the main PID) must not tell systemd the service stops.
+        speaks = not self.handed_over and (not self.upgrade_mode or self._serving_reported)
         if how == "graceful":
-            self._notify("STOPPING=1")
+            if speaks:
+                self._notify("STOPPING=1")
             self.stop_deadline = time.monotonic() + self.conf.grace_period_seconds + \
                 self.conf.graceful_shutdown_timeout_seconds
             self._kill_all(signal.SIGTERM)
         else:
-            self._notify("STOPPING=1")
+            if speaks:
+                self._notify("STOPPING=1")
             self.stop_deadline = time.monotonic() + self.conf.graceful_shutdown_timeout_seconds
             self._kill_all(signal.SIGINT)
         # Workers hold their own copies; ours only keep the queues alive for nobody.

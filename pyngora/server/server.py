@@ -89,9 +89,7 @@ class Server:
             self.bootstrap()
         conf = self.configuration
         if self.opt.daemon or conf.daemon:
-            os.environ["PYNGORA_LAUNCHER_PID"] = str(os.getpid())
             launcher_fd = daemonize(conf.error_log, conf.working_directory)
-            os.environ["PYNGORA_LAUNCHER_PID"] = str(os.getppid())
         else:
             launcher_fd = -1
             if conf.working_directory:

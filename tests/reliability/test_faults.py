@@ -44,6 +44,9 @@ def _garbage(conn: socket.socket, n: int) -> None:
         time.sleep(0.2)
 
 
+RESETS: list[int] = []  # connections _close_on_reuse reset when a second request came
+
+
 def _close_on_reuse(conn: socket.socket, n: int) -> None:
     """Answers the first request on each connection with keep-alive; a second request on the
     same connection makes it close without a byte of answer (the pooled-connection race)."""
@@ -53,6 +56,7 @@ def _close_on_reuse(conn: socket.socket, n: int) -> None:
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
     head, rest = read_request_head(conn, rest)
     if head:
+        RESETS.append(n)
         reset(conn)
 
 
@@ -136,14 +140,15 @@ def test_origin_garbage_is_502(proxy) -> None:
 def test_pooled_connection_closed_on_reuse_is_retried(proxy) -> None:
     port, origins, p = proxy
     o = origins["reuse"]
-    before = o.connections
+    before, resets = o.connections, len(RESETS)
     # Two requests in a row on one worker: the second goes to the pooled connection, which
     # the origin resets on seeing it; the proxy must retry on a fresh one (GET, no byte back).
     for i in range(4):
         r = request(port, _get("/reuse"), CLIENT_TIMEOUT)
         assert r.complete and r.status == 200 and r.body == b"fresh", (i, r.status, r.error)
-    # each request after the first tried the pooled connection first, then a new one
-    assert o.connections - before >= 4
+    # each request after the first tried the pooled connection first (reset), then a new one
+    # (which the next request reuses): 4 connections, 3 of them reset on their reuse
+    assert o.connections - before == 4 and len(RESETS) - resets == 3, (o.connections, RESETS)
 
 
 def test_after_the_faults_the_worker_still_serves(proxy) -> None:
