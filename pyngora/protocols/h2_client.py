@@ -1,0 +1,406 @@
+"""Sans-IO HTTP/2 client side (the proxy talking to an ``h2: true`` upstream).
+
+No asyncio here (DESIGN's one-way doors): the asyncio edge is ``upstreams/h2_connector.py``.
+One :class:`H2ClientConn` per upstream connection, over ``h2.connection.H2Connection``.
+Requests go in as HTTP/1-style heads (``request_fields`` translates them); responses come out
+as the same events the HTTP/1 response parser gives (InformationalResponse, ResponseHead,
+Data, MessageEnd with trailers), each with its ``stream_id``, plus StreamReset,
+:class:`SettingsChanged` and :class:`GoAway`. ``data_to_send()`` says what to write.
+
+Decisions (documented in the report and tests):
+
+- Back-pressure both ways: request body bytes wait in a per-stream queue until the upstream's
+  flow-control windows let them out (``pending(sid)`` says how much waits, the caller's
+  ``drain`` waits on it); response bytes are acknowledged (WINDOW_UPDATE) only when the
+  caller says it consumed them (``consumed``), so a slow client slows the upstream down.
+- A graceful GOAWAY (NO_ERROR) from the upstream keeps the connection open for the streams it
+  lets through (h2's state machine would close at once: h2 issue #1181, so the GOAWAY frame is
+  handled here); no new stream is opened after it. Streams above its last stream id were
+  never processed (RFC 9113 6.8) and are reported in :class:`GoAway` ``refused``.
+- Response fields are validated by h2 (upper-case names, connection-specific fields and bad
+  pseudo-headers are connection errors: a broken upstream is answered 502).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+import h2.config
+import h2.errors
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from pyngora.headers import Headers
+from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
+                                      StreamReset)
+
+__all__ = ["H2ClientConn", "GoAway", "SettingsChanged", "request_fields", "H2ClientError",
+           "NO_ERROR", "PROTOCOL_ERROR", "REFUSED_STREAM", "CANCEL"]
+
+NO_ERROR = 0x0
+PROTOCOL_ERROR = 0x1
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+
+# Fields of an HTTP/1 request that mean nothing (or something dangerous) in HTTP/2
+# (RFC 9113 8.2.2); ``host`` becomes ``:authority``; ``te`` is kept only as "trailers".
+_DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                   b"upgrade", b"host", b"te"))
+
+
+class H2ClientError(Exception):
+    """A request could not be started (no stream id left, the peer's stream limit, a field
+    h2 refuses). Nothing of the request was sent: ``retry`` is always safe."""
+
+
+class GoAway:
+    """The upstream sent GOAWAY (or the connection failed: ``error_code`` != 0).
+
+    ``refused`` lists our open streams above ``last_stream_id``: never processed, retryable.
+    """
+
+    __slots__ = ("last_stream_id", "error_code", "refused")
+
+    def __init__(self, last_stream_id: int, error_code: int, refused: list[int]) -> None:
+        self.last_stream_id = last_stream_id
+        self.error_code = error_code
+        self.refused = refused
+
+
+class SettingsChanged:
+    """The upstream's SETTINGS arrived (the first one says its concurrent-stream limit)."""
+
+    __slots__ = ("max_concurrent_streams",)
+
+    def __init__(self, max_concurrent_streams: int) -> None:
+        self.max_concurrent_streams = max_concurrent_streams
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY does not close it for the streams
+    already open (h2 issue #1181; RFC 9113 6.8 lets them finish)."""
+
+    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def, override]
+        if frame.error_code:
+            return super()._receive_goaway_frame(frame)
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = h2.errors.ErrorCodes.NO_ERROR  # type: ignore[attr-defined]
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+
+class _Stream:
+    """Our bookkeeping for one request stream (the h2 library keeps the protocol state)."""
+
+    __slots__ = ("out", "out_bytes", "end", "trailers", "local_done", "remote_done",
+                 "head_done", "head_request")
+
+    def __init__(self, head_request: bool) -> None:
+        self.out: deque[bytes] = deque()
+        self.out_bytes = 0
+        self.end = False            # the request end is queued (after ``out``)
+        self.trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self.local_done = False     # END_STREAM went to h2
+        self.remote_done = False    # the response ended (or the stream was reset)
+        self.head_done = False      # the final (non-1xx) response head arrived
+        self.head_request = head_request
+
+
+def request_fields(method: bytes, target: bytes, scheme: bytes, authority: bytes,
+                   headers: Iterable[tuple[bytes, bytes]], te_trailers: bool = False
+                   ) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1-style request head -> an HTTP/2 header list.
+
+    Names lower-cased; connection-specific fields dropped; the first Host becomes
+    ``:authority`` (``authority`` when there is none); ``te: trailers`` sent when
+    ``te_trailers`` (gRPC needs it, RFC 9113 8.2.2 allows only that value)."""
+    host: Optional[bytes] = None
+    regular: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _DROP:
+            if lname == b"host" and host is None:
+                host = value
+            continue
+        regular.append((lname, value))
+    fields = [(b":method", method), (b":scheme", scheme), (b":authority", host or authority),
+              (b":path", target)]
+    if te_trailers:
+        fields.append((b"te", b"trailers"))
+    fields.extend(regular)
+    return fields
+
+
+def _response_head(fields: Iterable[tuple[bytes, bytes]], sid: int, end: bool,
+                   head_request: bool) -> tuple[int, Headers, Optional[int]]:
+    status = 0
+    items: list[tuple[bytes, bytes]] = []
+    keys: list[bytes] = []
+    length: Optional[int] = None
+    for name, value in fields:
+        if name == b":status":
+            status = int(value)
+            continue
+        if name[:1] == b":":
+            continue  # h2 already refused unknown pseudo-headers
+        if name == b"content-length":
+            length = int(value)
+        items.append((name, value))
+        keys.append(name)
+    return status, Headers._from_parser(items, keys), length
+
+
+class H2ClientConn:
+    """The client side of one HTTP/2 connection to an upstream.
+
+    ``settings_received`` turns True with the upstream's first SETTINGS; ``goaway`` holds the
+    GoAway once one arrived (no new stream after it); ``closed`` is True after a fatal error.
+    """
+
+    __slots__ = ("conn", "streams", "settings_received", "goaway", "closed", "stream_window",
+                 "connection_window")
+
+    def __init__(self, stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
+                 max_header_list_size: int = 65536) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_inbound_headers=True,
+            normalize_inbound_headers=False, validate_outbound_headers=True,
+            normalize_outbound_headers=False)
+        self.conn = _Connection(config=config)
+        self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+        })
+        self.streams: dict[int, _Stream] = {}
+        self.settings_received = False
+        self.goaway: Optional[GoAway] = None
+        self.closed = False
+        self.stream_window = stream_window
+        self.connection_window = max(connection_window, 65535)
+
+    # ------------------------------------------------------------------ connection
+    def initiate(self) -> None:
+        """Queue the preface, our SETTINGS and the connection window increase (call once)."""
+        self.conn.initiate_connection()
+        extra = self.connection_window - 65535
+        if extra > 0:
+            self.conn.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the socket now (empty when there is nothing)."""
+        return self.conn.data_to_send()
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        """The upstream's SETTINGS_MAX_CONCURRENT_STREAMS (h2's default until it says)."""
+        return self.conn.remote_settings.max_concurrent_streams
+
+    def can_open(self) -> bool:
+        """A new stream may be opened (no GOAWAY, no fatal error, ids left)."""
+        return not self.closed and self.goaway is None and \
+            self.conn.highest_outbound_stream_id < 2 ** 31 - 3
+
+    def close(self, code: int = NO_ERROR) -> None:
+        """Say GOAWAY (we open no more streams); the caller closes the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.conn.close_connection(code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    # ------------------------------------------------------------------ requests
+    def start_request(self, fields: list[tuple[bytes, bytes]], end: bool,
+                      head_request: bool = False) -> int:
+        """Open a stream with ``fields`` (see ``request_fields``); ``end``: no body follows.
+        Returns the stream id. Raises H2ClientError when it cannot (nothing was sent)."""
+        if not self.can_open():
+            raise H2ClientError("the upstream connection takes no new streams")
+        conn = self.conn
+        try:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, fields, end_stream=end)
+        except h2.exceptions.TooManyStreamsError as exc:
+            raise H2ClientError("upstream's concurrent stream limit reached") from exc
+        except (h2.exceptions.ProtocolError, ValueError, TypeError) as exc:
+            raise H2ClientError(f"cannot send the request: {exc}") from exc
+        s = _Stream(head_request)
+        s.local_done = s.end = end
+        self.streams[sid] = s
+        return sid
+
+    def send_body(self, sid: int, data: bytes) -> None:
+        """Queue request body bytes; they go out as the flow-control windows allow."""
+        s = self.streams.get(sid)
+        if s is None or s.end or not data:
+            return
+        s.out.append(data)
+        s.out_bytes += len(data)
+        self._flush(sid, s)
+
+    def send_end(self, sid: int, trailers: Optional[list[tuple[bytes, bytes]]] = None) -> None:
+        """End the request (with ``trailers``) once the queued body is out."""
+        s = self.streams.get(sid)
+        if s is None or s.end:
+            return
+        s.end = True
+        s.trailers = trailers or None
+        self._flush(sid, s)
+
+    def pending(self, sid: int) -> int:
+        """Request body bytes of ``sid`` queued and not yet framed (0 once it is gone)."""
+        s = self.streams.get(sid)
+        return s.out_bytes if s is not None else 0
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The caller forwarded ``n`` response bytes of ``sid``: give the window back."""
+        if n > 0 and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(n, sid)
+            except (h2.exceptions.ProtocolError, KeyError):
+                pass  # the stream is gone: h2 already returned its connection share
+
+    def reset(self, sid: int, code: int = CANCEL) -> None:
+        """Abandon ``sid`` (RST_STREAM unless it already ended on both sides)."""
+        s = self.streams.pop(sid, None)
+        if s is None or self.closed:
+            return
+        if s.local_done and s.remote_done:
+            return
+        try:
+            self.conn.reset_stream(sid, code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def forget(self, sid: int) -> None:
+        """The caller is done with a stream that ended cleanly."""
+        s = self.streams.get(sid)
+        if s is not None and s.local_done and s.remote_done:
+            del self.streams[sid]
+        else:
+            self.reset(sid)
+
+    def _flush_all(self) -> None:
+        for sid, s in list(self.streams.items()):
+            if (s.out or s.end) and not s.local_done:
+                self._flush(sid, s)
+
+    def _flush(self, sid: int, s: _Stream) -> None:
+        if s.local_done or self.closed:
+            return
+        conn = self.conn
+        out = s.out
+        try:
+            while out:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                chunk = out[0]
+                n = len(chunk)
+                if n <= window:
+                    out.popleft()
+                    s.out_bytes -= n
+                    last = not out and s.end and s.trailers is None
+                    conn.send_data(sid, chunk, end_stream=last)
+                    if last:
+                        s.local_done = True
+                        return
+                else:
+                    out[0] = chunk[window:]
+                    s.out_bytes -= window
+                    conn.send_data(sid, chunk[:window])
+            if s.end:
+                if s.trailers is not None:
+                    conn.send_headers(sid, s.trailers, end_stream=True)
+                else:
+                    conn.end_stream(sid)
+                s.local_done = True
+        except h2.exceptions.StreamClosedError:
+            # The upstream reset or finished the stream: nothing more goes out on it.
+            s.out.clear()
+            s.out_bytes = 0
+            s.local_done = True
+
+    # ------------------------------------------------------------------ input
+    def feed(self, data: bytes) -> list:
+        """Process bytes from the upstream; return events (see the module docstring). A
+        protocol error ends the connection: the last event is then a GoAway with its code."""
+        if self.closed:
+            return []
+        try:
+            h2_events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.closed = True
+            code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
+            return [GoAway(0, code, [])]
+        out: list = []
+        streams = self.streams
+        for ev in h2_events:
+            cls = ev.__class__
+            sid = getattr(ev, "stream_id", 0)
+            if cls is h2.events.DataReceived:
+                s = streams.get(sid)
+                flow = ev.flow_controlled_length or 0
+                n = len(ev.data)
+                if s is None:
+                    if flow:
+                        self.consumed(sid, flow)  # nobody reads it any more
+                    continue
+                if flow > n:
+                    self.consumed(sid, flow - n)  # padding
+                if n:
+                    out.append(Data(ev.data, sid))
+            elif cls is h2.events.ResponseReceived:
+                s = streams.get(sid)
+                if s is None:
+                    continue
+                s.head_done = True
+                end = ev.stream_ended is not None
+                status, headers, length = _response_head(ev.headers, sid, end, s.head_request)
+                if end or s.head_request or status in (204, 304):
+                    body = "none"
+                elif length is not None:
+                    body = "length"
+                else:
+                    body = "stream"
+                out.append(ResponseHead(status, b"", "2", headers, True, body, length, sid))
+            elif cls is h2.events.InformationalResponseReceived:
+                if sid in streams:
+                    status, headers, _ = _response_head(ev.headers, sid, False, False)
+                    out.append(InformationalResponse(status, headers, sid))
+            elif cls is h2.events.TrailersReceived:
+                s = streams.get(sid)
+                if s is not None and not s.remote_done:
+                    s.remote_done = True
+                    _, trailers, _ = _response_head(ev.headers, sid, True, False)
+                    out.append(MessageEnd(trailers, sid))
+            elif cls is h2.events.StreamEnded:
+                s = streams.get(sid)
+                if s is not None and not s.remote_done:
+                    s.remote_done = True
+                    out.append(MessageEnd(None, sid))
+            elif cls is h2.events.StreamReset:
+                s = streams.pop(sid, None)
+                if s is not None:
+                    s.remote_done = s.local_done = True
+                    out.append(StreamReset(sid, int(ev.error_code)))
+            elif cls is h2.events.RemoteSettingsChanged:
+                self.settings_received = True
+                out.append(SettingsChanged(self.max_concurrent_streams))
+                self._flush_all()
+            elif cls is h2.events.WindowUpdated:
+                self._flush_all()
+            elif cls is h2.events.ConnectionTerminated:
+                code = int(ev.error_code or 0)
+                last = ev.last_stream_id or 0
+                refused = sorted(sid for sid in streams if sid > last)
+                self.goaway = GoAway(last, code, refused)
+                if code:
+                    self.closed = True
+                out.append(self.goaway)
+        return out
