@@ -99,3 +99,21 @@ def test_probes_per_interval_do_not_multiply_with_workers(tmp_path, pyngora_fact
         # once per interval per backend (+1 for a round in flight), never once per worker
         assert probes <= elapsed / interval + 2, (threads, probes, elapsed)
         assert o.counts["requests"] == 0  # TCP checks open and close, nothing else
+
+
+def test_no_healthy_backend_is_503_with_empty_body(tmp_path, pyngora_factory, origins) -> None:
+    port, mport = free_port(), free_port()
+    p = pyngora_factory(_conf(tmp_path, port, origins, threads=2, metrics=mport)).start()
+    p.wait_serving(port)
+    assert get(port)[0] == 200
+    for o in origins:
+        o.stop()
+
+    def all_down() -> bool:
+        text = get(mport, "/metrics")[2].decode()
+        return all('pyngora_backend_healthy{backend="%s",upstream="app"} 0.0' % o.addr in text
+                   for o in origins)
+    wait_for(all_down, 15, "every backend marked down")
+    status, headers, body = get(port)
+    assert (status, body) == (503, b"")
+    assert headers["cache-control"] == "private, no-store"
