@@ -103,6 +103,9 @@ class _Group:
                                    total_connection_timeout=t.total_connect_seconds,
                                    read_timeout=t.read_seconds, write_timeout=t.write_seconds,
                                    idle_timeout=t.idle_seconds)
+        if conf.h2:
+            # HTTP/2 to these backends: ALPN h2 over TLS, prior knowledge in plaintext.
+            self.options.alpn = ("h2",)
         # Retries default to one per backend (at least one, for a dead pooled connection),
         # so a group of one unreachable backend fails in one connect timeout, not sixteen.
         self.retries = conf.retries if conf.retries is not None else max(len(conf.backends), 1)

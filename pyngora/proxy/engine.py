@@ -31,6 +31,7 @@ from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
 from pyngora.services.http_app import Exchange, HttpApp
 from pyngora.upstreams.connector import Connector, UpstreamConnection
+from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream
 from pyngora.upstreams.peer import HttpPeer
 
 try:  # metrics are optional: the engine works (and is tested) without them
@@ -71,6 +72,15 @@ def plan_for(cls: type) -> Plan:
     return plan
 
 
+def _te_trailers(headers: Any) -> bool:
+    """True when the client's TE field lists ``trailers``."""
+    for value in headers.get_all(b"te"):
+        for token in value.split(b","):
+            if token.split(b";", 1)[0].strip(b" \t").lower() == b"trailers":
+                return True
+    return False
+
+
 def _downstream_closed() -> Error:
     return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
                  "client disconnected")
@@ -90,6 +100,8 @@ class ProxyEngine(HttpApp):
         if self.plan.upstream_peer is None:
             raise TypeError(f"{type(proxy).__name__} must implement upstream_peer")
         self._upstream_metrics: dict[str, Any] = {}
+        # HTTP/2 upstreams (peers whose ALPN list starts with "h2"), made on first use.
+        self.h2_connector: Optional[H2Connector] = None
 
     def handle(self, exchange: Exchange) -> Any:
         return self.run(exchange)
@@ -210,8 +222,14 @@ class ProxyEngine(HttpApp):
                             "no upstream peer")
             session.peer = peer
             um = self._umetrics(peer)
+            connector: Any = self.connector
+            alpn = peer.options.alpn
+            if alpn and alpn[0] == "h2":
+                connector = self.h2_connector
+                if connector is None:
+                    connector = self.h2_connector = H2Connector(self.connector)
             try:
-                conn = await self.connector.get(peer)
+                conn = await connector.get(peer)
             except Error as e:
                 if um is not None:
                     um.error(peer.backend, e.etype)
@@ -249,7 +267,7 @@ class ProxyEngine(HttpApp):
             finally:
                 # Pooled only after a clean, complete exchange; closed otherwise (a client
                 # that left mid-response, an error, a cancelled task).
-                self.connector.release(conn, clean)
+                connector.release(conn, clean)
 
     def _may_retry(self, session: Session, e: Error) -> bool:
         limit = self.max_retries  # the server-wide cap; a phase may lower it per request
@@ -294,7 +312,13 @@ class ProxyEngine(HttpApp):
             if plan.upstream_request_filter:
                 await r
         method = up_req.method.encode("latin-1")
-        conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers)
+        if conn.__class__ is H2UpstreamStream:
+            # gRPC: "te: trailers" is hop-by-hop for HTTP/1 (removed above) but must reach an
+            # HTTP/2 upstream when the client sent it (RFC 9113 8.2.2 allows that value only).
+            conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers,
+                           te_trailers=_te_trailers(req.headers))
+        else:
+            conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers)
         if not has_body:
             return await self._response(session, conn, upgrade, ctx)
         # Full duplex: the body goes up in its own task while the response is read, so an

@@ -213,14 +213,11 @@ class H2UpstreamStream:
         if self._closed:
             return
         self._closed = True
-        if self.sid and not self.can_reuse_after_close():
+        if self.sid and not (self._ended and self._error is None):
             self.session.proto.reset(self.sid, h2c.CANCEL)
             self.session.flush()
         self._wake()
         self._wake_drain()
-
-    def can_reuse_after_close(self) -> bool:
-        return self._ended and self._error is None
 
     # --- called by the session ------------------------------------------------------------
 
@@ -334,7 +331,6 @@ class H2Session(asyncio.Protocol):
             if cls is h2c.SettingsChanged:
                 if not self._ready.done():
                     self._ready.set_result(True)
-                self._connector._room_changed(self)
             elif cls is h2c.GoAway:
                 self._on_goaway(ev)  # type: ignore[arg-type]
             else:
@@ -521,9 +517,6 @@ class H2Connector:
         s.reserved += 1
         s.served += 1
         return st
-
-    def _room_changed(self, s: H2Session) -> None:
-        """New SETTINGS: nothing to do now (waiters re-check after their dial)."""
 
     def _forget(self, s: H2Session) -> None:
         sessions = self.sessions.get(s.key)

@@ -97,6 +97,10 @@ class Container:
         """Start systemd-nspawn; return once systemd inside is running."""
         argv = ["systemd-nspawn", "-q", "--boot", "--register=no", "--keep-unit", "-M", self.name,
                 "--private-network", "-D", "/", "--volatile=yes", "--overlay=/etc::/etc"]
+        # A checkout under /tmp (CI clones anywhere) would leave the container a /tmp made of
+        # bind-mount stubs, read-only: give it a real tmpfs; nspawn mounts it before the binds
+        # below it (custom mounts are applied parents first).
+        argv += ["--tmpfs=/tmp:mode=1777"]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         # basic.target: multi-user.target would also start what the HOST enabled;
         # firstboot=off: with --volatile=yes it would wait for a key press.
