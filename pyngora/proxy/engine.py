@@ -31,7 +31,7 @@ from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
 from pyngora.services.http_app import Exchange, HttpApp
 from pyngora.upstreams.connector import Connector, UpstreamConnection
-from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream
+from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
 from pyngora.upstreams.peer import HttpPeer
 
 try:  # metrics are optional: the engine works (and is tested) without them
@@ -275,7 +275,11 @@ class ProxyEngine(HttpApp):
             limit = session.max_retries
         if not e.retry or session.retries >= limit:
             return False
-        if session.exchange.head_sent or not session._body_replayable():
+        if session.exchange.head_sent:
+            return False
+        if not session._body_replayable() and (e.__class__ is not Unprocessed
+                                               or session._retry_truncated):
+            # An HTTP/2 upstream that refused the stream unprocessed may get it again.
             return False
         session.retries += 1
         return True

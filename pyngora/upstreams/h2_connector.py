@@ -36,7 +36,8 @@ from pyngora.upstreams.connector import (WRITE_HIGH_WATER, WRITE_LOW_WATER, Conn
                                          _connect_error, _on_wait_timeout)
 from pyngora.upstreams.peer import HttpPeer
 
-__all__ = ["H2Connector", "H2Session", "H2UpstreamStream", "wants_h2", "STREAM_HIGH_WATER"]
+__all__ = ["H2Connector", "H2Session", "H2UpstreamStream", "Unprocessed", "wants_h2",
+           "STREAM_HIGH_WATER"]
 
 # Unsent request body bytes per stream above which ``drain`` waits.
 STREAM_HIGH_WATER = 64 * 1024
@@ -46,6 +47,14 @@ LOCAL_MAX_STREAMS = 128
 _MAX_DIAL_ROUNDS = 4
 
 _UP = ErrorSource.Upstream
+
+
+class Unprocessed(Error):
+    """The upstream said it did not process the request (REFUSED_STREAM, or a stream above
+    a GOAWAY's last stream id: RFC 9113 8.7), so even a non-idempotent one may be sent again
+    as long as its whole body is still at hand."""
+
+    __slots__ = ()
 
 
 def wants_h2(peer: HttpPeer) -> bool:
@@ -225,10 +234,11 @@ class H2UpstreamStream:
         cls = ev.__class__
         if cls is StreamReset:
             code = ev.error_code  # type: ignore[union-attr]
-            refused = code == h2c.REFUSED_STREAM and not self.response_bytes_seen
-            self._fail(Error(ErrorType.H2Error, _UP, None,
-                             f"{self.peer.address} reset the stream (error {code})",
-                             retry=refused))
+            cls_ = Unprocessed if code == h2c.REFUSED_STREAM and not self.response_bytes_seen \
+                else Error
+            self._fail(cls_(ErrorType.H2Error, _UP, None,
+                            f"{self.peer.address} reset the stream (error {code})",
+                            retry=cls_ is Unprocessed))
             return
         self.response_bytes_seen = True
         if cls is MessageEnd:
@@ -378,9 +388,9 @@ class H2Session(asyncio.Protocol):
             st = self.streams.pop(sid, None)
             if st is not None:
                 self.proto.streams.pop(sid, None)
-                st._fail(Error(ErrorType.H2Error, _UP, None,
-                               f"{self.peer.address} sent GOAWAY before stream {sid}",
-                               retry=True))
+                st._fail(Unprocessed(ErrorType.H2Error, _UP, None,
+                                     f"{self.peer.address} sent GOAWAY before stream {sid}",
+                                     retry=True))
         if ev.error_code:
             self._lost_error = Error(ErrorType.H2Error, _UP, None,
                                      f"{self.peer.address} sent GOAWAY (error {ev.error_code})")

@@ -69,14 +69,14 @@ def nginx_conf(d: Path, static_port: int, proxy_port: int, h2_port: Optional[int
                origin_port: int, nofile: int) -> str:
     """nginx under test: a ``return 200`` server (the static scenarios), a reverse proxy to
     the origin, and the same proxy on an h2c (prior knowledge) listener when ``h2_port``."""
-    location = f"""\
-        location / {{
+    location = """\
+        location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffer_size 16k;
             proxy_buffers 8 16k;
-        }}
+        }
 """
     h2 = ""
     if h2_port:

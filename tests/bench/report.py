@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import platform
 import shlex
 import statistics
 import subprocess

@@ -17,30 +17,29 @@ import datetime as dt
 import http.client
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 from tests.bench import configs
 from tests.bench.memory import IdleConnResult, hold_idle_connections
 from tests.bench.pyspy import Profile, profile_worker, py_spy
+from tests.bench.report import (SCENARIOS, Row, Scenario, memory_text, profile_text, record,
+                                table, versions)
 from tests.bench.syscalls import SyscallCount, count_syscalls, syscalls_text
 from tests.bench.tools import (LoadResult, Procs, children, cpu_seconds, free_port,
                                parse_h2load, parse_wrk, pin, rss_kib, title, wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
 
 

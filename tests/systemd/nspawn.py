@@ -36,6 +36,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+# Where the container sees the checkout. Not its host path: a checkout under /tmp would be
+# hidden from every unit with PrivateTmp= (DynamicUser= implies it).
+SRC = Path("/srv/pyngora-src")
+
+
+def inside(path: Path) -> Path:
+    """A host path under the checkout, as the container sees it."""
+    path = Path(path).resolve()
+    return SRC / path.relative_to(REPO) if path.is_relative_to(REPO) else path
 ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # (unit to reload/stop, socket unit or None): the three e2e scenarios
@@ -76,7 +85,7 @@ class Container:
     def __init__(self, binds_ro: list[str] | None = None, boot_timeout: float = 60) -> None:
         self.name = f"pyngora-e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         interp = interpreter_root()
-        self.binds_ro = [f"{REPO}:{REPO}"] + ([str(interp)] if interp else []) + (binds_ro or [])
+        self.binds_ro = [f"{REPO}:{SRC}"] + ([str(interp)] if interp else []) + (binds_ro or [])
         self.boot_timeout = boot_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
@@ -97,10 +106,6 @@ class Container:
         """Start systemd-nspawn; return once systemd inside is running."""
         argv = ["systemd-nspawn", "-q", "--boot", "--register=no", "--keep-unit", "-M", self.name,
                 "--private-network", "-D", "/", "--volatile=yes", "--overlay=/etc::/etc"]
-        # A checkout under /tmp (CI clones anywhere) would leave the container a /tmp made of
-        # bind-mount stubs, read-only: give it a real tmpfs; nspawn mounts it before the binds
-        # below it (custom mounts are applied parents first).
-        argv += ["--tmpfs=/tmp:mode=1777"]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         # basic.target: multi-user.target would also start what the HOST enabled;
         # firstboot=off: with --volatile=yes it would wait for a key press.
@@ -132,7 +137,7 @@ class Container:
         envs = [f"PATH={ENV_PATH}", "HOME=/root", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0"]
         envs += [f"{k}={v}" for k, v in (env or {}).items()]
         cmd = ["nsenter", "-t", str(self.leader), "-a", "/usr/bin/env", "-i", *envs,
-               "/bin/sh", "-c", 'cd "$0" && exec "$@"', str(REPO), *argv]
+               "/bin/sh", "-c", 'cd "$0" && exec "$@"', str(SRC), *argv]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -189,16 +194,18 @@ def run_e2e(standin: bool = False, scenarios: list[tuple[str, str | None]] | Non
     output. ``standin`` runs tests/systemd/standin.py instead of the product;
     ``config`` replaces tests/systemd/e2e.yaml (a file inside the repository).
     """
-    target = str(HERE / "standin.py") if standin else str(REPO / ".venv" / "bin" / "pyngora")
+    target = str(inside(HERE / "standin.py")) if standin else "pyngora"
     results: list[dict[str, Any]] = []
     with Container(binds_ro=binds_ro) as box:
-        r = box.run(["/usr/bin/python3", str(HERE / "scenario.py"), "install", "--pyngora", target]
-                    + (["--config", str(Path(config).resolve())] if config else []), timeout=60)
+        r = box.run(["/usr/bin/python3", str(inside(HERE / "scenario.py")), "install",
+                     "--pyngora", target]
+                    + (["--config", str(inside(Path(config)))] if config else []), timeout=60)
         if r.returncode:
             return [{"unit": "install", "ok": False, "checks": [], "output": r.stdout + r.stderr,
                      "journal": box.run(["journalctl", "-b", "--no-pager", "-n", "50"]).stdout}]
         for unit, sock in scenarios or SCENARIOS:
-            argv = ["/usr/bin/python3", str(HERE / "scenario.py"), "run", unit] + (["--socket", sock] if sock else [])
+            argv = ["/usr/bin/python3", str(inside(HERE / "scenario.py")), "run", unit] + (
+                ["--socket", sock] if sock else [])
             r = box.run(argv, timeout=150)
             if echo:
                 sys.stdout.write(r.stdout)

@@ -201,9 +201,12 @@ def install(pyngora: str, config: str) -> int:
             f.write(f'#!/bin/sh\nexec {REPO}/.venv/bin/python {pyngora} "$@"\n')
         os.chmod(EXE, 0o755)
     else:
-        # A symlink keeps the venv's console script as it is: its shebang names
-        # the venv's python by absolute path, bound at the same path here.
-        os.symlink(pyngora, EXE)
+        # The checkout's venv, reached where the container binds it: its console script's
+        # shebang names the host path, which units with PrivateTmp= may not see, so run the
+        # venv's python on the package directly.
+        with open(EXE, "w") as f:
+            f.write(f'#!/bin/sh\nPYTHONPATH={REPO} exec {REPO}/.venv/bin/python -m pyngora "$@"\n')
+        os.chmod(EXE, 0o755)
     os.makedirs(os.path.dirname(CONF), exist_ok=True)
     shutil.copy(config, CONF)
     os.chmod(CONF, 0o644)

@@ -1,0 +1,216 @@
+"""HTTP/2 to upstreams (issue 6 point 4), in-process over real loopback sockets: HTTP/1 and
+h2c clients -> ProxyService -> an HTTP/2 origin written with the h2 library."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from pyngora.protocols import h2_client
+from tests.protocol.test_h2_helpers import H2Client
+from tests.protocol.test_h2_upstream_origin import H2Origin, proxy_to
+from tests.protocol.test_http_app_helpers import Client, run
+
+
+def test_requests_bodies_and_headers_over_h2() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                c = await Client.connect(port)
+                r = await c.request("GET", "/echo?x=1", headers=(("X-Custom", "v"),
+                                                                  ("Connection", "keep-alive")))
+                assert r.status == 200 and r.body == b""
+                assert r.header("x-got-x-custom") == "v"
+                assert r.header("x-got-authority") == "t"  # Host -> :authority
+                assert r.header("x-got-connection") is None and r.header("x-got-host") is None
+                body = bytes(range(256)) * 1000
+                r = await c.request("POST", "/echo", body)
+                assert r.status == 200 and r.body == body
+                assert r.header("x-got-content-length") == str(len(body))
+                # chunked upload with trailers: trailers go up, and come back
+                await c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                             b"TE: trailers\r\n\r\n5\r\nhello\r\n0\r\nX-Req-Trailer: 1\r\n\r\n")
+                r = await c.read_response()
+                assert r.status == 200 and r.body == b"hello"
+                assert r.trailers is not None and r.trailers.get("x-trailer-back") == b"yes"
+                assert origin.seen[-1]["trailers"] == {b"x-req-trailer": b"1"}
+                assert origin.seen[-1]["headers"].get(b"te") == b"trailers"
+                r = await c.request("HEAD", "/echo")
+                assert r.status == 200
+                c.close()
+                # every request so far went over one multiplexed connection
+                assert len(origin.conns) == 1
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_max_concurrent_streams_opens_another_connection() -> None:
+    async def main() -> None:
+        origin = await H2Origin(max_streams=2).start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                clients = [await Client.connect(port) for _ in range(5)]
+                tasks = [asyncio.ensure_future(c.request("GET", "/slow")) for c in clients]
+                for _ in range(500):  # bounded: until all five reached the origin
+                    if len(origin.seen) == 5:
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(origin.seen) == 5
+                assert len(origin.conns) == 3  # 2 + 2 + 1
+                assert all(c.max_active <= 2 for c in origin.conns)
+                origin.release.set()
+                for r in await asyncio.gather(*tasks):
+                    assert r.status == 200
+                # later requests reuse the pooled connections, no new dial
+                for c in clients:
+                    assert (await c.request("GET", "/echo")).status == 200
+                    c.close()
+                assert len(origin.conns) == 3
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_goaway_refused_stream_is_retried_and_in_flight_ones_finish() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                c1, c2 = await Client.connect(port), await Client.connect(port)
+                # stream 1 is in flight when the origin says GOAWAY(last=1) on stream 3
+                t1 = asyncio.ensure_future(c1.request("GET", "/slow"))
+                for _ in range(500):
+                    if origin.seen:
+                        break
+                    await asyncio.sleep(0.01)
+                t2 = asyncio.ensure_future(c2.request("POST", "/goaway", b"not idempotent"))
+                for _ in range(500):
+                    if len(origin.conns) == 2 and len(origin.seen) == 3:
+                        break
+                    await asyncio.sleep(0.01)
+                assert origin.goaways == 1
+                assert len(origin.conns) == 2  # the refused POST went to a new connection
+                origin.release.set()
+                r1, r2 = await asyncio.gather(t1, t2)
+                assert r1.status == 200 and r2.status == 200
+                assert r2.body == b"not idempotent"
+                # no new stream goes to the connection that said GOAWAY
+                assert (await c1.request("GET", "/echo")).status == 200
+                assert len(origin.conns[0].requests) == 2
+                c1.close()
+                c2.close()
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_refused_stream_is_retried() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                c = await Client.connect(port)
+                r = await c.request("POST", "/refuse", b"payload")
+                assert r.status == 200 and r.body == b"payload"
+                assert len(origin.seen) == 2
+                c.close()
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_graceful_goaway_lets_the_stream_finish() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                c = await Client.connect(port)
+                t = asyncio.ensure_future(c.request("GET", "/drain-goaway"))
+                for _ in range(500):
+                    if origin.goaways:
+                        break
+                    await asyncio.sleep(0.01)
+                origin.release.set()
+                r = await t
+                assert r.status == 200
+                r = await c.request("GET", "/echo")  # a new connection
+                assert r.status == 200 and len(origin.conns) == 2
+                c.close()
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_flow_control_is_back_pressure_both_ways() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                # download: a client that does not read stops the origin (windows closed)
+                total = 16 * 1024 * 1024
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+                s.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+                r, w = await asyncio.open_connection(sock=s, limit=64 * 1024)
+                w.write(f"GET /big?{total} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                await asyncio.wait_for(origin.blocked.wait(), 15)
+                # the origin's windows closed long before the whole body was sent
+                assert origin.sent < total // 2
+                head = await r.readuntil(b"\r\n\r\n")
+                assert b"200" in head.split(b"\r\n")[0]
+                got = 0
+                while got < total:
+                    data = await r.read(1 << 20)
+                    assert data
+                    got += len(data)
+                assert got == total
+                w.close()
+                # upload: an origin that does not read stops the proxy from sending
+                origin.ack_body = False
+                c = await Client.connect(port)
+                body = b"u" * (2 * 1024 * 1024)
+                t = asyncio.ensure_future(c.request("POST", "/echo", body))
+                for _ in range(500):
+                    if sum(n for _, n, _ in origin.unacked) >= 65535 - 1:
+                        break
+                    await asyncio.sleep(0.01)
+                received = sum(n for _, n, _ in origin.unacked)
+                assert received <= 65535  # the origin's stream window, nothing more
+                origin.ack_body = True
+                origin.ack_all()
+                resp = await asyncio.wait_for(t, 15)
+                assert resp.status == 200 and len(resp.body) == len(body)
+                c.close()
+        finally:
+            origin.close()
+    run(main(), timeout=40)
+
+
+def test_h2_downstream_to_h2_upstream_many_streams() -> None:
+    async def main() -> None:
+        origin = await H2Origin(max_streams=10).start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                h = await H2Client.connect(port)
+                results = await asyncio.gather(*(h.request("POST", f"/echo?{i}", b"b%d" % i)
+                                                 for i in range(30)))
+                for i, res in enumerate(results):
+                    assert res.status == 200 and bytes(res.body) == b"b%d" % i
+                assert len(origin.conns) <= 3 and origin.max_active <= 10
+                await h.close()
+        finally:
+            origin.close()
+    run(main())
+
+
+def test_client_side_translation() -> None:
+    fields = h2_client.request_fields(
+        b"GET", b"/p", b"http", b"fallback:1",
+        [(b"Host", b"example"), (b"Connection", b"x"), (b"TE", b"trailers"),
+         (b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")], te_trailers=True)
+    assert fields == [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"example"),
+                      (b":path", b"/p"), (b"te", b"trailers"), (b"x-a", b"1")]
+    fields = h2_client.request_fields(b"GET", b"/", b"https", b"a:443", [])
+    assert (b":authority", b"a:443") in fields and not any(n == b"te" for n, _ in fields)
