@@ -113,6 +113,13 @@ class H2UpstreamStream:
             raise self._error
         s = self.session
         peer = self.peer
+        if s.closed:
+            # Closed between the reservation and now (EOF, GOAWAY): nothing was sent.
+            err = Unprocessed(ErrorType.ConnectionClosed, _UP, None,
+                              f"HTTP/2 connection to {peer.address} closed before the request",
+                              retry=True)
+            self._error = err
+            raise err
         scheme = b"https" if peer.tls else b"http"
         authority = b"localhost" if peer.unix_path else peer.address.encode("latin-1")
         fields = h2c.request_fields(method, target, scheme, authority, headers, te_trailers)
@@ -435,8 +442,10 @@ class H2Session(asyncio.Protocol):
     def _arm_idle(self) -> None:
         self._cancel_idle()
         timeout = self.peer.options.idle_timeout
-        if not timeout:
-            self.close()
+        if timeout is None:
+            return  # no idle limit
+        if timeout <= 0:
+            self.close()  # 0: never keep an idle connection
             return
         self._idle_handle = self.loop.call_later(timeout, self._on_idle)
 
@@ -599,6 +608,17 @@ class H2Connector:
                 raise Error(ErrorType.H2Error, _UP, None,
                             f"{peer.address} did not choose h2 by ALPN "
                             f"(got {session.alpn!r})", retry=True)
+        try:
+            return await self._handshake(peer, session, started, tcp_timeout)
+        except BaseException:
+            session.close()  # cancelled (the client left) or failed: never leak the socket
+            raise
+
+    async def _handshake(self, peer: HttpPeer, session: H2Session, started: float,
+                         tcp_timeout: Optional[float]) -> H2Session:
+        """The preface and the upstream's first SETTINGS (its stream limit)."""
+        loop = session.loop
+        total = peer.options.total_connection_timeout
         session.start()
         # The connect timeouts also bound the wait for the upstream's SETTINGS (a plaintext
         # peer that does not speak HTTP/2 never sends them).

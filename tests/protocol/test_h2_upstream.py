@@ -3,12 +3,17 @@ h2c clients -> ProxyService -> an HTTP/2 origin written with the h2 library."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+from pathlib import Path
+
+import pytest
 
 from pyngora.protocols import h2_client
 from tests.protocol.test_h2_helpers import H2Client
-from tests.protocol.test_h2_upstream_origin import H2Origin, proxy_to
-from tests.protocol.test_http_app_helpers import Client, run
+from tests.protocol.test_h2_upstream_origin import H2Origin, ToH2, proxy_to, server_tls
+from tests.protocol.test_http_app import static
+from tests.protocol.test_http_app_helpers import Client, run, serving
 
 
 def test_requests_bodies_and_headers_over_h2() -> None:
@@ -214,3 +219,63 @@ def test_client_side_translation() -> None:
                       (b":path", b"/p"), (b"te", b"trailers"), (b"x-a", b"1")]
     fields = h2_client.request_fields(b"GET", b"/", b"https", b"a:443", [])
     assert (b":authority", b"a:443") in fields and not any(n == b"te" for n, _ in fields)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the certificate")
+def test_tls_upstream_with_alpn_h2(tmp_path: Path) -> None:
+    async def main() -> None:
+        origin = await H2Origin(ssl_ctx=server_tls(tmp_path)).start()
+        h1_only = await H2Origin(ssl_ctx=server_tls(tmp_path, ("http/1.1",))).start()
+        try:
+            async with proxy_to(origin.port, ToH2(origin.port, tls=True)) as (port, app):
+                c = await Client.connect(port)
+                for _ in range(3):
+                    r = await c.request("POST", "/echo", b"over tls")
+                    assert r.status == 200 and r.body == b"over tls"
+                    assert r.header("x-got-authority") == "t"
+                assert len(origin.conns) == 1
+                c.close()
+            # an upstream that does not choose h2 by ALPN: 502, no hang
+            async with proxy_to(h1_only.port, ToH2(h1_only.port, tls=True)) as (port, app):
+                c = await Client.connect(port)
+                r = await c.request("GET", "/echo")
+                assert r.status == 502
+                c.close()
+        finally:
+            origin.close()
+            h1_only.close()
+    run(main())
+
+
+class _Short(ToH2):
+    async def upstream_peer(self, session, ctx):  # type: ignore[no-untyped-def]
+        peer = await super().upstream_peer(session, ctx)
+        peer.options.read_timeout = 0.5
+        return peer
+
+
+def test_not_h2_upstream_is_502_and_a_silent_one_504() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with serving(static("plain http/1")) as (h1_port, _):
+                async with proxy_to(h1_port) as (port, app):
+                    c = await Client.connect(port)
+                    r = await asyncio.wait_for(c.request("GET", "/"), 10)
+                    assert r.status == 502
+                    c.close()
+            async with proxy_to(origin.port, _Short(origin.port)) as (port, app):
+                c = await Client.connect(port)
+                r = await asyncio.wait_for(c.request("GET", "/slow"), 10)
+                assert r.status == 504
+                c.close()
+                # the stream was reset, the connection stays usable for the next request
+                c = await Client.connect(port)
+                r = await c.request("GET", "/echo")
+                assert r.status == 200 and len(origin.conns) == 1
+                assert 0x8 in origin.resets  # CANCEL
+                c.close()
+        finally:
+            origin.release.set()
+            origin.close()
+    run(main())

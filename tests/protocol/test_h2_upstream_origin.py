@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+import subprocess
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
@@ -175,12 +179,16 @@ class _Conn:
             if req["trailers"] is not None:
                 self.h2.send_headers(sid, [(b"x-trailer-back", b"yes")], end_stream=True)
                 self.flush()
+        except h2.exceptions.StreamClosedError:
+            pass  # the proxy reset the stream (a timeout, a client gone)
         finally:
             self.active -= 1
 
 
 class H2Origin:
-    def __init__(self, max_streams: int = 100, window_size: int = 65535) -> None:
+    def __init__(self, max_streams: int = 100, window_size: int = 65535,
+                 ssl_ctx: Optional[ssl.SSLContext] = None) -> None:
+        self.ssl_ctx = ssl_ctx
         self.max_streams = max_streams
         self.window_size = window_size
         self.conns: list[_Conn] = []
@@ -202,7 +210,7 @@ class H2Origin:
             c = _Conn(self, r, w)
             self.conns.append(c)
             await c.serve()
-        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=self.ssl_ctx)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -222,15 +230,30 @@ class H2Origin:
             c.writer.close()
 
 
-class ToH2(ProxyHttp):
-    """Every request to the origin over HTTP/2 (prior knowledge)."""
+def server_tls(tmp: Path, alpn: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate (openssl) and ``alpn``."""
+    cert, key = tmp / "origin.pem", tmp / "origin.key"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
+                       check=True, capture_output=True, timeout=60)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols(list(alpn))
+    return ctx
 
-    def __init__(self, port: int) -> None:
+
+class ToH2(ProxyHttp):
+    """Every request to the origin over HTTP/2 (prior knowledge, or TLS with ALPN h2)."""
+
+    def __init__(self, port: int, tls: bool = False) -> None:
         self.port = port
+        self.tls = tls
 
     async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
-        return HttpPeer(f"127.0.0.1:{self.port}", options=PeerOptions(
-            read_timeout=10, connection_timeout=2, alpn=("h2",)))
+        return HttpPeer(f"127.0.0.1:{self.port}", tls=self.tls, options=PeerOptions(
+            read_timeout=10, connection_timeout=2, alpn=("h2",), verify_cert=False,
+            verify_hostname=False))
 
 
 @contextlib.asynccontextmanager

@@ -269,6 +269,12 @@ def test_fresh_start_refuses_a_directory_of_another_live_master(tmp_path, monkey
     monkeypatch.setenv(multiproc.ENV_VAR, d)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pyngora"])
     try:
+        from tests.support import wait_for
+
+        def execed() -> bool:  # until exec, the child still shows the parent's command line
+            with open(f"/proc/{other.pid}/cmdline", "rb") as f:
+                return b"pyngora" in f.read()
+        wait_for(execed, 10, "the stand-in master to exec")
         os.makedirs(d)
         with open(os.path.join(d, multiproc.OWNER_NAME), "w") as f:
             f.write(str(other.pid))
