@@ -571,6 +571,9 @@ class _Builder:
                     parse_address(b.addr)
                 except ValueError as e:
                     self.fail(path + ("upstreams", i, "backends", j, "addr"), str(e))
+            if u.h2 and u.health_check.type == "http":
+                self.fail(path + ("upstreams", i, "health_check", "type"),
+                          "http health checks speak HTTP/1.1; use tcp for an h2 upstream")
             hk = u.hash_key
             if hk not in ("uri", "path", "client_ip") and not hk.startswith(("header:", "cookie:")):
                 self.fail(path + ("upstreams", i, "hash_key"),

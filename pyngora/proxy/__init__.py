@@ -74,6 +74,9 @@ class ProxyService(HttpService):
         if connector is not None:
             connector.close_all()
         app = ctx.state.get("http_app")
+        h2 = getattr(app, "h2_connector", None)
+        if h2 is not None:  # idle HTTP/2 upstream connections go with the worker
+            h2.close_all()
         hook = getattr(getattr(app, "proxy", None), "worker_stopped", None)
         if hook is not None:
             await hook(ctx)

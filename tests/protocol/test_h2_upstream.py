@@ -14,6 +14,7 @@ from tests.protocol.test_h2_helpers import H2Client
 from tests.protocol.test_h2_upstream_origin import H2Origin, ToH2, proxy_to, server_tls
 from tests.protocol.test_http_app import static
 from tests.protocol.test_http_app_helpers import Client, run, serving
+from tests.support import free_port
 
 
 def test_requests_bodies_and_headers_over_h2() -> None:
@@ -264,6 +265,14 @@ def test_not_h2_upstream_is_502_and_a_silent_one_504() -> None:
                     r = await asyncio.wait_for(c.request("GET", "/"), 10)
                     assert r.status == 502
                     c.close()
+            # several requests sharing one failing dial all get their answer
+            async with proxy_to(free_port()) as (port, app):
+                cs = [await Client.connect(port) for _ in range(3)]
+                rs = await asyncio.wait_for(asyncio.gather(*(c.request("GET", "/") for c in cs)),
+                                            10)
+                assert [r.status for r in rs] == [502, 502, 502]
+                for c in cs:
+                    c.close()
             async with proxy_to(origin.port, _Short(origin.port)) as (port, app):
                 c = await Client.connect(port)
                 r = await asyncio.wait_for(c.request("GET", "/slow"), 10)
@@ -277,5 +286,28 @@ def test_not_h2_upstream_is_502_and_a_silent_one_504() -> None:
                 c.close()
         finally:
             origin.release.set()
+            origin.close()
+    run(main())
+
+
+def test_client_gone_mid_response_resets_only_its_stream() -> None:
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /big?8000000 HTTP/1.1\r\nHost: t\r\n\r\n")
+                await r.readuntil(b"\r\n\r\n")
+                w.close()  # the client leaves mid-response
+                for _ in range(500):
+                    if 0x8 in origin.resets:
+                        break
+                    await asyncio.sleep(0.01)
+                assert 0x8 in origin.resets  # RST_STREAM CANCEL for that stream only
+                c = await Client.connect(port)
+                r2 = await c.request("GET", "/echo")
+                assert r2.status == 200 and len(origin.conns) == 1
+                c.close()
+        finally:
             origin.close()
     run(main())

@@ -44,6 +44,17 @@ def _garbage(conn: socket.socket, n: int) -> None:
         time.sleep(0.2)
 
 
+def _reset_at_once(conn: socket.socket, n: int) -> None:
+    """Reads the request, then resets the (fresh) connection without a byte of answer."""
+    if read_request_head(conn)[0]:
+        reset(conn)
+
+
+def _close_at_once(conn: socket.socket, n: int) -> None:
+    """Reads the request, then closes (FIN) without a byte of answer."""
+    read_request_head(conn)
+
+
 RESETS: list[int] = []  # connections _close_on_reuse reset when a second request came
 
 
@@ -61,7 +72,8 @@ def _close_on_reuse(conn: socket.socket, n: int) -> None:
 
 
 CASES = {"truncate": _truncating, "silent": _silent, "stall": _head_then_stall,
-         "garbage": _garbage, "reuse": _close_on_reuse}
+         "garbage": _garbage, "reuse": _close_on_reuse, "rst": _reset_at_once,
+         "fin": _close_at_once}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +141,13 @@ def test_origin_stalling_after_head_cuts_the_connection(proxy) -> None:
         r, _ = read_reply(s)
         assert r.status == 200 and not r.complete, (r.status, r.error, r.body)
         assert r.body == b"abc"
+
+
+@pytest.mark.parametrize("path", ["/rst", "/fin"])
+def test_origin_dropping_a_fresh_connection_is_502(proxy, path: str) -> None:
+    port, _, p = proxy
+    r = request(port, _get(path), CLIENT_TIMEOUT)
+    assert r.complete and r.status == 502, (r.status, r.error)
 
 
 def test_origin_garbage_is_502(proxy) -> None:
