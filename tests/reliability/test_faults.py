@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from tests.reliability.rawnet import RawOrigin, read_reply, read_request_head, request, reset
-from tests.support import Pyngora, free_port
+from tests.support import Pyngora, free_port, wait_for
 
 READ_TIMEOUT = 1.0  # the proxy's upstream read timeout; clients wait 10x that at most
 CLIENT_TIMEOUT = 10.0
@@ -96,6 +96,7 @@ def proxy(tmp_path_factory) -> Iterator[tuple[int, dict[str, RawOrigin], Pyngora
     p = Pyngora(tmp, conf).start()
     try:
         p.wait_serving(port)
+        wait_for(lambda: len(p.workers()) == 1, 20, "the worker")
         yield port, origins, p
     finally:
         p.stop()

@@ -49,7 +49,7 @@ services:
         backends: [{addr: "10.0.0.1:80", weight: 3}, {addr: "10.0.0.2:80", tls: true, sni: api, verify: false}]
         selection: consistent
         hash_key: "header:x-user"
-        health_check: {type: http, path: /healthz, expect_status: 204, interval_seconds: 2,
+        health_check: {type: tcp, path: /healthz, expect_status: 204, interval_seconds: 2,
                        timeout_seconds: 1, healthy_after: 2, unhealthy_after: 3}
         timeouts: {connect_seconds: 1, total_connect_seconds: 3, read_seconds: 30,
                    write_seconds: 20, idle_seconds: 10}
