@@ -43,6 +43,7 @@ __all__ = ["ProxyEngine", "plan_for", "Plan"]
 
 _EXPECT = b"expect"
 _HOST = b"host"
+_LOST = (ErrorType.ConnectionClosed, ErrorType.ReadError)  # the upstream went away
 
 
 class Plan:
@@ -261,6 +262,12 @@ class ProxyEngine(HttpApp):
                 if plan.error_while_proxy is not None and e.source is not ErrorSource.Downstream:
                     r = proxy.error_while_proxy(peer, session, e, ctx, reused)
                     e = (await r) if plan.error_while_proxy else r
+                if (not e.retry and e.etype in _LOST and session.is_idempotent
+                        and not conn.response_bytes_seen):
+                    # A fresh connection lost before any response byte (an origin that died
+                    # with our request in its accept queue, say): RFC 9110 9.2.2 lets an
+                    # idempotent request be retried automatically, as nginx does.
+                    e.set_retry(True)
                 if e.source is not ErrorSource.Downstream and self._may_retry(session, e):
                     continue
                 raise e

@@ -39,7 +39,6 @@ from tests.bench.tools import (LoadResult, Procs, children, cpu_seconds, free_po
                                parse_h2load, parse_wrk, pin, rss_kib, title, wait_until)
 
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 PY = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
 
 
@@ -229,6 +228,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          "200 with --quick)")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     ap.add_argument("--profile-seconds", type=int, default=10)
+    ap.add_argument("--profile-out", type=Path,
+                    help="copy py-spy's raw collapsed stacks here (flamegraph.pl, speedscope)")
     ap.add_argument("--no-syscalls", action="store_true",
                     help="skip the strace count of system calls per request")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
@@ -385,8 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 try:
                     prof = profile_worker(procs, pid, argv, a.profile_seconds,
                                           tmp / "profile.raw")
-                    if a.keep_tmp or not a.no_record:
-                        shutil.copy(tmp / "profile.raw", HERE / "last-profile.raw.txt")
+                    if a.profile_out:
+                        shutil.copy(tmp / "profile.raw", a.profile_out)
                 except RuntimeError as e:
                     prof_error = str(e)
 

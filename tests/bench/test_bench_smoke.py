@@ -25,11 +25,20 @@ OPTIONAL = {"h2"}
 
 def test_quick_bench_produces_numbers(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.run", "--quick", "--no-record", "--idle-conns", "100",
          "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        stdout, stderr = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the driver then stops the servers it started (their own
+        # process groups) before it exits.
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail("the quick bench did not finish in 100 s:\n" + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     result = json.loads(out.read_text())
     names = [r["scenario"] for r in result["rows"]]
     assert {"static", "static-churn", "small", "large", "churn"} <= set(names)
