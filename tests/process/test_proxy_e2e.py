@@ -177,3 +177,46 @@ class _EchoOrigin:
         wait_for(lambda: hasattr(self, "srv"), 5, "the echo origin")
         self.srv.shutdown()
         self.sock.close()
+
+
+class _ResetFirst:
+    """Resets (RST) the first connection after reading its request; answers the others."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import struct
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.recv(65536)
+            if self.connections == 1:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            conn.close()
+
+
+@pytest.mark.parametrize("method,expect,attempts", [("GET", 200, 2), ("POST", 502, 1)])
+def test_lost_fresh_connection_retried_only_when_idempotent(tmp_path, pyngora_factory,
+                                                            method, expect, attempts) -> None:
+    origin = _ResetFirst()
+    port = free_port()
+    p = pyngora_factory(_conf(tmp_path, port, origin.addr)).start()
+    p.wait_serving(port)
+    try:
+        status, _, _ = get(port, method=method, body=b"data" if method == "POST" else None)
+        assert status == expect
+        assert origin.connections == attempts
+    finally:
+        origin.sock.close()
