@@ -163,11 +163,16 @@ class Headers:
         if lowered.isdisjoint(keys):
             return 0
         items = self._items
+        drop = [i for i, k in enumerate(keys) if k in lowered]
+        if len(drop) == 1:  # the common case (a proxied head's Connection field): two slices
+            i = drop[0]
+            self._items = items[:i] + items[i + 1:]
+            self._keys = keys[:i] + keys[i + 1:]
+            return 1
         keep = [i for i, k in enumerate(keys) if k not in lowered]
-        removed = len(keys) - len(keep)
         self._items = [items[i] for i in keep]
         self._keys = [keys[i] for i in keep]
-        return removed
+        return len(drop)
 
     def _drop(self, key: bytes, start: int) -> int:
         """Remove the fields whose lowercased name is ``key`` at or after index ``start``."""

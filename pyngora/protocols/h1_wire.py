@@ -73,14 +73,68 @@ def origin_form(target: bytes) -> bytes:
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"))
+_CONNECTION = b"connection"
+# Common Connection values (lowercased) -> every field name they make hop-by-hop, prebuilt so
+# that the request path copies no set for them.
+_KNOWN_CONNECTION: dict[bytes, frozenset[bytes]] = {
+    b"keep-alive": HOP_BY_HOP, b"upgrade": HOP_BY_HOP, b"te": HOP_BY_HOP,
+    b"close": HOP_BY_HOP | {b"close"}}
+
+
+def _hop_names(headers: Headers) -> "frozenset[bytes] | set[bytes]":
+    """The lowercased names that are hop-by-hop in ``headers``: HOP_BY_HOP plus what the
+    Connection fields name (the shared frozenset when they name nothing new: no copy)."""
+    keys = headers._keys  # already lowercased
+    names: "frozenset[bytes] | set[bytes]" = HOP_BY_HOP
+    if _CONNECTION in keys:
+        items = headers._items
+        for i, key in enumerate(keys):
+            if key != _CONNECTION:
+                continue
+            value = items[i][1]
+            known = _KNOWN_CONNECTION.get(value.lower())
+            if known is not None:
+                if not known <= names:
+                    names = names | known
+                continue
+            for token in value.split(b","):
+                token = token.strip(b" \t").lower()
+                if token and token not in names:
+                    if not isinstance(names, set):
+                        names = set(names)
+                    names.add(token)
+    return names
 
 
 def remove_hop_by_hop(headers: Headers) -> None:
-    """Remove hop-by-hop fields (RFC 9110 7.6.1) and every field named in Connection."""
-    names = set(HOP_BY_HOP)
-    for value in headers.get_all(b"connection"):
-        for token in value.split(b","):
-            token = token.strip(b" \t").lower()
-            if token:
-                names.add(token)
-    headers.remove_names(names)
+    """Remove hop-by-hop fields (RFC 9110 7.6.1) and every field named in Connection.
+
+    Runs on each proxied response head, so the common cases are cheap: no hop-by-hop field
+    at all (one set test), and Connection naming only standard tokens such as ``keep-alive``
+    or ``close`` (a prebuilt frozenset, no copy).
+    """
+    if HOP_BY_HOP.isdisjoint(headers._keys):
+        return
+    headers.remove_names(_hop_names(headers))
+
+
+def without_hop_by_hop(headers: Headers, also: "frozenset[bytes]" = frozenset()) -> Headers:
+    """A copy of ``headers`` without hop-by-hop fields and without the (lowercased) names in
+    ``also``, made in one pass: the upstream request head of a proxied request."""
+    keys = headers._keys
+    if HOP_BY_HOP.isdisjoint(keys):
+        if also.isdisjoint(keys):
+            return headers.copy()
+        names: "frozenset[bytes] | set[bytes]" = also
+    else:
+        names = _hop_names(headers)
+        if also:
+            names = names | also
+    items = headers._items
+    new_keys: list[bytes] = []
+    new_items: list[tuple[bytes, bytes]] = []
+    for i, key in enumerate(keys):
+        if key not in names:
+            new_keys.append(key)
+            new_items.append(items[i])
+    return Headers._from_parser(new_items, new_keys)

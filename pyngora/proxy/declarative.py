@@ -92,7 +92,7 @@ class _Group:
     """One upstream group: its backends, peer options and selection, per worker."""
 
     __slots__ = ("name", "conf", "backends", "options", "retries", "key", "balancer",
-                 "_rr", "_hashed")
+                 "_rr", "_hashed", "_peers")
 
     def __init__(self, conf: UpstreamConf) -> None:
         self.name = conf.name
@@ -114,6 +114,9 @@ class _Group:
         self.balancer: Any = None
         ring = [b.addr for b in conf.backends for _ in range(max(b.weight, 1))]
         self._rr = itertools.cycle(ring) if ring else None
+        # Prebuilt peers of the configured backends, for DeclarativeProxy's own classes only
+        # (nothing there mutates a peer; a user's subclass may, so it gets a fresh one).
+        self._peers: dict[str, HttpPeer] = {}
 
     def pick(self, session: Session) -> Optional[str]:
         """The address of the backend for this request (None: none available)."""
@@ -154,6 +157,8 @@ class DeclarativeProxy(ProxyHttp):
         self.req_edits = _Edits(conf.request_headers)
         self.resp_edits = _Edits(conf.response_headers)
         self.forwarded = conf.forwarded_headers
+        # True only for the classes build_proxy assembles (see _Group._peers).
+        self._shared_peers = type(self) in _CLASSES.values()
 
     async def worker_started(self, ctx: WorkerContext) -> None:
         """In each worker: build the balancers (when a factory was given)."""
@@ -191,6 +196,13 @@ class DeclarativeProxy(ProxyHttp):
         if addr is None:
             raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
                         f"no healthy backend in upstream {group.name!r}")
+        if self._shared_peers:
+            peer = group._peers.get(addr)
+            if peer is None:
+                peer = group.peer(addr)
+                if addr in group.backends:  # discovered addresses come and go: not kept
+                    group._peers[addr] = peer
+            return peer
         return group.peer(addr)
 
     async def fail_to_connect(self, session: Session, peer: HttpPeer, ctx: Any,

@@ -24,8 +24,8 @@ from typing import Any, Optional
 from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import RequestHeader, ResponseHeader
-from pyngora.protocols import h1
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
+from pyngora.protocols.h1_wire import remove_hop_by_hop, without_hop_by_hop
 from pyngora.proxy import access
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
@@ -42,6 +42,7 @@ except Exception:  # pragma: no cover - only when the metrics package is broken 
 __all__ = ["ProxyEngine", "plan_for", "Plan"]
 
 _EXPECT = b"expect"
+_ALSO_DROP = frozenset((_EXPECT,))
 _HOST = b"host"
 _LOST = (ErrorType.ConnectionClosed, ErrorType.ReadError)  # the upstream went away
 
@@ -80,6 +81,11 @@ def _te_trailers(headers: Any) -> bool:
             if token.split(b";", 1)[0].strip(b" \t").lower() == b"trailers":
                 return True
     return False
+
+
+def _no_event() -> None:
+    """poll_event of a connection that has none (HTTP/2 streams): always wait."""
+    return None
 
 
 def _downstream_closed() -> Error:
@@ -166,7 +172,7 @@ class ProxyEngine(HttpApp):
                     await r
             except Exception as e:  # logging must not break the connection
                 log.ERROR.error("logging phase failed: %r", e)
-        if log.access_enabled():
+        if log._access_on:  # a module flag, not a call: this runs once per request
             log.ACCESS.info(access.format_line(session, err, self.access_format))
         if not ex.finished:
             # Whatever happened, the connection must not wait for a response forever.
@@ -298,9 +304,9 @@ class ProxyEngine(HttpApp):
         ex = session.exchange
         head = ex.head
         req = session.req_header
-        up_headers = req.headers.copy()
-        h1.remove_hop_by_hop(up_headers)
-        up_headers.remove(_EXPECT)  # 100-continue is handled downstream, by the connection
+        # One pass: the client's fields minus hop-by-hop ones and Expect (100-continue is
+        # handled downstream, by the connection).
+        up_headers = without_hop_by_hop(req.headers, _ALSO_DROP)
         if _HOST not in up_headers:
             # An HTTP/1.0 client may send no Host; HTTP/1.1 upstream requires one (nginx sends
             # the upstream's address, as here).
@@ -362,9 +368,14 @@ class ProxyEngine(HttpApp):
         exchange completed cleanly."""
         proxy, plan = self.proxy, self.plan
         ex = session.exchange
+        # Events already queued (a small response arrives whole, in one data_received) are
+        # taken without a coroutine; read_event (which may wait) only when none is.
+        poll = conn.poll_event if conn.__class__ is UpstreamConnection else _no_event
         # -- the response head (1xx first)
         while True:
-            ev = await conn.read_event()
+            ev = poll()
+            if ev is None:
+                ev = await conn.read_event()
             if ev.__class__ is InformationalResponse:
                 if ev.status != 100:  # type: ignore[union-attr]
                     ex.write_informational(ev.status, ev.headers)  # type: ignore[union-attr]
@@ -378,7 +389,7 @@ class ProxyEngine(HttpApp):
         headers = rh.headers
         switching = rh.status == 101 and upgrade
         upgrade_value = headers.get(b"upgrade") if switching else None
-        h1.remove_hop_by_hop(headers)
+        remove_hop_by_hop(headers)
         if switching:
             headers.add(b"Connection", b"upgrade")
             if upgrade_value is not None:
@@ -401,20 +412,29 @@ class ProxyEngine(HttpApp):
         filtered = (plan.upstream_response_body_filter is not None
                     or plan.response_body_filter is not None)
         if rh.body == "none" and not filtered:
-            ev = await conn.read_event()  # MessageEnd
+            ev = poll()
+            if ev is None:
+                ev = await conn.read_event()  # MessageEnd
             ex.write_head(resp.status, resp.headers, resp.reason, end=True)
             return True
         ex.write_head(resp.status, resp.headers, resp.reason)
+        # An HTTP/1 client connection whose transport is not paused needs no drain() call
+        # (drain would return at once; write_body already flushed the head).
+        h1_down = ex.__class__ is Exchange
         # -- the response body
         while True:
-            ev = await conn.read_event()
+            ev = poll()
+            if ev is None:
+                ev = await conn.read_event()
             if ev.__class__ is Data:
                 data: Optional[bytes] = ev.data  # type: ignore[union-attr]
                 if filtered:
                     data = await self._body_filters(session, data, False, ctx)
                 if data:
                     ex.write_body(data)
-                    await ex.drain()
+                    if not h1_down or ex._head_buf is not None or ex.conn._write_paused \
+                            or ex.conn.closed:
+                        await ex.drain()
             elif ev.__class__ is MessageEnd:
                 if filtered:
                     data = await self._body_filters(session, None, True, ctx)

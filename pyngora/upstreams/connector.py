@@ -43,6 +43,8 @@ LOW_WATER = 64 * 1024
 # Write buffer limits of upstream transports (drain() waits above the high mark).
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+# Longest period of the connector's idle-pool sweep, in seconds.
+SWEEP_TICK = 1.0
 
 _UP = ErrorSource.Upstream
 
@@ -96,7 +98,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("peer", "reused", "response_bytes_seen", "connect_duration", "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
-                 "_write_paused", "_idle", "_idle_handle", "_head_seen", "_tunnel", "alpn")
+                 "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
+                 "_deadline", "_timer", "_timer_when")
 
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -121,9 +124,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._idle = False
-        self._idle_handle: Optional[asyncio.TimerHandle] = None
         self._head_seen = False
         self._tunnel = False
+        # The read deadline of the current wait (loop time; None: no limit), and the one lazy
+        # timer that enforces it. The timer is armed once and re-armed only when it fires
+        # early (a later wait pushed the deadline back), so a keep-alive connection pays one
+        # TimerHandle per read_timeout period, not a call_later + cancel per wait.
+        self._deadline: Optional[float] = None
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_when = 0.0
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
 
@@ -171,6 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
+        self._cancel_timer()
         if self._idle:
             self._unpool()
         if exc is not None and self._error is None:
@@ -274,6 +284,19 @@ class UpstreamConnection(asyncio.Protocol):
             if not await self._wait(self.peer.options.read_timeout):
                 raise self._read_timeout()
 
+    def poll_event(self) -> Optional[Event]:
+        """The next response event if one is already queued, else None (then call
+        read_event, which waits). Never raises: errors and EOF are read_event's to report."""
+        events = self._events
+        if not events:
+            return None
+        event = events.popleft()
+        if event.__class__ is Data:
+            self._buffered -= len(event.data)  # type: ignore[union-attr]
+            if self._reading_paused and self._buffered <= LOW_WATER:
+                self._resume_reading()
+        return event
+
     def can_reuse(self) -> bool:
         """True when the last exchange ended cleanly and the upstream allows keep-alive."""
         return (not self._closed and not self._eof and self._error is None
@@ -344,6 +367,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        self._cancel_timer()
         transport = self.transport
         if transport is None:
             return
@@ -388,15 +412,45 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self, timeout: Optional[float]) -> bool:
         """Wait for input/EOF/error; False if ``timeout`` seconds passed first."""
-        fut = self._loop.create_future()
+        loop = self._loop
+        fut = loop.create_future()
         self._waiter = fut
-        handle = self._loop.call_later(timeout, _on_wait_timeout, fut) if timeout else None
+        if timeout:
+            deadline = self._deadline = loop.time() + timeout
+            # Arm the lazy timer unless one already fires at or before the deadline (it then
+            # re-arms itself for the rest: see _on_timer).
+            if self._timer is None or self._timer_when > deadline:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_when = deadline
+                self._timer = loop.call_at(deadline, self._on_timer)
+        else:
+            self._deadline = None
         try:
             return await fut
         finally:
             self._waiter = None
-            if handle is not None:
-                handle.cancel()
+
+    def _on_timer(self) -> None:
+        """The lazy read timer fired: time out the current wait if its deadline passed, re-arm
+        for the rest if a later wait moved the deadline, and go quiet when nobody waits."""
+        self._timer = None
+        fut = self._waiter
+        deadline = self._deadline
+        if fut is None or fut.done() or deadline is None or self._closed:
+            return
+        loop = self._loop
+        if loop.time() >= deadline - 0.001:  # the loop clock has millisecond resolution
+            fut.set_result(False)
+            return
+        self._timer_when = deadline
+        self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
 
     def _set_error(self, err: Error) -> None:
         if self._error is None:
@@ -439,10 +493,6 @@ class UpstreamConnection(asyncio.Protocol):
     def _reactivate(self) -> None:
         """Called by the connector when the pool hands the connection out again."""
         self._idle = False
-        handle = self._idle_handle
-        if handle is not None:
-            handle.cancel()
-            self._idle_handle = None
         self.reused = True
         self.response_bytes_seen = False
         self.connect_duration = 0.0
@@ -450,14 +500,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _unpool(self) -> None:
         self._idle = False
-        handle = self._idle_handle
-        if handle is not None:
-            handle.cancel()
-            self._idle_handle = None
         self._connector.pool.remove(self)
 
     def _drop_idle(self) -> None:
-        """An idle connection received bytes or EOF, or its idle time is up: close it now."""
+        """An idle connection received bytes or EOF: close it now."""
         self._unpool()
         self.close()
 
@@ -469,12 +515,19 @@ class Connector:
     used when a peer names none (None: the system's).
     """
 
-    __slots__ = ("pool", "ca_file", "_ssl_contexts")
+    __slots__ = ("pool", "ca_file", "_ssl_contexts", "_sweep", "_sweep_loop", "_tick")
 
     def __init__(self, pool_size: int = 128, ca_file: Optional[str] = None) -> None:
         self.pool: ConnectionPool[UpstreamConnection] = ConnectionPool(pool_size)
         self.ca_file = ca_file
         self._ssl_contexts: dict[Hashable, ssl.SSLContext] = {}
+        # One periodic sweep per connector (= per worker) closes idle connections past their
+        # deadline, instead of a call_later per release; get() never hands out an expired one
+        # whatever the sweep's lag. ``_tick`` is the period: at most SWEEP_TICK, shorter when
+        # a peer's idle_timeout is (so an idle connection is closed within 1.5 x its timeout).
+        self._sweep: Optional[asyncio.TimerHandle] = None
+        self._sweep_loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tick = SWEEP_TICK
 
     async def get(self, peer: HttpPeer) -> UpstreamConnection:
         """A connection to ``peer``: a pooled one (``reused``) if any, else a new one.
@@ -496,14 +549,36 @@ class Connector:
         if not reusable or not conn.can_reuse():
             conn.close()
             return
-        idle_timeout = conn.peer.options.idle_timeout
+        peer = conn.peer
+        idle_timeout = peer.options.idle_timeout
         conn._make_idle()
-        if self.pool.put(conn.peer.reuse_key, conn, idle_timeout) and idle_timeout:
-            conn._idle_handle = asyncio.get_running_loop().call_later(
-                idle_timeout, conn._drop_idle)
+        if self.pool.put(peer.reuse_key, conn, idle_timeout) and idle_timeout:
+            if idle_timeout < self._tick * 2:
+                self._tick = max(idle_timeout / 2, 0.01)
+            # The connection's own loop: asyncio.get_running_loop() costs a getpid() syscall.
+            loop = conn._loop
+            if self._sweep is None or self._sweep_loop is not loop:
+                self._arm_sweep(loop)
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_loop = loop
+        self._sweep = loop.call_later(self._tick, self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        """The periodic idle sweep: close what expired; stays armed while anything is pooled."""
+        self._sweep = None
+        self.pool.evict_expired()
+        loop = self._sweep_loop
+        if len(self.pool) and loop is not None and not loop.is_closed():
+            self._arm_sweep(loop)
 
     def close_all(self) -> None:
         """Close every idle connection (worker draining or exiting)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self.pool.close_all()
 
     def ssl_context(self, peer: HttpPeer) -> ssl.SSLContext:

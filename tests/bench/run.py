@@ -115,9 +115,12 @@ def start_nginx(procs: Procs, name: str, conf: str, d: Path, cpu: Optional[str]
 
 
 def start_pyngora(procs: Procs, tmp: Path, origin_port: int, want_proxy: bool, want_h2: bool,
-                  cpu: Optional[str]) -> tuple[subprocess.Popen, Ports, dict[str, str]]:
+                  cpu: Optional[str], tag: str = "pyngora", extra_env: Optional[dict[str, str]] = None
+                  ) -> tuple[subprocess.Popen, Ports, dict[str, str]]:
     """Start pyngora with as much as it can serve: proxy + h2c, else proxy, else static only.
 
+    ``tag`` names its processes and config files (a second instance needs its own);
+    ``extra_env`` is added to its environment (``PYNGORA_METRICS=off`` for --metrics).
     Returns the master, its ports and, per target it cannot serve ("proxy", "h2"), why.
     """
     why: dict[str, str] = {}
@@ -129,15 +132,15 @@ def start_pyngora(procs: Procs, tmp: Path, origin_port: int, want_proxy: bool, w
     attempts.append((False, False))
     for n, (proxy, h2) in enumerate(attempts):
         ports = Ports(free_port(), free_port() if proxy else None, free_port() if h2 else None)
-        conf = tmp / f"pyngora-{n}.yaml"
+        conf = tmp / f"{tag}-{n}.yaml"
         conf.write_text(configs.pyngora_conf(tmp, ports.static, ports.proxy, ports.h2,
                                              origin_port))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        master = procs.start(f"pyngora-{n}", pin(cpu, [PY, "-m", "pyngora", "-c", str(conf)]),
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+        master = procs.start(f"{tag}-{n}", pin(cpu, [PY, "-m", "pyngora", "-c", str(conf)]),
                              signal.SIGINT, env=env, cwd=ROOT)
         reason = wait_answers(ports.static, "/", configs.SMALL_BODY.encode(), master)
         if reason:
-            tail = procs.log_tail(f"pyngora-{n}", 4).replace("\n", " / ")
+            tail = procs.log_tail(f"{tag}-{n}", 4).replace("\n", " / ")
             failed = "h2" if h2 else "proxy" if proxy else "static"
             why[failed] = f"pyngora did not start with it: {reason}: {tail}"
             if failed == "proxy":

@@ -3,12 +3,12 @@ killed with -9, on a schedule (issue 9: 3 minutes; upgrade every 20 s, SIGHUP ev
 kill -9 every 15 s).
 
 In bin/test the run is scaled down to fit the suite's budget: ``SOAK_SECONDS`` (60) with every
-period divided by 180 / 60 = 3 (upgrade ~6.7 s, reload 10 s, kill 5 s), so the same number of
-events per unit of load happen, three times denser. ``PYNGORA_SOAK_SECONDS=180`` runs the full
-schedule (the periods scale back to 20/30/15 s).
+period divided by 180 / 60 = 3 (upgrade ~6.7 s, reload 10 s, kill 5 s): the same events as
+the 3-minute run, in a third of the time. ``PYNGORA_SOAK_SECONDS=180`` runs the full schedule
+(the periods scale back to 20/30/15 s); any other value scales the same way.
 
-The load: keep-alive and churn GETs (tests/loadgen.py), 256 KiB uploads (one connection each),
-1 MiB downloads on keep-alive connections, and WebSocket echo sessions through the proxy.
+The load: keep-alive and churn GETs, 256 KiB uploads (one connection each), 1 MiB downloads on
+a keep-alive connection, and WebSocket echo sessions through the proxy (see ``Mixed``).
 
 The promise checked: 0 failed requests, except those on the killed worker's own connections.
 Which connections a worker owned is read from /proc just before it dies: the worker is stopped
@@ -33,9 +33,9 @@ from typing import Iterator, Optional
 import pytest
 
 from tests.process.test_upgrade import Daemon, _master_pids
-from tests.reliability.rawnet import (RawOrigin, fd_count, read_reply, rss_kib, wait_until,
+from tests.reliability.rawnet import (RawOrigin, fd_count, read_reply, rss_kib,
                                       ws_echo_handler, ws_frame, ws_read_frame)
-from tests.support import alive, children_of, free_port, get, title, wait_for
+from tests.support import children_of, free_port, get, title, wait_for
 
 FULL = 180.0
 SOAK_SECONDS = float(os.environ.get("PYNGORA_SOAK_SECONDS", "60"))
