@@ -142,7 +142,7 @@ class Master:
 
     def _adopt_systemd(self) -> None:
         try:
-            from pyngora.upgrade.transfer_fd import adopt_systemd_sockets
+            from pyngora.upgrade.listen_fds import adopt_systemd_sockets
         except ImportError:
             return
         socks = adopt_systemd_sockets()

@@ -215,6 +215,64 @@ def run_load(procs: Procs, s: Scenario, port: int, seconds: int, conns: int,
 
 # --- main ----------------------------------------------------------------------------------
 
+def metrics_comparison(procs: Procs, a: argparse.Namespace, tmp: Path, origin_port: int,
+                       master_on: int, port_on: int) -> str:
+    """Issue 7 point 4: what the worker's metrics cost on the request path.
+
+    Starts a second pyngora (same configuration, same core) whose environment has
+    ``PYNGORA_METRICS=off``, then runs the small scenario against the two alternately
+    (``--runs`` each, after a warm-up) and returns a markdown table of the medians, with the
+    CPU per request of each and the difference.
+    """
+    s = SCENARIOS["small"]
+    sub = tmp / "nometrics"  # its own pid file, sockets and logs
+    sub.mkdir(exist_ok=True)
+    master_off, ports_off, why = start_pyngora(procs, sub, origin_port, True, False,
+                                               a.proxy_cpu, tag="pyngora-nometrics",
+                                               extra_env={"PYNGORA_METRICS": "off"})
+    try:
+        if "proxy" in why:
+            return f"Metrics on vs off: skipped (the metrics-off pyngora: {why['proxy']})"
+        arms = {"metrics on": (master_on, port_on), "metrics off": (master_off.pid,
+                                                                     ports_off.proxy)}
+        runs: dict[str, list[LoadResult]] = {k: [] for k in arms}
+        if not a.quick:
+            for _, port in arms.values():
+                run_load(procs, s, port, 2, a.connections, a.load_cpu, tmp)
+        for i in range(a.runs):
+            for arm, (pid, port) in arms.items():
+                pids = (pid,) + tuple(children(pid))
+                result, _ = run_load(procs, s, port, a.duration, a.connections, a.load_cpu,
+                                     tmp, pids)
+                runs[arm].append(result)
+                print(f"bench: metrics       {arm:11s} run {i + 1}: {result.rps:10.0f} req/s "
+                      f"cpu {result.cpu_share:.2f} errors {result.errors}",
+                      file=sys.stderr, flush=True)
+    finally:
+        procs.stop(master_off)
+
+    def med(xs: list[float]) -> float:
+        xs = sorted(x for x in xs if x == x)  # NaN-free
+        return xs[len(xs) // 2] if xs else float("nan")
+
+    lines = ["Metrics on vs off (the small scenario, pyngora against itself: a second instance "
+             "with `PYNGORA_METRICS=off`, alternating runs, medians):", "",
+             "| pyngora | req/s | CPU | req per CPU-s | CPU us per request | errors |",
+             "|---|---:|---:|---:|---:|---:|"]
+    us = {}
+    for arm, rs in runs.items():
+        per = med([r.per_cpu_s for r in rs])
+        us[arm] = 1e6 / per if per == per and per else float("nan")
+        lines.append(f"| {arm} | {med([r.rps for r in rs]):.0f} | "
+                     f"{med([r.cpu_share for r in rs]):.2f} | {per:.0f} | {us[arm]:.1f} | "
+                     f"{sum(r.errors for r in rs)} |")
+    cost = us["metrics on"] - us["metrics off"]
+    share = cost / us["metrics on"] * 100 if us["metrics on"] else float("nan")
+    lines += ["", f"Metrics cost: {cost:+.1f} us of CPU per request ({share:+.0f} % of the "
+                  f"metrics-on figure; within the run-to-run noise when under ~2 us)."]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,6 +302,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help="also measure tests/bench/floor.py (bare uvloop + httptools)")
     ap.add_argument("--profile-scenario", default="small", choices=("small", "static"),
                     help="which scenario the profile samples")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also run the small scenario against pyngora with metrics on vs a "
+                         "second pyngora started with PYNGORA_METRICS=off, alternating")
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
     a = ap.parse_args(argv)
@@ -297,6 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prof_error = ""
     sysc: dict[str, SyscallCount] = {}
     sysc_what = ""
+    metrics_text = ""
     try:
         # The origin, on the load generator's core.
         www = tmp / "www"
@@ -375,6 +437,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                           f"cpu {result.cpu_share:.2f} errors {result.errors}",
                           file=sys.stderr, flush=True)
 
+        if a.metrics:
+            if "proxy" in unavailable:
+                metrics_text = f"Metrics on vs off: skipped ({unavailable['proxy']})"
+            else:
+                metrics_text = metrics_comparison(procs, a, tmp, origin_port, master.pid,
+                                                  py_ports.proxy)
+
         target = "proxy" if "proxy" not in unavailable else "static"
         if not a.no_profile:
             service = "static" if a.profile_scenario == "static" else target
@@ -445,6 +514,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif prof_error:
         print(f"\nprofile: {prof_error}")
     sys_text = syscalls_text(sysc, sysc_what) if sysc else ""
+    if metrics_text:
+        print()
+        print(metrics_text)
+        sys_text = metrics_text + ("\n\n" + sys_text if sys_text else "")
     if sys_text:
         print()
         print(sys_text)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from pyngora.upgrade.listen_fds import adopt_systemd_sockets
+
 from pyngora.upgrade.transfer_fd import (
     MAGIC,
     HandoverResult,
     TransferError,
     UpgradeListener,
-    adopt_systemd_sockets,
     make_key,
     send_sockets,
     split_key,
@@ -594,7 +595,7 @@ def test_listen_fds_for_another_pid_or_absent_is_ignored_and_unset() -> None:
 
 STAGE2 = textwrap.dedent("""
     import fcntl, json, os
-    from pyngora.upgrade.transfer_fd import adopt_systemd_sockets
+    from pyngora.upgrade.listen_fds import adopt_systemd_sockets
     socks = adopt_systemd_sockets()
     report = {
         "names": [s.getsockname() for s in socks],
