@@ -6,8 +6,9 @@ age out). The total number of idle connections is bounded: when full, the least 
 released connection *of any key* is evicted and closed. Every operation is O(1).
 
 The pool does not know about sockets or asyncio. It holds any object implementing
-:class:`Poolable`; the connector arms the idle timer and tells the pool (:meth:`remove`) when
-an idle connection must go (it received bytes or EOF, or its idle timer fired). As a second line
+:class:`Poolable`; the connector sweeps expired connections periodically
+(:meth:`evict_expired`) and tells the pool (:meth:`remove`) when an idle connection must go
+(it received bytes or EOF). As a second line
 of defence, :meth:`get` also checks each candidate's deadline and ``is_idle_usable()``, so a
 connection that is closing, or saw bytes while idle, is never handed out.
 
@@ -35,15 +36,8 @@ class Poolable(Protocol):
 C = TypeVar("C", bound=Poolable)
 
 
-class _Entry(Generic[C]):
-    """One idle connection: its key, and when it stops being worth reusing."""
-
-    __slots__ = ("key", "conn", "deadline")
-
-    def __init__(self, key: Hashable, conn: C, deadline: float) -> None:
-        self.key = key
-        self.conn = conn
-        self.deadline = deadline
+# Each idle connection is an entry (its key, the connection, when it stops being worth
+# reusing): a tuple, not a class, because put() runs once per proxied request.
 
 
 _NO_DEADLINE = float("inf")
@@ -65,10 +59,10 @@ class ConnectionPool(Generic[C]):
         self.size = size
         self._clock = clock
         # id(conn) -> entry, oldest release first: the global LRU order, for eviction.
-        self._lru: OrderedDict[int, _Entry[C]] = OrderedDict()
+        self._lru: OrderedDict[int, tuple[Hashable, C, float]] = OrderedDict()
         # key -> {id(conn): entry}, insertion ordered: the last item is the most recently used.
         # A dict (not a list) so that removing one connection from the middle is O(1).
-        self._by_key: dict[Hashable, dict[int, _Entry[C]]] = {}
+        self._by_key: dict[Hashable, dict[int, tuple[Hashable, C, float]]] = {}
 
     def __len__(self) -> int:
         """How many idle connections the pool holds now."""
@@ -94,19 +88,22 @@ class ConnectionPool(Generic[C]):
             conn.close()
             return False
         ident = id(conn)
-        if ident in self._lru:  # released twice: keep one entry, refresh its place
+        lru = self._lru
+        if ident in lru:  # released twice: keep one entry, refresh its place
             self._unlink(ident)
         deadline = _NO_DEADLINE if idle_timeout is None else self._clock() + idle_timeout
-        entry = _Entry(key, conn, deadline)
-        self._lru[ident] = entry
+        entry = (key, conn, deadline)
+        lru[ident] = entry
         stack = self._by_key.get(key)
         if stack is None:
-            stack = self._by_key[key] = {}
-        stack[ident] = entry
-        while len(self._lru) > self.size:
-            _, oldest = self._lru.popitem(last=False)
-            self._drop_from_key(oldest.key, id(oldest.conn))
-            oldest.conn.close()
+            self._by_key[key] = {ident: entry}
+        else:
+            stack[ident] = entry
+        if len(lru) > self.size:
+            while len(lru) > self.size:
+                _, (okey, oconn, _) = lru.popitem(last=False)
+                self._drop_from_key(okey, id(oconn))
+                oconn.close()
         return True
 
     def get(self, key: Hashable) -> Optional[C]:
@@ -120,10 +117,9 @@ class ConnectionPool(Generic[C]):
             return None
         now = self._clock()
         while stack:
-            ident, entry = stack.popitem()
+            ident, (_, conn, deadline) = stack.popitem()
             del self._lru[ident]
-            conn = entry.conn
-            if entry.deadline > now and conn.is_idle_usable():
+            if deadline > now and conn.is_idle_usable():
                 if not stack:
                     del self._by_key[key]
                 return conn
@@ -146,14 +142,14 @@ class ConnectionPool(Generic[C]):
     def evict_expired(self) -> int:
         """Close every connection past its idle deadline; returns how many.
 
-        O(n) in pooled connections: for a periodic sweep, not the request path (the connector
-        arms a timer per connection instead).
+        O(n) in pooled connections: for the connector's periodic sweep (one timer per worker,
+        not one per release), never the request path.
         """
         now = self._clock()
-        expired = [e for e in self._lru.values() if e.deadline <= now]
-        for entry in expired:
-            self._unlink(id(entry.conn))
-            entry.conn.close()
+        expired = [e[1] for e in self._lru.values() if e[2] <= now]
+        for conn in expired:
+            self._unlink(id(conn))
+            conn.close()
         return len(expired)
 
     def close_all(self) -> None:
@@ -162,11 +158,11 @@ class ConnectionPool(Generic[C]):
         self._lru.clear()
         self._by_key.clear()
         for entry in entries:
-            entry.conn.close()
+            entry[1].close()
 
     def _unlink(self, ident: int) -> None:
         entry = self._lru.pop(ident)
-        self._drop_from_key(entry.key, ident)
+        self._drop_from_key(entry[0], ident)
 
     def _drop_from_key(self, key: Hashable, ident: int) -> None:
         stack = self._by_key[key]

@@ -13,6 +13,11 @@ from pyngora.protocols.h1 import (_BODY, _CL, _DEFAULT_LIMITS, _DONE, _FORBIDDEN
                                   _is_chunked)
 
 
+# Request methods whose responses need the head fed to llhttp alone (their body, if any,
+# is not framed by the head: see _head_input).
+_SPLIT_METHODS = frozenset((b"HEAD", b"CONNECT"))
+
+
 class ResponseParser:
     """Parses the responses of one upstream connection, one per ``start()``.
 
@@ -156,6 +161,13 @@ class ResponseParser:
             if end - pos > limit:
                 raise ProtocolError(502, "upstream response head too large")
             self._buf = b""
+            if pos == 0 and buf[9:10] != b"1" and self._method not in _SPLIT_METHODS:
+                # The common case: a final response (no 1xx/101: the status' first digit) to a
+                # request whose response framing llhttp knows by itself (not HEAD, not
+                # CONNECT). Head and body go to llhttp in one call; bytes after the response
+                # end make it unsolicited, as in the split path below.
+                self._feed_llhttp(buf, head=False)
+                return
             view = memoryview(buf)  # llhttp reads views: the body after the head is not copied
             self._feed_llhttp(view[pos:end], head=True)
             pos = end

@@ -187,6 +187,11 @@ class DeclarativeProxy(ProxyHttp):
         return self.default
 
     async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        """The peer for this request: the route's group, its balancer's pick (raises Error
+        404 when no route matches, NoUpstream when no backend is healthy)."""
+        return self._peer(session)
+
+    def _peer(self, session: Session) -> HttpPeer:
         group = self.route(session)
         if group is None:
             raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
@@ -234,6 +239,11 @@ async def _request_edits(self: DeclarativeProxy, session: Session, up: RequestHe
         self.req_edits.apply(up.headers)
 
 
+def _upstream_peer(self: DeclarativeProxy, session: Session, ctx: Any) -> HttpPeer:
+    """upstream_peer of the classes build_proxy assembles (synchronous: see there)."""
+    return self._peer(session)
+
+
 async def _response_edits(self: DeclarativeProxy, session: Session, resp: ResponseHeader,
                           ctx: Any) -> None:
     self.resp_edits.apply(resp.headers)
@@ -254,13 +264,14 @@ def build_proxy(conf: HttpProxyConf, balancer_factory: Optional[BalancerFactory]
                      or conf.response_headers.add)
     cls = _CLASSES.get((need_req, need_resp))
     if cls is None:
-        attrs: dict[str, Any] = {}
+        # A plain function as upstream_peer: the engine calls it without a coroutine and an
+        # await per request. (DeclarativeProxy's own stays async for subclasses that await it.)
+        attrs: dict[str, Any] = {"upstream_peer": _upstream_peer}
         if need_req:
             attrs["upstream_request_filter"] = _request_edits
         if need_resp:
             attrs["response_filter"] = _response_edits
-        cls = DeclarativeProxy if not attrs else type("DeclarativeProxy", (DeclarativeProxy,),
-                                                      attrs)
+        cls = type("DeclarativeProxy", (DeclarativeProxy,), attrs)
         _CLASSES[(need_req, need_resp)] = cls
     return cls(conf, balancer_factory)
 

@@ -30,6 +30,7 @@ from pyngora.proxy import access
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
 from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.connector import Connector, UpstreamConnection
 from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
 from pyngora.upstreams.peer import HttpPeer
@@ -81,6 +82,37 @@ def _te_trailers(headers: Any) -> bool:
             if token.split(b";", 1)[0].strip(b" \t").lower() == b"trailers":
                 return True
     return False
+
+
+_METHODS: dict[bytes, str] = {}
+
+
+def _ascii(method: bytes) -> str:
+    """``method`` as the str the Session shows (cached: a handful of methods in practice)."""
+    text = _METHODS.get(method)
+    if text is None:
+        text = method.decode("latin-1")
+        if len(_METHODS) < 64:
+            _METHODS[method] = text
+    return text
+
+
+# (status, reason bytes) -> the reason to pass to write_head: None when it is the standard
+# phrase (the connection then uses its cached status line), else the upstream's own.
+_REASON_CACHE: dict[tuple[int, bytes], Optional[bytes]] = {}
+
+
+def _reason_for(status: int, reason: bytes) -> Optional[bytes]:
+    key = (status, reason)
+    try:
+        return _REASON_CACHE[key]
+    except KeyError:
+        pass
+    same = status_line(status) == status_line(status, reason)
+    value = None if same else reason
+    if len(_REASON_CACHE) < 256:
+        _REASON_CACHE[key] = value
+    return value
 
 
 def _no_event() -> None:
@@ -236,7 +268,11 @@ class ProxyEngine(HttpApp):
                 if connector is None:
                     connector = self.h2_connector = H2Connector(self.connector)
             try:
-                conn = await connector.get(peer)
+                conn = None
+                if connector.__class__ is Connector:
+                    conn = connector.get_pooled(peer)  # a pooled one: no coroutine to await
+                if conn is None:
+                    conn = await connector.get(peer)
             except Error as e:
                 if um is not None:
                     um.error(peer.backend, e.etype)
@@ -268,10 +304,13 @@ class ProxyEngine(HttpApp):
                 if plan.error_while_proxy is not None and e.source is not ErrorSource.Downstream:
                     r = proxy.error_while_proxy(peer, session, e, ctx, reused)
                     e = (await r) if plan.error_while_proxy else r
-                if (not e.retry and e.etype in _LOST and session.is_idempotent
-                        and not conn.response_bytes_seen):
+                if (not e.retry and session.is_idempotent
+                        and ((e.etype in _LOST and not conn.response_bytes_seen)
+                             or (e.source is ErrorSource.Upstream
+                                 and getattr(conn, "stray_response", False)))):
                     # A fresh connection lost before any response byte (an origin that died
-                    # with our request in its accept queue, say): RFC 9110 9.2.2 lets an
+                    # with our request in its accept queue, say), or a reused one whose first
+                    # bytes were the previous exchange's leftovers: RFC 9110 9.2.2 lets an
                     # idempotent request be retried automatically, as nginx does.
                     e.set_retry(True)
                 if e.source is not ErrorSource.Downstream and self._may_retry(session, e):
@@ -307,7 +346,7 @@ class ProxyEngine(HttpApp):
         # One pass: the client's fields minus hop-by-hop ones and Expect (100-continue is
         # handled downstream, by the connection).
         up_headers = without_hop_by_hop(req.headers, _ALSO_DROP)
-        if _HOST not in up_headers:
+        if _HOST not in up_headers._keys:  # the keys are lowercased
             # An HTTP/1.0 client may send no Host; HTTP/1.1 upstream requires one (nginx sends
             # the upstream's address, as here).
             up_headers.add(b"Host", b"localhost" if conn.peer.unix_path
@@ -323,19 +362,23 @@ class ProxyEngine(HttpApp):
         if chunked:
             up_headers.remove(b"content-length")
             up_headers.add(b"Transfer-Encoding", b"chunked")
-        up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
         if plan.upstream_request_filter is not None:
+            up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
             r = proxy.upstream_request_filter(session, up_req, ctx)
             if plan.upstream_request_filter:
                 await r
-        method = up_req.method.encode("latin-1")
+            method, uri, up_headers = up_req.method, up_req.uri, up_req.headers
+        else:  # nobody edits the upstream head: no RequestHeader to build
+            method, uri = req.method, req.uri
+        # The client's own bytes when the phases kept its method and target (no re-encoding).
+        method_b = head.method if method == _ascii(head.method) else method.encode("latin-1")
+        uri_b = uri.encode("latin-1")
         if conn.__class__ is H2UpstreamStream:
             # gRPC: "te: trailers" is hop-by-hop for HTTP/1 (removed above) but must reach an
             # HTTP/2 upstream when the client sent it (RFC 9113 8.2.2 allows that value only).
-            conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers,
-                           te_trailers=_te_trailers(req.headers))
+            conn.send_head(method_b, uri_b, up_headers, te_trailers=_te_trailers(req.headers))
         else:
-            conn.send_head(method, up_req.uri.encode("latin-1"), up_req.headers)
+            conn.send_head(method_b, uri_b, up_headers)
         if not has_body:
             return await self._response(session, conn, upgrade, ctx)
         # Full duplex: the body goes up in its own task while the response is read, so an
@@ -394,19 +437,27 @@ class ProxyEngine(HttpApp):
             headers.add(b"Connection", b"upgrade")
             if upgrade_value is not None:
                 headers.add(b"Upgrade", upgrade_value)
-        reason = rh.reason.decode("latin-1") if rh.reason else None
-        resp = ResponseHeader(rh.status, reason, rh.version, headers)
-        if plan.upstream_response_filter is not None:
-            r = proxy.upstream_response_filter(session, resp, ctx)
-            if plan.upstream_response_filter:
-                await r
-        if plan.response_filter is not None:
-            r = proxy.response_filter(session, resp, ctx)
-            if plan.response_filter:
-                await r
+        if plan.upstream_response_filter is None and plan.response_filter is None:
+            # Nobody edits the response head: no ResponseHeader, and the upstream's reason
+            # phrase as bytes (None when standard, so the status line comes from a cache).
+            status, out_headers = rh.status, headers
+            out_reason: Optional[bytes | str] = (_reason_for(status, rh.reason) if rh.reason
+                                                 else None)
+        else:
+            reason = rh.reason.decode("latin-1") if rh.reason else None
+            resp = ResponseHeader(rh.status, reason, rh.version, headers)
+            if plan.upstream_response_filter is not None:
+                r = proxy.upstream_response_filter(session, resp, ctx)
+                if plan.upstream_response_filter:
+                    await r
+            if plan.response_filter is not None:
+                r = proxy.response_filter(session, resp, ctx)
+                if plan.response_filter:
+                    await r
+            status, out_headers, out_reason = resp.status, resp.headers, resp.reason
         if switching:
             ev = await conn.read_event()  # the 101's (empty) MessageEnd
-            ex.write_head(101, resp.headers, resp.reason)
+            ex.write_head(101, out_headers, out_reason)
             await self._tunnel(ex, conn)
             return False
         filtered = (plan.upstream_response_body_filter is not None
@@ -415,9 +466,9 @@ class ProxyEngine(HttpApp):
             ev = poll()
             if ev is None:
                 ev = await conn.read_event()  # MessageEnd
-            ex.write_head(resp.status, resp.headers, resp.reason, end=True)
+            ex.write_head(status, out_headers, out_reason, end=True)
             return True
-        ex.write_head(resp.status, resp.headers, resp.reason)
+        ex.write_head(status, out_headers, out_reason)
         # An HTTP/1 client connection whose transport is not paused needs no drain() call
         # (drain would return at once; write_body already flushed the head).
         h1_down = ex.__class__ is Exchange

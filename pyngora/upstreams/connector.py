@@ -91,11 +91,13 @@ class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 client connection to an upstream; used by one request at a time.
 
     ``reused`` says it came from the pool; ``response_bytes_seen`` that some byte of the current
-    response arrived (after that, no retry is safe); ``connect_duration`` how long dialling took
+    response arrived (after that, no retry is safe); ``stray_response`` that the first of those
+    bytes on a reused connection were no status line (left over from the previous exchange); ``connect_duration`` how long dialling took
     (0.0 for a reused connection); ``pause_count`` how often reading was paused for back-pressure.
     """
 
-    __slots__ = ("peer", "reused", "response_bytes_seen", "connect_duration", "pause_count",
+    __slots__ = ("peer", "reused", "response_bytes_seen", "stray_response", "connect_duration",
+                 "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
@@ -106,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.peer = peer
         self.reused = False
         self.response_bytes_seen = False
+        self.stray_response = False
         self.connect_duration = 0.0
         self.pause_count = 0
         self.alpn: Optional[str] = None  # the protocol the TLS upstream chose (None: plaintext)
@@ -149,7 +152,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._buffered += len(data)
             self._after_input()
             return
-        self.response_bytes_seen = True
+        if not self.response_bytes_seen:
+            self.response_bytes_seen = True
+            if self.reused and not (data.startswith(b"HTTP/") or b"HTTP/".startswith(data)):
+                # The first bytes after reuse are no status line: the tail of the previous
+                # exchange (an origin that sent a body after a HEAD head, say), not this
+                # response. The engine may retry an idempotent request on a new connection.
+                self.stray_response = True
         try:
             events = self._parser.feed(data)
         except h1.ProtocolError as exc:
@@ -495,6 +504,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._idle = False
         self.reused = True
         self.response_bytes_seen = False
+        self.stray_response = False
         self.connect_duration = 0.0
         self._head_seen = False
 
@@ -535,13 +545,20 @@ class Connector:
         Raises Error (retry=True): ConnectRefused, ConnectTimedout, ConnectNoRoute,
         ConnectError, TLSHandshakeFailure, TLSHandshakeTimedout.
         """
+        conn = self.get_pooled(peer)
+        if conn is not None:
+            return conn
+        return await self._connect(peer)
+
+    def get_pooled(self, peer: HttpPeer) -> Optional[UpstreamConnection]:
+        """A pooled connection to ``peer`` (``reused``), or None: get() without a coroutine,
+        for the request path, which awaits get() only when this gives None."""
         conn = self.pool.get(peer.reuse_key)
         if conn is not None:
             # The new peer's timeouts apply (they are not part of the reuse key).
             conn.peer = peer
             conn._reactivate()
-            return conn
-        return await self._connect(peer)
+        return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Called when a request is done with ``conn``: pooled if the caller and the connection

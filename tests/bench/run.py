@@ -115,12 +115,14 @@ def start_nginx(procs: Procs, name: str, conf: str, d: Path, cpu: Optional[str]
 
 
 def start_pyngora(procs: Procs, tmp: Path, origin_port: int, want_proxy: bool, want_h2: bool,
-                  cpu: Optional[str], tag: str = "pyngora", extra_env: Optional[dict[str, str]] = None
-                  ) -> tuple[subprocess.Popen, Ports, dict[str, str]]:
+                  cpu: Optional[str], tag: str = "pyngora", extra_env: Optional[dict[str, str]] = None,
+                  cwd: Path = ROOT) -> tuple[subprocess.Popen, Ports, dict[str, str]]:
     """Start pyngora with as much as it can serve: proxy + h2c, else proxy, else static only.
 
     ``tag`` names its processes and config files (a second instance needs its own);
-    ``extra_env`` is added to its environment (``PYNGORA_METRICS=off`` for --metrics).
+    ``extra_env`` is added to its environment (``PYNGORA_METRICS=off`` for --metrics);
+    ``cwd`` is where ``python -m pyngora`` runs, so whose ``pyngora`` package it imports
+    (another tree for --compare-tree).
     Returns the master, its ports and, per target it cannot serve ("proxy", "h2"), why.
     """
     why: dict[str, str] = {}
@@ -137,7 +139,7 @@ def start_pyngora(procs: Procs, tmp: Path, origin_port: int, want_proxy: bool, w
                                              origin_port))
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
         master = procs.start(f"{tag}-{n}", pin(cpu, [PY, "-m", "pyngora", "-c", str(conf)]),
-                             signal.SIGINT, env=env, cwd=ROOT)
+                             signal.SIGINT, env=env, cwd=cwd)
         reason = wait_answers(ports.static, "/", configs.SMALL_BODY.encode(), master)
         if reason:
             tail = procs.log_tail(f"{tag}-{n}", 4).replace("\n", " / ")
@@ -217,24 +219,36 @@ def run_load(procs: Procs, s: Scenario, port: int, seconds: int, conns: int,
 
 def metrics_comparison(procs: Procs, a: argparse.Namespace, tmp: Path, origin_port: int,
                        master_on: int, port_on: int) -> str:
-    """Issue 7 point 4: what the worker's metrics cost on the request path.
+    """Issue 7 point 4: what the worker's metrics cost on the request path: the small
+    scenario against pyngora and against a second one with ``PYNGORA_METRICS=off``."""
+    return pyngora_ab(procs, a, tmp, origin_port, "metrics on", master_on, port_on,
+                      "metrics off", {"PYNGORA_METRICS": "off"}, ROOT,
+                      "Metrics on vs off (the small scenario, pyngora against itself: a second "
+                      "instance with `PYNGORA_METRICS=off`, alternating runs, medians):",
+                      "Metrics cost")
 
-    Starts a second pyngora (same configuration, same core) whose environment has
-    ``PYNGORA_METRICS=off``, then runs the small scenario against the two alternately
-    (``--runs`` each, after a warm-up) and returns a markdown table of the medians, with the
-    CPU per request of each and the difference.
+
+def pyngora_ab(procs: Procs, a: argparse.Namespace, tmp: Path, origin_port: int,
+               label_a: str, master_a: int, port_a: int, label_b: str,
+               env_b: dict[str, str], cwd_b: Path, title_text: str, cost_text: str) -> str:
+    """pyngora against a variant of itself, on the same core, in the same run.
+
+    Starts a second pyngora (same configuration) with ``env_b`` added to its environment and
+    ``cwd_b`` as its working directory (its ``pyngora`` package), runs the small scenario
+    against the two alternately (``--runs`` each, after a warm-up) and returns a markdown
+    table of the medians with the CPU per request of each and the difference (a - b).
     """
     s = SCENARIOS["small"]
-    sub = tmp / "nometrics"  # its own pid file, sockets and logs
+    tag = "pyngora-" + "".join(c if c.isalnum() else "-" for c in label_b)
+    sub = tmp / tag  # its own pid file, sockets and logs
     sub.mkdir(exist_ok=True)
     master_off, ports_off, why = start_pyngora(procs, sub, origin_port, True, False,
-                                               a.proxy_cpu, tag="pyngora-nometrics",
-                                               extra_env={"PYNGORA_METRICS": "off"})
+                                               a.proxy_cpu, tag=tag, extra_env=env_b,
+                                               cwd=cwd_b)
     try:
         if "proxy" in why:
-            return f"Metrics on vs off: skipped (the metrics-off pyngora: {why['proxy']})"
-        arms = {"metrics on": (master_on, port_on), "metrics off": (master_off.pid,
-                                                                     ports_off.proxy)}
+            return f"{cost_text}: skipped (the {label_b} pyngora: {why['proxy']})"
+        arms = {label_a: (master_a, port_a), label_b: (master_off.pid, ports_off.proxy)}
         runs: dict[str, list[LoadResult]] = {k: [] for k in arms}
         if not a.quick:
             for _, port in arms.values():
@@ -245,7 +259,7 @@ def metrics_comparison(procs: Procs, a: argparse.Namespace, tmp: Path, origin_po
                 result, _ = run_load(procs, s, port, a.duration, a.connections, a.load_cpu,
                                      tmp, pids)
                 runs[arm].append(result)
-                print(f"bench: metrics       {arm:11s} run {i + 1}: {result.rps:10.0f} req/s "
+                print(f"bench: a/b  {arm:20s} run {i + 1}: {result.rps:10.0f} req/s "
                       f"cpu {result.cpu_share:.2f} errors {result.errors}",
                       file=sys.stderr, flush=True)
     finally:
@@ -255,8 +269,7 @@ def metrics_comparison(procs: Procs, a: argparse.Namespace, tmp: Path, origin_po
         xs = sorted(x for x in xs if x == x)  # NaN-free
         return xs[len(xs) // 2] if xs else float("nan")
 
-    lines = ["Metrics on vs off (the small scenario, pyngora against itself: a second instance "
-             "with `PYNGORA_METRICS=off`, alternating runs, medians):", "",
+    lines = [title_text, "",
              "| pyngora | req/s | CPU | req per CPU-s | CPU us per request | errors |",
              "|---|---:|---:|---:|---:|---:|"]
     us = {}
@@ -266,10 +279,11 @@ def metrics_comparison(procs: Procs, a: argparse.Namespace, tmp: Path, origin_po
         lines.append(f"| {arm} | {med([r.rps for r in rs]):.0f} | "
                      f"{med([r.cpu_share for r in rs]):.2f} | {per:.0f} | {us[arm]:.1f} | "
                      f"{sum(r.errors for r in rs)} |")
-    cost = us["metrics on"] - us["metrics off"]
-    share = cost / us["metrics on"] * 100 if us["metrics on"] else float("nan")
-    lines += ["", f"Metrics cost: {cost:+.1f} us of CPU per request ({share:+.0f} % of the "
-                  f"metrics-on figure; within the run-to-run noise when under ~2 us)."]
+    cost = us[label_a] - us[label_b]
+    share = cost / us[label_a] * 100 if us[label_a] else float("nan")
+    noise = "; within the run-to-run noise" if abs(cost) < 2 else ""
+    lines += ["", f"{cost_text}: {cost:+.1f} us of CPU per request ({share:+.0f} % of the "
+                  f"{label_a} figure{noise})."]
     return "\n".join(lines)
 
 
@@ -305,6 +319,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--metrics", action="store_true",
                     help="also run the small scenario against pyngora with metrics on vs a "
                          "second pyngora started with PYNGORA_METRICS=off, alternating")
+    ap.add_argument("--compare-tree", type=Path,
+                    help="also run the small scenario against a second pyngora imported from "
+                         "this directory (e.g. `git archive HEAD pyngora | tar -x -C DIR`), "
+                         "alternating: the effect of a change, measured in one run")
     ap.add_argument("--proxy-cpu", default="0")
     ap.add_argument("--load-cpu", default="1")
     a = ap.parse_args(argv)
@@ -437,12 +455,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                           f"cpu {result.cpu_share:.2f} errors {result.errors}",
                           file=sys.stderr, flush=True)
 
-        if a.metrics:
+        if a.metrics:  # (metrics_text also collects --compare-tree's table below)
             if "proxy" in unavailable:
                 metrics_text = f"Metrics on vs off: skipped ({unavailable['proxy']})"
             else:
                 metrics_text = metrics_comparison(procs, a, tmp, origin_port, master.pid,
                                                   py_ports.proxy)
+        if a.compare_tree is not None:
+            if "proxy" in unavailable:
+                text = f"Compared with {a.compare_tree}: skipped ({unavailable['proxy']})"
+            else:
+                text = pyngora_ab(
+                    procs, a, tmp, origin_port, "this tree", master.pid, py_ports.proxy,
+                    "other tree", {}, a.compare_tree.resolve(),
+                    f"This tree against `{a.compare_tree}` (the small scenario, alternating "
+                    "runs, medians):", "This tree minus the other")
+            metrics_text = (metrics_text + "\n\n" + text) if metrics_text else text
 
         target = "proxy" if "proxy" not in unavailable else "static"
         if not a.no_profile:
@@ -514,9 +542,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif prof_error:
         print(f"\nprofile: {prof_error}")
     sys_text = syscalls_text(sysc, sysc_what) if sysc else ""
-    if metrics_text:
-        print()
-        print(metrics_text)
+    if metrics_text:  # printed (and recorded) with the system calls' text below
         sys_text = metrics_text + ("\n\n" + sys_text if sys_text else "")
     if sys_text:
         print()
