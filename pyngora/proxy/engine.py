@@ -385,6 +385,9 @@ class ProxyEngine(HttpApp):
         # upstream that answers (or streams) before it has read the whole body cannot
         # deadlock against a proxy that only reads once it has written everything.
         sender = asyncio.ensure_future(self._send_body_task(session, conn, chunked, ctx))
+        # Its error is reported through the response reader (or the client is already gone
+        # and answered): mark it retrieved whatever path we leave by, cancellation included.
+        sender.add_done_callback(_retrieved)
         try:
             clean = await self._response(session, conn, upgrade, ctx)
         except Error as e:
@@ -580,3 +583,9 @@ class ProxyEngine(HttpApp):
                 t.cancel()
             conn.close()
             down.close()
+
+
+def _retrieved(task: "asyncio.Future[None]") -> None:
+    """Done callback: consume a task's exception so asyncio never logs it as lost."""
+    if not task.cancelled():
+        task.exception()
