@@ -23,7 +23,6 @@ could fail after the fact.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ssl
 from collections import deque
 from typing import Any, Hashable, Optional
@@ -32,7 +31,8 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.pool import ConnectionPool
 from pyngora.protocols import h1
-from pyngora.protocols.events import Data, Event, MessageEnd, ResponseHead
+from pyngora.protocols.events import Data, Event, ResponseHead
+from pyngora.upstreams.dial import WRITE_HIGH_WATER, WRITE_LOW_WATER, dial
 from pyngora.upstreams.peer import HttpPeer
 
 __all__ = ["Connector", "UpstreamConnection", "HIGH_WATER", "LOW_WATER"]
@@ -40,46 +40,10 @@ __all__ = ["Connector", "UpstreamConnection", "HIGH_WATER", "LOW_WATER"]
 # Unread response bytes above which reading from the upstream pauses, and below which it resumes.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-# Write buffer limits of upstream transports (drain() waits above the high mark).
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
 # Longest period of the connector's idle-pool sweep, in seconds.
 SWEEP_TICK = 1.0
 
 _UP = ErrorSource.Upstream
-
-# Connect-time exception -> error type, found by walking the exception's MRO (most specific
-# first). ssl.SSLError subclasses OSError, so it must be (and is, by MRO order) found first.
-_CONNECT_ERRORS: dict[type, ErrorType] = {
-    ssl.SSLError: ErrorType.TLSHandshakeFailure,
-    ssl.CertificateError: ErrorType.TLSHandshakeFailure,
-    ConnectionRefusedError: ErrorType.ConnectRefused,
-    TimeoutError: ErrorType.ConnectTimedout,
-    OSError: ErrorType.ConnectError,
-}
-_NO_ROUTE_ERRNOS = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH))
-
-
-def _connect_error(exc: BaseException, tls_stage: bool, peer: HttpPeer) -> Error:
-    """Map an exception raised while dialling ``peer`` to a retryable upstream Error."""
-    etype = ErrorType.ConnectError
-    for cls in type(exc).__mro__:
-        found = _CONNECT_ERRORS.get(cls)
-        if found is not None:
-            etype = found
-            break
-    if etype is ErrorType.ConnectError:
-        if isinstance(exc, OSError) and exc.errno in _NO_ROUTE_ERRNOS:
-            etype = ErrorType.ConnectNoRoute
-        elif tls_stage:
-            # The peer hung up or reset during the handshake: a TLS failure, not a dial failure.
-            etype = ErrorType.TLSHandshakeFailure
-    elif etype is ErrorType.ConnectTimedout and tls_stage:
-        etype = ErrorType.TLSHandshakeTimedout
-    stage = "TLS handshake with" if tls_stage else "connect to"
-    # Nothing was sent yet: always safe to try again (maybe on another peer).
-    return Error(etype, _UP, exc, f"{stage} {peer.address} failed", retry=True)
-
 
 def _on_wait_timeout(fut: asyncio.Future) -> None:
     """Timer callback: ends a wait with False (= timed out) unless something woke it first."""
@@ -617,50 +581,9 @@ class Connector:
         return ctx
 
     async def _connect(self, peer: HttpPeer) -> UpstreamConnection:
-        """Dial ``peer``: TCP (or Unix) within connection_timeout, then TLS within what is left
-        of total_connection_timeout."""
+        """Dial ``peer`` (see :func:`dial`) for an HTTP/1 connection."""
         loop = asyncio.get_running_loop()
-        opts = peer.options
-        started = loop.time()
-        total = opts.total_connection_timeout
-        tcp_timeout = opts.connection_timeout
-        if total is not None and (tcp_timeout is None or total < tcp_timeout):
-            tcp_timeout = total
-
-        def factory() -> UpstreamConnection:
-            return UpstreamConnection(peer, self, loop)
-
-        try:
-            async with asyncio.timeout(tcp_timeout):
-                if peer.unix_path is not None:
-                    transport, conn = await loop.create_unix_connection(factory, peer.unix_path)
-                else:
-                    transport, conn = await loop.create_connection(factory, peer.host, peer.port)
-        except (OSError, TimeoutError) as exc:
-            raise _connect_error(exc, False, peer) from None
-        if peer.tls:
-            ctx = self.ssl_context(peer)
-            remaining = None if total is None else max(total - (loop.time() - started), 0.001)
-            server_name = peer.server_name
-            try:
-                async with asyncio.timeout(remaining):
-                    tls_transport = await loop.start_tls(
-                        transport, conn, ctx, server_hostname=server_name or None,
-                        # asyncio's own handshake limit (60 s) unless the total is shorter.
-                        ssl_handshake_timeout=remaining)
-            except (OSError, TimeoutError, ValueError) as exc:
-                # ValueError: e.g. hostname checking without a server name (a Unix peer).
-                transport.abort()
-                raise _connect_error(exc, True, peer) from None
-            except BaseException:
-                transport.abort()
-                raise
-            if tls_transport is None:  # the loop closed the transport under us
-                raise Error(ErrorType.TLSHandshakeFailure, _UP, None,
-                            f"TLS handshake with {peer.address} aborted", retry=True)
-            conn.transport = tls_transport
-            ssl_object = tls_transport.get_extra_info("ssl_object")
-            conn.alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-            tls_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        conn, started, _ = await dial(peer, lambda: UpstreamConnection(peer, self, loop),
+                                      self.ssl_context(peer) if peer.tls else None)
         conn.connect_duration = loop.time() - started
         return conn

@@ -30,8 +30,8 @@ from typing import Any, Hashable, Optional
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols import h2_client as h2c
 from pyngora.protocols.events import StreamReset
-from pyngora.upstreams.connector import (WRITE_HIGH_WATER, WRITE_LOW_WATER, Connector,
-                                         _connect_error)
+from pyngora.upstreams.connector import Connector
+from pyngora.upstreams.dial import WRITE_HIGH_WATER, WRITE_LOW_WATER, dial
 from pyngora.upstreams.h2_stream import STREAM_HIGH_WATER, H2UpstreamStream, Unprocessed
 from pyngora.upstreams.peer import HttpPeer
 
@@ -334,52 +334,14 @@ class H2Connector:
         """TCP (or Unix), then TLS with ALPN h2 (required), the preface, and the upstream's
         first SETTINGS, all within the peer's connect timeouts."""
         loop = asyncio.get_running_loop()
-        opts = peer.options
-        started = loop.time()
-        total = opts.total_connection_timeout
-        tcp_timeout = opts.connection_timeout
-        if total is not None and (tcp_timeout is None or total < tcp_timeout):
-            tcp_timeout = total
-
-        def factory() -> H2Session:
-            return H2Session(peer, self, loop)
-
-        try:
-            async with asyncio.timeout(tcp_timeout):
-                if peer.unix_path is not None:
-                    transport, session = await loop.create_unix_connection(factory,
-                                                                           peer.unix_path)
-                else:
-                    transport, session = await loop.create_connection(factory, peer.host,
-                                                                      peer.port)
-        except (OSError, TimeoutError) as exc:
-            raise _connect_error(exc, False, peer) from None
-        remaining = None if total is None else max(total - (loop.time() - started), 0.001)
-        if peer.tls:
-            ctx = self.connector.ssl_context(peer)
-            try:
-                async with asyncio.timeout(remaining):
-                    tls = await loop.start_tls(transport, session, ctx,
-                                               server_hostname=peer.server_name or None,
-                                               ssl_handshake_timeout=remaining)
-            except (OSError, TimeoutError, ValueError) as exc:
-                transport.abort()
-                raise _connect_error(exc, True, peer) from None
-            except BaseException:
-                transport.abort()
-                raise
-            if tls is None:
-                raise Error(ErrorType.TLSHandshakeFailure, _UP, None,
-                            f"TLS handshake with {peer.address} aborted", retry=True)
-            session.transport = tls
-            tls.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-            ssl_object = tls.get_extra_info("ssl_object")
-            session.alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
-            if session.alpn != "h2":
-                tls.abort()
-                raise Error(ErrorType.H2Error, _UP, None,
-                            f"{peer.address} did not choose h2 by ALPN "
-                            f"(got {session.alpn!r})", retry=True)
+        session, started, tcp_timeout = await dial(
+            peer, lambda: H2Session(peer, self, loop),
+            self.connector.ssl_context(peer) if peer.tls else None)
+        if peer.tls and session.alpn != "h2":
+            session.transport.abort()
+            raise Error(ErrorType.H2Error, _UP, None,
+                        f"{peer.address} did not choose h2 by ALPN "
+                        f"(got {session.alpn!r})", retry=True)
         try:
             return await self._handshake(peer, session, started, tcp_timeout)
         except BaseException:
