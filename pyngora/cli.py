@@ -5,6 +5,7 @@ Only this module (and ``pyngora/__init__``) imports across rooms.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -111,6 +112,10 @@ def build_services(conf: ServerConf) -> list[Service]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opt = Opt.parse_args(argv)
+    if opt.conf:
+        # absolute before anything changes directory (-d goes to /): SIGHUP re-reads this
+        # path, and -s upgrade hands it to the new master
+        opt.conf = os.path.abspath(opt.conf)
     if opt.version:
         print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
         sys.exit(0)

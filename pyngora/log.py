@@ -28,10 +28,16 @@ class _ReopenableFileHandler(logging.StreamHandler):
         super().__init__(open(path, "a", buffering=1, encoding="utf-8"))
 
     def reopen(self) -> None:
+        """Keeps writing to the old file when the new one cannot be opened (a missing
+        directory, say): losing the log is better than losing the server."""
         self.acquire()
         try:
-            old = self.stream
-            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            try:
+                stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            except OSError as e:
+                sys.stderr.write(f"pyngora: cannot reopen {self.path}: {e}\n")
+                return
+            old, self.stream = self.stream, stream
             old.close()
         finally:
             self.release()

@@ -1,6 +1,8 @@
 """YAML file -> ServerConf, with the line of every key so errors name file, line and key."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Optional
 
 import yaml
@@ -55,7 +57,20 @@ def parse_text(text: str, source: str) -> ServerConf:
                 return lines[path]
             path = path[:-1]
         return lines.get(())
-    return build_server_conf(raw, source, where)
+    conf = build_server_conf(raw, source, where)
+    return _absolute_paths(conf, os.path.dirname(os.path.abspath(source)))
+
+
+# Paths the server opens itself; relative ones are taken from the configuration file's
+# directory, so that -d (which changes to /) and -s (run from anywhere) agree on them.
+_PATH_KEYS = ("pid_file", "upgrade_sock", "error_log", "metrics_dir", "working_directory",
+              "ca_file")
+
+
+def _absolute_paths(conf: ServerConf, base: str) -> ServerConf:
+    changes = {k: os.path.join(base, v) for k in _PATH_KEYS
+               if isinstance(v := getattr(conf, k), str) and v and not os.path.isabs(v)}
+    return dataclasses.replace(conf, **changes) if changes else conf
 
 
 def load(path: str) -> ServerConf:

@@ -533,15 +533,23 @@ class _Builder:
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 self.fail(lpath + (k,), f"unknown key{hint}")
             mode = item.get("mode")
-            if isinstance(mode, str):
+            if mode is not None:
+                # a quoted octal string only: YAML reads 0660 as 432 and 660 as six hundred
+                # sixty, and either would silently give the socket the wrong permissions
+                bad_mode = f"expected a quoted octal mode like '0660', got {mode!r}"
                 try:
-                    mode = int(mode, 8)
+                    mode = int(mode, 8) if isinstance(mode, str) else -1
                 except ValueError:
-                    self.fail(lpath + ("mode",), f"expected an octal mode like '0660', got {mode!r}")
+                    mode = -1
+                if not 0 <= mode <= 0o777:
+                    self.fail(lpath + ("mode",), bad_mode)
+                    mode = None
+                elif not str(item.get("address", "")).startswith("unix:"):
+                    self.fail(lpath + ("mode",), "mode applies to unix: listeners only")
                     mode = None
             backlog = item.get("backlog", 1024)
-            if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
-                self.fail(lpath + ("backlog",), "must be a positive integer")
+            if not isinstance(backlog, int) or isinstance(backlog, bool) or not 1 <= backlog <= 65535:
+                self.fail(lpath + ("backlog",), f"must be an integer from 1 to 65535, got {backlog!r}")
                 backlog = 1024
             tls = None
             if item.get("tls") is not None:

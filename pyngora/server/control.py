@@ -8,7 +8,7 @@ import sys
 import time
 
 from pyngora.config.schema import ServerConf
-from pyngora.server.daemon import pid_alive, read_pid
+from pyngora.server.daemon import is_pyngora, pid_alive, read_pid
 
 SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "quit": signal.SIGQUIT,
            "fast-stop": signal.SIGINT, "reopen": signal.SIGUSR1}
@@ -17,7 +17,7 @@ SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "quit": signal.SIGQU
 def send(conf: ServerConf, conf_path: str, name: str) -> int:
     """Returns the exit code; prints the reason on failure."""
     pid = read_pid(conf.pid_file)
-    if pid is None or not pid_alive(pid):
+    if pid is None or not is_pyngora(pid):
         sys.stderr.write(f"pyngora: no running master (pid_file {conf.pid_file})\n")
         return 1
     if name == "upgrade":

@@ -38,10 +38,21 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def is_pyngora(pid: int) -> bool:
+    """A live process that runs pyngora (a stale pid file may name a recycled pid)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pyngora" in f.read()
+    except OSError:
+        return True  # cannot tell: assume it is, and refuse rather than run twice
+
+
 def check_pid_file(path: str) -> None:
-    """Refuse to start when the pid file names a live process."""
+    """Refuse to start when the pid file names a live pyngora."""
     pid = read_pid(path)
-    if pid is not None and pid != os.getpid() and pid_alive(pid):
+    if pid is not None and pid != os.getpid() and is_pyngora(pid):
         raise PidFileError(f"pyngora already runs as pid {pid} (pid_file {path}); "
                            f"stop it, or upgrade with -s upgrade")
 

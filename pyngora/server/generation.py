@@ -46,6 +46,7 @@ class Generation:
         self.conf = conf
         self.services = services
         self.retired = False
+        self.served = False   # every slot was ready once (it took over from the previous one)
         self.started: set[str] = set()           # service names whose workers were forked
         self.boot_failures: dict[tuple[str, int], int] = {}
         self.respawn_at: dict[tuple[str, int], float] = {}

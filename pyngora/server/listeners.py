@@ -68,6 +68,10 @@ def bind_listener(service: str, listener: ListenerConf, reuse_port: bool) -> soc
     except BindError:
         sock.close()
         raise
+    except (OverflowError, ValueError, TypeError) as e:
+        sock.close()
+        raise BindError(f"cannot listen on {listener.address} for service {service!r}: {e}") \
+            from None
     except OSError as e:
         sock.close()
         why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
@@ -115,13 +119,14 @@ class SocketTable:
         self.sockets[key] = sock
         return sock
 
-    def keep_only(self, keys: set[str]) -> list[socket.socket]:
-        """Forget sockets whose keys are not in ``keys``; return them for the caller to close
-        once their accept queues are drained."""
-        dropped = [s for k, s in self.sockets.items() if k not in keys]
+    def keep_only(self, keys: set[str]) -> list[tuple[str, socket.socket]]:
+        """Forget sockets whose keys are not in ``keys``; return (key, socket) pairs for the
+        caller to close once their accept queues are drained (systemd sockets no service
+        claimed have the key "")."""
+        dropped = [(k, s) for k, s in self.sockets.items() if k not in keys]
         self.sockets = {k: s for k, s in self.sockets.items() if k in keys}
         for spare in self.by_address.values():
-            dropped.extend(spare)
+            dropped.extend(("", s) for s in spare)
         self.by_address.clear()
         return dropped
 

@@ -75,7 +75,10 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._serving_reported = False
-        self._dropped: list[tuple[int, socket.socket]] = []   # (generation, socket) to close later
+        # sockets generation N no longer names: (N, key, socket), closed once every older
+        # generation is draining (its workers take what is queued first), or put back when N
+        # fails to start
+        self._dropped: list[tuple[int, str, socket.socket]] = []
 
     # ------------------------------------------------------------------ start-up
     def run(self) -> int:
@@ -172,9 +175,11 @@ class Master:
         self.table.adopt(adopted)
 
     def _bind(self, gen: Generation) -> None:
-        """Make sure every socket of ``gen`` exists; drop the ones no longer named."""
+        """Make sure every socket of ``gen`` exists; drop the ones no longer named. On a bind
+        error, the sockets this call bound are closed again and nothing is dropped."""
         from pyngora.server.listeners import BindError
         keys: set[str] = set()
+        before = set(self.table.sockets)
         try:
             for svc in gen.services:
                 for listener in svc.listeners:
@@ -183,10 +188,11 @@ class Master:
                         self.table.ensure(svc.name, listener, slot)
                         keys.add(socket_key(svc.name, listener, slot))
         except BindError as e:
+            for key in set(self.table.sockets) - before:
+                close_listener(self.table.sockets.pop(key), unlink=False)
             raise FatalError(str(e), EXIT_CONFIG) from None
-        for sock in self.table.keep_only(keys):
-            # older workers still hold it and take what is queued before they close it
-            self._dropped.append((gen.number, sock))
+        for key, sock in self.table.keep_only(keys):
+            self._dropped.append((gen.number, key, sock))
 
     # ------------------------------------------------------------------ workers
     def _spawn_ready_services(self, gen: Generation) -> None:
@@ -289,6 +295,15 @@ class Master:
                 n = gen.boot_failures.get(key, 0) + 1
                 gen.boot_failures[key] = n
                 why = "failed to boot" if code == EXIT_BOOT_FAILED else f"exited with {code}"
+                if n >= MAX_BOOT_FAILURES and self._abandon(gen, f"{w.spec.title} {why}"):
+                    continue
+                if n >= MAX_BOOT_FAILURES and self._serving_reported:
+                    # Exit 3 is for a server that cannot start. Once serving, one failing
+                    # service never takes the others down: keep retrying, slowly, loudly.
+                    log.ERROR.error("%s %s %d times in a row; retrying every 5 s",
+                                    w.spec.title, why, n)
+                    gen.respawn_at[key] = time.monotonic() + 5.0
+                    continue
                 if n >= MAX_BOOT_FAILURES:
                     raise FatalError(f"{w.spec.title} {why} {n} times in a row; stopping "
                                      f"(see the error log above)", EXIT_WORKERS)
@@ -296,6 +311,26 @@ class Master:
                 log.ERROR.warning("%s (pid %d) %s; retry %d in %.1fs", w.spec.title, pid, why,
                                   n, delay)
                 gen.respawn_at[key] = time.monotonic() + delay
+
+    def _abandon(self, gen: Generation, why: str) -> bool:
+        """A reload's generation that cannot start is given up, and the generation serving
+        now keeps serving (SIGHUP's promise: never an outage). False when ``gen`` is the only
+        one, or already served: then the master must stop."""
+        older = [g for g in self.gens if g.number < gen.number and not g.retired]
+        if gen.served or not older:
+            return False
+        log.ERROR.error("reload failed: %s %d times in a row; keeping generation %d",
+                        why, MAX_BOOT_FAILURES, older[-1].number)
+        gen.retired = True
+        self._kill_all(signal.SIGTERM, gen.number)
+        self.gens.remove(gen)
+        for item in [d for d in self._dropped if d[0] == gen.number and d[1]]:
+            self.table.sockets[item[1]] = item[2]  # the serving generation's again
+            self._dropped.remove(item)
+        self.conf = older[-1].conf
+        self._bind(older[-1])  # what only the failed generation bound is dropped again
+        self._notify("READY=1", f"STATUS=reload failed, generation {older[-1].number} serving")
+        return True
 
     def _respawn_due(self) -> float:
         """Fork the replacements whose back-off is over; returns seconds to the next one."""
@@ -368,7 +403,13 @@ class Master:
                 else:
                     self._on_worker_readable(key.data)
             while self.events:
-                getattr(self, "handle_" + self.events.popleft())()
+                name = self.events.popleft()
+                try:
+                    getattr(self, "handle_" + name)()
+                except FatalError:
+                    raise
+                except Exception:  # a signal must never take the server down
+                    log.ERROR.exception("error while handling %s; still serving", name)
             self._reap()
             self._transitions()
             if self.stopping and not self.workers:
@@ -384,6 +425,7 @@ class Master:
         newest = self.gens[-1]
         if self.stopping or not newest.all_ready():
             return
+        newest.served = True
         if not self._serving_reported:
             self._serving_reported = True
             self._announce_serving()
@@ -394,13 +436,12 @@ class Master:
                                gen.number)
                 self._kill_all(signal.SIGTERM, gen.number)
                 self._notify("READY=1", f"STATUS=serving, generation {newest.number}")
-        if self._dropped:
-            live = {w.gen for w in self.workers.values()}
-            for item in list(self._dropped):
-                gnum, sock = item
-                if not any(g < gnum for g in live):
-                    close_listener(sock, unlink=False)
-                    self._dropped.remove(item)
+        for item in list(self._dropped):
+            # Every generation that still used it was told to drain just now or before, and a
+            # draining worker takes its queue before closing: nobody will accept here again.
+            if all(g.retired for g in self.gens if g.number < item[0]):
+                close_listener(item[2], unlink=False)
+                self._dropped.remove(item)
         self.gens = [g for g in self.gens if not g.retired or any(
             w.gen == g.number for w in self.workers.values())]
 
@@ -504,8 +545,8 @@ class Master:
 
         def work() -> None:
             result = send_sockets(path, sockets, timeout)
-            self.events.append("handover_ok" if result.ok else "handover_failed")
             self._handover_reason = result.reason
+            self.events.append("handover_ok" if result.ok else "handover_failed")
             os.write(self._wake_w, b"!")
 
         self._handover_reason = ""
@@ -515,6 +556,8 @@ class Master:
     def handle_handover_ok(self) -> None:
         self.handover = None
         self.handed_over = True
+        if self.stopping:  # a stop came during the hand-over: the sockets were left for it
+            self.table.close_all(unlink=False)
         self._count_event("upgrade")
         log.ERROR.info("the new master is ready; draining")
         try:
@@ -526,6 +569,8 @@ class Master:
 
     def handle_handover_failed(self) -> None:
         self.handover = None
+        if self.stopping:
+            self.table.close_all(unlink=True)
         log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
         self._count_event("upgrade_failed")
 
@@ -554,9 +599,11 @@ class Master:
                 self._notify("STOPPING=1")
             self.stop_deadline = time.monotonic() + self.conf.graceful_shutdown_timeout_seconds
             self._kill_all(signal.SIGINT)
-        # Workers hold their own copies; ours only keep the queues alive for nobody.
-        self.table.close_all(unlink=not self.handed_over)
-        for _, sock in self._dropped:
+        # Workers hold their own copies; ours only keep the queues alive for nobody. While a
+        # hand-over is sending them, they stay open (closed when it ends).
+        if self.handover is None:
+            self.table.close_all(unlink=not self.handed_over)
+        for _, _, sock in self._dropped:
             close_listener(sock, unlink=False)
         self._dropped.clear()
 
@@ -570,7 +617,8 @@ class Master:
             except Exception:
                 pass
         self.table.close_all(unlink=not self.handed_over and not self.upgrade_mode)
-        daemon.remove_pid_file(self.conf.pid_file)
+        if not self.handed_over:  # after a hand-over the pid file is the new master's
+            daemon.remove_pid_file(self.conf.pid_file)
         try:
             from pyngora.metrics import multiproc
             multiproc.master_exit()

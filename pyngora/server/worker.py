@@ -179,15 +179,20 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
                 ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)
                 srv = await loop.create_server(factory, sock=sock, backlog=listener.backlog,
                                                ssl=ssl_ctx)
-                servers.append((srv, sock))
+                # our own descriptor of the listening socket, for the last accepts at drain
+                servers.append((srv, sock.dup(), factory, ssl_ctx))
         except Exception:
             log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
             return EXIT_BOOT_FAILED
         ready()
         await ctx.shutdown.wait()
         # Drain: stop accepting, take what is already queued, let in-flight requests finish.
-        for srv, sock in servers:
+        for srv, sock, factory, ssl_ctx in servers:
             srv.close()
+            if ctx.shutdown.fast:
+                sock.close()
+            else:
+                await _take_queued(loop, sock, factory, ssl_ctx)
         if ctx.shutdown.fast:
             ctx.connections.abort_all()
         else:
@@ -227,6 +232,29 @@ def _start_metrics(service: str, ctx: WorkerContext, loop: object) -> Optional[o
     except Exception as e:
         log.ERROR.warning("metrics off in %s: %s", service, e)
         return None
+
+
+async def _take_queued(loop: object, sock: socket.socket, factory: object,
+                       ssl_ctx: object) -> None:
+    """Accept what is already queued on a listening socket before letting it go: a listener
+    that a reload or an upgrade removes is closed once its old workers drained, and a
+    connection still in its queue then would be reset. Served like any other (it gets
+    ``Connection: close``, the worker is draining)."""
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            conn.setblocking(False)
+            try:
+                await loop.connect_accepted_socket(factory, conn, ssl=ssl_ctx)  # type: ignore[attr-defined]
+            except Exception:
+                conn.close()
+    finally:
+        sock.close()
 
 
 async def _watch_master(master_pid: int, ctx: WorkerContext) -> None:

@@ -1,0 +1,168 @@
+"""What an operator gets wrong must not take the server down: a reload whose workers cannot
+start, a log directory gone at SIGUSR1, a reload whose new listener cannot be bound, a
+relative -c with -d, a pinned service shrunk by a reload."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from tests.support import ROOT, alive, children_of, free_port, get, port_open, wait_for
+
+BOOM = '''
+class Boom:
+    """Fails its first cycle, before it could say it is ready (a prober that cannot start)."""
+
+    async def start_with_ready_notifier(self, shutdown, ready):
+        raise RuntimeError("this app cannot start")
+
+
+class LateBoom:
+    """Says it is ready, then dies at once, every time."""
+
+    async def start(self, shutdown):
+        raise RuntimeError("this app dies after its start")
+'''
+
+
+def _static(port: int, extra_service: str = "", listeners: str = "", threads: int = 1,
+            stealing: bool = True) -> str:
+    more = f", {listeners}" if listeners else ""
+    return (f"pid_file: p.pid\nupgrade_sock: u.sock\nerror_log: logs/error.log\n"
+            f"metrics_dir: m\nthreads: {threads}\nwork_stealing: {str(stealing).lower()}\n"
+            f"grace_period_seconds: 20\n"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: ['127.0.0.1:{port}'{more}]\n    body: hi\n{extra_service}")
+
+
+class Daemon:
+    """pyngora -d run from ``tmp`` with a RELATIVE -c path (paths in the file are relative)."""
+
+    def __init__(self, tmp) -> None:
+        self.tmp = tmp
+        (tmp / "logs").mkdir()
+        self.env = dict(os.environ, PYTHONPATH=f"{ROOT}:{tmp}")
+
+    def write(self, text: str) -> None:
+        (self.tmp / "c.yaml").write_text(text)
+
+    def cmd(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyngora", "-c", "c.yaml", *args],
+                              cwd=self.tmp, env=self.env, capture_output=True, text=True,
+                              timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return int((self.tmp / "p.pid").read_text())
+
+    def log(self) -> str:
+        logs = list((self.tmp).glob("logs*/error.log"))
+        return "".join(p.read_text() for p in logs)
+
+    def kill(self) -> None:
+        try:
+            pid = self.pid
+        except (OSError, ValueError):
+            return
+        for c in children_of(pid):
+            os.kill(c, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_reload_whose_workers_cannot_start_keeps_the_old_generation(tmp_path) -> None:
+    (tmp_path / "boomapp.py").write_text(BOOM)
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        workers = set(children_of(master))
+        d.write(_static(port, "  - {name: bg, type: background, app: 'boomapp:Boom'}\n"))
+        assert d.cmd("-t").returncode == 0  # it validates: only running it shows the problem
+        assert d.cmd("-s", "reload").returncode == 0  # relative -c, daemon in /: still found
+        wait_for(lambda: "reload failed" in d.log(), 30, "the failed reload in the log")
+        assert alive(master) and get(port)[0] == 200
+        assert workers <= set(children_of(master))
+        d.write(_static(port))
+        assert d.cmd("-s", "reload").returncode == 0  # a good reload still works afterwards
+        wait_for(lambda: not (workers & set(children_of(master))), 30, "the next generation")
+        assert get(port)[0] == 200
+    finally:
+        d.kill()
+
+
+def test_sigusr1_with_the_log_directory_gone_keeps_serving(tmp_path) -> None:
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        (tmp_path / "logs").rename(tmp_path / "logs.old")
+        assert d.cmd("-s", "reopen").returncode == 0
+        (tmp_path / "logs").mkdir()  # the operator notices and fixes it
+        assert d.cmd("-s", "reopen").returncode == 0
+        wait_for(lambda: (tmp_path / "logs" / "error.log").exists(), 10, "the reopened log")
+        assert alive(master) and get(port)[0] == 200
+    finally:
+        d.kill()
+
+
+def test_reload_with_an_unbindable_listener_leaves_nothing_behind(tmp_path) -> None:
+    port, extra = free_port(), free_port()
+    holder = __import__("socket").socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    d = Daemon(tmp_path)
+    d.write(_static(port))
+    try:
+        assert d.cmd("-d").returncode == 0
+        d.write(_static(port, listeners=f"'127.0.0.1:{extra}', "
+                                        f"'127.0.0.1:{holder.getsockname()[1]}'"))
+        assert d.cmd("-s", "reload").returncode == 0
+        wait_for(lambda: "reload refused" in d.log(), 20, "the refusal")
+        assert not port_open(extra)  # bound by the refused attempt, then closed again
+        assert get(port)[0] == 200
+    finally:
+        holder.close()
+        d.kill()
+
+
+def test_pinned_service_shrunk_by_reload_never_hangs_a_connection(tmp_path) -> None:
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port, threads=4, stealing=False))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        old = set(children_of(master))
+        d.write(_static(port, threads=1, stealing=False))
+        assert d.cmd("-s", "reload").returncode == 0
+        wait_for(lambda: len(set(children_of(master)) - old) == 1, 20, "the new worker")
+        wait_for(lambda: not (set(children_of(master)) & old), 20, "the old workers to go")
+        # the dropped SO_REUSEPORT slots are closed: no connection is hashed to a dead queue
+        for _ in range(40):
+            assert get(port, timeout=5)[0] == 200
+    finally:
+        d.kill()
+
+
+def test_service_failing_after_a_served_reload_never_stops_the_others(tmp_path) -> None:
+    (tmp_path / "boomapp.py").write_text(BOOM)
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        d.write(_static(port, "  - {name: bg, type: background, app: 'boomapp:LateBoom'}\n"))
+        assert d.cmd("-s", "reload").returncode == 0
+        wait_for(lambda: "retrying every 5 s" in d.log(), 30, "the crash loop to be noticed")
+        assert alive(master) and get(port)[0] == 200
+    finally:
+        d.kill()
