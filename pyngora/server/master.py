@@ -75,6 +75,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._serving_reported = False
+        self._serving_since = 0.0
         # sockets generation N no longer names: (N, key, socket), closed once every older
         # generation is draining (its workers take what is queued first), or put back when N
         # fails to start
@@ -297,7 +298,11 @@ class Master:
                 why = "failed to boot" if code == EXIT_BOOT_FAILED else f"exited with {code}"
                 if n >= MAX_BOOT_FAILURES and self._abandon(gen, f"{w.spec.title} {why}"):
                     continue
-                if n >= MAX_BOOT_FAILURES and self._serving_reported:
+                # A crash loop right after the first start is a server that cannot start,
+                # even when its services said "ready" before dying.
+                starting = not self._serving_reported or (
+                    gen.number == 1 and time.monotonic() - self._serving_since < 10.0)
+                if n >= MAX_BOOT_FAILURES and not starting:
                     # Exit 3 is for a server that cannot start. Once serving, one failing
                     # service never takes the others down: keep retrying, slowly, loudly.
                     log.ERROR.error("%s %s %d times in a row; retrying every 5 s",
@@ -428,6 +433,7 @@ class Master:
         newest.served = True
         if not self._serving_reported:
             self._serving_reported = True
+            self._serving_since = time.monotonic()
             self._announce_serving()
         for gen in self.gens[:-1]:
             if not gen.retired:
