@@ -30,6 +30,7 @@ from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, Reques
                                       StreamReset)
 from pyngora.services.base import ConnectionTracker
 from pyngora.services.http_app import HttpApp, HttpSettings, error_status_of
+from pyngora.services.http_exchange import read_full_body
 
 __all__ = ["H2Connection", "H2Exchange", "h2_limits"]
 
@@ -165,17 +166,7 @@ class H2Exchange:
 
     async def read_full_body(self, limit: Optional[int] = None) -> bytes:
         """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
-        parts = []
-        total = 0
-        while True:
-            data = await self.read_body()
-            if data is None:
-                return b"".join(parts)
-            total += len(data)
-            if limit is not None and total > limit:
-                raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
-                            "request body too large", status=413)
-            parts.append(data)
+        return await read_full_body(self, limit)
 
     def _wake(self) -> None:
         w = self._waiter

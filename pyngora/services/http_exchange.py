@@ -209,17 +209,7 @@ class Exchange:
 
     async def read_full_body(self, limit: Optional[int] = None) -> bytes:
         """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
-        parts = []
-        total = 0
-        while True:
-            data = await self.read_body()
-            if data is None:
-                return b"".join(parts)
-            total += len(data)
-            if limit is not None and total > limit:
-                raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
-                            "request body too large", status=413)
-            parts.append(data)
+        return await read_full_body(self, limit)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -510,3 +500,19 @@ class Tunnel:
 
     def close(self) -> None:
         self.conn._close()
+
+
+async def read_full_body(exchange: Any, limit: Optional[int] = None) -> bytes:
+    """Collect a request body through ``exchange.read_body()`` (HTTP/1 or HTTP/2 alike),
+    ``limit`` bytes at most: Error 413 beyond."""
+    parts = []
+    total = 0
+    while True:
+        data = await exchange.read_body()
+        if data is None:
+            return b"".join(parts)
+        total += len(data)
+        if limit is not None and total > limit:
+            raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
+                        "request body too large", status=413)
+        parts.append(data)
