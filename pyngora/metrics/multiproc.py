@@ -11,17 +11,9 @@ importing prometheus_client, so that the master (DESIGN rule 5) can use it:
   ``build_info()``, ``master_exit()``  the master's own metrics.
 * ``ProcessFiles``                 the writer that both the master and ``registry`` (workers) use.
 
-File format: the one of ``prometheus_client.mmap_dict.MmapedDict`` -- a little-endian int32
-``used`` byte count, 4 bytes of padding, then entries of (int32 key length, UTF-8 JSON key padded
-to 8-byte alignment, float64 value, float64 timestamp). The key is
-``json.dumps([metric_name, sample_name, labels, help], sort_keys=True)``. The tests check both
-directions against the installed prometheus-client, so a change of format fails the suite.
-
-pyngora's own files are named ``<prefix>_<pid>-pyngora.db`` (prefix ``counter``, ``histogram`` or
-``gauge_<mode>``; the master's end in ``-pyngora-master.db``) so they never collide with the
-``<prefix>_<pid>.db`` files prometheus-client writes for a user's own metrics in the same process.
-Each write replaces the whole file (write to a temporary name, then ``rename``): a reader sees
-the old or the new file, never a torn value, and a process never needs an mmap.
+The file format (prometheus-client's ``MmapedDict``, written whole and renamed into place) and
+the file names are in ``multiproc_format.py``; the metrics themselves (SPEC section 8) in
+``metric_defs.py``. Their names are re-exported here.
 
 Dead processes: a dead process's live-mode gauge files are deleted; its counter, histogram and
 summary files (ours and prometheus-client's) are folded into one ``<prefix>_archive.db`` per
@@ -36,213 +28,32 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
-import math
 import os
-import re
-import struct
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
+
+# Re-exported: these lived here before the definitions and the file format got their modules.
+from pyngora.metrics.metric_defs import (CONNECT_BUCKETS, METRICS, REQUEST_BUCKETS, MetricDef,
+                                        float_to_go, sample_key, series_key)
+from pyngora.metrics.multiproc_format import (ARCHIVE, FILE_RE, SUFFIX, TMP_RE, decode, encode,
+                                             own_path, read_file, write_file)
+
+__all__ = [
+    "ENV_VAR", "LOCK_NAME", "OWNER_NAME", "SUFFIX", "ARCHIVE", "FILE_RE",
+    "MetricDef", "REQUEST_BUCKETS", "CONNECT_BUCKETS", "METRICS", "float_to_go", "series_key",
+    "sample_key", "encode", "decode", "read_file", "write_file", "own_path",
+    "metrics_dir", "MetricsDirInUse", "prepare_dir", "dir_lock", "mark_process_dead",
+    "prune_dead_live_gauges", "ProcessFiles", "workers", "worker_restart", "upgrade",
+    "upgrade_failed", "reload", "build_info", "record_master_event", "master_exit",
+]
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".pyngora.lock"
 OWNER_NAME = ".pyngora.owner"  # pid of the master that owns the directory
-SUFFIX = "-pyngora"
-ARCHIVE = "archive"
 
-# Which file names in the directory are metrics files, and whose. ``owner`` is a pid or "archive".
-FILE_RE = re.compile(
-    r"^(?P<prefix>counter|histogram|summary|gauge_(?P<mode>[a-z]+))_"
-    r"(?P<owner>\d+|archive)(?P<suffix>-pyngora(?:-[a-z]+)?)?\.db$"
-)
-_TMP_RE = re.compile(r"^\.[^/]*\.db\.\d+\.tmp$")
 # Files of these prefixes hold totals that must survive their process: they are archived.
 _ARCHIVED = ("counter", "histogram", "summary")
-
-_INT = struct.Struct("<i")
-_DOUBLES = struct.Struct("<dd")
-
-
-# --------------------------------------------------------------------------- metric definitions
-@dataclass(frozen=True)
-class MetricDef:
-    """One metric of SPEC section 8: its exposition name, type, HELP, labels and storage."""
-
-    name: str
-    kind: str  # counter | gauge | histogram
-    help: str
-    labels: tuple[str, ...] = ()
-    mode: str = ""  # gauge multiprocess mode
-    buckets: tuple[float, ...] = ()
-
-    @property
-    def prefix(self) -> str:
-        """The file prefix prometheus-client uses for this type (``gauge_<mode>`` for gauges)."""
-        return f"gauge_{self.mode}" if self.kind == "gauge" else self.kind
-
-    @property
-    def metric_name(self) -> str:
-        """The family name stored in keys: prometheus-client strips ``_total`` from counters."""
-        if self.kind == "counter" and self.name.endswith("_total"):
-            return self.name[: -len("_total")]
-        return self.name
-
-
-_INF = float("inf")
-# Proxy latencies: sub-millisecond for a local static origin up to a minute for slow backends.
-REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, _INF)
-CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, _INF)
-
-_DEFS = (
-    MetricDef("pyngora_requests_total", "counter",
-              "Downstream requests answered, by service and HTTP status code.",
-              ("service", "code")),
-    MetricDef("pyngora_request_duration_seconds", "histogram",
-              "Seconds from the start of a downstream request to the end of its response.",
-              ("service",), buckets=REQUEST_BUCKETS),
-    MetricDef("pyngora_upstream_requests_total", "counter",
-              "Responses received from upstream backends, by upstream group, backend and "
-              "status code.",
-              ("upstream", "backend", "code")),
-    MetricDef("pyngora_upstream_connect_duration_seconds", "histogram",
-              "Seconds to open a new upstream connection (TCP connect and TLS handshake).",
-              ("upstream",), buckets=CONNECT_BUCKETS),
-    MetricDef("pyngora_upstream_errors_total", "counter",
-              "Upstream failures, by upstream group, backend and error kind.",
-              ("upstream", "backend", "kind")),
-    MetricDef("pyngora_upstream_pool_reused_total", "counter",
-              "Upstream requests sent on a reused keep-alive connection from the pool.",
-              ("upstream",)),
-    MetricDef("pyngora_backend_healthy", "gauge",
-              "1 if the backend passes its health check, 0 if it does not.",
-              ("upstream", "backend"), mode="livemostrecent"),
-    MetricDef("pyngora_connections_active", "gauge",
-              "Downstream connections open now.", ("service",), mode="livesum"),
-    MetricDef("pyngora_connections_accepted_total", "counter",
-              "Downstream connections accepted.", ("service",)),
-    MetricDef("pyngora_request_bytes_total", "counter",
-              "Bytes received from downstream clients (request heads and bodies).", ("service",)),
-    MetricDef("pyngora_response_bytes_total", "counter",
-              "Bytes sent to downstream clients (response heads and bodies).", ("service",)),
-    MetricDef("pyngora_workers", "gauge",
-              "Worker processes running now, per service (old and new master together during "
-              "an upgrade).",
-              ("service",), mode="livesum"),
-    MetricDef("pyngora_worker_restarts_total", "counter",
-              "Worker processes that died unexpectedly and were replaced by the master.",
-              ("service",)),
-    MetricDef("pyngora_upgrades_total", "counter",
-              "Zero-downtime upgrades completed (listening sockets handed to a new master)."),
-    MetricDef("pyngora_upgrade_failures_total", "counter",
-              "Upgrades that failed; the old master kept serving."),
-    MetricDef("pyngora_reloads_total", "counter",
-              "Configuration reloads (SIGHUP) applied."),
-    MetricDef("pyngora_build_info", "gauge",
-              "Version of pyngora and Python of each running master; the value is always 1.",
-              ("version", "python"), mode="livemax"),
-)
-METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
-
-
-def float_to_go(value: float) -> str:
-    """Format a bucket bound as prometheus-client does (``floatToGoString``), e.g. 1 -> ``1.0``."""
-    d = float(value)
-    if d == _INF:
-        return "+Inf"
-    if d == -_INF:
-        return "-Inf"
-    if math.isnan(d):
-        return "NaN"
-    s = repr(d)
-    dot = s.find(".")
-    if d > 0 and dot > 6:
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return s
-
-
-def series_key(metric_name: str, sample_name: str, labels: dict[str, str], help_text: str) -> str:
-    """The key of one sample in a multiprocess file, byte-identical to prometheus-client's."""
-    return json.dumps([metric_name, sample_name, labels, help_text], sort_keys=True)
-
-
-def sample_key(d: MetricDef, values: tuple[str, ...], suffix: str = "",
-               le: str | None = None) -> str:
-    """Key of the sample of ``d`` with label ``values`` (in ``d.labels`` order); ``suffix`` is
-    ``_bucket`` (with ``le``) or ``_sum`` for histograms."""
-    labels = dict(zip(d.labels, values))
-    if le is not None:
-        labels["le"] = le
-    sample = d.name + suffix
-    return series_key(d.metric_name, sample, labels, d.help)
-
-
-# --------------------------------------------------------------------------- file format
-def encode(entries: Iterable[tuple[str, float, float]]) -> bytes:
-    """Serialise ``(key, value, timestamp)`` entries into MmapedDict's layout; returns the bytes."""
-    parts = [b"\0" * 8]
-    used = 8
-    for key, value, ts in entries:
-        raw = key.encode("utf-8")
-        padded = raw + b" " * (8 - (len(raw) + 4) % 8)
-        parts.append(_INT.pack(len(raw)) + padded + _DOUBLES.pack(value, ts))
-        used += 4 + len(padded) + 16
-    data = bytearray(b"".join(parts))
-    _INT.pack_into(data, 0, used)
-    return bytes(data)
-
-
-def decode(data: bytes) -> Iterator[tuple[str, float, float]]:
-    """Parse MmapedDict bytes; yields ``(key, value, timestamp)``; raises ValueError if corrupt."""
-    if len(data) < 8:
-        return
-    used = _INT.unpack_from(data, 0)[0]
-    if used > len(data):
-        raise ValueError("metrics file is truncated")
-    pos = 8
-    while pos < used:
-        n = _INT.unpack_from(data, pos)[0]
-        if n < 0 or pos + 4 + n > used:
-            raise ValueError("metrics file is corrupted")
-        key = data[pos + 4:pos + 4 + n].decode("utf-8")
-        pos += 4 + n + (8 - (n + 4) % 8)
-        value, ts = _DOUBLES.unpack_from(data, pos)
-        pos += 16
-        yield key, value, ts
-
-
-def read_file(path: str) -> list[tuple[str, float, float]]:
-    """Read every entry of a metrics file (ours or prometheus-client's); [] if it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return []
-            used = _INT.unpack_from(head, 0)[0]
-            data = head + f.read(max(0, used - 8))
-    except FileNotFoundError:
-        return []
-    return list(decode(data))
-
-
-def write_file(path: str, entries: Iterable[tuple[str, float, float]]) -> None:
-    """Replace ``path`` atomically with ``entries`` (temporary file + rename in the same dir)."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode(entries))
-    os.replace(tmp, path)
-
-
-def own_path(directory: str, prefix: str, pid: int, role: str = "") -> str:
-    """Path of pyngora's file of ``prefix`` for process ``pid``; ``role`` ("master") keeps the
-    master's own files apart from a worker's (they can share a pid in tests and embeddings)."""
-    tag = f"-{role}" if role else ""
-    return os.path.join(directory, f"{prefix}_{pid}{SUFFIX}{tag}.db")
 
 
 # --------------------------------------------------------------------------- the directory
@@ -292,7 +103,7 @@ def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) ->
             raise MetricsDirInUse(f"metrics_dir {path} is in use by the pyngora master pid "
                                   f"{other}; give this server its own metrics_dir")
         for name in os.listdir(path):
-            if FILE_RE.match(name) or _TMP_RE.match(name):
+            if FILE_RE.match(name) or TMP_RE.match(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(path, name))
     lock = os.path.join(path, LOCK_NAME)

@@ -8,18 +8,8 @@ ConnectionClosed and :class:`RequestRejected`; the responses go in through ``sen
 
 Decisions where the RFCs leave a choice (documented in the report and tests):
 
-- Translation: ``:method``/``:path`` -> method/target, ``:authority`` -> Host, version "2",
-  cookies joined; a body without Content-Length is ``body == "chunked"`` (UNKNOWN_LENGTH_BODY:
-  length unknown, ends with MessageEnd, must be chunked when re-sent as HTTP/1).
-
-- A malformed request (RFC 9113 8.1.1: bad or misplaced pseudo-headers, upper-case or invalid
-  field names, CR/LF/NUL or surrounding whitespace in values, connection-specific fields, TE
-  other than ``trailers``, pseudo-headers or Content-Length/Transfer-Encoding/Host in trailers)
-  is a stream error: RST_STREAM PROTOCOL_ERROR. We validate ourselves (the h2 library's own
-  validation turns every such error into a connection error and walks values byte by byte).
-- A well-formed request that HTTP/1 would answer with 400 (no ``:authority`` nor Host,
-  ``:authority`` and Host that disagree, a target with bytes outside visible ASCII) gets 400;
-  CONNECT (and extended CONNECT) gets 501; Content-Length above ``max_body_bytes`` gets 413.
+- Request translation and validation (what is malformed, what gets 400, 413 or 501):
+  ``protocols/h2_fields.py``, whose names are re-exported here.
 - Content-Length not matching the DATA received is detected by the h2 library, which ends the
   whole connection (GOAWAY PROTOCOL_ERROR): RFC 9113 5.4.1 lets a stream error be treated as
   a connection error, and a client lying about lengths does not deserve its other streams.
@@ -46,13 +36,15 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame, PingFrame
 
-from pyngora.headers import Headers
-from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, RequestHead,
-                                      StreamReset)
+from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
+# Re-exported: this module was the home of the field rules before they got their own.
+from pyngora.protocols.h2_fields import (CONNECTION_SPECIFIC, UNKNOWN_LENGTH_BODY, Reject,
+                                         check_trailers, response_fields,
+                                         translate_request)
 
 __all__ = ["H2Limits", "H2Server", "RequestRejected", "PREFACE", "translate_request",
            "CONNECTION_SPECIFIC", "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "CANCEL",
-           "REFUSED_STREAM", "ENHANCE_YOUR_CALM"]
+           "REFUSED_STREAM", "ENHANCE_YOUR_CALM", "UNKNOWN_LENGTH_BODY", "response_fields"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -65,24 +57,6 @@ ENHANCE_YOUR_CALM = 0xB
 
 _MAX_STREAM_ID = 2 ** 31 - 1
 _SHUTDOWN_PING = b"pyngora\x00"
-
-# Fields that only mean something to one HTTP/1 hop: malformed in an HTTP/2 request (RFC 9113
-# 8.2.2), and never sent in an HTTP/2 response.
-CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
-                                 b"transfer-encoding", b"upgrade"))
-# Fields a trailer section must not carry (SPEC section 7).
-_TRAILER_FORBIDDEN = frozenset((b"content-length", b"transfer-encoding", b"host"))
-# What a lower-case HTTP/2 field name may contain: translate(None, this) leaves the bad bytes.
-_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-# Visible ASCII: anything else in :path is refused (as non-ASCII targets are over HTTP/1).
-_PATH_CHARS = bytes(range(0x21, 0x7F))
-_WS = (0x20, 0x09)
-_PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
-# ``RequestHead.body`` for a request body without Content-Length (its end is END_STREAM).
-# "chunked" tells every consumer what it must know: the length is unknown, the body ends
-# with MessageEnd, and re-serialised as HTTP/1 it must be chunked (the proxy engine does so
-# for "chunked" only: "stream" would reach the origin unframed, a request-smuggling hazard).
-UNKNOWN_LENGTH_BODY = "chunked"
 
 
 class H2Limits:
@@ -121,142 +95,6 @@ class RequestRejected:
 
     def __repr__(self) -> str:
         return f"RequestRejected({self.stream_id}, {self.status}, {self.error_code}, {self.reason!r})"
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status  # 0 = malformed: RST_STREAM PROTOCOL_ERROR
-        self.reason = reason
-
-
-def _check_field(name: bytes, value: bytes) -> None:
-    """A regular field of a request or trailer section (RFC 9113 8.2.1); _Reject(0) if bad."""
-    if not name or name.translate(None, _NAME_CHARS):
-        raise _Reject(0, f"invalid field name {name!r}")
-    if value:
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise _Reject(0, f"CR, LF or NUL in the value of {name!r}")
-        if value[0] in _WS or value[-1] in _WS:
-            raise _Reject(0, f"whitespace around the value of {name!r}")
-
-
-def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
-                      end_stream: bool, max_body_bytes: Optional[int] = None) -> RequestHead:
-    """An HTTP/2 request header list -> the RequestHead an HTTP/1 request would give.
-
-    ``:method`` -> method, ``:path`` -> target, ``:authority`` -> Host (first field), version
-    "2", body "none" (END_STREAM on HEADERS), "length" (Content-Length) or
-    UNKNOWN_LENGTH_BODY ("chunked": see there). Cookie
-    fields are joined with "; " (RFC 9113 8.2.3). Raises _Reject: status 0 for a malformed
-    request (reset the stream), else the status to answer."""
-    method = path = authority = None
-    scheme = False
-    regular = False
-    items: list[tuple[bytes, bytes]] = []
-    keys: list[bytes] = []
-    cookies: list[bytes] = []
-    hosts: list[bytes] = []
-    expect = False
-    for name, value in fields:
-        if name[:1] == b":":
-            if regular:
-                raise _Reject(0, "pseudo-header after a regular field")
-            if name not in _PSEUDO_REQUEST:
-                if name == b":protocol":
-                    raise _Reject(501, "extended CONNECT is not supported")
-                raise _Reject(0, f"unknown pseudo-header {name!r}")
-            if b"\r" in value or b"\n" in value or b"\0" in value:
-                raise _Reject(0, f"CR, LF or NUL in {name!r}")
-            if name == b":method":
-                if method is not None:
-                    raise _Reject(0, "duplicate :method")
-                method = value
-            elif name == b":path":
-                if path is not None:
-                    raise _Reject(0, "duplicate :path")
-                path = value
-            elif name == b":authority":
-                if authority is not None:
-                    raise _Reject(0, "duplicate :authority")
-                authority = value
-            else:
-                if scheme:
-                    raise _Reject(0, "duplicate :scheme")
-                scheme = True
-            continue
-        regular = True
-        _check_field(name, value)
-        if name in CONNECTION_SPECIFIC:
-            raise _Reject(0, f"connection-specific field {name!r}")
-        if name == b"te":
-            if value.lower() != b"trailers":
-                raise _Reject(0, "TE other than trailers")
-        elif name == b"cookie":
-            cookies.append(value)
-            continue
-        elif name == b"host":
-            hosts.append(value)
-            continue
-        elif name == b"expect":
-            expect = value.lower() == b"100-continue"
-        items.append((name, value))
-        keys.append(name)
-    if not method or method.translate(None, _NAME_CHARS.upper() + _NAME_CHARS):
-        raise _Reject(0, "missing or invalid :method")
-    if method == b"CONNECT":
-        raise _Reject(501, "CONNECT is not supported over HTTP/2")
-    if not scheme or not path:
-        raise _Reject(0, "missing :scheme or :path")
-    if path.translate(None, _PATH_CHARS):
-        raise _Reject(400, "invalid character in :path")
-    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
-        raise _Reject(400, "request target is not origin-form")
-    if len(hosts) > 1:
-        raise _Reject(400, "duplicate Host")
-    if authority is not None:
-        if not authority or b"@" in authority or authority.translate(None, _PATH_CHARS):
-            raise _Reject(400, "invalid :authority")
-        if hosts and hosts[0].lower() != authority.lower():
-            raise _Reject(400, ":authority and Host disagree")
-        host = authority
-    elif hosts:
-        host = hosts[0]
-    else:
-        raise _Reject(400, "no :authority and no Host")
-    items.insert(0, (b"host", host))
-    keys.insert(0, b"host")
-    if cookies:
-        items.append((b"cookie", b"; ".join(cookies)))
-        keys.append(b"cookie")
-    content_length: Optional[int] = None
-    if b"content-length" in keys:
-        # h2 already refused non-digit or conflicting values (a connection error).
-        content_length = int(items[keys.index(b"content-length")][1])
-        if max_body_bytes is not None and content_length > max_body_bytes:
-            raise _Reject(413, "Content-Length above max_body_bytes")
-    if end_stream:
-        body = "none"
-    elif content_length is not None:
-        body = "length"
-    else:
-        body = UNKNOWN_LENGTH_BODY
-    return RequestHead(method, path, "2", Headers._from_parser(items, keys), True, body,
-                       content_length, expect and body != "none", False, stream_id)
-
-
-def _check_trailers(fields: Iterable[tuple[bytes, bytes]]) -> Headers:
-    items: list[tuple[bytes, bytes]] = []
-    keys: list[bytes] = []
-    for name, value in fields:
-        if name[:1] == b":":
-            raise _Reject(0, "pseudo-header in trailers")
-        _check_field(name, value)
-        if name in CONNECTION_SPECIFIC or name in _TRAILER_FORBIDDEN:
-            raise _Reject(0, f"{name!r} in trailers")
-        items.append((name, value))
-        keys.append(name)
-    return Headers._from_parser(items, keys)
 
 
 class _Stream:
@@ -450,7 +288,7 @@ class H2Server:
         self.streams[sid] = s
         try:
             head = translate_request(ev.headers, sid, end, self.limits.max_body_bytes)
-        except _Reject as rej:
+        except Reject as rej:
             if rej.status == 0:
                 del self.streams[sid]
                 self._refuse(sid, PROTOCOL_ERROR, rej.reason, out)
@@ -521,8 +359,8 @@ class H2Server:
             self._maybe_forget(sid, s)
             return
         try:
-            trailers = _check_trailers(ev.headers)
-        except _Reject as rej:
+            trailers = check_trailers(ev.headers)
+        except Reject as rej:
             s.rejected = True
             self.reset(sid, PROTOCOL_ERROR)
             out.append(RequestRejected(sid, 400, PROTOCOL_ERROR, rej.reason))
@@ -684,16 +522,3 @@ class H2Server:
                 pass
         self.streams.pop(sid, None)
         self._check_done()
-
-
-def response_fields(headers: Iterable[tuple[bytes, bytes]], drop_length: bool = False
-                    ) -> list[tuple[bytes, bytes]]:
-    """HTTP/1-style response fields -> HTTP/2 ones: names lower-cased, connection-specific
-    fields (and ``Content-Length`` when ``drop_length``) left out."""
-    out = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in CONNECTION_SPECIFIC or (drop_length and lname == b"content-length"):
-            continue
-        out.append((lname, value))
-    return out

@@ -2,10 +2,11 @@
 
 One :class:`H2Connection` per socket that speaks HTTP/2 (ALPN ``h2`` over TLS, or h2c prior
 knowledge; ``services/h2_dispatch.py`` chooses). Every stream becomes an :class:`H2Exchange`
-with the public API of ``http_app.Exchange`` (head, ``read_body``, ``write_head``,
-``write_body``, ``drain``, ``write_end``, ``respond``, ``respond_prebuilt``, ``respond_error``,
-trailers), so the same :class:`HttpApp` (static service, proxy engine, every ProxyHttp phase)
-serves HTTP/1 and HTTP/2 unchanged. What it guarantees:
+(``services/h2_exchange.py``) with the public API of ``http_app.Exchange`` (head,
+``read_body``, ``write_head``, ``write_body``, ``drain``, ``write_end``, ``respond``,
+``respond_prebuilt``, ``respond_error``, trailers), so the same :class:`HttpApp` (static
+service, proxy engine, every ProxyHttp phase) serves HTTP/1 and HTTP/2 unchanged. What it
+guarantees:
 
 - back-pressure: request body bytes are acknowledged (WINDOW_UPDATE) only when the app reads
   them, so a slow reader stops the client, not our memory; ``drain()`` waits while the
@@ -19,27 +20,22 @@ serves HTTP/1 and HTTP/2 unchanged. What it guarantees:
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any, Awaitable, Optional
 
 from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
-from pyngora.headers import Headers
 from pyngora.protocols import h2 as h2p
 from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, RequestHead,
                                       StreamReset)
 from pyngora.services.base import ConnectionTracker
+# H2Exchange and StreamHandle are re-exported: they lived here before they got their own module.
+from pyngora.services.h2_exchange import STREAM_HIGH_WATER, H2Exchange, StreamHandle, closed_error
 from pyngora.services.http_app import HttpApp, HttpSettings, error_status_of
-from pyngora.services.http_exchange import read_full_body
 
-__all__ = ["H2Connection", "H2Exchange", "h2_limits"]
+__all__ = ["H2Connection", "H2Exchange", "StreamHandle", "h2_limits"]
 
-# Queued response bytes per stream above which ``drain()`` waits.
-STREAM_HIGH_WATER = 64 * 1024
 # How long the graceful GOAWAY waits for the PING's ACK before the final GOAWAY.
 SHUTDOWN_PING_SECONDS = 1.0
-
-_ERROR_FIELDS = [(b"content-length", b"0"), (b"cache-control", b"private, no-store")]
 
 
 def h2_limits(settings: HttpSettings, **overrides: Any) -> h2p.H2Limits:
@@ -49,300 +45,6 @@ def h2_limits(settings: HttpSettings, **overrides: Any) -> h2p.H2Limits:
                           "max_body_bytes": getattr(pl, "max_body_bytes", None)}
     kw.update(overrides)
     return h2p.H2Limits(**kw)
-
-
-def _closed_error(context: str = "downstream stream closed") -> Error:
-    return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None, context)
-
-
-_PREBUILT: dict[bytes, list[tuple[bytes, bytes]]] = {}
-
-
-def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
-    """An HTTP/1 head (status line + fields, see ``Exchange.respond_prebuilt``) -> HTTP/2
-    fields. Cached: the static service changes its head once a second."""
-    hit = _PREBUILT.get(head)
-    if hit is not None:
-        return hit
-    fields = []
-    for line in head.split(b"\r\n")[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        fields.append((name.strip(), value.strip()))
-    out = h2p.response_fields(fields)
-    if len(_PREBUILT) > 16:
-        _PREBUILT.clear()
-    _PREBUILT[head] = out
-    return out
-
-
-class StreamHandle:
-    """What ``exchange.conn`` offers for one stream: ``loop``, ``closed`` and ``abort()``
-    (which resets this stream only, not the connection its neighbours share)."""
-
-    __slots__ = ("connection", "exchange", "loop")
-
-    def __init__(self, connection: "H2Connection", exchange: "H2Exchange") -> None:
-        self.connection = connection
-        self.exchange = exchange
-        self.loop = connection.loop
-
-    @property
-    def closed(self) -> bool:
-        return self.exchange._gone()
-
-    def abort(self) -> None:
-        self.connection._reset_stream(self.exchange.stream_id, h2p.INTERNAL_ERROR)
-
-
-class H2Exchange:
-    """One HTTP/2 stream: a request and its response, with ``http_app.Exchange``'s API."""
-
-    __slots__ = ("conn", "h2conn", "stream_id", "head", "client_addr", "server_addr", "scheme",
-                 "start_time", "status", "keep_alive", "head_sent", "finished", "req_bytes",
-                 "resp_bytes", "trailers", "task", "_no_body", "_chunks", "_buffered",
-                 "_body_done", "_error", "_waiter", "_drain_waiter", "_continue_pending",
-                 "_reset")
-
-    def __init__(self, h2conn: "H2Connection", head: RequestHead, start_time: float) -> None:
-        self.h2conn = h2conn
-        self.stream_id = head.stream_id
-        self.conn = StreamHandle(h2conn, self)
-        self.head = head
-        self.client_addr = h2conn.client_addr
-        self.server_addr = h2conn.server_addr
-        self.scheme = h2conn.scheme
-        self.start_time = start_time
-        self.status = 0
-        self.keep_alive = True
-        self.head_sent = False
-        self.finished = False
-        self.req_bytes = 0
-        self.resp_bytes = 0
-        self.trailers: Optional[Headers] = None
-        self.task: Optional[asyncio.Task[Any]] = None
-        self._no_body = False
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._body_done = head.body == "none"
-        self._error: Optional[Error] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-        self._drain_waiter: Optional[asyncio.Future[None]] = None
-        self._continue_pending = head.expect_continue and not self._body_done
-        self._reset = False
-
-    # ------------------------------------------------------------------ request body
-    @property
-    def body_done(self) -> bool:
-        """True once the whole request body has been received (not necessarily read)."""
-        return self._body_done
-
-    async def read_body(self) -> Optional[bytes]:
-        """The next piece of the request body, ``None`` at its end; reading it hands the
-        flow-control window back to the client. Raises Error (Downstream) when the stream
-        was reset or the body refused (``status`` 400/413)."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft()
-                self._buffered -= len(data)
-                self.h2conn._consumed(self.stream_id, len(data))
-                return data
-            if self._body_done:
-                return None
-            if self._error is not None:
-                raise self._error
-            if self._continue_pending:
-                self._continue_pending = False
-                if not self.head_sent:
-                    self.h2conn.proto.send_informational(self.stream_id, 100)
-                    self.h2conn._schedule_flush()
-            waiter = self._waiter = self.h2conn.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    async def read_full_body(self, limit: Optional[int] = None) -> bytes:
-        """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
-        return await read_full_body(self, limit)
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _feed(self, data: bytes) -> None:
-        self.req_bytes += len(data)
-        if self.finished:
-            self.h2conn._consumed(self.stream_id, len(data))  # nobody will read it
-            return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self._wake()
-
-    def _end(self, trailers: Optional[Headers]) -> None:
-        self.trailers = trailers
-        self._body_done = True
-        self._continue_pending = False
-        self._wake()
-
-    def _fail(self, err: Error) -> None:
-        if self._error is None:
-            self._error = err
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(err)
-        self._wake_drain(err)
-
-    def _wake_drain(self, err: Optional[Error] = None) -> None:
-        w = self._drain_waiter
-        if w is not None and not w.done():
-            if err is None:
-                w.set_result(None)
-            else:
-                w.set_exception(err)
-
-    # ------------------------------------------------------------------ response
-    def _gone(self) -> bool:
-        """The stream was reset (by either side) or the connection is closed."""
-        return self._reset or self.h2conn.closed
-
-    def write_informational(self, status: int, headers: Optional[Headers] = None) -> None:
-        """Forward a 1xx (103 Early Hints, ...) before the final response."""
-        if self.head_sent or status in (100, 101) or not 100 < status < 200 or self._gone():
-            return
-        self.h2conn.proto.send_informational(self.stream_id, status,
-                                             h2p.response_fields(headers or ()))
-        self.h2conn._schedule_flush()
-
-    def write_head(self, status: int, headers: Headers, reason: Optional[bytes | str] = None,
-                   end: bool = False) -> None:
-        """Send the response head (``reason`` has no place in HTTP/2 and is ignored).
-        Connection-specific fields are dropped, names lower-cased. ``end``: no body."""
-        if self.head_sent:
-            raise RuntimeError("response head already sent")
-        if self._gone():
-            raise _closed_error()
-        if status == 101 or status < 200:
-            raise RuntimeError("HTTP/2 has no upgrades; use write_informational for 1xx")
-        self.head_sent = True
-        self.status = status
-        self._continue_pending = False
-        no_body = self.head.method == b"HEAD" or status == 204 or status == 304
-        self._no_body = no_body
-        fields = h2p.response_fields(headers, drop_length=status == 204)
-        self.h2conn.proto.send_head(self.stream_id, status, fields, end or no_body)
-        self.h2conn._schedule_flush()
-        if end:
-            self._finish()
-
-    def write_body(self, data: bytes) -> None:
-        """Queue a piece of the body. Raises Error (Downstream, ConnectionClosed) when the
-        stream or the connection is gone, so pumps stop."""
-        if self.finished:
-            raise RuntimeError("response already finished")
-        if not data or self._no_body:
-            return
-        if self._gone():
-            raise _closed_error()
-        self.resp_bytes += len(data)
-        self.h2conn.proto.send_body(self.stream_id, data)
-        self.h2conn._schedule_flush()
-
-    async def drain(self) -> None:
-        """Wait while this stream has more than STREAM_HIGH_WATER bytes queued (its window is
-        closed) or the socket's write buffer is full. Raises Error when the stream is gone."""
-        conn = self.h2conn
-        while True:
-            if self._gone():
-                raise _closed_error()
-            if conn.proto.pending(self.stream_id) <= STREAM_HIGH_WATER and not conn._write_paused:
-                return
-            w = self._drain_waiter = conn.loop.create_future()
-            conn._drain_waiting.add(self)
-            try:
-                await w
-            finally:
-                self._drain_waiter = None
-                conn._drain_waiting.discard(self)
-
-    def write_end(self, trailers: Optional[Headers] = None) -> None:
-        """End the response (with trailers: gRPC) once the queued body is out."""
-        if self.finished:
-            return
-        if not self._gone() and not self._no_body:
-            self.h2conn.proto.send_end(self.stream_id,
-                                       h2p.response_fields(trailers) if trailers else None)
-            self.h2conn._schedule_flush()
-        self._finish()
-
-    def respond(self, status: int, headers: Optional[Headers] = None, body: bytes = b"",
-                reason: Optional[bytes | str] = None) -> None:
-        """A whole response at once (``Content-Length`` is set from ``body``)."""
-        if headers is None:
-            headers = Headers()
-        if b"content-length" not in headers and status != 204 and status != 304:
-            headers.add(b"Content-Length", str(len(body)).encode())
-        if not body:
-            self.write_head(status, headers, reason, end=True)
-            return
-        self.write_head(status, headers, reason)
-        if not self._no_body:
-            self.resp_bytes += len(body)
-            self.h2conn.proto.send_body(self.stream_id, body, end=True)
-        self._finish()
-
-    def respond_prebuilt(self, status: int, head: bytes, body: bytes) -> None:
-        """Fast path for fixed answers: ``head`` is an HTTP/1 status line and fields (the
-        static service's), turned into HTTP/2 fields once and cached."""
-        if self.head_sent:
-            raise RuntimeError("response head already sent")
-        if self._gone():
-            return
-        self.head_sent = True
-        self.status = status
-        self._continue_pending = False
-        proto = self.h2conn.proto
-        fields = _parse_prebuilt(head)
-        if body and self.head.method != b"HEAD":
-            self.resp_bytes = len(body)
-            proto.send_head(self.stream_id, status, fields, False)
-            proto.send_body(self.stream_id, body, end=True)
-        else:
-            proto.send_head(self.stream_id, status, fields, True)
-        self.h2conn._schedule_flush()
-        self._finish()
-
-    def respond_error(self, status: int) -> None:
-        """An empty-bodied error (``Cache-Control: private, no-store``), or a stream reset
-        when a response head was already sent (a truncated response must not look whole)."""
-        if self.finished:
-            return
-        if self.head_sent or status <= 0:
-            self.h2conn._reset_stream(self.stream_id, h2p.INTERNAL_ERROR)
-            self._finish()
-            return
-        self.head_sent = True
-        self.status = status
-        if not self._gone():
-            self.h2conn.proto.send_head(self.stream_id, status, _ERROR_FIELDS, True)
-            self.h2conn._schedule_flush()
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self._buffered:
-                # Read no further: return what was buffered to the connection window.
-                self.h2conn._consumed(self.stream_id, self._buffered)
-                self._buffered = 0
-                self._chunks.clear()
-            self.h2conn._exchange_done(self)
-
-    def tunnel(self) -> Any:
-        raise RuntimeError("HTTP/2 streams cannot be upgraded")
 
 
 class H2Connection(asyncio.Protocol):
@@ -403,7 +105,7 @@ class H2Connection(asyncio.Protocol):
             self.tracker.discard(self)
         if self.metrics is not None:
             self.metrics.connection_closed()
-        err = _closed_error("downstream connection closed")
+        err = closed_error("downstream connection closed")
         for ex in list(self._streams.values()):
             self._stream_gone(ex, err)
 
@@ -430,7 +132,7 @@ class H2Connection(asyncio.Protocol):
             elif cls is StreamReset:
                 ex = self._streams.get(ev.stream_id)
                 if ex is not None:
-                    self._stream_gone(ex, _closed_error("client reset the stream"))
+                    self._stream_gone(ex, closed_error("client reset the stream"))
             elif cls is h2p.RequestRejected:
                 self._rejected(ev)
             elif cls is ConnectionClosed:
@@ -567,7 +269,7 @@ class H2Connection(asyncio.Protocol):
         ex = self._streams.get(sid)
         if ex is not None:
             ex._reset = True
-            ex._wake_drain(_closed_error("stream reset"))
+            ex._wake_drain(closed_error("stream reset"))
         self._schedule_flush()
 
     def _consumed(self, sid: int, n: int) -> None:

@@ -36,66 +36,51 @@ receive sockets, on top of the 0600 mode of the socket file. A connection that f
 new side (garbage, a peer that dies midway) is answered ``X`` and dropped, and the new master
 goes on waiting for a proper old master until its deadline. Adopted sockets are non-blocking:
 O_NONBLOCK is shared with the old master's workers, which need it.
+
+The manifest, the frames and the descriptor passing are built and checked in
+``transfer_wire.py``; this module holds the conversation on top: who sends what, when, and
+within which deadline.
 """
 
 from __future__ import annotations
 
-import array
 import errno
-import json
 import os
 import socket
 import stat
 import struct
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+# What goes on the wire (manifest, frames, descriptors) lives in transfer_wire; TransferError,
+# SocketEntry, make_key, split_key and PROTOCOL_VERSION are re-exported from here, where they
+# used to live.
+from pyngora.upgrade.transfer_wire import (PROTOCOL_VERSION, SCM_MAX_FD, Reader, SocketEntry,
+                                           TransferError, check_peer, close_fds,
+                                           encode_manifest, frame, make_key, parse_manifest,
+                                           remaining, send_all, split_key)
 
 __all__ = [
     "TransferError", "SocketEntry", "HandoverResult", "UpgradeListener", "UpgradeConnection",
     "send_sockets", "make_key", "split_key", "MAGIC",
-    "MAX_FDS_PER_MESSAGE",
+    "MAX_FDS_PER_MESSAGE", "PROTOCOL_VERSION",
 ]
 
 MAGIC = b"PYNGUPG1"
-PROTOCOL_VERSION = 1
 # Linux accepts at most SCM_MAX_FD (253) descriptors per message; stay well below it.
 MAX_FDS_PER_MESSAGE = 200
-_SCM_MAX_FD = 253
-_MAX_SOCKETS = 65536
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _MAX_SMALL_FRAME = 64 * 1024
-_HEADER = struct.Struct("!cI")
 _BATCH = struct.Struct("!II")
-_INT_SIZE = array.array("i").itemsize
-# Room for the largest SCM_RIGHTS message the kernel can deliver: a sender that tries more
-# gets an error on its side, so MSG_CTRUNC here means we ran out of descriptors (EMFILE).
-_ANC_SPACE = socket.CMSG_SPACE(_SCM_MAX_FD * _INT_SIZE)
-_RECV_BYTES = 65536
-_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 # A transfer that has started gets at least this long, even if the accept wait used up
 # most of the caller's budget (the old master may connect at the last moment).
 _MIN_TRANSFER_SECONDS = 5.0
-# A vanished peer must give EPIPE, never SIGPIPE, even where a master reset the signal.
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 M_MANIFEST = b"M"
 M_FDS = b"F"
 M_READY = b"R"
 M_FAILED = b"X"
 M_COMMIT = b"C"
-
-
-class TransferError(Exception):
-    """A hand-over step failed; the message says which step and why."""
-
-
-@dataclass(frozen=True)
-class SocketEntry:
-    """One manifest line: ``key`` is ``service/address/slot`` (slot ``*`` when shared)."""
-
-    key: str
-    family: int
-    type: int
 
 
 @dataclass(frozen=True)
@@ -113,178 +98,7 @@ class HandoverResult:
     delivered: bool = False
 
 
-def make_key(service: str, address: str, slot: int | str) -> str:
-    """Build the manifest key of a listening socket; ``slot`` is the worker slot or ``*``."""
-    key = f"{service}/{address}/{slot}"
-    split_key(key)
-    return key
-
-
-def split_key(key: str) -> tuple[str, str, str]:
-    """Split ``service/address/slot`` (the address may itself contain ``/``: ``unix:/p``).
-
-    Raises ValueError when a part is empty or the slot is neither ``*`` nor a number.
-    """
-    service, sep, rest = key.partition("/")
-    address, sep2, slot = rest.rpartition("/")
-    if not (sep and sep2 and service and address and slot):
-        raise ValueError(f"bad socket key {key!r}: expected service/address/slot")
-    if slot != "*" and not slot.isdigit():
-        raise ValueError(f"bad socket key {key!r}: slot must be '*' or a number")
-    return service, address, slot
-
-
-# --------------------------------------------------------------------------- framing
-
-
-def _remaining(deadline: float, what: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TransferError(f"timed out {what}")
-    return left
-
-
-def _send_all(
-    sock: socket.socket, data: bytes, deadline: float, what: str, fds: list[int] | None = None
-) -> None:
-    """Send ``data`` completely; ``fds`` ride on the first sendmsg (the frame's first byte)."""
-    view = memoryview(data)
-    try:
-        if fds:
-            sock.settimeout(_remaining(deadline, what))
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            sent = sock.sendmsg([view], anc, _NOSIGNAL)
-            view = view[sent:]
-        while view:
-            sock.settimeout(_remaining(deadline, what))
-            view = view[sock.send(view, _NOSIGNAL):]
-    except TransferError:
-        raise
-    except (TimeoutError, socket.timeout):
-        raise TransferError(f"timed out {what}") from None
-    except OSError as e:
-        raise TransferError(f"{what}: {e.strerror or e}") from None
-
-
-def _frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return _HEADER.pack(kind, len(payload)) + payload
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
-
-
-class _Reader:
-    """Reads frames from a Unix stream socket and collects every FD that arrives.
-
-    The caller owns ``fds`` and must close what it does not adopt, in every path.
-    """
-
-    __slots__ = ("_sock", "_buf", "fds", "_deadline", "_what")
-
-    def __init__(self, sock: socket.socket, deadline: float, what: str) -> None:
-        self._sock = sock
-        self._buf = bytearray()
-        self.fds: list[int] = []
-        self._deadline = deadline
-        self._what = what
-
-    def _fill(self) -> None:
-        self._sock.settimeout(_remaining(self._deadline, self._what))
-        try:
-            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_BYTES, _ANC_SPACE, _CMSG_CLOEXEC)
-        except (TimeoutError, socket.timeout):
-            raise TransferError(f"timed out {self._what}") from None
-        except OSError as e:
-            raise TransferError(f"{self._what}: {e.strerror or e}") from None
-        # Take ownership of descriptors before any check, so an error path closes them.
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[: len(cdata) - len(cdata) % _INT_SIZE])
-                self.fds.extend(got)
-                if not _CMSG_CLOEXEC:
-                    for fd in got:
-                        os.set_inheritable(fd, False)
-        if flags & socket.MSG_CTRUNC:
-            raise TransferError(
-                f"{self._what}: file descriptors were truncated by the kernel "
-                "(out of descriptors? raise RLIMIT_NOFILE)"
-            )
-        if not data:
-            raise TransferError(f"{self._what}: the peer closed the connection")
-        self._buf += data
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            self._fill()
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def read_frame(self, limits: dict[bytes, int]) -> tuple[bytes, bytes]:
-        """Return (kind, payload) of the next frame; ``limits`` maps allowed kinds to sizes."""
-        kind, length = _HEADER.unpack(self.read_exact(_HEADER.size))
-        if kind not in limits:
-            raise TransferError(f"{self._what}: unexpected message {kind!r} (garbage peer?)")
-        if length > limits[kind]:
-            raise TransferError(f"{self._what}: message {kind!r} too large ({length} bytes)")
-        return kind, self.read_exact(length)
-
-
-def _check_peer(sock: socket.socket, what: str) -> int | None:
-    """Only our own user (or root) may exchange listening sockets with us; returns its pid."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError as e:
-        raise TransferError(f"{what}: cannot read the peer's credentials: {e}") from None
-    pid, uid, _gid = struct.unpack("3i", creds)
-    if uid not in (os.geteuid(), 0):
-        raise TransferError(f"{what}: peer pid {pid} runs as uid {uid}, not ours; refused")
-    return pid
-
-
 # --------------------------------------------------------------------------- new master
-
-
-def _parse_manifest(payload: bytes) -> list[SocketEntry]:
-    try:
-        doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise TransferError(f"receiving the manifest: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("version") != PROTOCOL_VERSION:
-        version = doc.get("version") if isinstance(doc, dict) else None
-        raise TransferError(f"receiving the manifest: unsupported version {version!r}")
-    items = doc.get("sockets")
-    if not isinstance(items, list) or len(items) > _MAX_SOCKETS:
-        raise TransferError("receiving the manifest: 'sockets' must be a list")
-    entries: list[SocketEntry] = []
-    seen: set[str] = set()
-    for i, item in enumerate(items):
-        ok = (
-            isinstance(item, dict)
-            and isinstance(item.get("key"), str)
-            and type(item.get("family")) is int
-            and type(item.get("type")) is int
-        )
-        if not ok:
-            raise TransferError(f"receiving the manifest: entry {i} is malformed: {item!r:.200}")
-        try:
-            split_key(item["key"])
-        except ValueError as e:
-            raise TransferError(f"receiving the manifest: {e}") from None
-        if item["key"] in seen:
-            raise TransferError(f"receiving the manifest: duplicate key {item['key']!r}")
-        seen.add(item["key"])
-        entries.append(SocketEntry(item["key"], item["family"], item["type"]))
-    return entries
 
 
 def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], list[int]]:
@@ -292,7 +106,7 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], l
 
     On failure every FD that arrived is closed before TransferError propagates.
     """
-    reader = _Reader(conn, deadline, "receiving the sockets from the old master")
+    reader = Reader(conn, deadline, "receiving the sockets from the old master")
     try:
         magic = reader.read_exact(len(MAGIC))
         if magic != MAGIC:
@@ -300,14 +114,14 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], l
                 f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
             )
         _, payload = reader.read_frame({M_MANIFEST: _MAX_MANIFEST_BYTES})
-        entries = _parse_manifest(payload)
+        entries = parse_manifest(payload)
         expected = 0
         while expected < len(entries):
             _, payload = reader.read_frame({M_FDS: _BATCH.size})
             if len(payload) != _BATCH.size:
                 raise TransferError("receiving the sockets: malformed batch header")
             first, count = _BATCH.unpack(payload)
-            if first != expected or not 0 < count <= _SCM_MAX_FD or first + count > len(entries):
+            if first != expected or not 0 < count <= SCM_MAX_FD or first + count > len(entries):
                 raise TransferError(
                     f"receiving the sockets: batch ({first}, {count}) does not follow "
                     f"the manifest ({expected} of {len(entries)} received)"
@@ -326,7 +140,7 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], l
             )
         return entries, reader.fds
     except BaseException:
-        _close_fds(reader.fds)
+        close_fds(reader.fds)
         raise
 
 
@@ -359,7 +173,7 @@ def _adopt(entries: list[SocketEntry], fds: list[int]) -> dict[str, socket.socke
     except BaseException:
         for sock in adopted.values():
             sock.close()
-        _close_fds(pending)
+        close_fds(pending)
         raise
 
 
@@ -384,12 +198,12 @@ class UpgradeConnection:
         """
         sock = self._require()
         deadline = time.monotonic() + timeout
-        _send_all(sock, _frame(M_READY), deadline, "sending ready to the old master")
-        reader = _Reader(sock, deadline, "waiting for the old master's commit")
+        send_all(sock, frame(M_READY), deadline, "sending ready to the old master")
+        reader = Reader(sock, deadline, "waiting for the old master's commit")
         try:
             reader.read_frame({M_COMMIT: 0})
         finally:
-            _close_fds(reader.fds)
+            close_fds(reader.fds)
 
     def send_failed(self, reason: str) -> None:
         """Tell the old master we give up (it keeps serving). Best effort, never raises."""
@@ -397,7 +211,7 @@ class UpgradeConnection:
             return
         payload = reason.encode("utf-8", "replace")[:_MAX_SMALL_FRAME]
         try:
-            _send_all(self._sock, _frame(M_FAILED, payload), time.monotonic() + 1.0, "failed")
+            send_all(self._sock, frame(M_FAILED, payload), time.monotonic() + 1.0, "failed")
         except TransferError:
             pass
 
@@ -478,7 +292,7 @@ class UpgradeListener:
                 raise TransferError(f"accepting on {self.path}: {e.strerror or e}") from None
             upgrade = UpgradeConnection(conn)
             try:
-                upgrade.peer_pid = _check_peer(conn, "accepting the old master")
+                upgrade.peer_pid = check_peer(conn, "accepting the old master")
                 budget = max(deadline, time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
                 entries, fds = _receive(conn, budget)
                 return upgrade, _adopt(entries, fds)
@@ -553,7 +367,7 @@ def _connect(path: str, deadline: float) -> socket.socket:
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(_remaining(deadline, f"connecting to {path} ({last})"))
+            sock.settimeout(remaining(deadline, f"connecting to {path} ({last})"))
             sock.connect(path)
             return sock
         except TransferError:
@@ -592,10 +406,7 @@ def send_sockets(
         return HandoverResult(False, f"cannot describe our sockets: {e}")
     if any(fd < 0 for fd in fds):
         return HandoverResult(False, "cannot hand over a closed socket")
-    manifest = json.dumps(
-        {"version": PROTOCOL_VERSION, "sockets": [asdict(e) for e in entries]},
-        separators=(",", ":"),
-    ).encode()
+    manifest = encode_manifest(entries)
     deadline = time.monotonic() + timeout
     delivered = False
     try:
@@ -603,30 +414,27 @@ def send_sockets(
     except TransferError as e:
         return HandoverResult(False, str(e))
     try:
-        _check_peer(sock, f"connecting to {path}")
+        check_peer(sock, f"connecting to {path}")
         deadline = max(deadline, time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
         what = f"sending the sockets to the new master on {path}"
-        _send_all(sock, MAGIC + _frame(M_MANIFEST, manifest), deadline, what)
+        send_all(sock, MAGIC + frame(M_MANIFEST, manifest), deadline, what)
         for first in range(0, len(fds), MAX_FDS_PER_MESSAGE):
             batch = fds[first : first + MAX_FDS_PER_MESSAGE]
-            _send_all(sock, _frame(M_FDS, _BATCH.pack(first, len(batch))), deadline, what, batch)
+            send_all(sock, frame(M_FDS, _BATCH.pack(first, len(batch))), deadline, what, batch)
         delivered = True
         wait = timeout if ready_timeout is None else ready_timeout
-        reader = _Reader(sock, time.monotonic() + wait, "waiting for the new master's ready")
+        reader = Reader(sock, time.monotonic() + wait, "waiting for the new master's ready")
         try:
             kind, payload = reader.read_frame({M_READY: 0, M_FAILED: _MAX_SMALL_FRAME})
         finally:
-            _close_fds(reader.fds)  # a misbehaving peer may send descriptors back
+            close_fds(reader.fds)  # a misbehaving peer may send descriptors back
         if kind == M_FAILED:
             reason = payload.decode("utf-8", "replace")
             return HandoverResult(False, f"the new master failed: {reason}", delivered)
         # Commit: only if the new master is still there to read it does it take over.
-        _send_all(sock, _frame(M_COMMIT), time.monotonic() + 5.0, "committing the hand-over")
+        send_all(sock, frame(M_COMMIT), time.monotonic() + 5.0, "committing the hand-over")
         return HandoverResult(True, "ready", delivered)
     except TransferError as e:
         return HandoverResult(False, str(e), delivered)
     finally:
         sock.close()
-
-
-# --------------------------------------------------------------------------- systemd

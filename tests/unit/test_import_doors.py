@@ -24,11 +24,21 @@ LEAVES = (
     "pyngora.errors",
     "pyngora.headers",
     "pyngora.config.schema",
+    "pyngora.config.model",
     "pyngora.pool",
     "pyngora.upgrade",
     "pyngora.metrics.multiproc",
+    "pyngora.metrics.metric_defs",
+    "pyngora.metrics.multiproc_format",
     "pyngora.version",
     "pyngora.log",
+)
+# A leaf kept in several files is still one leaf: its files may import one another, and
+# nothing else of pyngora. (A leaf package, like `upgrade`, needs no entry: it is one name.)
+LEAF_GROUPS = (
+    ("pyngora.config.schema", "pyngora.config.model"),
+    ("pyngora.metrics.multiproc", "pyngora.metrics.metric_defs",
+     "pyngora.metrics.multiproc_format"),
 )
 
 # Rooms and the rooms each may import (besides itself and the leaves), most specific first.
@@ -58,7 +68,8 @@ ROOMS: dict[str, tuple[str, ...]] = {
 FREE = ("pyngora.cli", "pyngora.__main__", "pyngora.examples")
 
 # Door 2: the sans-IO protocol modules never touch an event loop.
-SANS_IO = ("pyngora.protocols.h1", "pyngora.protocols.h2", "pyngora.protocols.events")
+SANS_IO = ("pyngora.protocols.h1", "pyngora.protocols.h2", "pyngora.protocols.h2_fields",
+           "pyngora.protocols.events")
 EVENT_LOOP = ("asyncio", "uvloop", "pyngora.protocols.transport")
 # Door 5: what the master must not load at module level.
 HEAVY = ("uvloop", "httptools", "h2", "prometheus_client")
@@ -151,8 +162,8 @@ def violations_of(path: Path) -> list[str]:
     leaf = next((p for p in LEAVES if within(name, p)), None)
     room = room_of(name)
     if leaf is not None:
-        allowed: tuple[str, ...] = (leaf,)
-        rule = "door 1: a leaf imports only stdlib and third-party packages"
+        allowed: tuple[str, ...] = next((g for g in LEAF_GROUPS if leaf in g), (leaf,))
+        rule = "door 1: a leaf imports only stdlib, third-party packages and its own files"
     elif room is not None:
         allowed = (room, *ROOMS[room], *LEAVES)
         rule = f"doors 2-5: {room} may import only {', '.join(ROOMS[room]) or 'leaves'}"
@@ -178,6 +189,11 @@ MODULES = sorted(PKG.rglob("*.py"))
 def test_module_keeps_the_doors(path: Path) -> None:
     problems = violations_of(path)
     assert not problems, "\n".join(problems)
+
+
+def test_leaf_groups_hold_leaves() -> None:
+    """Only leaves may share a group: a group never lets a room's module in through the floor."""
+    assert all(name in LEAVES for group in LEAF_GROUPS for name in group)
 
 
 def test_proxy_and_lb_never_import_each_other() -> None:

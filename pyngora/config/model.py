@@ -1,0 +1,280 @@
+"""The configuration model: frozen dataclasses with Pingora's key names and defaults.
+
+A leaf (standard library only, no I/O). ``schema.py`` builds these from plain YAML data and
+re-exports every name here, so code imports them from ``pyngora.config.schema``. Defaults live
+on the dataclasses themselves; a field's ``metadata["choices"]`` lists the values the builder
+accepts. :func:`parse_address` turns a listener or backend address into a
+:class:`ListenerConf` (ValueError when malformed).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+__all__ = ["Path", "SniCert", "TlsConf", "ListenerConf", "parse_address", "HeaderEdits",
+           "LimitsConf", "TimeoutsConf", "HealthCheckConf", "DiscoveryConf", "BackendConf",
+           "UpstreamConf", "RouteConf", "HttpProxyConf", "StaticConf", "PrometheusConf",
+           "BackgroundConf", "SERVICE_SPECS", "ServiceConf", "ServerConf"]
+
+# A key path in the configuration (mapping keys and list indexes), as ConfigIssue reports it.
+Path = tuple[Union[str, int], ...]
+
+
+# --------------------------------------------------------------------------- listeners
+@dataclass(frozen=True)
+class SniCert:
+    server_name: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class TlsConf:
+    cert: str
+    key: str
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    sni: tuple[SniCert, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenerConf:
+    """One listening address. ``key`` is the normalised address used in upgrade manifests."""
+
+    address: str
+    family: str = "tcp"          # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mode: Optional[int] = None
+    backlog: int = 1024
+    tls: Optional[TlsConf] = None
+    h2c: bool = False
+
+    @property
+    def key(self) -> str:
+        if self.family == "unix":
+            return "unix:" + self.path
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def socket_family(self) -> int:
+        if self.family == "unix":
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+def parse_address(addr: str, backlog: int = 1024, mode: Optional[int] = None,
+                  tls: Optional[TlsConf] = None, h2c: bool = False) -> ListenerConf:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path`` -> ListenerConf; ValueError when malformed."""
+    if not isinstance(addr, str) or not addr:
+        raise ValueError("address must be a non-empty string")
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute: {addr!r}")
+        return ListenerConf(address=addr, family="unix", path=path, mode=mode, backlog=backlog,
+                            tls=tls, h2c=h2c)
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [V6]:PORT, got {addr!r}")
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {addr!r}")
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    return ListenerConf(address=addr, family="tcp", host=host, port=int(port), backlog=backlog,
+                        tls=tls, h2c=h2c)
+
+
+# --------------------------------------------------------------------------- http_proxy
+@dataclass(frozen=True)
+class HeaderEdits:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConf:
+    max_header_bytes: int = 65536
+    max_body_bytes: Optional[int] = None
+    header_read_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 60.0
+    keepalive_requests: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TimeoutsConf:
+    connect_seconds: float = 5.0
+    total_connect_seconds: Optional[float] = None
+    read_seconds: float = 60.0
+    write_seconds: float = 60.0
+    idle_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class HealthCheckConf:
+    type: str = field(default="none", metadata={"choices": ("tcp", "http", "none")})
+    path: str = "/"
+    expect_status: int = 200
+    host: Optional[str] = None
+    interval_seconds: float = 5.0
+    timeout_seconds: float = 2.0
+    healthy_after: int = 1
+    unhealthy_after: int = 1
+
+
+@dataclass(frozen=True)
+class DiscoveryConf:
+    type: str = field(default="static", metadata={"choices": ("static", "dns")})
+    name: Optional[str] = None
+    port: int = 80
+    record: str = field(default="A", metadata={"choices": ("A", "AAAA", "SRV")})
+    refresh_seconds: float = 30.0
+    resolver: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BackendConf:
+    addr: str
+    weight: int = 1
+    tls: bool = False
+    sni: Optional[str] = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamConf:
+    name: str = ""
+    backends: tuple[BackendConf, ...] = ()
+    selection: str = field(default="round_robin",
+                           metadata={"choices": ("round_robin", "random", "fnv", "consistent")})
+    hash_key: str = "uri"
+    discovery: DiscoveryConf = DiscoveryConf()
+    health_check: HealthCheckConf = HealthCheckConf()
+    timeouts: TimeoutsConf = TimeoutsConf()
+    retries: Optional[int] = None
+    h2: bool = False
+
+
+@dataclass(frozen=True)
+class RouteConf:
+    upstream: str
+    host: Optional[str] = None
+    path_prefix: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HttpProxyConf:
+    upstreams: tuple[UpstreamConf, ...] = ()
+    routes: tuple[RouteConf, ...] = ()
+    upstream: Optional[str] = None
+    app: Optional[str] = None
+    request_headers: HeaderEdits = HeaderEdits()
+    response_headers: HeaderEdits = HeaderEdits()
+    limits: LimitsConf = LimitsConf()
+    forwarded_headers: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class StaticConf:
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    limits: LimitsConf = LimitsConf()
+
+
+@dataclass(frozen=True)
+class PrometheusConf:
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True)
+class BackgroundConf:
+    app: str = ""
+
+
+SERVICE_SPECS: dict[str, type] = {
+    "http_proxy": HttpProxyConf,
+    "static": StaticConf,
+    "prometheus": PrometheusConf,
+    "background": BackgroundConf,
+}
+
+
+@dataclass(frozen=True)
+class ServiceConf:
+    name: str
+    type: str
+    listeners: tuple[ListenerConf, ...] = ()
+    threads: Optional[int] = None
+    work_stealing: Optional[bool] = None
+    spec: Any = None
+
+
+def _default_runtime_dir() -> str:
+    base = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base.split(":")[0], "pyngora")
+
+
+@dataclass(frozen=True)
+class ServerConf:
+    """Pingora's ServerConf keys, plus pyngora's own (SPEC section 5)."""
+
+    version: int = 1
+    daemon: bool = False
+    error_log: Optional[str] = None
+    pid_file: str = "/tmp/pyngora.pid"
+    upgrade_sock: str = "/tmp/pyngora_upgrade.sock"
+    user: Optional[str] = None
+    group: Optional[str] = None
+    working_directory: Optional[str] = None
+    threads: int = 1
+    work_stealing: bool = True
+    ca_file: Optional[str] = None
+    grace_period_seconds: float = 300.0
+    graceful_shutdown_timeout_seconds: float = 5.0
+    upstream_keepalive_pool_size: int = 128
+    max_retries: int = 16
+    upgrade_timeout_seconds: float = 30.0
+    access_log: str = "off"
+    access_log_format: str = field(default="combined", metadata={"choices": ("combined", "json")})
+    log_level: str = field(default="info", metadata={
+        "choices": ("debug", "info", "warning", "error", "critical")})
+    metrics_dir: Optional[str] = None
+    services: tuple[ServiceConf, ...] = ()
+    source: str = field(default="", compare=False)
+    # the loader's key -> line lookup, so checks made after parsing (certificates, apps) can
+    # still name file, line and key
+    where: Optional[Callable[[Path], Optional[int]]] = field(default=None, compare=False,
+                                                              repr=False)
+
+    def line_of(self, path: Path) -> Optional[int]:
+        return self.where(path) if self.where is not None else None
+
+    @property
+    def metrics_path(self) -> str:
+        """``metrics_dir``, else one directory per ``pid_file`` under the runtime directory, so
+        two servers on one host never mix their counts."""
+        if self.metrics_dir:
+            return self.metrics_dir
+        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        return os.path.join(_default_runtime_dir(), "metrics-" + tag)
+
+    def health_table_path(self, service: str) -> str:
+        """The shared health table of one proxy service (written by its prober process)."""
+        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        return os.path.join(_default_runtime_dir(), f"health-{tag}-{service}.tbl")
+
+    def service_threads(self, svc_threads: Optional[int]) -> int:
+        return svc_threads if svc_threads is not None else self.threads
