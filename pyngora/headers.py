@@ -46,6 +46,9 @@ _TOKEN_CHARS = (b"!#$%&'*+-.^_`|~0123456789"
                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
+_JOIN_FIELD = b": ".join  # (name, value) -> b"name: value"
+
+
 class Headers:
     """An ordered multi-map of header fields: case-preserving, case-insensitive lookup.
 
@@ -193,7 +196,7 @@ class Headers:
         """Wire form: ``b"Name: value\\r\\n"`` per field, without the blank line that ends a head."""
         if not self._items:
             return b""
-        return b"\r\n".join([n + b": " + v for n, v in self._items]) + b"\r\n"
+        return b"\r\n".join(map(_JOIN_FIELD, self._items)) + b"\r\n"  # no Python-level loop
 
 
 def _version_str(version: Union[str, bytes]) -> str:

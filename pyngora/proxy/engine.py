@@ -25,12 +25,13 @@ from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import RequestHeader, ResponseHeader
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
-from pyngora.protocols.h1_wire import remove_hop_by_hop, without_hop_by_hop
+from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
+from pyngora.proxy.fast_path import FastPath
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
+from pyngora.proxy.wire import reason_for, upstream_fields
 from pyngora.services.http_app import Exchange, HttpApp
-from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.connector import Connector, UpstreamConnection
 from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
 from pyngora.upstreams.peer import HttpPeer
@@ -42,9 +43,6 @@ except Exception:  # pragma: no cover - only when the metrics package is broken 
 
 __all__ = ["ProxyEngine", "plan_for", "Plan"]
 
-_EXPECT = b"expect"
-_ALSO_DROP = frozenset((_EXPECT,))
-_HOST = b"host"
 _LOST = (ErrorType.ConnectionClosed, ErrorType.ReadError)  # the upstream went away
 
 
@@ -97,24 +95,6 @@ def _ascii(method: bytes) -> str:
     return text
 
 
-# (status, reason bytes) -> the reason to pass to write_head: None when it is the standard
-# phrase (the connection then uses its cached status line), else the upstream's own.
-_REASON_CACHE: dict[tuple[int, bytes], Optional[bytes]] = {}
-
-
-def _reason_for(status: int, reason: bytes) -> Optional[bytes]:
-    key = (status, reason)
-    try:
-        return _REASON_CACHE[key]
-    except KeyError:
-        pass
-    same = status_line(status) == status_line(status, reason)
-    value = None if same else reason
-    if len(_REASON_CACHE) < 256:
-        _REASON_CACHE[key] = value
-    return value
-
-
 def _no_event() -> None:
     """poll_event of a connection that has none (HTTP/2 streams): always wait."""
     return None
@@ -123,6 +103,19 @@ def _no_event() -> None:
 def _downstream_closed() -> Error:
     return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
                  "client disconnected")
+
+
+def _mark_retryable(session: Session, conn: Any, e: Error) -> None:
+    """Mark ``e`` retryable when HTTP allows it although the connection layer did not."""
+    if (not e.retry and session.is_idempotent
+            and ((e.etype in _LOST and not conn.response_bytes_seen)
+                 or (e.source is ErrorSource.Upstream
+                     and getattr(conn, "stray_response", False)))):
+        # A fresh connection lost before any response byte (an origin that died with our
+        # request in its accept queue, say), or a reused one whose first bytes were the
+        # previous exchange's leftovers: RFC 9110 9.2.2 lets an idempotent request be
+        # retried automatically, as nginx does.
+        e.set_retry(True)
 
 
 class ProxyEngine(HttpApp):
@@ -141,8 +134,15 @@ class ProxyEngine(HttpApp):
         self._upstream_metrics: dict[str, Any] = {}
         # HTTP/2 upstreams (peers whose ALPN list starts with "h2"), made on first use.
         self.h2_connector: Optional[H2Connector] = None
+        # Callback-level proxying when no phase but a synchronous upstream_peer needs to run.
+        self.fast: Optional[FastPath] = FastPath(self) if FastPath.serves(self.plan) else None
+
+    _mark_retryable = staticmethod(_mark_retryable)  # the fast path's failures use it too
 
     def handle(self, exchange: Exchange) -> Any:
+        fast = self.fast
+        if fast is not None and exchange.__class__ is Exchange:
+            return fast.start(exchange)  # None when it took the request, else run()'s coroutine
         return self.run(exchange)
 
     def _umetrics(self, peer: HttpPeer) -> Any:
@@ -155,10 +155,40 @@ class ProxyEngine(HttpApp):
         return m
 
     # ------------------------------------------------------------------ one request
-    async def run(self, ex: Exchange) -> None:
-        """The whole life of one request (runs as the connection's request task)."""
+    async def run(self, ex: Exchange, session: Optional[Session] = None,
+                  peer: Optional[HttpPeer] = None, error: Optional[Error] = None) -> None:
+        """The whole life of one request (runs as the connection's request task).
+
+        The fast path hands requests over part-way: with the ``session`` it built and the
+        ``peer`` upstream_peer already gave for the first attempt (no pooled connection), or
+        with the ``error`` that ended its attempt (the engine's failure handling runs)."""
         proxy, plan = self.proxy, self.plan
-        session = Session(ex, self.service)
+        if session is None:
+            session = Session(ex, self.service)
+        err: Optional[Error] = error
+        ctx: Any = None
+        if err is None:  # (else a fast-path attempt failed for good: straight to _fail)
+            err, ctx = await self._phases(session, ex, peer)
+        if err is not None:
+            await self._fail(session, err, ctx)
+        if plan.logging is not None:
+            try:
+                r = proxy.logging(session, err, ctx)
+                if plan.logging:
+                    await r
+            except Exception as e:  # logging must not break the connection
+                log.ERROR.error("logging phase failed: %r", e)
+        if log._access_on:  # a module flag, not a call: this runs once per request
+            log.ACCESS.info(access.format_line(session, err, self.access_format))
+        if not ex.finished:
+            # Whatever happened, the connection must not wait for a response forever.
+            ex.respond_error(502)
+
+    async def _phases(self, session: Session, ex: Exchange, peer: Optional[HttpPeer]
+                      ) -> tuple[Optional[Error], Any]:
+        """The request phases and the upstream attempts (the first to ``peer`` when given).
+        Returns the error that ended them (None: the request was answered) and the ctx."""
+        proxy, plan = self.proxy, self.plan
         err: Optional[Error] = None
         ctx: Any = None
         try:
@@ -188,27 +218,14 @@ class ProxyEngine(HttpApp):
                         ex.respond_error(502)
                     self._finish_answered(ex)
                 else:
-                    await self._proxy_to_upstream(session, ctx)
+                    await self._proxy_to_upstream(session, ctx, peer)
         except Error as e:
             err = e
         except asyncio.CancelledError:
             err = _downstream_closed()  # the connection cancelled us: the client is gone
         except Exception as e:  # a bug in a phase: answer 500, log it
             err = Error(ErrorType.InternalError, ErrorSource.Internal, e, repr(e))
-        if err is not None:
-            await self._fail(session, err, ctx)
-        if plan.logging is not None:
-            try:
-                r = proxy.logging(session, err, ctx)
-                if plan.logging:
-                    await r
-            except Exception as e:  # logging must not break the connection
-                log.ERROR.error("logging phase failed: %r", e)
-        if log._access_on:  # a module flag, not a call: this runs once per request
-            log.ACCESS.info(access.format_line(session, err, self.access_format))
-        if not ex.finished:
-            # Whatever happened, the connection must not wait for a response forever.
-            ex.respond_error(502)
+        return err, ctx
 
     def _finish_answered(self, ex: Exchange) -> None:
         """After request_filter said 'answered': make sure the response is complete."""
@@ -249,13 +266,16 @@ class ProxyEngine(HttpApp):
                               session.retries + 1, summary)
 
     # ------------------------------------------------------------------ upstream attempts
-    async def _proxy_to_upstream(self, session: Session, ctx: Any) -> None:
+    async def _proxy_to_upstream(self, session: Session, ctx: Any,
+                                 first_peer: Optional[HttpPeer] = None) -> None:
         proxy, plan = self.proxy, self.plan
-        ex = session.exchange
         while True:
-            peer = proxy.upstream_peer(session, ctx)
-            if plan.upstream_peer:
-                peer = await peer
+            if first_peer is not None:  # chosen by the fast path before it handed over
+                peer, first_peer = first_peer, None
+            else:
+                peer = proxy.upstream_peer(session, ctx)
+                if plan.upstream_peer:
+                    peer = await peer
             if peer is None:
                 raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
                             "no upstream peer")
@@ -304,15 +324,7 @@ class ProxyEngine(HttpApp):
                 if plan.error_while_proxy is not None and e.source is not ErrorSource.Downstream:
                     r = proxy.error_while_proxy(peer, session, e, ctx, reused)
                     e = (await r) if plan.error_while_proxy else r
-                if (not e.retry and session.is_idempotent
-                        and ((e.etype in _LOST and not conn.response_bytes_seen)
-                             or (e.source is ErrorSource.Upstream
-                                 and getattr(conn, "stray_response", False)))):
-                    # A fresh connection lost before any response byte (an origin that died
-                    # with our request in its accept queue, say), or a reused one whose first
-                    # bytes were the previous exchange's leftovers: RFC 9110 9.2.2 lets an
-                    # idempotent request be retried automatically, as nginx does.
-                    e.set_retry(True)
+                _mark_retryable(session, conn, e)
                 if e.source is not ErrorSource.Downstream and self._may_retry(session, e):
                     continue
                 raise e
@@ -343,14 +355,7 @@ class ProxyEngine(HttpApp):
         ex = session.exchange
         head = ex.head
         req = session.req_header
-        # One pass: the client's fields minus hop-by-hop ones and Expect (100-continue is
-        # handled downstream, by the connection).
-        up_headers = without_hop_by_hop(req.headers, _ALSO_DROP)
-        if _HOST not in up_headers._keys:  # the keys are lowercased
-            # An HTTP/1.0 client may send no Host; HTTP/1.1 upstream requires one (nginx sends
-            # the upstream's address, as here).
-            up_headers.add(b"Host", b"localhost" if conn.peer.unix_path
-                           else conn.peer.address.encode("latin-1"))
+        up_headers = upstream_fields(req.headers, conn.peer)
         upgrade = head.upgrade
         if upgrade:
             value = req.headers.get(b"upgrade")
@@ -444,8 +449,7 @@ class ProxyEngine(HttpApp):
             # Nobody edits the response head: no ResponseHeader, and the upstream's reason
             # phrase as bytes (None when standard, so the status line comes from a cache).
             status, out_headers = rh.status, headers
-            out_reason: Optional[bytes | str] = (_reason_for(status, rh.reason) if rh.reason
-                                                 else None)
+            out_reason: Optional[bytes | str] = reason_for(status, rh.reason)
         else:
             reason = rh.reason.decode("latin-1") if rh.reason else None
             resp = ResponseHeader(rh.status, reason, rh.version, headers)

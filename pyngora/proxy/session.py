@@ -26,7 +26,7 @@ class Session:
     filled in by the engine as it goes (for logging).
     """
 
-    __slots__ = ("exchange", "req_header", "client_addr", "server_addr", "scheme",
+    __slots__ = ("exchange", "_req_header", "client_addr", "server_addr", "scheme",
                  "peer", "upstream_status", "retries", "body_bytes_sent_upstream",
                  "_retry_buf", "_retry_size", "_retry_truncated", "_body_finished",
                  "service", "max_retries")
@@ -37,9 +37,7 @@ class Session:
     def __init__(self, exchange: Exchange, service: str = "") -> None:
         head = exchange.head
         self.exchange = exchange
-        self.req_header = RequestHeader(head.method.decode("latin-1"),
-                                        head.target.decode("latin-1"), head.version,
-                                        head.headers)
+        self._req_header: Optional[RequestHeader] = None  # built on first use (see req_header)
         self.client_addr = exchange.client_addr
         self.server_addr = exchange.server_addr
         self.scheme = exchange.scheme
@@ -55,6 +53,22 @@ class Session:
         self._body_finished = exchange.head.body == "none"
 
     # ------------------------------------------------------------------ the request
+    @property
+    def req_header(self) -> RequestHeader:
+        """The client's request head (built on first use: a proxy whose phases never look at
+        it, the declarative one without routes, does not pay for it)."""
+        req = self._req_header
+        if req is None:
+            head = self.exchange.head
+            req = self._req_header = RequestHeader(
+                head.method.decode("latin-1"), head.target.decode("latin-1"), head.version,
+                head.headers)
+        return req
+
+    @req_header.setter
+    def req_header(self, value: RequestHeader) -> None:
+        self._req_header = value
+
     @property
     def client_ip(self) -> str:
         """The client's IP address as text ('' on a Unix socket)."""

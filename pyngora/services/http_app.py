@@ -282,12 +282,33 @@ class H1Connection(asyncio.Protocol):
             self._app_failed(ex, exc)
             return
         if result is not None and not ex.finished:
-            task = self.loop.create_task(result)  # type: ignore[arg-type]
-            ex.task = task
-            task.add_done_callback(lambda t, ex=ex: self._task_done(ex, t))
+            self.run_task(ex, result)
         elif result is not None:
             # Finished synchronously but returned a coroutine: run it to completion anyway.
             ex.task = self.loop.create_task(result)  # type: ignore[arg-type]
+
+    def run_task(self, ex: Exchange, coro: Any) -> None:
+        """Run ``coro`` as ``ex``'s request task: a failure answers 500 (or aborts after the
+        head), a cancelled or unfinished one is cleaned up. ``handle`` returning an awaitable
+        ends here; a callback-level app that took a request and then needs a coroutine after
+        all (the proxy's fast path on an error) calls it itself."""
+        task = self.loop.create_task(coro)
+        ex.task = task
+        task.add_done_callback(lambda t, ex=ex: self._task_done(ex, t))
+
+    def on_drained(self, callback: Callable[[Optional[BaseException]], None]) -> None:
+        """``drain()`` for a callback-level app: ``callback(None)`` once the write buffer is
+        below its low-water mark (at once when it is), ``callback(error)`` when the connection
+        closes first."""
+        if self.closed:
+            callback(_closed_error())
+            return
+        if not self._write_paused:
+            callback(None)
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        waiter.add_done_callback(lambda f: callback(f.exception()))
 
     def _app_failed(self, ex: Exchange, exc: BaseException) -> None:
         status = error_status_of(exc)

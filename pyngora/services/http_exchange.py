@@ -250,10 +250,12 @@ class Exchange:
         self.conn._write(status_line(status) + (headers.serialize() if headers else b"") + _CRLF)
 
     def write_head(self, status: int, headers: Headers, reason: Optional[bytes | str] = None,
-                   end: bool = False) -> None:
+                   end: bool = False, hold: bool = False) -> None:
         """Send the response head. ``headers`` is used (and edited: Connection and framing
         fields) as given; hop-by-hop fields from elsewhere must already be removed. ``end``:
-        the response has no body (``Content-Length: 0`` is added when needed)."""
+        the response has no body (``Content-Length: 0`` is added when needed). ``hold``: the
+        caller writes body bytes (or calls ``flush_head``) before it returns to the loop, so
+        the head waits for them without a scheduled flush (the fast path's single send)."""
         if self.head_sent:
             raise RuntimeError("response head already sent")
         conn = self.conn
@@ -310,7 +312,12 @@ class Exchange:
             # Held back until the first body bytes (one send for head + body), or until the
             # end of this loop iteration when the body is not ready yet.
             self._head_buf = data
-            conn.loop.call_soon(self._flush_head)
+            if not hold:
+                conn.loop.call_soon(self._flush_head)
+
+    def flush_head(self) -> None:
+        """Send a head that ``write_head(hold=True)`` kept back, if it still is."""
+        self._flush_head()
 
     def _flush_head(self) -> None:
         data = self._head_buf

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from typing import Any, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
@@ -65,7 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
-                 "_deadline", "_timer", "_timer_when")
+                 "_deadline", "_timer", "_timer_when", "_listener")
 
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -100,6 +100,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._deadline: Optional[float] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_when = 0.0
+        # A callback-level reader (see listen()) instead of read_event's awaited future.
+        self._listener: Optional[Callable[[bool], None]] = None
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
 
@@ -270,6 +272,32 @@ class UpstreamConnection(asyncio.Protocol):
                 self._resume_reading()
         return event
 
+    def next_event_nowait(self) -> Optional[Event]:
+        """read_event without waiting: the next event, or None when none has arrived yet.
+        Raises what read_event raises (the connection's error, or ConnectionClosed)."""
+        event = self.poll_event()
+        if event is not None:
+            return event
+        if self._error is not None:
+            raise self._error
+        if self._eof or self._closed:
+            raise self._dead_error()
+        return None
+
+    def listen(self, callback: Optional[Callable[[bool], None]],
+               timeout: Optional[float]) -> None:
+        """Callback-level reading, for a reader that is no coroutine (the proxy's fast path):
+        ``callback(True)`` runs whenever an event, EOF, an error or close arrives (then call
+        :meth:`next_event_nowait` until it gives None), ``callback(False)`` when ``timeout``
+        seconds pass first (call listen again after each batch: like read_event, the timeout
+        is per wait). ``timeout`` None: no limit (while the reader itself waits for its
+        client). ``listen(None, None)`` stops; ``Connector.release`` does that too."""
+        self._listener = callback
+        if callback is not None and timeout:
+            self._arm_deadline(self._loop.time() + timeout)
+        else:
+            self._deadline = None
+
     def can_reuse(self) -> bool:
         """True when the last exchange ended cleanly and the upstream allows keep-alive."""
         return (not self._closed and not self._eof and self._error is None
@@ -379,6 +407,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _wake(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener(True)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
@@ -389,14 +421,7 @@ class UpstreamConnection(asyncio.Protocol):
         fut = loop.create_future()
         self._waiter = fut
         if timeout:
-            deadline = self._deadline = loop.time() + timeout
-            # Arm the lazy timer unless one already fires at or before the deadline (it then
-            # re-arms itself for the rest: see _on_timer).
-            if self._timer is None or self._timer_when > deadline:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer_when = deadline
-                self._timer = loop.call_at(deadline, self._on_timer)
+            self._arm_deadline(loop.time() + timeout)
         else:
             self._deadline = None
         try:
@@ -404,17 +429,33 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def _arm_deadline(self, deadline: float) -> None:
+        """Set the current wait's deadline. The lazy timer is armed unless one already fires
+        at or before it (it then re-arms itself for the rest: see _on_timer)."""
+        self._deadline = deadline
+        if self._timer is None or self._timer_when > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
     def _on_timer(self) -> None:
         """The lazy read timer fired: time out the current wait if its deadline passed, re-arm
         for the rest if a later wait moved the deadline, and go quiet when nobody waits."""
         self._timer = None
         fut = self._waiter
+        listener = self._listener
         deadline = self._deadline
-        if fut is None or fut.done() or deadline is None or self._closed:
+        if deadline is None or self._closed or (
+                listener is None and (fut is None or fut.done())):
             return
         loop = self._loop
         if loop.time() >= deadline - 0.001:  # the loop clock has millisecond resolution
-            fut.set_result(False)
+            if listener is not None:
+                self._deadline = None
+                listener(False)
+            else:
+                fut.set_result(False)  # type: ignore[union-attr]
             return
         self._timer_when = deadline
         self._timer = loop.call_at(deadline, self._on_timer)
@@ -527,6 +568,7 @@ class Connector:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Called when a request is done with ``conn``: pooled if the caller and the connection
         both say it is reusable, closed otherwise."""
+        conn._listener = None
         if not reusable or not conn.can_reuse():
             conn.close()
             return

@@ -314,7 +314,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     ap.add_argument("--floor", action="store_true",
                     help="also measure tests/bench/floor.py (bare uvloop + httptools)")
-    ap.add_argument("--profile-scenario", default="small", choices=("small", "static"),
+    ap.add_argument("--profile-scenario", default="small", choices=("small", "static", "h2"),
                     help="which scenario the profile samples")
     ap.add_argument("--metrics", action="store_true",
                     help="also run the small scenario against pyngora with metrics on vs a "
@@ -477,11 +477,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             service = "static" if a.profile_scenario == "static" else target
             pid = worker_for(master.pid, service)
             s = SCENARIOS["small" if service == "proxy" else "static"]
+            port = getattr(py_ports, service)
             prof_what = f"the {s.name} scenario (wrk -c {a.connections}, keep-alive)"
+            if a.profile_scenario == "h2" and py_ports.h2:
+                s, port = SCENARIOS["h2"], py_ports.h2  # the h2c listener of the proxy service
+                prof_what = "the h2 scenario (h2load -c 10 -m 100)"
             if pid is None or py_spy() is None:
                 prof_error = "no worker found" if pid is None else "py-spy is not installed"
             else:
-                argv = load_command(s, getattr(py_ports, service), a.profile_seconds + 2,
+                argv = load_command(s, port, a.profile_seconds + 2,
                                     a.connections, a.load_cpu, tmp / "unused.log")
                 try:
                     prof = profile_worker(procs, pid, argv, a.profile_seconds,

@@ -1,0 +1,48 @@
+"""What the phase engine and the fast path both put on the wire: the upstream request's fields
+and the reason phrase passed to the client. One place, so the two paths cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pyngora.headers import Headers
+from pyngora.protocols.h1_wire import without_hop_by_hop
+from pyngora.services.http_exchange import status_line
+from pyngora.upstreams.peer import HttpPeer
+
+__all__ = ["upstream_fields", "reason_for"]
+
+_ALSO_DROP = frozenset((b"expect",))
+_HOST = b"host"
+
+
+def upstream_fields(client_fields: Headers, peer: HttpPeer) -> Headers:
+    """The client's fields for the upstream request, in one pass: hop-by-hop ones and Expect
+    dropped (100-continue is the downstream connection's business), Host added when the
+    client sent none (an HTTP/1.0 client; HTTP/1.1 upstreams require one: nginx sends the
+    upstream's address, as here)."""
+    fields = without_hop_by_hop(client_fields, _ALSO_DROP)
+    if _HOST not in fields._keys:  # the keys are lowercased
+        fields.add(b"Host", b"localhost" if peer.unix_path else peer.address.encode("latin-1"))
+    return fields
+
+
+# (status, reason bytes) -> the reason to pass to write_head: None when it is the standard
+# phrase (the connection then uses its cached status line), else the upstream's own.
+_REASON_CACHE: dict[tuple[int, bytes], Optional[bytes]] = {}
+
+
+def reason_for(status: int, reason: bytes) -> Optional[bytes]:
+    """The reason phrase to send with ``status``: None for the standard one (cached lines)."""
+    if not reason:
+        return None
+    key = (status, reason)
+    try:
+        return _REASON_CACHE[key]
+    except KeyError:
+        pass
+    same = status_line(status) == status_line(status, reason)
+    value = None if same else reason
+    if len(_REASON_CACHE) < 256:
+        _REASON_CACHE[key] = value
+    return value

@@ -1,0 +1,359 @@
+"""The proxy's fast path (proxy/fast_path.py), in-process over loopback against a raw origin
+whose every byte is scripted: it must answer exactly as the phase engine does (same bytes,
+same retries, same statuses), hand over to the engine where it must, and never leak an
+upstream connection."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from typing import Any, Callable, Optional
+
+from pyngora.config.loader import parse_text
+from pyngora.proxy import ProxyHttp, Session
+from pyngora.proxy.declarative import build_proxy_service
+from pyngora.proxy.engine import ProxyEngine, plan_for
+from pyngora.proxy.fast_path import FastPath
+from pyngora.upstreams.peer import HttpPeer
+
+from tests.protocol.test_http_app_helpers import run, serving
+
+BIG = bytes(range(256)) * 32768  # 8 MiB
+
+# path -> the origin's raw answer (no Date: the bytes are deterministic)
+ANSWERS: dict[bytes, bytes] = {
+    b"/len": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+             b"Keep-Alive: timeout=5\r\nConnection: keep-alive\r\n\r\nhello",
+    b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+                 b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+    b"/204": b"HTTP/1.1 204 No Content\r\nX-B: 2\r\n\r\n",
+    b"/304": b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+    b"/reason": b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok",
+    b"/hints": b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+               b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz",
+    b"/404": b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nnop",
+    b"/big": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG,
+}
+
+
+class Origin(asyncio.Protocol):
+    """Answers each request head by its path; ``script(path, nth_on_conn)`` may override:
+    return bytes to send, ``b"CLOSE"`` to close without answering, ``b"STALL"`` to say
+    nothing, or None for the table above."""
+
+    def __init__(self, stats: dict[str, Any],
+                 script: Optional[Callable[[bytes, int], Optional[bytes]]] = None) -> None:
+        self.stats, self.script = stats, script
+        self.buf = b""
+        self.n = 0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.stats["conns"] += 1
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.stats["closed"] += 1
+        self.stats["closed_event"].set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            method, path = head.split(b" ")[:2]
+            self.stats["heads"].append(head)
+            self.n += 1
+            answer = self.script(path, self.n) if self.script else None
+            if answer is None:
+                answer = ANSWERS[path]
+                if method == b"HEAD":
+                    answer = answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+            if answer == b"CLOSE":
+                self.transport.close()
+                return
+            if answer != b"STALL":
+                self.transport.write(answer)
+
+
+async def start_origin(script: Optional[Callable[[bytes, int], Optional[bytes]]] = None
+                       ) -> tuple[Any, int, dict[str, Any]]:
+    stats: dict[str, Any] = {"conns": 0, "closed": 0, "heads": [],
+                             "closed_event": asyncio.Event()}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Origin(stats, script), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], stats
+
+
+def proxy_service(origin_port: int, extra: str = "") -> Any:
+    conf = parse_text(f"""version: 1
+services:
+  - name: p
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: o
+        backends: [{{addr: "127.0.0.1:{origin_port}"}}]
+        timeouts: {{read_seconds: 1}}
+{extra}""", "<test>")
+    return conf, build_proxy_service(conf, conf.services[0])
+
+
+def count_engine_runs(engine: ProxyEngine) -> list[int]:
+    """Count the requests the fast path hands to the engine (an instance attribute shadows
+    the method; the fast path looks it up per request)."""
+    calls = [0]
+    real = engine.run
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+    engine.run = counting  # type: ignore[method-assign]
+    return calls
+
+
+async def read_exact_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> bytes:
+    """One whole response as raw bytes (1xx heads included), framed as the proxy framed it."""
+    out = b""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        out += head
+        status = int(head[9:12])
+        if 100 <= status < 200:
+            continue
+        break
+    lower = head.lower()
+    if method == b"HEAD" or status in (204, 304):
+        return out
+    if b"\r\ncontent-length:" in lower:
+        n = int(lower.split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+        return out + await reader.readexactly(n)
+    if b"chunked" in lower:
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            out += line
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                out += await reader.readuntil(b"\r\n")  # no trailers in these tests
+                return out
+            out += await reader.readexactly(size + 2)
+    return out + await reader.read()
+
+
+async def exchange(port: int, requests: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Send requests one by one on one connection; return each raw response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24)
+    try:
+        out = []
+        for method, path in requests:
+            writer.write(method + b" " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            out.append(await read_exact_response(reader, method))
+        return out
+    finally:
+        writer.close()
+
+
+class SyncPeer(ProxyHttp):
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:  # type: ignore[override]
+        return HttpPeer(f"127.0.0.1:{self.port}")
+
+
+class AsyncPeer(SyncPeer):
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:  # type: ignore[override]
+        return HttpPeer(f"127.0.0.1:{self.port}")
+
+
+class Filtering(SyncPeer):
+    async def request_filter(self, session: Session, ctx: Any) -> bool:
+        return False
+
+
+def test_serves_only_proxies_with_no_phase_but_a_sync_upstream_peer() -> None:
+    assert FastPath.serves(plan_for(SyncPeer))
+    assert not FastPath.serves(plan_for(AsyncPeer))
+    assert not FastPath.serves(plan_for(Filtering))
+    _, svc = proxy_service(1)
+    assert FastPath.serves(plan_for(type(svc.proxy)))
+    _, svc = proxy_service(1, "    forwarded_headers: true\n")
+    assert not FastPath.serves(plan_for(type(svc.proxy)))  # an upstream_request_filter
+
+
+def test_same_bytes_as_the_engine_and_the_fast_path_takes_them() -> None:
+    requests = [(b"GET", p) for p in (b"/len", b"/chunked", b"/204", b"/304", b"/reason",
+                                      b"/hints", b"/404", b"/len")]
+    requests.insert(3, (b"HEAD", b"/len"))
+
+    async def main() -> None:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            engine = ctx.state["http_app"]
+            assert engine.fast is not None
+            runs = count_engine_runs(engine)
+            warm = await exchange(port, [(b"GET", b"/len")])  # dials: the engine's
+            fast = await exchange(port, requests)
+            assert runs[0] == 1, runs  # every request after the first went the fast way
+            engine.fast = None
+            slow = await exchange(port, requests)
+        server.close()
+        assert warm[0] == fast[0]
+        for (method, path), a, b in zip(requests, fast, slow):
+            assert a == b, (method, path, a, b)
+        assert fast[0].startswith(b"HTTP/1.1 200 OK\r\n") and b"keep-alive" not in fast[0]
+        assert fast[1].endswith(b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        assert fast[5].startswith(b"HTTP/1.1 200 Fine Thanks\r\n")
+        assert fast[6].startswith(b"HTTP/1.1 103 Early Hints\r\nLink:")
+        assert stats["conns"] == 1  # one upstream connection, pooled and reused throughout
+        # Hop-by-hop fields of the client's request never reach the origin.
+        assert all(b"Host: t" in h for h in stats["heads"])
+    run(main())
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    async def main() -> None:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(path), path))
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/warm")])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            paths = [b"/p%d" % i for i in range(50)]
+            writer.write(b"".join(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % p for p in paths))
+            bodies = []
+            for _ in paths:
+                r = await read_exact_response(reader)
+                bodies.append(r.partition(b"\r\n\r\n")[2])
+            writer.close()
+        server.close()
+        assert bodies == paths
+        assert stats["conns"] == 1
+    run(main())
+
+
+def test_pooled_connection_closed_as_reused_is_retried_on_a_new_one() -> None:
+    # The origin closes every connection when its 2nd request arrives, without answering:
+    # the race of an idle keep-alive connection closed just as the proxy reuses it.
+    async def main() -> None:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"CLOSE" if n == 2 else None)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            runs = count_engine_runs(ctx.state["http_app"])
+            out = await exchange(port, [(b"GET", b"/len")] * 3)
+        server.close()
+        assert all(r.endswith(b"\r\n\r\nhello") for r in out), out
+        # Request 1 dials (the engine's); 2 and 3 go the fast way on the pooled connection,
+        # which the origin closes; each is retried by the engine on a new connection.
+        assert runs[0] == 3
+        assert stats["conns"] == 3 and len(stats["heads"]) == 5
+    run(main())
+
+
+def test_garbage_is_502_silence_is_504_and_nothing_is_pooled() -> None:
+    def script(path: bytes, n: int) -> Optional[bytes]:
+        if path == b"/garbage":
+            return b"SPDY/9 what\r\n\r\n"
+        if path == b"/stall":
+            return b"STALL"
+        return None
+
+    async def main() -> None:
+        server, oport, stats = await start_origin(script)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            out = await exchange(port, [(b"GET", b"/len")])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
+            garbage = await r.read()  # an error answer closes the connection
+            w.close()
+            await exchange(port, [(b"GET", b"/len")])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /stall HTTP/1.1\r\nHost: t\r\n\r\n")
+            stall = await r.read()
+            w.close()
+            pool = ctx.state["connector"].pool
+            idle = len(pool)
+        server.close()
+        assert out[0].endswith(b"hello")
+        assert garbage.startswith(b"HTTP/1.1 502 "), garbage
+        assert stall.startswith(b"HTTP/1.1 504 "), stall
+        assert idle == 0  # the broken and the timed-out connections were closed, not pooled
+    run(main())
+
+
+def test_client_gone_mid_response_closes_the_upstream_connection() -> None:
+    async def main() -> None:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+            if path == b"/slow" else None)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            await r.readuntil(b"partial")
+            assert stats["closed"] == 0
+            w.close()
+            # The proxy closes its upstream connection instead of waiting for the rest.
+            await asyncio.wait_for(stats["closed_event"].wait(), 5)
+        server.close()
+        assert stats["closed"] == 1
+    run(main())
+
+
+def test_slow_client_gets_a_big_body_whole_with_back_pressure() -> None:
+    async def main() -> None:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            r, w = await asyncio.open_connection(sock=sock, limit=1 << 16)
+            w.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            digest = hashlib.sha256()
+            got = 0
+            # The proxy's buffer towards this client, sampled as the body goes through.
+            down = [c for c in ctx.connections._conns if c.transport is not None]
+            most_buffered = 0
+            while got < len(BIG):
+                piece = await r.read(4096)  # small reads: the proxy's buffers fill up
+                assert piece
+                digest.update(piece)
+                got += len(piece)
+                for c in down:
+                    if not c.closed:
+                        most_buffered = max(most_buffered, c.transport.get_write_buffer_size())
+            w.close()
+            pooled = [entry[1] for entry in ctx.state["connector"].pool._lru.values()]
+        server.close()
+        assert got == len(BIG) and digest.digest() == hashlib.sha256(BIG).digest()
+        assert stats["conns"] == 1  # served on the pooled connection, which survived it
+        # The slow client made the proxy wait for its buffer to drain instead of queueing the
+        # whole 8 MiB for it, and stop reading the origin meanwhile.
+        assert 0 < most_buffered < 2 * 1024 * 1024, most_buffered
+        assert len(pooled) == 1 and pooled[0].pause_count >= 1
+    run(main())
+
+
+def test_requests_with_a_body_go_to_the_engine() -> None:
+    async def main() -> None:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])
+            runs = count_engine_runs(ctx.state["http_app"])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+            resp = await read_exact_response(r)
+            w.close()
+        server.close()
+        assert resp.endswith(b"\r\n\r\nok") and runs[0] == 1
+    run(main())
