@@ -7,12 +7,20 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pyngora.config.schema import ConfigError, ConfigIssue, ServerConf, ServiceConf
 from pyngora.server.server import Opt, Server
-from pyngora.services.base import Service, background_service
 from pyngora.version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyngora.server.deferred import PlannedService
+    from pyngora.services.base import Service
+
+# The master imports this module, so the rooms it composes (services, proxy, lb, metrics,
+# protocols: asyncio, ssl, h2, httptools) are imported inside functions, and only where a
+# service is really built: in `-t`, in the check child and in the workers (see
+# pyngora/server/deferred.py). tests/process/test_footprint.py keeps this true.
 
 
 def load_object(spec: str) -> Any:
@@ -41,6 +49,7 @@ def build_service(conf: ServerConf, sc: ServiceConf) -> Service:
         from pyngora.metrics.service import PrometheusService
         return PrometheusService(sc.name, sc)
     if sc.type == "background":
+        from pyngora.services.base import background_service
         obj = load_object(sc.spec.app)
         task = obj() if isinstance(obj, type) else obj
         svc = background_service(sc.name, task)
@@ -63,6 +72,7 @@ def _prober(conf: ServerConf, sc: ServiceConf) -> Service:
     worker count, and workers read the shared table (pingora's background health check)."""
     from pyngora.lb.balancer import health_group_from_conf
     from pyngora.lb.health import HealthService
+    from pyngora.services.base import background_service
     prober = HealthService(conf.health_table_path(sc.name),
                            [health_group_from_conf(u) for u in sc.spec.upstreams])
 
@@ -110,6 +120,42 @@ def build_services(conf: ServerConf) -> list[Service]:
     return out
 
 
+def _health_tables(conf: ServerConf) -> list[str]:
+    return [conf.health_table_path(sc.name) for sc in conf.services
+            if sc.type == "http_proxy" and _needs_prober(sc)]
+
+
+def _build_in_worker(conf: ServerConf, sc: ServiceConf) -> "Service":
+    """What `build_services` makes of ``sc``, built alone (in a worker, after fork)."""
+    svc = build_service(conf, sc)
+    tables = _health_tables(conf)
+    if hasattr(svc, "health_tables") and tables:
+        svc.health_tables = tables
+    return svc
+
+
+def plan_services(conf: ServerConf) -> "list[PlannedService]":
+    """The master's services: checked in full by a short-lived child (ConfigError as
+    `build_services` raises it), then planned, each built by its workers after fork.
+
+    Runs in the master at start-up and on SIGHUP; imports none of the service rooms."""
+    from pyngora.server.deferred import PlannedService, check_in_child
+    check_in_child(conf, build_services)
+    out: list[PlannedService] = []
+    for sc in conf.services:
+        svc = PlannedService(sc.name, sc, lambda sc=sc: _build_in_worker(conf, sc),
+                             background=sc.type == "background")
+        if sc.type == "prometheus" and svc.threads is None:
+            svc.threads = 1  # as PrometheusService: one process answers scrapes
+        if sc.type == "http_proxy" and _needs_prober(sc):
+            prober = PlannedService(f"health-{sc.name}", None,
+                                    lambda sc=sc: _prober(conf, sc), background=True)
+            svc.add_dependency(prober)
+            out.append(prober)
+        out.append(svc)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opt = Opt.parse_args(argv)
     if opt.conf:
@@ -124,7 +170,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from pyngora.config.loader import load
         try:
             conf = load(opt.conf)
-            services = build_services(conf)
+            # -t and -s check in this short-lived process; a master builds nothing itself
+            building = opt.test or opt.signal
+            if not building and "" in sys.path:
+                # workers import the apps after fork, maybe after -d went to /: "" must
+                # still mean the directory pyngora was started in
+                sys.path[sys.path.index("")] = os.getcwd()
+            services = build_services(conf) if building else plan_services(conf)
         except ConfigError as e:
             sys.stderr.write(f"{e}\n")
             if opt.test:
@@ -141,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(2)
         from pyngora.server.control import send
         sys.exit(send(conf, opt.conf, opt.signal))
-    server = Server(opt, build_services=build_services)
+    server = Server(opt, build_services=plan_services)
     server.configuration = conf
     server._bootstrapped = True
     server.add_services(services)

@@ -8,11 +8,15 @@ accepts. :func:`parse_address` turns a listener or backend address into a
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
+
+try:  # CPython's own SHA-1: hashlib would load OpenSSL's libcrypto (~4 MiB) into the master
+    from _sha1 import sha1 as _sha1  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - another interpreter: the same digest from hashlib
+    from hashlib import sha1 as _sha1
 
 __all__ = ["Path", "SniCert", "TlsConf", "ListenerConf", "parse_address", "HeaderEdits",
            "LimitsConf", "TimeoutsConf", "HealthCheckConf", "DiscoveryConf", "BackendConf",
@@ -268,12 +272,12 @@ class ServerConf:
         two servers on one host never mix their counts."""
         if self.metrics_dir:
             return self.metrics_dir
-        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        tag = _sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
         return os.path.join(_default_runtime_dir(), "metrics-" + tag)
 
     def health_table_path(self, service: str) -> str:
         """The shared health table of one proxy service (written by its prober process)."""
-        tag = hashlib.sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
+        tag = _sha1(os.path.abspath(self.pid_file).encode()).hexdigest()[:12]
         return os.path.join(_default_runtime_dir(), f"health-{tag}-{service}.tbl")
 
     def service_threads(self, svc_threads: Optional[int]) -> int:

@@ -2,13 +2,22 @@
 
 `daemonize()` double-forks: the launching process stays in the foreground, waiting on a pipe,
 and exits 0 only once the master reports it serves (or, with ``-u``, listens on
-``upgrade_sock``); it exits 1 with the master's reason otherwise.
+``upgrade_sock``); it exits 1 with the master's reason otherwise. It waits at most
+`start_timeout()` seconds (60, or ``PYNGORA_START_TIMEOUT``): a master that has not reported
+by then is stopped (SIGINT, then SIGKILL for its whole process group) and the launcher exits 1,
+well before systemd's own TimeoutStartSec (90 s by default) would kill a forking unit.
 """
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
+import time
 from typing import Optional
+
+START_TIMEOUT = 60.0
+EXIT_START_TIMEOUT = 1
 
 
 class PidFileError(Exception):
@@ -74,19 +83,34 @@ def remove_pid_file(path: str) -> None:
             pass
 
 
-def daemonize(error_log: Optional[str], working_directory: Optional[str]) -> int:
+def start_timeout() -> float:
+    """Seconds ``pyngora -d`` waits for its master to report (``PYNGORA_START_TIMEOUT``)."""
+    try:
+        value = float(os.environ.get("PYNGORA_START_TIMEOUT", "") or START_TIMEOUT)
+    except ValueError:
+        return START_TIMEOUT
+    return value if value > 0 else START_TIMEOUT
+
+
+def daemonize(error_log: Optional[str], working_directory: Optional[str],
+              stop_timeout: float = 5.0) -> int:
     """Fork twice, detach. Returns, in the daemon, the fd to report readiness on.
-    The launcher never returns: it waits for that report and exits."""
+    The launcher never returns: it waits for that report (at most `start_timeout()`; then it
+    stops the daemon, giving it ``stop_timeout`` seconds before SIGKILL) and exits."""
+    timeout = start_timeout()
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid > 0:  # the launcher
         os.close(wfd)
-        _launcher_wait(rfd, pid)
+        _launcher_wait(rfd, pid, timeout, stop_timeout, error_log)
     os.close(rfd)
     os.setsid()
     # the intermediate process: the master waits until it is gone before sending MAINPID=
     os.environ["PYNGORA_LAUNCHER_PID"] = str(os.getpid())
-    if os.fork() > 0:
+    master = os.fork()
+    if master > 0:
+        # the launcher's first line: whom to stop should the master never report
+        os.write(wfd, f"pid {master}\n".encode())
         os._exit(0)
     os.umask(0o022)
     os.chdir(working_directory or "/")
@@ -103,18 +127,59 @@ def daemonize(error_log: Optional[str], working_directory: Optional[str]) -> int
     return wfd
 
 
-def _launcher_wait(rfd: int, child: int) -> None:
+def wait_launcher_gone(limit: float = 5.0) -> None:
+    """systemd adopts a MAINPID only once it is its child: in a ``-d`` master, wait (at most
+    ``limit`` seconds) for the launcher's intermediate process to be gone."""
+    deadline = time.monotonic() + limit
+    start_ppid = int(os.environ.get("PYNGORA_LAUNCHER_PID", "0") or 0)
+    while start_ppid and os.getppid() == start_ppid and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _read_until(rfd: int, deadline: float) -> tuple[bytes, bool]:
+    """Everything written on ``rfd`` until EOF or ``deadline``; (data, reached EOF)."""
     data = b""
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data, False
+        try:
+            ready, _, _ = select.select([rfd], [], [], left)
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
         chunk = os.read(rfd, 4096)
         if not chunk:
-            break
+            return data, True
         data += chunk
+
+
+def _launcher_wait(rfd: int, child: int, timeout: float = START_TIMEOUT,
+                   stop_timeout: float = 5.0, error_log: Optional[str] = None) -> None:
+    """The launcher's whole life after fork: relay the master's report, exit with its code.
+    ``child`` (the intermediate, gone at once) leads the daemon's session and process group."""
+    data, eof = _read_until(rfd, time.monotonic() + timeout)
     try:
         os.waitpid(child, 0)
     except ChildProcessError:
         pass
-    msg = data.decode("utf-8", "replace").strip()
+    master = None
+    lines = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("pid ") and line[4:].isdigit():
+            master = int(line[4:])
+        else:
+            lines.append(line)
+    msg = "\n".join(lines).strip()
+    if not eof and not msg:
+        _stop_daemon(rfd, child, master, stop_timeout)
+        where = f" (see {error_log})" if error_log else ""
+        sys.stderr.write(f"pyngora: the master (pid {master}) did not report ready within "
+                         f"{timeout:g}s; stopped it{where}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_START_TIMEOUT)
+    os.close(rfd)
     if msg.startswith("ok"):
         pid = msg[2:].strip()
         if pid:
@@ -127,6 +192,32 @@ def _launcher_wait(rfd: int, child: int) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
     os._exit(_code(msg))
+
+
+def _stop_daemon(rfd: int, group: int, master: Optional[int], stop_timeout: float) -> None:
+    """Stop a master that never reported: SIGINT (a fast stop: it stops its workers and
+    removes its pid file), then, after ``stop_timeout`` + 5 s, SIGKILL to its process group
+    (the session ``daemonize`` made: the master and every process it forked). No orphan."""
+    if master is not None:
+        try:
+            os.kill(master, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + stop_timeout + 5.0
+    _read_until(rfd, deadline)  # EOF: the master reported its stop and is cleaning up
+    os.close(rfd)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # everyone is gone
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _code(msg: str) -> int:

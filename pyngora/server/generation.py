@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pyngora.config.schema import ServerConf
 from pyngora.server.worker import WorkerSpec
-from pyngora.services.base import Service
+
+if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
+    from pyngora.services.base import Service
 
 
 def _worker_owner(conf: ServerConf) -> Optional[tuple[int, int]]:

@@ -14,15 +14,17 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
-from pyngora.server import daemon
+from pyngora.server import counters, daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
 from pyngora.server.generation import Generation, Worker, _worker_owner
 from pyngora.server.worker import EXIT_BOOT_FAILED, WorkerSpec, run_worker
-from pyngora.services.base import Service
+
+if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
+    from pyngora.services.base import Service
 
 try:
     from pyngora.server import systemd as sd
@@ -132,17 +134,7 @@ class Master:
         self._spawn_ready_services(self.gens[0])
 
     def _prepare_metrics(self, fresh: bool) -> None:
-        path = self.conf.metrics_path
-        try:
-            from pyngora.metrics import multiproc
-        except ImportError:
-            return
-        try:
-            multiproc.prepare_dir(path, fresh=fresh, owner=_worker_owner(self.conf))
-            from pyngora.version import __version__
-            multiproc.build_info(__version__)
-        except Exception as e:  # metrics must never stop the proxy
-            log.ERROR.warning("metrics directory %s unusable: %s", path, e)
+        counters.prepare(self.conf, fresh, _worker_owner(self.conf))
 
     def _adopt_systemd(self) -> None:
         try:
@@ -355,26 +347,13 @@ class Master:
         return nxt
 
     def _mark_dead(self, pid: int) -> None:
-        try:
-            from pyngora.metrics import multiproc
-            multiproc.mark_process_dead(pid)
-        except Exception:
-            pass
+        counters.mark_dead(pid)
 
     def _publish_workers(self, service: str) -> None:
-        try:
-            from pyngora.metrics import multiproc
-            n = sum(1 for w in self.workers.values() if w.spec.service.name == service)
-            multiproc.workers(service, n)
-        except Exception:
-            pass
+        counters.publish_workers(service, (w.spec.service.name for w in self.workers.values()))
 
     def _count_restart(self, service: str) -> None:
-        try:
-            from pyngora.metrics import multiproc
-            multiproc.record_master_event("worker_restart", service)
-        except Exception:
-            pass
+        counters.event("worker_restart", service)
 
     def _kill_all(self, sig: int, gen: Optional[int] = None) -> None:
         for pid, w in list(self.workers.items()):
@@ -466,23 +445,14 @@ class Master:
                 conn.close()
             # systemd must know the new MAINPID before the old master can exit, and -s upgrade
             # returns as soon as it sees pid_file change: notify first, then write it.
-            self._wait_reparented()
+            if os.environ.get("NOTIFY_SOCKET"):
+                daemon.wait_launcher_gone()
             self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
             daemon.write_pid_file(self.conf.pid_file)
         else:
             self._notify("READY=1", f"STATUS=serving, {n} workers")
         daemon.report(self.launcher_fd, True)
         self.launcher_fd = -1
-
-    def _wait_reparented(self) -> None:
-        """systemd adopts a MAINPID only once it is its child: wait for the -d launcher's
-        intermediate process to be gone before sending MAINPID."""
-        if not os.environ.get("NOTIFY_SOCKET"):
-            return
-        deadline = time.monotonic() + 5.0
-        start_ppid = int(os.environ.get("PYNGORA_LAUNCHER_PID", "0") or 0)
-        while start_ppid and os.getppid() == start_ppid and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     def _notify(self, *lines: str) -> None:
         if sd is not None:
@@ -581,11 +551,7 @@ class Master:
         self._count_event("upgrade_failed")
 
     def _count_event(self, name: str) -> None:
-        try:
-            from pyngora.metrics import multiproc
-            multiproc.record_master_event(name, "")
-        except Exception:
-            pass
+        counters.event(name)
 
     def _begin_stop(self, how: str) -> None:
         if self.stopping == "fast" or (self.stopping and how == "graceful"):
@@ -625,11 +591,7 @@ class Master:
         self.table.close_all(unlink=not self.handed_over and not self.upgrade_mode)
         if not self.handed_over:  # after a hand-over the pid file is the new master's
             daemon.remove_pid_file(self.conf.pid_file)
-        try:
-            from pyngora.metrics import multiproc
-            multiproc.master_exit()
-        except Exception:
-            pass
+        counters.master_exit()
         for w in self.workers.values():
             if w.fd >= 0:
                 os.close(w.fd)

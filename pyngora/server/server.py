@@ -11,11 +11,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
-from pyngora.services.base import Service
+
+if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
+    from pyngora.services.base import Service
 
 
 @dataclass
@@ -89,7 +91,8 @@ class Server:
             self.bootstrap()
         conf = self.configuration
         if self.opt.daemon or conf.daemon:
-            launcher_fd = daemonize(conf.error_log, conf.working_directory)
+            launcher_fd = daemonize(conf.error_log, conf.working_directory,
+                                    conf.graceful_shutdown_timeout_seconds)
         else:
             launcher_fd = -1
             if conf.working_directory:

@@ -11,11 +11,16 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pyngora import log
 from pyngora.config.schema import ListenerConf, ServerConf
-from pyngora.services.base import ReadyNotifier, Service, WorkerContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyngora.services.base import Service, WorkerContext
+
+# Imported by the master: the service rooms (and asyncio with them) are imported in the
+# worker, after fork (`_serve`), so the master stays small.
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 4     # the worker never became ready (bad app, import error, ...)
@@ -28,7 +33,7 @@ class WorkerSpec:
     __slots__ = ("service", "slot", "generation", "conf", "sockets", "title", "ready_fd",
                  "master_pid")
 
-    def __init__(self, service: Service, slot: int, generation: int, conf: ServerConf,
+    def __init__(self, service: "Service | Any", slot: int, generation: int, conf: ServerConf,
                  sockets: list[tuple[ListenerConf, socket.socket]], title: str) -> None:
         self.service = service
         self.slot = slot
@@ -109,9 +114,17 @@ def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
     _set_parent_death_signal()
     conf = spec.conf
     log.setup(None if not conf.error_log else conf.error_log, conf.log_level, conf.access_log)
+    try:
+        # a YAML service is planned in the master and built here (server/deferred.py)
+        from pyngora.server.deferred import realize
+        spec.service = realize(spec.service)
+    except Exception:
+        log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
+        return EXIT_BOOT_FAILED
 
     import asyncio
     import uvloop
+    from pyngora.services.base import WorkerContext
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     ctx = WorkerContext(spec.service, spec.slot, spec.generation, conf, loop)
@@ -124,8 +137,9 @@ def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
             pass
 
 
-async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
+async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
     import asyncio
+    from pyngora.services.base import ReadyNotifier
     loop = asyncio.get_running_loop()
     service = spec.service
     conf = spec.conf
@@ -217,7 +231,7 @@ async def _main(spec: WorkerSpec, ctx: WorkerContext) -> int:
                 pass
 
 
-def _start_metrics(service: str, ctx: WorkerContext, loop: object) -> Optional[object]:
+def _start_metrics(service: str, ctx: "WorkerContext", loop: object) -> Optional[object]:
     """Per-worker metrics: plain counters flushed to the multiprocess files every second.
     Metrics must never stop a worker, so any failure here only logs."""
     if os.environ.get("PYNGORA_METRICS") == "off":  # the benchmark's metrics-off arm
@@ -257,7 +271,7 @@ async def _take_queued(loop: object, sock: socket.socket, factory: object,
         sock.close()
 
 
-async def _watch_master(master_pid: int, ctx: WorkerContext) -> None:
+async def _watch_master(master_pid: int, ctx: "WorkerContext") -> None:
     """A worker outlives no master: once re-parented, it drains and exits."""
     import asyncio
     while not ctx.shutdown.is_set():

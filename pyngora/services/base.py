@@ -1,7 +1,9 @@
 """Services: what a worker process runs, and the small contract between a service and the worker.
 
-A `Service` is built in the master (from YAML or from Python), carried across `fork`, and started
-in each of its worker processes. Listening services hand the worker an asyncio protocol factory
+A `Service` built from Python (the `Server` API) is built in the master and carried across
+`fork`; one from YAML is only planned in the master (pyngora/server/deferred.py: checked in a
+short-lived child, then built by each worker after fork, so the master imports none of this).
+Either way it is started in each of its worker processes. Listening services hand the worker an asyncio protocol factory
 per listener; background services run one coroutine in a process of their own.
 """
 from __future__ import annotations

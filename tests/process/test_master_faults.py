@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 
-from tests.support import ROOT, alive, children_of, free_port, get, port_open, wait_for
+import pytest
+
+from tests.support import (ROOT, alive, children_of, free_port, get, port_open, title,
+                           wait_for)
 
 BOOM = '''
 class Boom:
@@ -166,3 +169,52 @@ def test_service_failing_after_a_served_reload_never_stops_the_others(tmp_path) 
         assert alive(master) and get(port)[0] == 200
     finally:
         d.kill()
+
+
+HANG = '''
+import os, signal, time
+
+
+class Hang:
+    """Never says it is ready: its first cycle blocks the worker's loop for good (a prober
+    stuck on a dead DNS server, say). It leaves the pids a test must see gone."""
+
+    async def start_with_ready_notifier(self, shutdown, ready):
+        with open(os.environ["HANG_PIDS"], "w") as f:
+            f.write(f"{os.getpid()} {os.getppid()} {os.getpgrp()}")
+        if os.environ.get("HANG_MASTER"):
+            os.kill(os.getppid(), signal.SIGSTOP)  # the master itself hangs
+        time.sleep(3600)
+'''
+
+
+@pytest.mark.parametrize("master_hangs", [False, True], ids=["service-hangs", "master-hangs"])
+def test_daemon_launcher_gives_up_on_a_master_that_never_reports(tmp_path,
+                                                                  master_hangs) -> None:
+    """``pyngora -d`` waits PYNGORA_START_TIMEOUT (60 s by default), then stops the master
+    (SIGINT; SIGKILL to its process group when that is not enough) and exits 1: no orphan."""
+    (tmp_path / "hangapp.py").write_text(HANG)
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.env["PYNGORA_START_TIMEOUT"] = "3"
+    d.env["HANG_PIDS"] = str(tmp_path / "hang.pids")
+    if master_hangs:
+        d.env["HANG_MASTER"] = "1"
+    d.write("graceful_shutdown_timeout_seconds: 1\n" + _static(
+        port, "  - {name: bg, type: background, app: 'hangapp:Hang'}\n"))
+    pids: list[int] = []
+    try:
+        out = d.cmd("-d")
+        pids = [int(x) for x in (tmp_path / "hang.pids").read_text().split()]
+        assert out.returncode == 1, out
+        assert "did not report ready within 3s" in out.stderr, out.stderr
+        bg, master, _group = pids
+        wait_for(lambda: not alive(master) and not alive(bg), 10, "the daemon to be gone")
+        assert not port_open(port)
+        if not master_hangs:  # it stopped itself cleanly
+            assert not (tmp_path / "p.pid").exists()
+    finally:
+        # only what this test started and is still pyngora (p.pid may name a dead master)
+        for pid in pids[:2]:
+            if alive(pid) and title(pid).startswith("pyngora"):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,62 @@
+"""The master's metrics: the multiprocess directory, worker counts, restarts, reloads.
+
+Runs in the master only. Metrics must never stop the proxy, so every call here swallows its
+errors (`prepare` logs them). ``pyngora.metrics.multiproc`` is stdlib-only: no
+prometheus_client in the master.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from pyngora import log
+from pyngora.config.schema import ServerConf
+
+
+def prepare(conf: ServerConf, fresh: bool, owner: object) -> None:
+    """At start-up: make (``fresh``: empty) the metrics directory, publish build info."""
+    path = conf.metrics_path
+    try:
+        from pyngora.metrics import multiproc
+    except ImportError:
+        return
+    try:
+        multiproc.prepare_dir(path, fresh=fresh, owner=owner)
+        from pyngora.version import __version__
+        multiproc.build_info(__version__)
+    except Exception as e:  # metrics must never stop the proxy
+        log.ERROR.warning("metrics directory %s unusable: %s", path, e)
+
+
+def mark_dead(pid: int) -> None:
+    """A reaped worker: its live gauges leave the totals."""
+    try:
+        from pyngora.metrics import multiproc
+        multiproc.mark_process_dead(pid)
+    except Exception:
+        pass
+
+
+def publish_workers(service: str, services_of_workers: Iterable[str]) -> None:
+    """The number of live worker processes of ``service`` (after a fork or a reap)."""
+    try:
+        from pyngora.metrics import multiproc
+        multiproc.workers(service, sum(1 for s in services_of_workers if s == service))
+    except Exception:
+        pass
+
+
+def event(name: str, service: str = "") -> None:
+    """One master event: worker_restart (per service), reload, upgrade, upgrade_failed."""
+    try:
+        from pyngora.metrics import multiproc
+        multiproc.record_master_event(name, service)
+    except Exception:
+        pass
+
+
+def master_exit() -> None:
+    try:
+        from pyngora.metrics import multiproc
+        multiproc.master_exit()
+    except Exception:
+        pass
