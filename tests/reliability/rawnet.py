@@ -323,6 +323,60 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def proc_state(pid: int) -> str:
+    """The one-letter state in /proc/PID/stat ("R", "S", "T" stopped, "Z"...); "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def proc_start(pid: int) -> int:
+    """The process's start time (clock ticks since boot; /proc/PID/stat field 22), 0 if gone.
+    With the pid it names one process for good: pids are reused, (pid, start) pairs are not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets ``pid`` holds open (empty if it is gone)."""
+    out = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+TCP_LISTEN = "0A"
+
+
+def tcp_table() -> dict[str, tuple[int, int, str]]:
+    """The IPv4 TCP sockets of this network namespace, from /proc/net/tcp:
+    inode -> (local port, remote port, state in hex: "01" established, "0A" listen...).
+    Sockets no process holds any more (TIME_WAIT) have inode 0 and are left out."""
+    out: dict[str, tuple[int, int, str]] = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) > 9 and parts[9] != "0":
+                out[parts[9]] = (int(parts[1].split(":")[1], 16),
+                                 int(parts[2].split(":")[1], 16), parts[3])
+    return out
+
+
 def wait_until(cond: Callable[[], object], timeout: float, interval: float = 0.02) -> object:
     """Like tests.support.wait_for, but returns the last value instead of raising."""
     end = time.monotonic() + timeout
