@@ -239,6 +239,7 @@ class _Forward:
         ex, session = self.ex, self.session
         no_body = self.state == _NO_BODY
         self.state = _DONE
+        ex.task = None  # ex -> self -> ex: a cycle would leave both to the garbage collector
         # Pooled before the client's response ends: ending it may start the next pipelined
         # request, which may then reuse this very connection.
         self.fast.connector.release(self.conn, True)
@@ -281,6 +282,8 @@ class _Forward:
         unused = self.state == _SEND  # nothing was sent on the connection: it may go back
         self.state = _DONE
         fast, ex, session, conn = self.fast, self.ex, self.session, self.conn
+        if ex.task is self:
+            ex.task = None  # (run_task below sets the engine's own task)
         engine = fast.engine
         fast.connector.release(conn, unused)
         if e.source is not ErrorSource.Downstream:
