@@ -216,6 +216,14 @@ class RequestParser:
         data, self._trailing = self._trailing, b""
         return data
 
+    def release(self) -> None:
+        """The connection closed: drop llhttp's parser, which holds this object's callbacks
+        (a reference cycle that would leave both to the garbage collector). Later feeds
+        return nothing."""
+        self._stopped = True
+        self._p = None
+        self._events = []
+
     @property
     def in_message(self) -> bool:
         """True while a request has begun and not ended (a timeout then means 408 / abort)."""

@@ -137,6 +137,12 @@ class ResponseParser:
         self._error = err
         raise err
 
+    def release(self) -> None:
+        """The connection closed: drop llhttp's parser, which holds this object's callbacks
+        (a reference cycle that would leave both to the garbage collector)."""
+        self._p = None
+        self._events = []
+
     def take_trailing(self) -> bytes:
         """After a 101 (or 2xx to CONNECT): the bytes after the head (to tunnel); clears them."""
         data, self._trailing = self._trailing, b""

@@ -119,6 +119,12 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._state = _S_CLOSING
+        # Break the reference cycles of a closed connection (transport <-> protocol, parser
+        # <-> llhttp's callbacks) so it is freed at once, not by the garbage collector, whose
+        # full collections are latency spikes under connection churn.
+        self.transport = None
+        self.parser.release()
+        self._timer_cb = None  # a bound method of this connection
         self._deadline = None
         if self._timer is not None:
             self._timer.cancel()  # do not keep the connection alive until it would fire

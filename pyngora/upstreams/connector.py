@@ -169,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._cancel_timer()
+        self._parser.release()  # llhttp's parser <-> ours: freed now, not by the collector
         if self._idle:
             self._unpool()
         if exc is not None and self._error is None:

@@ -382,3 +382,47 @@ def test_requests_leave_no_garbage_cycles() -> None:
         server.close()
         assert cyclic < 100, f"{cyclic} objects in cycles after 300 requests"
     run(main())
+
+
+def test_closed_connections_leave_no_garbage_cycles() -> None:
+    # Connection churn on both sides: each client connection closes after one request, and
+    # the origin closes each upstream connection after its response. A closed connection must
+    # be freed at once (transport <-> protocol and parser <-> llhttp cycles broken).
+    close = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+    async def main() -> None:
+        server, oport, stats = await start_origin(lambda path, n: close)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+
+            async def one() -> bytes:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                data = await r.read()
+                w.close()
+                await w.wait_closed()
+                return data
+            await one()
+            gc.collect()
+            gc.disable()
+            try:
+                answers = [await one() for _ in range(100)]
+                # the proxy's side of the last connections closes after the client's
+                await until_closed(ctx, stats, 101)
+                cyclic = gc.collect()
+            finally:
+                gc.enable()
+        server.close()
+        assert all(a.endswith(b"\r\n\r\nok") for a in answers)
+        assert cyclic < 100, f"{cyclic} objects in cycles after 100 connections"
+    run(main())
+
+
+async def until_closed(ctx: Any, stats: dict[str, Any], upstream_closed: int) -> None:
+    """Until the proxy holds no client connection and the origin saw its connections close."""
+    for _ in range(500):
+        if not len(ctx.connections) and stats["closed"] >= upstream_closed:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still open: {len(ctx.connections)} client connections, "
+                         f"{stats['closed']} upstream closed")
