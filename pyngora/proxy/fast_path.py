@@ -106,10 +106,7 @@ class FastPath:
         if conn is None:
             return engine.run(ex, session, peer)
         session.peer = peer
-        um = engine._umetrics(peer)
-        if um is not None:
-            um.pool_reused()
-        fwd = _Forward(self, ex, session, conn, um)
+        fwd = _Forward(self, ex, session, conn, engine._umetrics(peer))
         ex.task = fwd  # type: ignore[assignment]  # the connection cancels it if the client goes
         self.schedule(fwd)
         return None
@@ -130,7 +127,14 @@ class FastPath:
         the next run."""
         queue, self._queue = self._queue, []
         for fwd in queue:
-            fwd.run()
+            try:
+                fwd.run()
+            except Exception as e:  # a bug in the failure path itself: the batch goes on
+                log.ERROR.error("fast path failed: %r", e, exc_info=e)
+                fwd.state = _DONE
+                fwd.fast.connector.release(fwd.conn, False)
+                if not fwd.ex.finished:
+                    fwd.ex.respond_error(502)
 
 
 class _Forward:
@@ -192,6 +196,19 @@ class _Forward:
 
     def _send(self) -> None:
         head, conn, peer = self.ex.head, self.conn, self.session.peer
+        if conn._eof or conn._closed or conn._error is not None or conn.response_bytes_seen:
+            # The pooled connection was taken when the request was parsed; the origin closed
+            # it (or spoke) in the same loop iteration, before we used it. The engine would
+            # still have found it idle in the pool and dropped it: do as it would.
+            connector = self.fast.connector
+            connector.release(conn, False)
+            conn = connector.get_pooled(peer)
+            if conn is None:  # none left: the engine dials (no retry counted)
+                self._hand_over(self.fast.engine.run(self.ex, self.session, peer))
+                return
+            self.conn = conn
+        if self.um is not None:
+            self.um.pool_reused()
         self.state = _HEAD
         conn.send_head(head.method, head.target, upstream_fields(head.headers, peer))
         conn.listen(self.on_upstream, peer.options.read_timeout)
@@ -257,6 +274,8 @@ class _Forward:
             return
         if log._access_on:
             log.ACCESS.info(access.format_line(session, None, self.fast.access_format))
+        if not ex.finished:  # as engine.run: a 101 to a request that asked for no upgrade
+            ex.respond_error(502)
 
     # -- the client's write buffer
     def _wait_for_client(self) -> None:
@@ -275,6 +294,14 @@ class _Forward:
         self.run()
 
     # -- failures
+    def _hand_over(self, coro: Any) -> None:
+        """The engine takes the request from here, as the connection's request task."""
+        self.state = _DONE
+        ex = self.ex
+        if ex.task is self:
+            ex.task = None  # (and no ex <-> self cycle left behind)
+        ex.conn.run_task(ex, coro)
+
     def fail(self, e: Error) -> None:
         """The attempt failed: the engine's rules decide between a retry and an answer."""
         if self.state == _DONE:

@@ -45,13 +45,28 @@ class WorkerSpec:
         self.master_pid = os.getpid()
 
 
+# pyngora's own modules that code imports inside functions (to keep one-way doors or the
+# master small), loaded with the service's room: parent -> what it imports on first use.
+_LAZY_OWN = {"pyngora.services.http_app": ("pyngora.services.h2_dispatch",
+                                           "pyngora.protocols.tls"),
+             "pyngora.protocols.h1": ("pyngora.protocols.h1_response",),
+             "pyngora.upstreams": ("pyngora.upstreams.connector",),
+             "pyngora.lb.backend": ("pyngora.lb.discovery",),
+             "pyngora.metrics.service": ("pyngora.metrics.exporter", "pyngora.lb.health_table")}
+
+
 def _preload_modules() -> None:
-    """Import what the request path may import lazily, while the interpreter's files are still
-    readable: after the drop to ``user`` they may not be (a Python under /root, say)."""
+    """Import what the request path may import lazily, while the files are still readable:
+    after the drop to ``user`` they may not be (a Python under /root, a checkout only root
+    may read). Runs after the service was built (its room is loaded), before the drop."""
     import importlib
-    for name in ("concurrent.futures.thread", "ssl", "json", "email.utils", "zlib", "gzip",
-                 "hashlib", "hmac", "base64", "urllib.parse", "ipaddress", "encodings.idna",
-                 "h2.connection"):
+    names = ["concurrent.futures.thread", "ssl", "json", "email.utils", "zlib", "gzip",
+             "hashlib", "hmac", "base64", "urllib.parse", "ipaddress", "encodings.idna",
+             "h2.connection"]
+    for parent, children in _LAZY_OWN.items():
+        if parent in sys.modules:
+            names.extend(children)
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:

@@ -444,6 +444,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _wake(self) -> None:
         listener = self._listener
         if listener is not None:
+            # This wait is over, as a resolved future's is: a timer due in this same loop
+            # iteration must not time out a response that already arrived (listen() re-arms).
+            self._deadline = None
             listener(True)
             return
         waiter = self._waiter

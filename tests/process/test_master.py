@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,21 +274,36 @@ def test_unix_listener_stale_path_and_mode(tmp_path, pyngora_factory) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_workers_drop_to_user_and_group(tmp_path, pyngora_factory) -> None:
-    port = free_port()
+    # Run from a copy of the package in the test's own directory, which only root may read
+    # (pytest makes it 0700): a module a worker imported after dropping to nobody fails here,
+    # wherever the checkout lives.
+    shutil.copytree(ROOT / "pyngora", tmp_path / "pyngora",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(tmp_path, 0o700)
+    port, proxy_port = free_port(), free_port()
     wd = tmp_path / "wd"
     wd.mkdir()
     p = pyngora_factory(_yaml_static(tmp_path, port, f"user: nobody\ngroup: nogroup\n"
-                                     f"working_directory: {wd}\n")).start()
+                                     f"working_directory: {wd}\n")
+                        + f"  - name: proxy\n    type: http_proxy\n"
+                          f"    listeners: ['127.0.0.1:{proxy_port}']\n"
+                          f"    upstreams: [{{name: o, backends: [{{addr: '127.0.0.1:{port}'}}]}}]\n"
+                        ).start()
     p.wait_serving(port)
+    p.wait_serving(proxy_port)
     assert get(port)[0] == 200
-    (worker,) = wait_for(p.workers, 10, "the worker")
-    status = open(f"/proc/{worker}/status").read()
-    uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
-    gid_line = next(l for l in status.splitlines() if l.startswith("Gid:"))
+    for _ in range(3):  # a dial, then the fast path on the pooled connection
+        assert get(proxy_port)[0] == 200
+    assert "failed to boot" not in (tmp_path / "y.log").read_text()
+    workers = wait_for(lambda: len(p.workers()) == 2 and p.workers(), 10, "the workers")
     import grp
     import pwd
-    assert uid_line.split()[1:] == [str(pwd.getpwnam("nobody").pw_uid)] * 4
-    assert gid_line.split()[1] == str(grp.getgrnam("nogroup").gr_gid)
+    for worker in workers:
+        status = open(f"/proc/{worker}/status").read()
+        uid_line = next(l for l in status.splitlines() if l.startswith("Uid:"))
+        gid_line = next(l for l in status.splitlines() if l.startswith("Gid:"))
+        assert uid_line.split()[1:] == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+        assert gid_line.split()[1] == str(grp.getgrnam("nogroup").gr_gid)
     assert os.readlink(f"/proc/{p.pid}/cwd") == str(wd)
     # the master keeps its rights (it rebinds on reload and owns the pid file)
     assert open(f"/proc/{p.pid}/status").read().count("Uid:\t0\t0\t0\t0") == 1

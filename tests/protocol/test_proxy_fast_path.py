@@ -8,7 +8,11 @@ import asyncio
 import gc
 import hashlib
 import socket
+import threading
+import time
 from typing import Any, Callable, Optional
+
+import pytest
 
 from pyngora.config.loader import parse_text
 from pyngora.proxy import ProxyHttp, Session
@@ -426,3 +430,176 @@ async def until_closed(ctx: Any, stats: dict[str, Any], upstream_closed: int) ->
         await asyncio.sleep(0.01)
     raise AssertionError(f"still open: {len(ctx.connections)} client connections, "
                          f"{stats['closed']} upstream closed")
+
+
+# -- found by review: each runs the engine and the fast path on the same scenario ----------
+
+def both_ways(scenario: Callable[[bool], Any]) -> tuple[Any, Any]:
+    return scenario(False), scenario(True)
+
+
+def test_a_101_to_a_plain_request_is_closed_as_the_engine_does() -> None:
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n"
+
+    def scenario(fast: bool) -> bytes:
+        async def main() -> bytes:
+            server, oport, _ = await start_origin(
+                lambda path, n: switching if path == b"/sw" else None)
+            conf, svc = proxy_service(oport)
+            async with serving(svc, conf) as (port, ctx):
+                if not fast:
+                    ctx.state["http_app"].fast = None
+                await exchange(port, [(b"GET", b"/len")])
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /sw HTTP/1.1\r\nHost: t\r\n\r\n")
+                try:
+                    out = b"closed after: " + await asyncio.wait_for(r.read(), 5)
+                except asyncio.TimeoutError:
+                    out = b"no close within 5 s"
+                w.close()
+            server.close()
+            return out
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast and engine.startswith(b"closed after: HTTP/1.1 101 "), (engine, fast)
+
+
+def test_a_response_in_before_its_deadline_is_no_504_when_the_loop_ran_late() -> None:
+    # The answer arrives at 0.5 s of a 1 s read timeout, but another callback of the same loop
+    # iteration keeps the loop busy until 1.2 s: the timer due meanwhile must not win.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+    def scenario(fast: bool) -> bytes:
+        async def main() -> bytes:
+            loop = asyncio.get_running_loop()
+            busy_r, busy_w = socket.socketpair()
+            busy_r.setblocking(False)
+
+            def on_busy() -> None:
+                busy_r.recv(10)
+                time.sleep(0.7)  # some other work of this worker, in the same iteration
+
+            loop.add_reader(busy_r.fileno(), on_busy)
+
+            class Late(asyncio.Protocol):
+                def connection_made(self, t: Any) -> None:
+                    self.t = t
+
+                def data_received(self, data: bytes) -> None:
+                    if b"/late" not in data:
+                        self.t.write(answer)
+                        return
+
+                    def later() -> None:
+                        self.t.write(answer)  # readable first, then the busy socket
+                        busy_w.send(b"x")
+                    loop.call_later(0.5, later)
+
+            server = await loop.create_server(Late, "127.0.0.1", 0)
+            conf, svc = proxy_service(server.sockets[0].getsockname()[1])  # read_seconds: 1
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    if not fast:
+                        ctx.state["http_app"].fast = None
+                    await exchange(port, [(b"GET", b"/warm")])
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.write(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+                    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                    w.close()
+            finally:
+                server.close()
+                loop.remove_reader(busy_r.fileno())
+                busy_r.close()
+                busy_w.close()
+            return head.split(b"\r\n")[0]
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast == b"HTTP/1.1 200 OK", (engine, fast)
+
+
+class ThreadOrigin:
+    """An origin on plain threads, so it can act while the proxy's loop is blocked."""
+
+    def __init__(self) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        while True:
+            try:
+                data = c.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    _, _, buf = buf.partition(b"\r\n\r\n")
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.lsock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("retries,farewell", [
+    ("", b""), ("0", b""),
+    ("", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")])
+def test_a_pooled_connection_the_origin_closes_in_the_same_iteration_is_not_used(
+        retries: str, farewell: bytes) -> None:
+    # The client's request and the origin's FIN on the idle pooled connection (after a 408,
+    # in one case) are read in one poll phase, in that order: the engine finds the pooled
+    # connection dead before it takes it, and so must the fast path (a 502 otherwise when no
+    # retry is allowed, or when the 408's bytes made the response look started).
+    def scenario(fast: bool) -> bytes:
+        async def main() -> bytes:
+            origin = ThreadOrigin()
+            conf, svc = proxy_service(origin.port, f"        retries: {retries}\n"
+                                      if retries else "")
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    if not fast:
+                        ctx.state["http_app"].fast = None
+                    await exchange(port, [(b"GET", b"/warm")])
+                    assert len(ctx.state["connector"].pool) == 1
+                    client = socket.create_connection(("127.0.0.1", port))
+                    me = client.getsockname()
+                    for _ in range(500):  # until the proxy accepted this very connection
+                        if any(c.client_addr == me for c in ctx.connections._conns):
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        raise AssertionError("the proxy did not accept the connection")
+                    up = origin.conns[0]
+
+                    def both() -> None:
+                        client.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                        if farewell:
+                            up.sendall(farewell)
+                        up.shutdown(socket.SHUT_WR)
+                    actor = threading.Thread(target=both)
+                    actor.start()
+                    actor.join()  # blocks the loop: both arrive before its next poll
+                    client.setblocking(False)
+                    r, w = await asyncio.open_connection(sock=client)
+                    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                    w.close()
+            finally:
+                origin.close()
+            return head.split(b"\r\n")[0]
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast == b"HTTP/1.1 200 OK", (engine, fast)

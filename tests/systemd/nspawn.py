@@ -79,10 +79,23 @@ def interpreter_root() -> Path | None:
     return real.parent.parent
 
 
+def _let_others_traverse(repo: Path | str) -> None:
+    """The units run as a DynamicUser that must read the checkout where the container binds
+    it. A checkout cloned into a private directory (``mktemp -d`` makes it 0700) shows those
+    bits there too: open the checkout's own directory to others (r-x, as git makes every
+    directory inside it), and say so."""
+    mode = os.stat(repo).st_mode & 0o777
+    if mode & 0o005 != 0o005:
+        os.chmod(repo, mode | 0o005)
+        print(f"nspawn: {repo} was {mode:o}; made it {mode | 0o005:o} so the units' "
+              f"DynamicUser can read the checkout", file=sys.stderr, flush=True)
+
+
 class Container:
     """A booted container; use as a context manager so it always powers off."""
 
     def __init__(self, binds_ro: list[str] | None = None, boot_timeout: float = 60) -> None:
+        _let_others_traverse(REPO)
         self.name = f"pyngora-e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         interp = interpreter_root()
         self.binds_ro = [f"{REPO}:{SRC}"] + ([str(interp)] if interp else []) + (binds_ro or [])
