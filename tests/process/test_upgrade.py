@@ -14,6 +14,7 @@ import pytest
 
 from tests.loadgen import Load
 from tests.process.apps import SERVER_APP
+from tests.reliability.rawnet import proc_start
 from tests.support import ROOT, alive, children_of, free_port, get, port_open, title, wait_for
 from pyngora.server.daemon import read_pid
 
@@ -45,7 +46,9 @@ class Daemon:
         self.conf = tmp / "pyngora.yaml"
         self.conf.write_text(text)
         self.env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.seen: set[int] = set()
+        # pid -> its start time: pids are reused, (pid, start) pairs are not, so kill() never
+        # signals a process that merely inherited a pid this test saw
+        self.seen: dict[int, int] = {}
 
     def cmd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(self.conf), *args],
@@ -53,13 +56,17 @@ class Daemon:
                            stdin=subprocess.DEVNULL)
         pid = read_pid(str(self.tmp / "p.pid"))
         if pid:
-            self.seen.add(pid)
+            self._see(pid)
         return r
+
+    def _see(self, pid: int) -> None:
+        if pid not in self.seen:
+            self.seen[pid] = proc_start(pid)
 
     def pid(self) -> int:
         pid = read_pid(str(self.tmp / "p.pid"))
         assert pid
-        self.seen.add(pid)
+        self._see(pid)
         return pid
 
     def log(self) -> str:
@@ -67,7 +74,11 @@ class Daemon:
         return p.read_text() if p.exists() else ""
 
     def kill(self) -> None:
-        for pid in self.seen | set(_master_pids(self.tmp)):
+        for pid in _master_pids(self.tmp):
+            self._see(pid)
+        for pid, start in self.seen.items():
+            if not start or proc_start(pid) != start:
+                continue  # gone (its pid may belong to someone else by now)
             for child in children_of(pid):
                 try:
                     os.kill(child, signal.SIGKILL)
@@ -238,7 +249,9 @@ def test_inflight_request_and_download_finish_on_old_master(tmp_path) -> None:
         os.kill(old.pid, signal.SIGQUIT)
         new_pid = wait_for(lambda: (read_pid(str(tmp_path / "p.pid")) or old.pid) != old.pid
                            and read_pid(str(tmp_path / "p.pid")), 20, "the new master")
-        assert title(old.pid) == "pyngora: old master (draining)"
+        # the new master writes its pid file before it tells the old one to drain
+        wait_for(lambda: title(old.pid) == "pyngora: old master (draining)", 10,
+                 "the old master to drain")
         for t in threads:
             t.join(40)
         status, headers, body = results["slow"]
