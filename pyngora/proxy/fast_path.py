@@ -196,7 +196,7 @@ class _Forward:
 
     def _send(self) -> None:
         head, conn, peer = self.ex.head, self.conn, self.session.peer
-        if conn._eof or conn._closed or conn._error is not None or conn.response_bytes_seen:
+        if not conn.untouched():
             # The pooled connection was taken when the request was parsed; the origin closed
             # it (or spoke) in the same loop iteration, before we used it. The engine would
             # still have found it idle in the pool and dropped it: do as it would.
@@ -237,8 +237,7 @@ class _Forward:
             else:
                 raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
                             f"unexpected {cls.__name__} in a response")
-        if ex._head_buf is not None:
-            ex.flush_head()  # the head's body has not arrived yet
+        ex.flush_head()  # a head held for its body, when the body has not arrived yet
         conn.listen(self.on_upstream, conn.peer.options.read_timeout)
 
     def _head(self, rh: ResponseHead) -> None:

@@ -313,6 +313,12 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._deadline = None
 
+    def untouched(self) -> bool:
+        """True while nothing (no byte, EOF, error or close) has happened on a connection taken
+        from the pool since it was taken: it may still carry a request."""
+        return not (self._eof or self._closed or self._error is not None
+                    or self.response_bytes_seen)
+
     def can_reuse(self) -> bool:
         """True when the last exchange ended cleanly and the upstream allows keep-alive."""
         return (not self._closed and not self._eof and self._error is None
