@@ -77,6 +77,18 @@ class ResponseParser:
             self._p = httptools.HttpResponseParser(self)
 
     @property
+    def limits(self) -> H1Limits:
+        return self._limits
+
+    def taken_whole(self, keep_alive: bool) -> None:
+        """The response was read whole elsewhere (``h1_splice.WholeResponses``, after
+        ``start()`` and before any ``feed``): it ended, and the upstream keeps the connection
+        alive or not."""
+        self._state = _DONE
+        self._keep_alive = keep_alive
+        self._seen = True
+
+    @property
     def response_started(self) -> bool:
         """True once any byte of the current response arrived (no safe retry after that)."""
         return self._seen

@@ -43,6 +43,7 @@ _S_CLOSING = 3   # lingering close / closed: ignore input
 _ERROR_HEADERS = b"Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CRLF = b"\r\n"
+_CLOSE_FIELD = b"Connection: close\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -314,6 +315,30 @@ class Exchange:
             self._head_buf = data
             if not hold:
                 conn.loop.call_soon(self._flush_head)
+
+    def may_write_whole(self) -> bool:
+        """True when a whole upstream response may go out as it came (``write_whole``): the
+        answer to an HTTP/1.1 GET (no body, so no framing or 100-continue state of ours), and
+        no head sent yet."""
+        head = self.head
+        return not self.head_sent and head.method == b"GET" and head.version == "1.1"
+
+    def write_whole(self, status: int, data: bytes, body_len: int) -> None:
+        """Send a complete response (head with its Content-Length and no hop-by-hop field,
+        and body) and end the exchange; only after ``may_write_whole`` said True. As
+        ``write_head``, adds ``Connection: close`` when this connection ends with it."""
+        conn = self.conn
+        keep_alive = self.keep_alive and conn._may_keep_alive() and not conn._upgrade_head
+        if not keep_alive:
+            end = data.find(_CRLF + _CRLF) + 2
+            data = data[:end] + _CLOSE_FIELD + data[end:]
+            self.keep_alive = False
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        self.resp_bytes += body_len
+        conn._write(data)
+        self._finish()
 
     def flush_head(self) -> None:
         """Send a head that ``write_head(hold=True)`` kept back, if it still is."""

@@ -33,6 +33,7 @@ from pyngora.headers import Headers
 from pyngora.pool import ConnectionPool
 from pyngora.protocols import h1
 from pyngora.protocols.events import Data, Event, MessageEnd, ResponseHead
+from pyngora.protocols.h1_splice import WholeResponses
 from pyngora.upstreams.dial import WRITE_HIGH_WATER, WRITE_LOW_WATER, dial
 from pyngora.upstreams.peer import HttpPeer
 
@@ -68,7 +69,8 @@ class UpstreamConnection(asyncio.Protocol):
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
-                 "_deadline", "_timer", "_timer_when", "_listener", "_sock", "_acked")
+                 "_deadline", "_timer", "_timer_when", "_listener", "_sock", "_acked",
+                 "_sink", "_whole")
 
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -109,6 +111,10 @@ class UpstreamConnection(asyncio.Protocol):
         # whether the current response already had its quick ACK (see _quickack).
         self._sock: Any = None
         self._acked = False
+        # A callback offered the response's first bytes before the parser (see first_bytes_to)
+        # and the raw reader of whole plain responses it may use (see take_whole).
+        self._sink: Optional[Callable[[bytes], bool]] = None
+        self._whole: Optional[WholeResponses] = None
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
 
@@ -121,6 +127,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._sock = sock
 
     def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            self._sink = None
+            if sink(data):
+                return  # taken whole (take_whole): the response has ended
         if self._idle:
             self._drop_idle()  # bytes nobody asked for: never reuse this connection
             return
@@ -170,6 +181,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed = True
         self._cancel_timer()
         self._parser.release()  # llhttp's parser <-> ours: freed now, not by the collector
+        self._sink = None  # (a bound method of the request reading this connection)
+        self._whole = None
         if self._idle:
             self._unpool()
         if exc is not None and self._error is None:
@@ -312,6 +325,31 @@ class UpstreamConnection(asyncio.Protocol):
             self._arm_deadline(self._loop.time() + timeout)
         else:
             self._deadline = None
+
+    def first_bytes_to(self, sink: Optional[Callable[[bytes], bool]]) -> None:
+        """Offer the first bytes of the response to ``sink`` (after ``send_head``) before the
+        parser sees them: ``sink(data)`` True says it took the whole response through
+        :meth:`take_whole`; False leaves ``data`` to the parser and the events, as usual.
+        Offered once; ``Connector.release`` withdraws the offer."""
+        self._sink = sink
+
+    def take_whole(self, data: bytes) -> Optional[tuple[int, bytes, int]]:
+        """For a sink (see first_bytes_to), on the response to a GET: when ``data`` is the
+        whole of a plain response (``h1_splice``), end it here and give (status, the bytes to
+        send downstream with the hop-by-hop fields cut, body length); None otherwise, and
+        nothing changed."""
+        if self.response_bytes_seen or self._error is not None:
+            return None
+        whole = self._whole
+        if whole is None:
+            whole = self._whole = WholeResponses(self._parser.limits)
+        taken = whole.take(data)
+        if taken is None:
+            return None
+        status, out, length, keep_alive = taken
+        self.response_bytes_seen = True
+        self._parser.taken_whole(keep_alive)
+        return status, out, length
 
     def untouched(self) -> bool:
         """True while nothing (no byte, EOF, error or close) has happened on a connection taken
@@ -613,6 +651,7 @@ class Connector:
         """Called when a request is done with ``conn``: pooled if the caller and the connection
         both say it is reusable, closed otherwise."""
         conn._listener = None
+        conn._sink = None
         if not reusable or not conn.can_reuse():
             conn.close()
             return

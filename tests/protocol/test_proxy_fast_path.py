@@ -603,3 +603,100 @@ def test_a_pooled_connection_the_origin_closes_in_the_same_iteration_is_not_used
         return run(main())
     engine, fast = both_ways(scenario)
     assert engine == fast == b"HTTP/1.1 200 OK", (engine, fast)
+
+
+# -- whole plain responses (protocols/h1_splice.py), sent as they came -----------------------
+
+def count_whole(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the responses WholeResponses took (the others went through events)."""
+    from pyngora.protocols.h1_splice import WholeResponses
+    taken = [0]
+    real = WholeResponses.take
+
+    def counting(self: WholeResponses, data: bytes) -> Any:
+        out = real(self, data)
+        taken[0] += out is not None
+        return out
+    monkeypatch.setattr(WholeResponses, "take", counting)
+    return taken
+
+
+def test_whole_plain_responses_go_as_they_came_and_the_rest_as_events(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_whole(monkeypatch)
+    requests = [(b"GET", b"/len"), (b"GET", b"/chunked"), (b"HEAD", b"/len"), (b"GET", b"/304"),
+                (b"GET", b"/reason"), (b"GET", b"/hints"), (b"GET", b"/404"), (b"GET", b"/len")]
+
+    async def main() -> tuple[list[bytes], list[bytes], int]:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])  # dials: the engine's
+            before = taken[0]
+            fast = await exchange(port, requests)
+            took = taken[0] - before
+            ctx.state["http_app"].fast = None
+            slow = await exchange(port, requests)
+        server.close()
+        assert stats["conns"] == 1  # the connection went back to the pool after each
+        return fast, slow, took
+    fast, slow, took = run(main())
+    assert fast == slow
+    # Only /len (twice), /reason and /404 are whole plain answers to a GET; the engine and the
+    # HEAD request never offer them.
+    assert took == 4, took
+    assert fast[0] == b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_a_whole_response_that_closes_is_not_pooled_and_the_client_stays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_whole(monkeypatch)
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    trailing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n"
+
+    async def main() -> tuple[list[bytes], dict[str, Any], int]:
+        server, oport, stats = await start_origin(
+            lambda path, n: close if path == b"/close" else trailing if path == b"/extra" else None)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])
+            out = await exchange(port, [(b"GET", b"/close"), (b"GET", b"/len"),
+                                        (b"GET", b"/extra"), (b"GET", b"/len")])
+            idle = len(ctx.state["connector"].pool)
+        server.close()
+        return out, stats, idle
+    out, stats, idle = run(main())
+    # Same client connection throughout; the origin's close, and the stray bytes after /extra
+    # (declined, so the full parser marks the connection unusable), each cost a new dial.
+    assert out[0] == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert out[2] == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert all(o.endswith(b"hello") for o in (out[1], out[3]))
+    assert stats["conns"] == 3 and idle == 1
+    # /close; each /len after it found no pooled connection (the engine dialled it), and
+    # /extra was not plain.
+    assert taken[0] == 1
+
+
+def test_a_whole_response_to_a_client_that_closes_says_so_as_the_engine_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_whole(monkeypatch)
+
+    def scenario(fast: bool) -> bytes:
+        async def main() -> bytes:
+            server, oport, _ = await start_origin()
+            conf, svc = proxy_service(oport)
+            async with serving(svc, conf) as (port, ctx):
+                if not fast:
+                    ctx.state["http_app"].fast = None
+                await exchange(port, [(b"GET", b"/len")])
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                out = await asyncio.wait_for(r.read(), 5)  # the proxy closes after it
+                w.close()
+            server.close()
+            return out
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                              b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"), (engine, fast)
+    assert taken[0] == 1

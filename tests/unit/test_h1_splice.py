@@ -1,0 +1,101 @@
+"""WholeResponses (protocols/h1_splice.py): the raw reading of whole plain responses that the
+proxy's fast path sends on as they came. Whatever it takes must be what the full parser would
+have accepted, cut of exactly the hop-by-hop fields; whatever is not plain it must decline,
+and a decline must leave it able to take the next response."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+
+from pyngora.protocols.h1 import H1Limits
+from pyngora.protocols.h1_splice import WholeResponses
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def take(data: bytes, w: Optional[WholeResponses] = None) -> Optional[tuple[int, bytes, int, bool]]:
+    return (w or WholeResponses(H1Limits())).take(data)
+
+
+def test_a_plain_response_is_taken_as_it_came() -> None:
+    assert take(OK) == (200, OK, 5, True)
+
+
+@pytest.mark.parametrize("fields", [
+    b"Connection: keep-alive\r\n",
+    b"connection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\n",
+    b"Proxy-Connection: keep-alive\r\nCONNECTION: keep-alive\r\n",
+    b"Connection: keep-alive\r\nConnection: keep-alive\r\n",
+])
+def test_hop_by_hop_fields_are_cut_and_nothing_else(fields: bytes) -> None:
+    data = (b"HTTP/1.1 404 Not Found\r\nServer: o\r\n" + fields
+            + b"Content-Length: 3\r\nX-After: 1\r\n\r\nnop")
+    assert take(data) == (404, b"HTTP/1.1 404 Not Found\r\nServer: o\r\nContent-Length: 3\r\n"
+                               b"X-After: 1\r\n\r\nnop", 3, True)
+
+
+def test_connection_close_is_cut_and_says_the_upstream_closes() -> None:
+    data = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    assert take(data) == (200, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 2, False)
+
+
+def test_a_body_that_holds_hop_by_hop_names_is_not_touched() -> None:
+    body = b"\r\nConnection: keep-alive\r\n"
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert take(data) == (200, data, len(body), True)
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",                      # not HTTP/1.1
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nok",                                           # ends at close
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok",                      # more to come
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",    # bytes after it
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",                            # head not whole
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Upgrade\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTE: trailers\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTrailer: X-T\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",                     # not digits
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX: 1\nY: 2\r\nContent-Length: 2\r\n\r\nok",        # a bare LF
+    b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    b"SPDY/9 what\r\n\r\n",
+])
+def test_what_is_not_plain_is_declined(data: bytes) -> None:
+    assert take(data) is None
+
+
+@pytest.mark.parametrize("bad", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",  # llhttp: duplicate
+    b"HTTP/1.1 200 OK\r\nBad Name: 1\r\nContent-Length: 2\r\n\r\nok",        # llhttp: field syntax
+    b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok",          # llhttp: NUL in value
+])
+def test_malformed_is_declined_and_the_next_response_is_still_taken(bad: bytes) -> None:
+    w = WholeResponses(H1Limits())
+    assert take(OK, w) is not None
+    assert take(bad, w) is None
+    assert take(OK, w) == (200, OK, 5, True)
+
+
+def test_declined_part_way_leaves_it_able_to_take_the_next() -> None:
+    w = WholeResponses(H1Limits())
+    assert take(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok", w) is None
+    assert take(OK, w) == (200, OK, 5, True)
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+    assert take(closing, w) is not None
+    assert take(OK, w) == (200, OK, 5, True)  # a fresh llhttp parser after a close
+
+
+def test_limits_of_the_full_parser_apply() -> None:
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(5))
+    data = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 0\r\n\r\n"
+    assert take(data, WholeResponses(H1Limits(max_headers=6))) is not None
+    assert take(data, WholeResponses(H1Limits(max_headers=5))) is None
+    assert take(data, WholeResponses(H1Limits(max_header_bytes=40))) is None
