@@ -19,7 +19,7 @@ class RequestHead:
     """
 
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "body",
-                 "content_length", "expect_continue", "upgrade", "stream_id")
+                 "content_length", "expect_continue", "upgrade", "stream_id", "raw")
 
     def __init__(self, method: bytes, target: bytes, version: str, headers: Headers,
                  keep_alive: bool, body: str, content_length: Optional[int],
@@ -35,6 +35,9 @@ class RequestHead:
         self.expect_continue = expect_continue
         self.upgrade = upgrade
         self.stream_id = stream_id
+        # The head's exact bytes, when an HTTP/1.1 request without a body came alone in one
+        # read (the parser sets it): a proxy may send them on as they are.
+        self.raw: Optional[bytes] = None
 
 
 class ResponseHead:

@@ -166,6 +166,7 @@ class RequestParser:
         events: list[Event] = []
         self._events = events
         self._completed = 0
+        fresh = not self._in_message
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -195,6 +196,13 @@ class RequestParser:
                 self._uncertain = False  # the same head in the next feed: count every byte
         elif events:
             self._stall = 0
+            if fresh and self._completed == 1 and len(events) == 2:
+                # One body-less request, alone in ``data``: keep its bytes (RequestHead.raw).
+                head = events[0]
+                if (head.body == "none" and head.version == "1.1"  # type: ignore[union-attr]
+                        and data.startswith(head.method)  # type: ignore[union-attr]
+                        and data.find(b"\r\n\r\n") + 4 == len(data)):
+                    head.raw = data  # type: ignore[union-attr]
         elif self._in_message:
             # Body bytes that produced nothing: chunk lines or trailers, which llhttp may be
             # buffering (a trailer value that never ends). Bounded like a head.

@@ -6,13 +6,16 @@ from __future__ import annotations
 from typing import Optional
 
 from pyngora.headers import Headers
-from pyngora.protocols.h1_wire import without_hop_by_hop
+from pyngora.protocols.h1_wire import HOP_BY_HOP, without_hop_by_hop
 from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.peer import HttpPeer
 
-__all__ = ["upstream_fields", "reason_for"]
+__all__ = ["upstream_fields", "reason_for", "NOT_SENT_ON"]
 
 _ALSO_DROP = frozenset((b"expect",))
+# Every (lowercased) field name upstream_fields may drop: a head with none of them, and a
+# Host, goes upstream as the client sent it (the fast path sends its raw bytes then).
+NOT_SENT_ON = HOP_BY_HOP | _ALSO_DROP
 _HOST = b"host"
 
 

@@ -207,11 +207,15 @@ class UpstreamConnection(asyncio.Protocol):
     def send_head(self, method: bytes, target: bytes, headers: Headers,
                   version: bytes = b"1.1") -> None:
         """Write a request head; starts expecting the response to ``method``. Raises Error."""
+        self.send_raw_head(method, h1.serialize_request_head(method, target, headers, version))
+
+    def send_raw_head(self, method: bytes, head: bytes) -> None:
+        """``send_head`` for a head already serialised (a client's own, sent on unchanged)."""
         if self._closed or self._eof or self._error is not None:
             raise self._dead_error()
         self._parser.start(method)
         self._acked = False
-        self.transport.write(h1.serialize_request_head(method, target, headers, version))
+        self.transport.write(head)
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         """Write a piece of request body (as a chunk when ``chunked``). Raises Error if closed."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from pyngora.config.loader import parse_text
-from pyngora.proxy import ProxyHttp, Session
+from pyngora.proxy import ProxyHttp, Session, http_proxy_service
 from pyngora.proxy.declarative import build_proxy_service
 from pyngora.proxy.engine import ProxyEngine, plan_for
 from pyngora.proxy.fast_path import FastPath
@@ -700,3 +700,54 @@ def test_a_whole_response_to_a_client_that_closes_says_so_as_the_engine_does(
     assert engine == fast == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                               b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"), (engine, fast)
     assert taken[0] == 1
+
+
+# -- the request head sent on as the client sent it (RequestHead.raw) ------------------------
+
+class EditingPeer(SyncPeer):
+    """An upstream_peer that rewrites the request's path: the fast path must send the edit."""
+
+    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:  # type: ignore[override]
+        session.req_header.uri = "/len"
+        return super().upstream_peer(session, ctx)
+
+
+def test_the_request_head_goes_upstream_as_sent_unless_a_field_must_go() -> None:
+    plain = b"GET /len HTTP/1.1\r\nhost: t\r\nX-Odd:  spaced \r\nAccept: */*\r\n\r\n"
+    hop = (b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+           b"Expect: 100-continue\r\nX-Kept: 2\r\n\r\n")
+
+    async def main() -> list[bytes]:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            await exchange(port, [(b"GET", b"/len")])
+            runs = count_engine_runs(ctx.state["http_app"])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            for head in (plain, hop):
+                w.write(head)
+                assert (await read_exact_response(r)).endswith(b"hello")
+            w.close()
+            assert runs[0] == 0
+        server.close()
+        return stats["heads"][1:]
+    plain_up, hop_up = run(main())
+    assert plain_up + b"\r\n\r\n" == plain  # byte for byte, spacing and case included
+    assert hop_up == b"GET /len HTTP/1.1\r\nHost: t\r\nX-Kept: 2"
+
+
+def test_an_upstream_peer_that_edits_the_request_is_obeyed_on_both_paths() -> None:
+    def scenario(fast: bool) -> list[bytes]:
+        async def main() -> list[bytes]:
+            server, oport, stats = await start_origin()
+            svc = http_proxy_service(None, EditingPeer(oport))
+            async with serving(svc) as (port, ctx):
+                if not fast:
+                    ctx.state["http_app"].fast = None
+                out = await exchange(port, [(b"GET", b"/other"), (b"GET", b"/other")])
+            server.close()
+            assert all(o.endswith(b"hello") for o in out)
+            return stats["heads"]
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast and all(h.startswith(b"GET /len ") for h in fast), (engine, fast)

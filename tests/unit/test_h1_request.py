@@ -308,3 +308,28 @@ def test_slow_chunked_upload_is_not_a_stall() -> None:
         for ev in p.feed(b"5\r\nhello\r\n"):
             got += len(ev.data)
     assert got == 500
+
+
+# -- RequestHead.raw: the exact bytes of a body-less HTTP/1.1 request that came alone -------
+
+def test_raw_is_the_request_when_it_came_alone_in_one_feed() -> None:
+    p = RequestParser()
+    for _ in range(3):  # and again on the same keep-alive connection
+        ev = p.feed(GET)
+        assert ev[0].raw == GET
+
+
+@pytest.mark.parametrize("feeds", [
+    [GET + GET],                                                     # pipelined
+    [GET + b"GET /y HTTP/1.1\r\n"],                                  # the next one begun
+    [GET[:10], GET[10:]],                                            # split across reads
+    [b"GET /x HTTP/1.0\r\nHost: example.com\r\n\r\n"],               # HTTP/1.0
+    [b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"],   # a (zero) body
+    [b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab"],
+    [b"\r\n" + GET],                                                 # an empty line first
+    [GET + b"\r\n"],                                                 # and after
+])
+def test_raw_is_none_unless_the_request_was_alone_whole_and_bodyless(feeds: list[bytes]) -> None:
+    p = RequestParser()
+    heads = [e for data in feeds for e in p.feed(data) if isinstance(e, RequestHead)]
+    assert heads and all(h.raw is None for h in heads)
