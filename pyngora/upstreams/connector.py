@@ -33,7 +33,7 @@ from pyngora.headers import Headers
 from pyngora.pool import ConnectionPool
 from pyngora.protocols import h1
 from pyngora.protocols.events import Data, Event, MessageEnd, ResponseHead
-from pyngora.protocols.h1_splice import WholeResponses
+from pyngora.protocols.h1_splice import take_whole
 from pyngora.upstreams.dial import WRITE_HIGH_WATER, WRITE_LOW_WATER, dial
 from pyngora.upstreams.peer import HttpPeer
 
@@ -70,7 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
                  "_deadline", "_timer", "_timer_when", "_listener", "_sock", "_acked",
-                 "_sink", "_whole")
+                 "_sink")
 
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -111,10 +111,8 @@ class UpstreamConnection(asyncio.Protocol):
         # whether the current response already had its quick ACK (see _quickack).
         self._sock: Any = None
         self._acked = False
-        # A callback offered the response's first bytes before the parser (see first_bytes_to)
-        # and the raw reader of whole plain responses it may use (see take_whole).
+        # A callback offered the response's first bytes before the parser (see first_bytes_to).
         self._sink: Optional[Callable[[bytes], bool]] = None
-        self._whole: Optional[WholeResponses] = None
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
 
@@ -182,7 +180,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         self._parser.release()  # llhttp's parser <-> ours: freed now, not by the collector
         self._sink = None  # (a bound method of the request reading this connection)
-        self._whole = None
         if self._idle:
             self._unpool()
         if exc is not None and self._error is None:
@@ -344,10 +341,7 @@ class UpstreamConnection(asyncio.Protocol):
         nothing changed."""
         if self.response_bytes_seen or self._error is not None:
             return None
-        whole = self._whole
-        if whole is None:
-            whole = self._whole = WholeResponses(self._parser.limits)
-        taken = whole.take(data)
+        taken = take_whole(data, self._parser.limits)
         if taken is None:
             return None
         status, out, length, keep_alive = taken

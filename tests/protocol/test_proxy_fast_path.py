@@ -608,16 +608,16 @@ def test_a_pooled_connection_the_origin_closes_in_the_same_iteration_is_not_used
 # -- whole plain responses (protocols/h1_splice.py), sent as they came -----------------------
 
 def count_whole(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the responses WholeResponses took (the others went through events)."""
-    from pyngora.protocols.h1_splice import WholeResponses
+    """Count the responses take_whole took (the others went through events)."""
+    from pyngora.upstreams import connector
     taken = [0]
-    real = WholeResponses.take
+    real = connector.take_whole
 
-    def counting(self: WholeResponses, data: bytes) -> Any:
-        out = real(self, data)
+    def counting(data: bytes, limits: Any) -> Any:
+        out = real(data, limits)
         taken[0] += out is not None
         return out
-    monkeypatch.setattr(WholeResponses, "take", counting)
+    monkeypatch.setattr(connector, "take_whole", counting)
     return taken
 
 

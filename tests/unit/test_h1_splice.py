@@ -1,7 +1,7 @@
-"""WholeResponses (protocols/h1_splice.py): the raw reading of whole plain responses that the
+"""take_whole (protocols/h1_splice.py): the raw reading of whole plain responses that the
 proxy's fast path sends on as they came. Whatever it takes must be what the full parser would
-have accepted, cut of exactly the hop-by-hop fields; whatever is not plain it must decline,
-and a decline must leave it able to take the next response."""
+have accepted, cut of exactly the hop-by-hop fields; whatever is not plain it must decline;
+and a verdict remembered for a head must be the one judging it again would give."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,13 +9,19 @@ from typing import Optional
 import pytest
 
 from pyngora.protocols.h1 import H1Limits
-from pyngora.protocols.h1_splice import WholeResponses
+from pyngora.protocols import h1_splice
+from pyngora.protocols.h1_splice import take_whole
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 
 
-def take(data: bytes, w: Optional[WholeResponses] = None) -> Optional[tuple[int, bytes, int, bool]]:
-    return (w or WholeResponses(H1Limits())).take(data)
+def take(data: bytes, limits: Optional[H1Limits] = None) -> Optional[tuple[int, bytes, int, bool]]:
+    """take_whole, judged afresh and then from what it remembered: both must agree."""
+    h1_splice._KNOWN.clear()
+    limits = limits or H1Limits()
+    first = take_whole(data, limits)
+    assert take_whole(data, limits) == first
+    return first
 
 
 def test_a_plain_response_is_taken_as_it_came() -> None:
@@ -77,25 +83,31 @@ def test_what_is_not_plain_is_declined(data: bytes) -> None:
     b"HTTP/1.1 200 OK\r\nBad Name: 1\r\nContent-Length: 2\r\n\r\nok",        # llhttp: field syntax
     b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok",          # llhttp: NUL in value
 ])
-def test_malformed_is_declined_and_the_next_response_is_still_taken(bad: bytes) -> None:
-    w = WholeResponses(H1Limits())
-    assert take(OK, w) is not None
-    assert take(bad, w) is None
-    assert take(OK, w) == (200, OK, 5, True)
+def test_malformed_is_declined(bad: bytes) -> None:
+    assert take(bad) is None
 
 
-def test_declined_part_way_leaves_it_able_to_take_the_next() -> None:
-    w = WholeResponses(H1Limits())
-    assert take(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok", w) is None
-    assert take(OK, w) == (200, OK, 5, True)
-    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
-    assert take(closing, w) is not None
-    assert take(OK, w) == (200, OK, 5, True)  # a fresh llhttp parser after a close
+def test_the_same_head_with_another_body_length_or_limits_is_judged_for_itself() -> None:
+    h1_splice._KNOWN.clear()
+    limits = H1Limits()
+    assert take_whole(OK, limits) == (200, OK, 5, True)
+    assert take_whole(OK[:-1], limits) is None      # the body is not all here yet
+    assert take_whole(OK + b"x", limits) is None    # a byte after the response
+    assert take_whole(OK, H1Limits(max_headers=1)) is None
+    assert take_whole(OK, limits) == (200, OK, 5, True)
+
+
+def test_what_it_remembers_is_bounded() -> None:
+    h1_splice._KNOWN.clear()
+    for i in range(h1_splice._KNOWN_MAX + 10):
+        data = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % i
+        assert take_whole(data, H1Limits()) == (200, data, 0, True)
+    assert len(h1_splice._KNOWN) <= h1_splice._KNOWN_MAX
 
 
 def test_limits_of_the_full_parser_apply() -> None:
     fields = b"".join(b"X-%d: v\r\n" % i for i in range(5))
     data = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 0\r\n\r\n"
-    assert take(data, WholeResponses(H1Limits(max_headers=6))) is not None
-    assert take(data, WholeResponses(H1Limits(max_headers=5))) is None
-    assert take(data, WholeResponses(H1Limits(max_header_bytes=40))) is None
+    assert take(data, H1Limits(max_headers=6)) is not None
+    assert take(data, H1Limits(max_headers=5)) is None
+    assert take(data, H1Limits(max_header_bytes=40)) is None
