@@ -86,6 +86,15 @@ _HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~!$&'()*+;=:%[]")
 _new_headers = object.__new__
 _GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, bounded)
+# Requests already parsed: the exact bytes of a body-less keep-alive HTTP/1.1 request that
+# came alone in one read -> (limits, method, target, fields, lowercased names) as parsing them
+# gave. Clients repeat their heads byte for byte (the same page, the same keep-alive client),
+# and a verdict depends on the bytes and the limits alone, so a repeat skips llhttp and the
+# callbacks (RequestParser.feed). Bounded in entries and in the size of what it keeps.
+_SEEN: dict[bytes, tuple[tuple[int, int, Optional[int]], bytes, bytes,
+                         tuple[tuple[bytes, bytes], ...], tuple[bytes, ...]]] = {}
+_SEEN_MAX = 512
+_SEEN_BYTES = 2048
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -115,7 +124,7 @@ class RequestParser:
                  "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
                  "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
                  "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
-                 "_trailing", "_stall")
+                 "_trailing", "_stall", "_limits", "_boundary")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         limits = limits or _DEFAULT_LIMITS
@@ -149,6 +158,8 @@ class RequestParser:
         self.upgraded = False
         self._trailing = b""
         self._stall = 0             # body-phase bytes fed in a row without any event
+        self._limits = (self._max_head, self._max_headers, self._max_body)
+        self._boundary = True       # llhttp is between requests with nothing buffered
 
     # -- public API ------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[Event]:
@@ -163,6 +174,16 @@ class RequestParser:
             if self.upgraded:
                 return [Data(data)] if data else []
             return []
+        if self._boundary:
+            seen = _SEEN.get(data)
+            if seen is not None and seen[0] == self._limits:
+                headers = _new_headers(Headers)
+                headers._items = list(seen[3])
+                headers._keys = list(seen[4])
+                head = RequestHead(seen[1], seen[2], "1.1", headers, True, "none", None)
+                head.raw = data
+                return [head, MessageEnd(None)]
+            self._boundary = False
         events: list[Event] = []
         self._events = events
         self._completed = 0
@@ -203,6 +224,10 @@ class RequestParser:
                         and data.startswith(head.method)  # type: ignore[union-attr]
                         and data.find(b"\r\n\r\n") + 4 == len(data)):
                     head.raw = data  # type: ignore[union-attr]
+                    self._boundary = True
+                    if (head.keep_alive and not head.expect_continue  # type: ignore[union-attr]
+                            and not head.upgrade and len(data) <= _SEEN_BYTES):  # type: ignore[union-attr]
+                        self._remember(data, head)  # type: ignore[arg-type]
         elif self._in_message:
             # Body bytes that produced nothing: chunk lines or trailers, which llhttp may be
             # buffering (a trailer value that never ends). Bounded like a head.
@@ -238,6 +263,14 @@ class RequestParser:
         return self._in_message
 
     # -- internals -------------------------------------------------------------------------
+    def _remember(self, data: bytes, head: RequestHead) -> None:
+        """Keep what parsing ``data`` gave, for its repeats (see _SEEN)."""
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()  # bounded: a client inventing heads only costs parsing them
+        headers = head.headers
+        _SEEN[data] = (self._limits, head.method, head.target, tuple(headers._items),
+                       tuple(headers._keys))
+
     def _reject(self, status: int, reason: str) -> None:
         """Inside a callback: remember the error and unwind through llhttp."""
         err = ProtocolError(status, reason)

@@ -16,8 +16,8 @@ syntax (field names and values, a second ``Content-Length``) as it does for the 
 
 Judging a head costs a dozen byte scans and an llhttp pass (~5 us); an origin sends the same
 head bytes again and again (nginx's change only with its one-second ``Date``), so the verdict
-is kept per distinct head (bounded: the table is emptied when full) and a repeated head costs
-one dictionary lookup. The verdict depends on the head's bytes and the limits alone.
+is kept per distinct head (bounded: heads up to 2 KiB, and the table is emptied when full) and
+a repeated head costs one dictionary lookup. The verdict depends on the head's bytes and the limits alone.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ _PLAIN_TOKENS = frozenset((b"keep-alive", b"close"))
 Verdict = tuple[int, bytes, int, bool]
 # head bytes (up to the last field's CRLF) -> (max_header_bytes, max_headers, verdict or None)
 _KNOWN: dict[bytes, tuple[int, int, Optional[Verdict]]] = {}
-_KNOWN_MAX = 1024
+_KNOWN_MAX = 512
+_KNOWN_BYTES = 2048  # longer heads are judged each time (what is kept stays ~1 MiB at most)
 
 
 def take_whole(data: bytes, limits: H1Limits) -> Optional[Verdict]:
@@ -60,9 +61,10 @@ def take_whole(data: bytes, limits: H1Limits) -> Optional[Verdict]:
     known = _KNOWN.get(head)
     if known is None or known[0] != limits.max_header_bytes or known[1] != limits.max_headers:
         verdict = _judge(head, limits)
-        if len(_KNOWN) >= _KNOWN_MAX:
-            _KNOWN.clear()  # bounded: an origin inventing heads only costs re-judging
-        _KNOWN[head] = (limits.max_header_bytes, limits.max_headers, verdict)
+        if len(head) <= _KNOWN_BYTES:
+            if len(_KNOWN) >= _KNOWN_MAX:
+                _KNOWN.clear()  # bounded: an origin inventing heads only costs re-judging
+            _KNOWN[head] = (limits.max_header_bytes, limits.max_headers, verdict)
     else:
         verdict = known[2]
     if verdict is None or end + 4 + verdict[2] != len(data):

@@ -333,3 +333,56 @@ def test_raw_is_none_unless_the_request_was_alone_whole_and_bodyless(feeds: list
     p = RequestParser()
     heads = [e for data in feeds for e in p.feed(data) if isinstance(e, RequestHead)]
     assert heads and all(h.raw is None for h in heads)
+
+
+# -- repeated heads: what parsing gave is reused, and only where parsing would give it -------
+
+def test_a_repeated_head_gives_what_parsing_it_gives_in_fields_of_its_own() -> None:
+    from pyngora.protocols import h1
+    h1._SEEN.clear()
+    p = RequestParser()
+    first = p.feed(GET)
+    assert GET in h1._SEEN
+    again = p.feed(GET)
+    assert kinds(again) == ["RequestHead", "MessageEnd"] and again[1].trailers is None
+    a, b = first[0], again[0]
+    for attr in RequestHead.__slots__:
+        if attr != "headers":
+            assert getattr(a, attr) == getattr(b, attr), attr
+    assert a.headers.items() == b.headers.items()
+    b.headers.add(b"X-Edited", b"1")  # a phase editing one request's fields
+    assert p.feed(GET)[0].headers.items() == [(b"Host", b"example.com")]
+
+
+def test_a_repeated_head_is_parsed_again_under_other_limits_or_mid_request() -> None:
+    from pyngora.protocols import h1
+    h1._SEEN.clear()
+    RequestParser().feed(GET)
+    with pytest.raises(ProtocolError) as err:
+        RequestParser(H1Limits(max_header_bytes=20)).feed(GET)
+    assert err.value.status == 431
+    p = RequestParser()
+    p.feed(b"GET /y")  # a request begun: the bytes that follow continue it
+    with pytest.raises(ProtocolError):
+        p.feed(GET)  # "GET /yGET /x HTTP/1.1..." is no request line
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 3000 + b"\r\n\r\n",
+    b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n",
+])
+def test_heads_that_close_expect_or_are_big_are_not_remembered(data: bytes) -> None:
+    from pyngora.protocols import h1
+    h1._SEEN.clear()
+    RequestParser().feed(data)
+    assert not h1._SEEN
+
+
+def test_what_it_remembers_is_bounded() -> None:
+    from pyngora.protocols import h1
+    h1._SEEN.clear()
+    for i in range(h1._SEEN_MAX + 10):
+        RequestParser().feed(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+    assert 0 < len(h1._SEEN) <= h1._SEEN_MAX

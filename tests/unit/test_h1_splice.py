@@ -103,6 +103,10 @@ def test_what_it_remembers_is_bounded() -> None:
         data = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % i
         assert take_whole(data, H1Limits()) == (200, data, 0, True)
     assert len(h1_splice._KNOWN) <= h1_splice._KNOWN_MAX
+    h1_splice._KNOWN.clear()
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 3000 + b"\r\nContent-Length: 0\r\n\r\n"
+    assert take_whole(big, H1Limits()) == (200, big, 0, True)
+    assert not h1_splice._KNOWN  # judged, not kept
 
 
 def test_limits_of_the_full_parser_apply() -> None:
