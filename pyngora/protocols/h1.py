@@ -86,13 +86,13 @@ _HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~!$&'()*+;=:%[]")
 _new_headers = object.__new__
 _GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, bounded)
-# Requests already parsed: the exact bytes of a body-less keep-alive HTTP/1.1 request that
-# came alone in one read -> (limits, method, target, fields, lowercased names) as parsing them
+# Requests already parsed: the exact bytes of a body-less HTTP/1.1 request that came alone in
+# one read -> (limits, method, target, fields, lowercased names, keep-alive) as parsing them
 # gave. Clients repeat their heads byte for byte (the same page, the same keep-alive client),
 # and a verdict depends on the bytes and the limits alone, so a repeat skips llhttp and the
 # callbacks (RequestParser.feed). Bounded in entries and in the size of what it keeps.
 _SEEN: dict[bytes, tuple[tuple[int, int, Optional[int]], bytes, bytes,
-                         tuple[tuple[bytes, bytes], ...], tuple[bytes, ...]]] = {}
+                         tuple[tuple[bytes, bytes], ...], tuple[bytes, ...], bool]] = {}
 _SEEN_MAX = 512
 _SEEN_BYTES = 2048
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
@@ -180,8 +180,12 @@ class RequestParser:
                 headers = _new_headers(Headers)
                 headers._items = list(seen[3])
                 headers._keys = list(seen[4])
-                head = RequestHead(seen[1], seen[2], "1.1", headers, True, "none", None)
+                keep_alive = seen[5]
+                head = RequestHead(seen[1], seen[2], "1.1", headers, keep_alive, "none", None)
                 head.raw = data
+                if not keep_alive:  # as on_message_complete: later bytes are ignored
+                    self._keep_alive = False
+                    self._closed = self._stopped = True
                 return [head, MessageEnd(None)]
             self._boundary = False
         events: list[Event] = []
@@ -225,8 +229,8 @@ class RequestParser:
                         and data.find(b"\r\n\r\n") + 4 == len(data)):
                     head.raw = data  # type: ignore[union-attr]
                     self._boundary = True
-                    if (head.keep_alive and not head.expect_continue  # type: ignore[union-attr]
-                            and not head.upgrade and len(data) <= _SEEN_BYTES):  # type: ignore[union-attr]
+                    if (not head.expect_continue and not head.upgrade  # type: ignore[union-attr]
+                            and len(data) <= _SEEN_BYTES):
                         self._remember(data, head)  # type: ignore[arg-type]
         elif self._in_message:
             # Body bytes that produced nothing: chunk lines or trailers, which llhttp may be
@@ -269,7 +273,7 @@ class RequestParser:
             _SEEN.clear()  # bounded: a client inventing heads only costs parsing them
         headers = head.headers
         _SEEN[data] = (self._limits, head.method, head.target, tuple(headers._items),
-                       tuple(headers._keys))
+                       tuple(headers._keys), head.keep_alive)
 
     def _reject(self, status: int, reason: str) -> None:
         """Inside a callback: remember the error and unwind through llhttp."""

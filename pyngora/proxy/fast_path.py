@@ -39,7 +39,7 @@ from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
 from pyngora.proxy.phases import PHASES
 from pyngora.proxy.session import Session
-from pyngora.proxy.wire import NOT_SENT_ON, reason_for, upstream_fields
+from pyngora.proxy.wire import reason_for, upstream_fields, upstream_head
 from pyngora.services.http_app import Exchange
 from pyngora.upstreams.connector import UpstreamConnection
 
@@ -224,17 +224,16 @@ class _Forward:
             self.um.pool_reused()
         self.state = _HEAD
         req = self.session._req_header
-        if req is not None:
+        raw = upstream_head(head) if req is None else None
+        if raw is not None:  # the client's own bytes are what the engine would send
+            conn.send_raw_head(head.method, raw)
+        elif req is None:
+            conn.send_head(head.method, head.target, upstream_fields(head.headers, peer))
+        else:
             # upstream_peer looked at the request head, and may have edited it: what the
             # engine would send.
             conn.send_head(req.method.encode("latin-1"), req.uri.encode("latin-1"),
                            upstream_fields(req.headers, peer))
-        elif head.raw is not None and NOT_SENT_ON.isdisjoint(head.headers._keys):
-            # Nothing to drop, and a Host (HTTP/1.1): the client's own bytes are what
-            # upstream_fields would give.
-            conn.send_raw_head(head.method, head.raw)
-        else:
-            conn.send_head(head.method, head.target, upstream_fields(head.headers, peer))
         conn.listen(self.on_upstream, peer.options.read_timeout)
         if head.method == b"GET":
             conn.first_bytes_to(self._whole)

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Optional
 
 from pyngora.headers import Headers
+from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1_wire import HOP_BY_HOP, without_hop_by_hop
 from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.peer import HttpPeer
 
-__all__ = ["upstream_fields", "reason_for", "NOT_SENT_ON"]
+__all__ = ["upstream_fields", "upstream_head", "reason_for", "NOT_SENT_ON"]
 
 _ALSO_DROP = frozenset((b"expect",))
 # Every (lowercased) field name upstream_fields may drop: a head with none of them, and a
@@ -28,6 +29,36 @@ def upstream_fields(client_fields: Headers, peer: HttpPeer) -> Headers:
     if _HOST not in fields._keys:  # the keys are lowercased
         fields.add(b"Host", b"localhost" if peer.unix_path else peer.address.encode("latin-1"))
     return fields
+
+
+_CONNECTION = b"connection"
+_CONNECTION_LINE = b"\r\nconnection:"
+_PLAIN_CONNECTION = frozenset((b"close", b"keep-alive"))
+
+
+def upstream_head(head: RequestHead) -> Optional[bytes]:
+    """The upstream request head as the client's own bytes (``head.raw``), when they are what
+    ``upstream_fields`` would give once serialised, or become it by cutting lines that say
+    nothing but ``Connection: keep-alive`` or ``close`` (browsers send one with every request);
+    None: serialise the fields instead (any other hop-by-hop field or ``Expect``)."""
+    raw = head.raw
+    if raw is None:
+        return None
+    headers = head.headers
+    keys = headers._keys  # lowercased
+    if NOT_SENT_ON.isdisjoint(keys):
+        return raw
+    for key, (_, value) in zip(keys, headers._items):
+        if key in NOT_SENT_ON and (key != _CONNECTION or value.lower() not in _PLAIN_CONNECTION):
+            return None
+    low = raw.lower()
+    k = low.find(_CONNECTION_LINE)
+    while k >= 0:
+        e = low.find(b"\r\n", k + 2)
+        raw = raw[:k] + raw[e:]
+        low = low[:k] + low[e:]
+        k = low.find(_CONNECTION_LINE, k)
+    return raw
 
 
 # (status, reason bytes) -> the reason to pass to write_head: None when it is the standard

@@ -314,6 +314,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     ap.add_argument("--floor", action="store_true",
                     help="also measure tests/bench/floor.py (bare uvloop + httptools)")
+    ap.add_argument("--floor-module", default="tests.bench.floor",
+                    help="the floor column's program (tests.bench.lean, tests.bench.lean_raw: "
+                         "minimal pooled proxies, see their docs)")
     ap.add_argument("--profile-scenario", default="small", choices=("small", "static", "h2"),
                     help="which scenario the profile samples")
     ap.add_argument("--metrics", action="store_true",
@@ -410,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         fl_ports = Ports(free_port(), free_port(), None)
         if a.floor:
             floor = procs.start("floor", pin(a.proxy_cpu, [
-                PY, "-m", "tests.bench.floor", str(fl_ports.static), str(fl_ports.proxy),
+                PY, "-m", a.floor_module, str(fl_ports.static), str(fl_ports.proxy),
                 str(origin_port), configs.SMALL_BODY]), signal.SIGKILL, cwd=ROOT)
             why = wait_answers(fl_ports.proxy, "/", configs.SMALL_BODY.encode(), floor)
             if why:

@@ -716,6 +716,7 @@ def test_the_request_head_goes_upstream_as_sent_unless_a_field_must_go() -> None
     plain = b"GET /len HTTP/1.1\r\nhost: t\r\nX-Odd:  spaced \r\nAccept: */*\r\n\r\n"
     hop = (b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
            b"Expect: 100-continue\r\nX-Kept: 2\r\n\r\n")
+    browser = b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\nX-B:  1 \r\n\r\n"
 
     async def main() -> list[bytes]:
         server, oport, stats = await start_origin()
@@ -724,16 +725,17 @@ def test_the_request_head_goes_upstream_as_sent_unless_a_field_must_go() -> None
             await exchange(port, [(b"GET", b"/len")])
             runs = count_engine_runs(ctx.state["http_app"])
             r, w = await asyncio.open_connection("127.0.0.1", port)
-            for head in (plain, hop):
+            for head in (plain, hop, browser):
                 w.write(head)
                 assert (await read_exact_response(r)).endswith(b"hello")
             w.close()
             assert runs[0] == 0
         server.close()
         return stats["heads"][1:]
-    plain_up, hop_up = run(main())
+    plain_up, hop_up, browser_up = run(main())
     assert plain_up + b"\r\n\r\n" == plain  # byte for byte, spacing and case included
     assert hop_up == b"GET /len HTTP/1.1\r\nHost: t\r\nX-Kept: 2"
+    assert browser_up == b"GET /len HTTP/1.1\r\nHost: t\r\nX-B:  1 "  # its line cut, no more
 
 
 def test_an_upstream_peer_that_edits_the_request_is_obeyed_on_both_paths() -> None:

@@ -367,13 +367,24 @@ def test_a_repeated_head_is_parsed_again_under_other_limits_or_mid_request() -> 
         p.feed(GET)  # "GET /yGET /x HTTP/1.1..." is no request line
 
 
+def test_a_repeated_head_that_closes_closes_as_parsing_it_does() -> None:
+    from pyngora.protocols import h1
+    h1._SEEN.clear()
+    closing = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    for _ in range(2):  # parsed, then remembered
+        p = RequestParser()
+        ev = p.feed(closing)
+        assert kinds(ev) == ["RequestHead", "MessageEnd"] and not ev[0].keep_alive
+        assert p.feed(GET) == []  # bytes after a request that closes the connection
+        assert closing in h1._SEEN
+
+
 @pytest.mark.parametrize("data", [
-    b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     b"GET /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
     b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 3000 + b"\r\n\r\n",
     b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n",
 ])
-def test_heads_that_close_expect_or_are_big_are_not_remembered(data: bytes) -> None:
+def test_heads_that_expect_or_are_big_are_not_remembered(data: bytes) -> None:
     from pyngora.protocols import h1
     h1._SEEN.clear()
     RequestParser().feed(data)

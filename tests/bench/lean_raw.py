@@ -1,0 +1,132 @@
+"""A lean proxy without per-field callbacks: the second experiment beside tests/bench/lean.py.
+
+    python -m tests.bench.lean_raw STATIC_PORT PROXY_PORT ORIGIN_PORT BODY    (as floor.py)
+
+As lean.py (pooled upstream connections, both directions parsed by llhttp, hop-by-hop fields
+dropped), but the heads are never split into fields: llhttp runs with one callback
+(``on_message_complete``) and the hop-by-hop lines are cut from the raw bytes. Assumes what
+wrk does (one request per read, no pipelining): an experiment, not a proxy.
+
+``LEAN=nostrip`` in the environment skips the hop-by-hop cut (both directions): what the cut
+itself costs.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import httptools
+import uvloop
+
+from tests.bench.floor import Static, response
+
+POOL: list = []
+NOSTRIP = "nostrip" in os.environ.get("LEAN", "")
+ORIGIN = 0
+HOPS = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:", b"\r\nte:",
+        b"\r\ntrailer:", b"\r\ntransfer-encoding:", b"\r\nupgrade:")
+
+
+def strip_hop(head: bytes) -> bytes:
+    low = head.lower()
+    for h in HOPS:
+        if h in low:
+            break
+    else:
+        return head
+    lines = head.split(b"\r\n")
+    keep = [lines[0]]
+    for line in lines[1:]:
+        name = line.partition(b":")[0].lower()
+        if b"\r\n" + name + b":" not in HOPS:
+            keep.append(line)
+    return b"\r\n".join(keep)
+
+
+class Up(asyncio.Protocol):
+    __slots__ = ("parser", "down", "transport", "head")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.down = None
+        self.transport = None
+        self.head = True
+
+    def connection_made(self, t) -> None:
+        self.transport = t
+
+    def data_received(self, data: bytes) -> None:
+        down = self.down
+        if self.head and not NOSTRIP:
+            self.head = False
+            i = data.find(b"\r\n\r\n")
+            data = strip_hop(data[:i]) + data[i:]
+        self.parser.feed_data(data)
+        down.transport.write(data)
+
+    def on_message_complete(self) -> None:
+        down = self.down
+        self.down = None
+        self.head = True
+        if self.parser.should_keep_alive():
+            POOL.append(self)
+        down.busy = False
+
+    def connection_lost(self, exc) -> None:
+        if self in POOL:
+            POOL.remove(self)
+        if self.down is not None:
+            self.down.transport.close()
+
+
+class Down(asyncio.Protocol):
+    __slots__ = ("parser", "transport", "busy", "data")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.busy = False
+
+    def connection_made(self, t) -> None:
+        self.transport = t
+
+    def data_received(self, data: bytes) -> None:
+        self.data = data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        head = self.data if NOSTRIP else strip_hop(self.data)
+        self.busy = True
+        if POOL:
+            up = POOL.pop()
+            up.down = self
+            up.transport.write(head)
+        else:
+            asyncio.get_running_loop().create_task(self._dial(head))
+
+    async def _dial(self, head: bytes) -> None:
+        up: Up
+        _, up = await asyncio.get_running_loop().create_connection(Up, "127.0.0.1", ORIGIN)
+        up.down = self
+        up.transport.write(head)
+
+
+async def main(static_port: int, proxy_port: int, origin_port: int, body: bytes) -> None:
+    global ORIGIN
+    ORIGIN = origin_port
+    loop = asyncio.get_running_loop()
+    ok, closing = response(body, False), response(body, True)
+    s1 = await loop.create_server(lambda: Static(ok, closing), "127.0.0.1", static_port,
+                                  backlog=1024)
+    s2 = await loop.create_server(Down, "127.0.0.1", proxy_port, backlog=1024)
+    async with s1, s2:
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    uvloop.install()
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                     sys.argv[4].encode()))
