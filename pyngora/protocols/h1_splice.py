@@ -10,8 +10,9 @@ bytes instead.
 so the full ``ResponseParser`` handles it exactly as before: an HTTP/1.1 status line with a
 final status that has a body (200-599 but 204 and 304), ``Content-Length`` framing and no
 ``Transfer-Encoding``, the head and the whole body in ``data`` with nothing after them, no
-``TE``, ``Trailer`` or ``Upgrade`` field, ``Connection`` fields that name nothing but
-``keep-alive`` or ``close``, and within the connection's limits. llhttp checks the head's
+``TE``, ``Trailer``, ``Upgrade`` or ``Proxy-Connection`` field, ``Connection`` fields that
+name nothing but ``keep-alive`` or ``close`` (and no field called ``Close``), a reason phrase,
+and within the connection's limits. llhttp checks the head's
 syntax (field names and values, a second ``Content-Length``) as it does for the full parser.
 
 Judging a head costs a dozen byte scans and an llhttp pass (~5 us); an origin sends the same
@@ -36,9 +37,12 @@ _CL = b"\r\ncontent-length:"
 _TE = b"\r\ntransfer-encoding:"
 _CONNECTION = b"\r\nconnection:"
 # Hop-by-hop fields cut from the head (Connection's tokens are checked first).
-_CUT = (_CONNECTION, b"\r\nkeep-alive:", b"\r\nproxy-connection:")
+_CUT = (_CONNECTION, b"\r\nkeep-alive:")
 # Hop-by-hop fields that make a response not plain (the full path handles them).
-_DECLINE = (_TE, b"\r\nte:", b"\r\ntrailer:", b"\r\nupgrade:")
+# Proxy-Connection too: llhttp reads its "close" as the end of the connection.
+_DECLINE = (_TE, b"\r\nte:", b"\r\ntrailer:", b"\r\nupgrade:", b"\r\nproxy-connection:")
+# A "close" token also names a field called Close, which the full path drops.
+_CLOSE_FIELD = b"\r\nclose:"
 _PLAIN_TOKENS = frozenset((b"keep-alive", b"close"))
 
 # A judged head: (status, the head to send -- status line and fields less the hop-by-hop
@@ -78,8 +82,8 @@ def _judge(head: bytes, limits: H1Limits) -> Optional[Verdict]:
     if not head.startswith(_HTTP11) or len(head) + 2 > limits.max_header_bytes:
         return None
     code = head[9:12]
-    if not code.isdigit() or head[12:13] not in (b" ", b"\r"):
-        return None
+    if not code.isdigit() or head[12:13] != b" " or head[13:15] == _CRLF:
+        return None  # no reason phrase: the full path sends the standard one
     status = int(code)
     if status < 200 or status == 204 or status == 304:
         return None
@@ -107,6 +111,8 @@ def _judge(head: bytes, limits: H1Limits) -> Optional[Verdict]:
             if token == b"close":
                 keep_alive = False
         k = low.find(_CONNECTION, e)
+    if not keep_alive and _CLOSE_FIELD in low:
+        return None
     try:
         # A parser of its own: llhttp then waits for the body, and is dropped.
         httptools.HttpResponseParser(_NoCallbacks()).feed_data(head + _CRLF)

@@ -32,6 +32,7 @@ def upstream_fields(client_fields: Headers, peer: HttpPeer) -> Headers:
 
 
 _CONNECTION = b"connection"
+_CLOSE = b"close"
 _CONNECTION_LINE = b"\r\nconnection:"
 _PLAIN_CONNECTION = frozenset((b"close", b"keep-alive"))
 
@@ -48,6 +49,8 @@ def upstream_head(head: RequestHead) -> Optional[bytes]:
     keys = headers._keys  # lowercased
     if NOT_SENT_ON.isdisjoint(keys):
         return raw
+    if _CLOSE in keys:
+        return None  # "Connection: close" also names a field called Close, which goes
     for key, (_, value) in zip(keys, headers._items):
         if key in NOT_SENT_ON and (key != _CONNECTION or value.lower() not in _PLAIN_CONNECTION):
             return None

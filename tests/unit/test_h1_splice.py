@@ -31,7 +31,7 @@ def test_a_plain_response_is_taken_as_it_came() -> None:
 @pytest.mark.parametrize("fields", [
     b"Connection: keep-alive\r\n",
     b"connection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\n",
-    b"Proxy-Connection: keep-alive\r\nCONNECTION: keep-alive\r\n",
+    b"CONNECTION: keep-alive\r\n",
     b"Connection: keep-alive\r\nConnection: keep-alive\r\n",
 ])
 def test_hop_by_hop_fields_are_cut_and_nothing_else(fields: bytes) -> None:
@@ -68,6 +68,9 @@ def test_a_body_that_holds_hop_by_hop_names_is_not_touched() -> None:
     b"HTTP/1.1 200 OK\r\nTE: trailers\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTrailer: X-T\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 0\r\n\r\n",  # llhttp: close
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",                        # no reason phrase
     b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",                     # not digits
     b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nX: 1\nY: 2\r\nContent-Length: 2\r\n\r\nok",        # a bare LF
