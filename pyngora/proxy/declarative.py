@@ -169,14 +169,12 @@ class DeclarativeProxy(ProxyHttp):
     def route(self, session: Session) -> Optional[_Group]:
         """The group of the first matching route (host and/or path prefix), else the default."""
         if self.routes:
-            req = session.req_header
-            host_b = req.headers.get(b"host") or b""
+            host_b, path = session.host_and_path()
             host = host_b.decode("latin-1").lower()
             if host.startswith("["):
                 host = host[:host.find("]") + 1]
             else:
                 host = host.partition(":")[0]
-            path = req.uri
             for rhost, prefix, group in self.routes:
                 if rhost is not None and not (
                         rhost == host or (rhost[:2] == "*." and host.endswith(rhost[1:]))):

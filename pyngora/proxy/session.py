@@ -69,6 +69,17 @@ class Session:
     def req_header(self, value: RequestHeader) -> None:
         self._req_header = value
 
+    def host_and_path(self) -> tuple[bytes, str]:
+        """The request's Host value (b"" when none) and request-target, as ``req_header``
+        says, without building it when no phase did (routing looks at nothing else, and the
+        fast path sends the client's own bytes only while nobody built, and so perhaps
+        edited, the head)."""
+        req = self._req_header
+        if req is None:
+            head = self.exchange.head
+            return head.headers.get(b"host") or b"", head.target.decode("latin-1")
+        return req.headers.get(b"host") or b"", req.uri
+
     @property
     def client_ip(self) -> str:
         """The client's IP address as text ('' on a Unix socket)."""

@@ -753,3 +753,43 @@ def test_an_upstream_peer_that_edits_the_request_is_obeyed_on_both_paths() -> No
         return run(main())
     engine, fast = both_ways(scenario)
     assert engine == fast and all(h.startswith(b"GET /len ") for h in fast), (engine, fast)
+
+
+def test_routing_reads_the_head_without_building_it_so_the_raw_head_still_goes() -> None:
+    # The declarative proxy's routes look at Host and the path: reading them must not build
+    # session.req_header, or every routed request would lose the client's own bytes.
+    sent = b"GET /static/a HTTP/1.1\r\nHost: T.example\r\nX-Odd:  spaced \r\n\r\n"
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        other, oport2, stats2 = await start_origin(
+            lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
+        conf = parse_text(f"""version: 1
+services:
+  - name: p
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - {{name: o, backends: [{{addr: "127.0.0.1:{oport}"}}]}}
+      - {{name: o2, backends: [{{addr: "127.0.0.1:{oport2}"}}]}}
+    routes:
+      - {{host: t.example, path_prefix: /static, upstream: o2}}
+    upstream: o
+""", "<test>")
+        svc = build_proxy_service(conf, conf.services[0])
+        async with serving(svc, conf) as (port, ctx):
+            assert ctx.state["http_app"].fast is not None
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            out = []
+            for head in (sent, sent, b"GET /other HTTP/1.1\r\nHost: t.example\r\n\r\n"):
+                w.write(head)
+                out.append(await read_exact_response(r))
+            w.close()
+        server.close()
+        other.close()
+        return out, stats2["heads"] + stats["heads"]
+    out, heads = run(main())
+    assert [o.endswith(b"other") for o in out] == [True, True, False]
+    # The first request dialled (the engine's path); the second went the fast way, raw.
+    assert heads[1] + b"\r\n\r\n" == sent
