@@ -317,6 +317,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--floor-module", default="tests.bench.floor",
                     help="the floor column's program (tests.bench.lean, tests.bench.lean_raw: "
                          "minimal pooled proxies, see their docs)")
+    ap.add_argument("--syscalls-scenario", default="small", choices=("small", "churn"),
+                    help="which proxied scenario the syscall count traces")
     ap.add_argument("--profile-scenario", default="small", choices=("small", "static", "h2"),
                     help="which scenario the profile samples")
     ap.add_argument("--metrics", action="store_true",
@@ -499,7 +501,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     prof_error = str(e)
 
         if not a.no_syscalls:
-            s = SCENARIOS["small" if target == "proxy" else "static"]
+            s = SCENARIOS[a.syscalls_scenario if target == "proxy" else "static"]
             sysc_what = f"the {s.name} scenario, 3 s"
             for server, port, pid in (
                     ("nginx", getattr(ng_ports, target), (children(nginx.pid) or [0])[0]),
