@@ -15,11 +15,7 @@ from typing import Any
 
 import uvloop
 
-from pyngora.config.loader import parse_text
-from pyngora.config.schema import parse_address
-from pyngora.proxy.declarative import build_proxy_service
-from pyngora.services.base import WorkerContext
-from tests.bench.fastpath_ab import ORIGIN, _free_port, _wait_port
+from tests.bench.fastpath_ab import ORIGIN, _free_port, _wait_port, start_proxy
 
 
 async def _client(port: int, n: int, churn: bool = False) -> None:
@@ -48,23 +44,9 @@ async def main(a: argparse.Namespace) -> None:
     origin = subprocess.Popen([sys.executable, "-c", ORIGIN, str(oport), str(a.body)])
     try:
         await _wait_port(oport)
-        conf = parse_text(f"""version: 1
-services:
-  - name: proxy
-    type: http_proxy
-    listeners: ["127.0.0.1:0"]
-    upstreams: [{{name: o, backends: [{{addr: "127.0.0.1:{oport}"}}]}}]
-""", "<calls>")
-        svc = build_proxy_service(conf, conf.services[0])
-        loop = asyncio.get_running_loop()
-        ctx = WorkerContext(svc, 0, 0, conf, loop)
-        await svc.start_worker(ctx)
-        server = await loop.create_server(svc.protocol_factory(ctx, parse_address("127.0.0.1:0")),
-                                          "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
+        svc, ctx, server, port = await start_proxy(oport, "<calls>")
         await _client(port, 800)  # warm: pool filled, caches built
         counts: collections.Counter[str] = collections.Counter()
-        client_code = {_client.__code__}
 
         def prof(frame: Any, event: str, arg: Any) -> None:
             if event == "call":

@@ -73,6 +73,25 @@ async def _wait_port(port: int) -> None:
     raise RuntimeError("the origin did not start")
 
 
+async def start_proxy(origin_port: int, name: str) -> tuple[Any, WorkerContext, Any, int]:
+    """The bench's proxy service (YAML ``http_proxy``, one backend: ``origin_port``) started
+    as a worker would, in this process: (service, context, server, port)."""
+    conf = parse_text(f"""version: 1
+services:
+  - name: proxy
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams: [{{name: o, backends: [{{addr: "127.0.0.1:{origin_port}"}}]}}]
+""", name)
+    svc = build_proxy_service(conf, conf.services[0])
+    loop = asyncio.get_running_loop()
+    ctx = WorkerContext(svc, 0, 0, conf, loop)
+    await svc.start_worker(ctx)
+    server = await loop.create_server(svc.protocol_factory(ctx, parse_address("127.0.0.1:0")),
+                                      "127.0.0.1", 0, backlog=1024)
+    return svc, ctx, server, server.sockets[0].getsockname()[1]
+
+
 async def main(a: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {0})
     oport = _free_port()
@@ -80,24 +99,11 @@ async def main(a: argparse.Namespace) -> None:
                                str(a.body)])
     try:
         await _wait_port(oport)
-        conf = parse_text(f"""version: 1
-services:
-  - name: proxy
-    type: http_proxy
-    listeners: ["127.0.0.1:0"]
-    upstreams: [{{name: o, backends: [{{addr: "127.0.0.1:{oport}"}}]}}]
-""", "<fastpath_ab>")
-        svc = build_proxy_service(conf, conf.services[0])
-        loop = asyncio.get_running_loop()
-        ctx = WorkerContext(svc, 0, 0, conf, loop)
-        await svc.start_worker(ctx)
+        svc, ctx, server, port = await start_proxy(oport, "<fastpath_ab>")
         engine = ctx.state["http_app"]
         fast = engine.fast
         if fast is None:
             raise SystemExit("this configuration does not take the fast path")
-        server = await loop.create_server(svc.protocol_factory(ctx, parse_address("127.0.0.1:0")),
-                                          "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
         wrk = ["taskset", "-c", "1", "wrk", "-c", "50", "-t", "1", "-d", f"{a.seconds}s"]
         if a.churn:
             wrk += ["-H", "Connection: close"]

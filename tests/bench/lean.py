@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any, Callable
 
 import httptools
 import uvloop
@@ -24,7 +25,7 @@ from tests.bench.floor import Static, response
 HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                  b"transfer-encoding", b"upgrade"))
 POOL: list = []
-ORIGIN = 0
+ORIGIN = [0]  # the origin's port, set by serve()
 CRLF = b"\r\n"
 
 
@@ -105,35 +106,45 @@ class Down(asyncio.Protocol):
         out.append(CRLF)
         self.url = b""
         self.fields = []
-        head = b"".join(out)
         self.busy = True
-        if POOL:
-            up = POOL.pop()
-            up.down = self
-            up.transport.write(head)
-        else:
-            asyncio.get_running_loop().create_task(self._dial(head))
+        forward(self, b"".join(out), POOL, Up)
 
-    async def _dial(self, head: bytes) -> None:
-        up: Up
-        _, up = await asyncio.get_running_loop().create_connection(Up, "127.0.0.1", ORIGIN)
-        up.down = self
+
+def forward(down: Any, head: bytes, pool: list[Any], up_factory: Callable[[], Any]) -> None:
+    """Send ``head`` upstream for ``down``: on a pooled connection, else on a new one."""
+    if pool:
+        up = pool.pop()
+        up.down = down
         up.transport.write(head)
+    else:
+        asyncio.get_running_loop().create_task(_dial(down, head, up_factory))
 
 
-async def main(static_port: int, proxy_port: int, origin_port: int, body: bytes) -> None:
-    global ORIGIN
-    ORIGIN = origin_port
+async def _dial(down: Any, head: bytes, up_factory: Callable[[], Any]) -> None:
+    _, up = await asyncio.get_running_loop().create_connection(up_factory, "127.0.0.1",
+                                                               ORIGIN[0])
+    up.down = down
+    up.transport.write(head)
+
+
+async def _main(down_factory: Callable[[], Any], static_port: int, proxy_port: int,
+                origin_port: int, body: bytes) -> None:
+    ORIGIN[0] = origin_port
     loop = asyncio.get_running_loop()
     ok, closing = response(body, False), response(body, True)
     s1 = await loop.create_server(lambda: Static(ok, closing), "127.0.0.1", static_port,
                                   backlog=1024)
-    s2 = await loop.create_server(Down, "127.0.0.1", proxy_port, backlog=1024)
+    s2 = await loop.create_server(down_factory, "127.0.0.1", proxy_port, backlog=1024)
     async with s1, s2:
         await asyncio.Event().wait()
 
 
-if __name__ == "__main__":
+def serve(down_factory: Callable[[], Any]) -> None:
+    """The program: floor.py's arguments, ``down_factory`` on the proxy port."""
     uvloop.install()
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                     sys.argv[4].encode()))
+    asyncio.run(_main(down_factory, int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                      sys.argv[4].encode()))
+
+
+if __name__ == "__main__":
+    serve(Down)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 
 import httptools
-import uvloop
 
-from tests.bench.floor import Static, response
+from tests.bench.lean import forward, serve
 
 POOL: list = []
 NOSTRIP = "nostrip" in os.environ.get("LEAN", "")
-ORIGIN = 0
 HOPS = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:", b"\r\nte:",
         b"\r\ntrailer:", b"\r\ntransfer-encoding:", b"\r\nupgrade:")
 
@@ -100,33 +97,8 @@ class Down(asyncio.Protocol):
     def on_message_complete(self) -> None:
         head = self.data if NOSTRIP else strip_hop(self.data)
         self.busy = True
-        if POOL:
-            up = POOL.pop()
-            up.down = self
-            up.transport.write(head)
-        else:
-            asyncio.get_running_loop().create_task(self._dial(head))
-
-    async def _dial(self, head: bytes) -> None:
-        up: Up
-        _, up = await asyncio.get_running_loop().create_connection(Up, "127.0.0.1", ORIGIN)
-        up.down = self
-        up.transport.write(head)
-
-
-async def main(static_port: int, proxy_port: int, origin_port: int, body: bytes) -> None:
-    global ORIGIN
-    ORIGIN = origin_port
-    loop = asyncio.get_running_loop()
-    ok, closing = response(body, False), response(body, True)
-    s1 = await loop.create_server(lambda: Static(ok, closing), "127.0.0.1", static_port,
-                                  backlog=1024)
-    s2 = await loop.create_server(Down, "127.0.0.1", proxy_port, backlog=1024)
-    async with s1, s2:
-        await asyncio.Event().wait()
+        forward(self, head, POOL, Up)
 
 
 if __name__ == "__main__":
-    uvloop.install()
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                     sys.argv[4].encode()))
+    serve(Down)

@@ -438,28 +438,36 @@ def both_ways(scenario: Callable[[bool], Any]) -> tuple[Any, Any]:
     return scenario(False), scenario(True)
 
 
+def read_until_closed(fast: bool, request: bytes,
+                      script: Optional[Callable[[bytes, int], Optional[bytes]]] = None) -> bytes:
+    """``request`` on a new client connection, after one warm-up GET (so the upstream
+    connection is pooled), on the fast path or the engine: b"closed after: " and what the
+    client read until the proxy closed, or b"no close within 5 s"."""
+    async def main() -> bytes:
+        server, oport, _ = await start_origin(script)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            if not fast:
+                ctx.state["http_app"].fast = None
+            await exchange(port, [(b"GET", b"/len")])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(request)
+            try:
+                out = b"closed after: " + await asyncio.wait_for(r.read(), 5)
+            except asyncio.TimeoutError:
+                out = b"no close within 5 s"
+            w.close()
+        server.close()
+        return out
+    return run(main())
+
+
 def test_a_101_to_a_plain_request_is_closed_as_the_engine_does() -> None:
     switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n"
 
     def scenario(fast: bool) -> bytes:
-        async def main() -> bytes:
-            server, oport, _ = await start_origin(
-                lambda path, n: switching if path == b"/sw" else None)
-            conf, svc = proxy_service(oport)
-            async with serving(svc, conf) as (port, ctx):
-                if not fast:
-                    ctx.state["http_app"].fast = None
-                await exchange(port, [(b"GET", b"/len")])
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(b"GET /sw HTTP/1.1\r\nHost: t\r\n\r\n")
-                try:
-                    out = b"closed after: " + await asyncio.wait_for(r.read(), 5)
-                except asyncio.TimeoutError:
-                    out = b"no close within 5 s"
-                w.close()
-            server.close()
-            return out
-        return run(main())
+        return read_until_closed(fast, b"GET /sw HTTP/1.1\r\nHost: t\r\n\r\n",
+                                 lambda path, n: switching if path == b"/sw" else None)
     engine, fast = both_ways(scenario)
     assert engine == fast and engine.startswith(b"closed after: HTTP/1.1 101 "), (engine, fast)
 
@@ -682,22 +690,9 @@ def test_a_whole_response_to_a_client_that_closes_says_so_as_the_engine_does(
     taken = count_whole(monkeypatch)
 
     def scenario(fast: bool) -> bytes:
-        async def main() -> bytes:
-            server, oport, _ = await start_origin()
-            conf, svc = proxy_service(oport)
-            async with serving(svc, conf) as (port, ctx):
-                if not fast:
-                    ctx.state["http_app"].fast = None
-                await exchange(port, [(b"GET", b"/len")])
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                out = await asyncio.wait_for(r.read(), 5)  # the proxy closes after it
-                w.close()
-            server.close()
-            return out
-        return run(main())
+        return read_until_closed(fast, b"GET /len HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     engine, fast = both_ways(scenario)
-    assert engine == fast == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+    assert engine == fast == (b"closed after: HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                               b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"), (engine, fast)
     assert taken[0] == 1
 
