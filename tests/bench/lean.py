@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import httptools
 import uvloop
@@ -29,17 +29,38 @@ ORIGIN = [0]  # the origin's port, set by serve()
 CRLF = b"\r\n"
 
 
-class Up(asyncio.Protocol):
-    __slots__ = ("parser", "down", "transport", "fields", "chunked")
+class PooledUp(asyncio.Protocol):
+    """An upstream connection that goes back to ``pool`` after each response (subclasses set
+    ``parser``, ``down`` and ``transport``)."""
 
+    pool: list[Any] = POOL
+    parser: Any
+    down: Any
+    transport: Any
+
+    def connection_made(self, t: Any) -> None:
+        self.transport = t
+
+    def on_message_complete(self) -> None:
+        down = self.down
+        self.down = None
+        if self.parser.should_keep_alive():
+            self.pool.append(self)
+        down.busy = False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self in self.pool:
+            self.pool.remove(self)
+        if self.down is not None:
+            self.down.transport.close()
+
+
+class Up(PooledUp):
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.down = None
         self.transport = None
         self.fields: list = []
-
-    def connection_made(self, t) -> None:
-        self.transport = t
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -59,19 +80,6 @@ class Up(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.down.transport.write(body)
-
-    def on_message_complete(self) -> None:
-        down = self.down
-        self.down = None
-        if self.parser.should_keep_alive():
-            POOL.append(self)
-        down.busy = False
-
-    def connection_lost(self, exc) -> None:
-        if self in POOL:
-            POOL.remove(self)
-        if self.down is not None:
-            self.down.transport.close()
 
 
 class Down(asyncio.Protocol):

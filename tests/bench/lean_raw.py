@@ -17,7 +17,7 @@ import os
 
 import httptools
 
-from tests.bench.lean import forward, serve
+from tests.bench.lean import PooledUp, forward, serve
 
 POOL: list = []
 NOSTRIP = "nostrip" in os.environ.get("LEAN", "")
@@ -41,17 +41,14 @@ def strip_hop(head: bytes) -> bytes:
     return b"\r\n".join(keep)
 
 
-class Up(asyncio.Protocol):
-    __slots__ = ("parser", "down", "transport", "head")
+class Up(PooledUp):
+    pool = POOL
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.down = None
         self.transport = None
         self.head = True
-
-    def connection_made(self, t) -> None:
-        self.transport = t
 
     def data_received(self, data: bytes) -> None:
         down = self.down
@@ -63,18 +60,8 @@ class Up(asyncio.Protocol):
         down.transport.write(data)
 
     def on_message_complete(self) -> None:
-        down = self.down
-        self.down = None
         self.head = True
-        if self.parser.should_keep_alive():
-            POOL.append(self)
-        down.busy = False
-
-    def connection_lost(self, exc) -> None:
-        if self in POOL:
-            POOL.remove(self)
-        if self.down is not None:
-            self.down.transport.close()
+        super().on_message_complete()
 
 
 class Down(asyncio.Protocol):

@@ -760,19 +760,12 @@ def test_routing_reads_the_head_without_building_it_so_the_raw_head_still_goes()
             lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         other, oport2, stats2 = await start_origin(
             lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
-        conf = parse_text(f"""version: 1
-services:
-  - name: p
-    type: http_proxy
-    listeners: ["127.0.0.1:0"]
-    upstreams:
-      - {{name: o, backends: [{{addr: "127.0.0.1:{oport}"}}]}}
+        conf, svc = proxy_service(oport, f"""\
       - {{name: o2, backends: [{{addr: "127.0.0.1:{oport2}"}}]}}
     routes:
       - {{host: t.example, path_prefix: /static, upstream: o2}}
     upstream: o
-""", "<test>")
-        svc = build_proxy_service(conf, conf.services[0])
+""")
         async with serving(svc, conf) as (port, ctx):
             assert ctx.state["http_app"].fast is not None
             r, w = await asyncio.open_connection("127.0.0.1", port)
