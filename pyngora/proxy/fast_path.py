@@ -170,12 +170,23 @@ class _Forward:
 
     def cancel(self) -> None:
         """The client went away: close the upstream connection, answer nothing more."""
-        if self.state == _WHOLE:  # the upstream side is done already; nothing more to send
-            self.state = _DONE
-            self.whole = None
+        if self.state == _WHOLE:
+            self._client_gone()
         elif self.state != _DONE:
             self.fail(Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
                             "client disconnected"))
+
+    def _client_gone(self) -> None:
+        """The client went away after its whole response was taken (state _WHOLE), before it
+        was written: the upstream side is done (the connection is pooled), so nothing is
+        released; the engine logs and counts the request as it does for any client gone."""
+        self.state = _DONE
+        self.whole = None
+        ex = self.ex
+        if ex.task is self:
+            ex.task = None
+        ex.conn.run_task(ex, self.fast.engine.run(ex, self.session, error=Error(
+            ErrorType.ConnectionClosed, ErrorSource.Downstream, None, "client disconnected")))
 
     # -- upstream events
     def on_upstream(self, ready: bool) -> None:
@@ -294,12 +305,13 @@ class _Forward:
 
     def _write_whole(self) -> None:
         ex, session = self.ex, self.session
+        if ex.conn.closed:  # the client went away meanwhile
+            self._client_gone()
+            return
         status, out, length = self.whole  # type: ignore[misc]
         self.whole = None
         self.state = _DONE
         ex.task = None  # (no ex <-> self cycle left behind)
-        if ex.conn.closed:
-            return  # the client went away meanwhile (its connection is cleaning up)
         try:
             ex.write_whole(status, out, length)
             if log._access_on:

@@ -233,7 +233,7 @@ class H1Connection(asyncio.Protocol):
                             ex._feed(ev.data)
                     elif ev.__class__ is MessageEnd:
                         self._body_open = False
-                        if ex is not None:
+                        if ex is not None and not ex._body_done:  # (body-less: done already)
                             ex._end(ev.trailers)
                         else:
                             self._discarding = False
