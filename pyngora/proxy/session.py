@@ -50,7 +50,7 @@ class Session:
         self._retry_buf: list[bytes] = []
         self._retry_size = 0
         self._retry_truncated = False
-        self._body_finished = exchange.head.body == "none"
+        self._body_finished = head.body == "none"
 
     # ------------------------------------------------------------------ the request
     @property

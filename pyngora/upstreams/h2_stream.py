@@ -19,7 +19,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.protocols import h2_client as h2c
 from pyngora.protocols.events import Data, Event, MessageEnd, StreamReset
-from pyngora.upstreams.connector import _on_wait_timeout
+from pyngora.upstreams.h1_upstream import _on_wait_timeout
 from pyngora.upstreams.peer import HttpPeer
 
 if TYPE_CHECKING:

@@ -617,15 +617,15 @@ def test_a_pooled_connection_the_origin_closes_in_the_same_iteration_is_not_used
 
 def count_whole(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the responses take_whole took (the others went through events)."""
-    from pyngora.upstreams import connector
+    from pyngora.upstreams import h1_upstream
     taken = [0]
-    real = connector.take_whole
+    real = h1_upstream.take_whole
 
     def counting(data: bytes, limits: Any) -> Any:
         out = real(data, limits)
         taken[0] += out is not None
         return out
-    monkeypatch.setattr(connector, "take_whole", counting)
+    monkeypatch.setattr(h1_upstream, "take_whole", counting)
     return taken
 
 
