@@ -334,14 +334,15 @@ class UpstreamConnection(asyncio.Protocol):
         whole of a plain response (``h1_splice``), end it here and give (status, the bytes to
         send downstream with the hop-by-hop fields cut, body length); None otherwise, and
         nothing changed."""
-        if self.response_bytes_seen or self._error is not None:
-            return None
-        taken = take_whole(data, self._parser.limits)
+        parser = self._parser
+        if self.response_bytes_seen or self._error is not None or parser.response_started:
+            return None  # (response_started: bytes the parser already holds come first)
+        taken = take_whole(data, parser.limits)
         if taken is None:
             return None
         status, out, length, keep_alive = taken
         self.response_bytes_seen = True
-        self._parser.taken_whole(keep_alive)
+        parser.taken_whole(keep_alive)
         return status, out, length
 
     def untouched(self) -> bool:
