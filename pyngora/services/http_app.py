@@ -233,11 +233,11 @@ class H1Connection(asyncio.Protocol):
                             ex._feed(ev.data)
                     elif ev.__class__ is MessageEnd:
                         self._body_open = False
-                        if ex is not None and not ex._body_done:  # (body-less: done already)
-                            ex._end(ev.trailers)
-                        else:
+                        if ex is None:
                             self._discarding = False
                             self._after_response()
+                        elif not ex._body_done:  # (a body-less request's is done already)
+                            ex._end(ev.trailers)
                     elif isinstance(ev, h1.ProtocolError):  # a malformed body
                         self._body_open = False
                         if ex is not None:

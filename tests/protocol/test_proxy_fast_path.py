@@ -781,3 +781,33 @@ def test_routing_reads_the_head_without_building_it_so_the_raw_head_still_goes()
     assert [o.endswith(b"other") for o in out] == [True, True, False]
     # The first request dialled (the engine's path); the second went the fast way, raw.
     assert heads[1] + b"\r\n\r\n" == sent
+
+
+def test_a_request_that_arrives_as_the_worker_drains_is_answered_then_closed() -> None:
+    # A fresh connection is not idle (its first request is on its way): when draining begins
+    # before the request arrives, the request still gets its whole answer, with
+    # Connection: close, on both paths (a body-less request's end must not count as the end
+    # of its response).
+    def scenario(fast: bool) -> bytes:
+        async def main() -> bytes:
+            server, oport, _ = await start_origin()
+            conf, svc = proxy_service(oport)
+            async with serving(svc, conf) as (port, ctx):
+                if not fast:
+                    ctx.state["http_app"].fast = None
+                await exchange(port, [(b"GET", b"/len")])  # the upstream connection is pooled
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                for _ in range(500):
+                    if len(ctx.connections):
+                        break
+                    await asyncio.sleep(0.01)
+                ctx.connections.drain()
+                w.write(b"GET /len HTTP/1.1\r\nHost: t\r\n\r\n")
+                out = await asyncio.wait_for(r.read(), 5)
+                w.close()
+            server.close()
+            return out
+        return run(main())
+    engine, fast = both_ways(scenario)
+    assert engine == fast == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                              b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"), (engine, fast)
