@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -25,7 +25,8 @@ from pyngora.metrics.multiproc_format import read_file
 
 from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_proxy_fast_path import (
-    Origin, count_whole, exchange, proxy_service, read_exact_response, start_origin)
+    Origin, ThreadOrigin, count_whole, exchange, proxy_service, read_exact_response,
+    start_origin)
 
 LEN = b"/len"  # the shared ANSWERS table: a whole plain 200 with Keep-Alive and Connection
 
@@ -56,6 +57,13 @@ async def no_stray_upstream(ctx: Any, stats: dict[str, Any]) -> None:
     pool = ctx.state["connector"].pool
     await until(lambda: stats["conns"] - stats["closed"] == len(pool),
                 "no upstream connection open outside the pool")
+
+
+async def quiet_pool(ctx: Any, stats: dict[str, Any]) -> int:
+    """Once the proxy has settled and every upstream connection it holds is pooled: how many."""
+    await settle(ctx)
+    await no_stray_upstream(ctx, stats)
+    return len(ctx.state["connector"].pool)
 
 
 async def settle(ctx: Any, stats: Optional[dict[str, Any]] = None, closed: int = 0) -> None:
@@ -172,6 +180,21 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.fixture
+def handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lines]:
+    """The access log on, its lines collected; off again after the test."""
+    monkeypatch.setattr(log, "_access_on", True)
+    lines = Lines()
+    log.ACCESS.addHandler(lines)
+    old_level = log.ACCESS.level
+    log.ACCESS.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.ACCESS.removeHandler(lines)
+        log.ACCESS.setLevel(old_level)
+
+
 def untimed(line: str, fmt: str, port: int) -> Any:
     """An access line less its timing fields (and with the origin's port as PORT)."""
     line = line.replace(str(port), "PORT")
@@ -188,14 +211,9 @@ def untimed(line: str, fmt: str, port: int) -> Any:
 
 
 @pytest.mark.parametrize("fmt", ["combined", "json"])
-def test_access_log_lines_are_the_same_on_both_paths(fmt: str,
+def test_access_log_lines_are_the_same_on_both_paths(fmt: str, handler: "Lines",
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     taken = count_whole(monkeypatch)
-    monkeypatch.setattr(log, "_access_on", True)
-    handler = Lines()
-    log.ACCESS.addHandler(handler)
-    old_level = log.ACCESS.level
-    log.ACCESS.setLevel(logging.INFO)
 
     def scenario(fast: bool) -> Any:
         async def main() -> Any:
@@ -224,13 +242,9 @@ def test_access_log_lines_are_the_same_on_both_paths(fmt: str,
             return [untimed(line, fmt, oport) for line in handler.lines]
         return main()
 
-    try:
-        before = taken[0]
-        engine = run(scenario(False))
-        fast = run(scenario(True))
-    finally:
-        log.ACCESS.removeHandler(handler)
-        log.ACCESS.setLevel(old_level)
+    before = taken[0]
+    engine = run(scenario(False))
+    fast = run(scenario(True))
     assert taken[0] - before == 7  # /len, /404, /big twice each, the closing /len
     assert len(engine) == 9, engine
     assert engine == fast
@@ -288,9 +302,7 @@ def test_connection_handling_is_the_same_on_both_paths(
                 except ConnectionError:
                     got += b"<EOF>"
                 w.close()
-                await settle(ctx)
-                await no_stray_upstream(ctx, stats)
-                pool = len(ctx.state["connector"].pool)
+                pool = await quiet_pool(ctx, stats)
             server.close()
             return got, pool, stats["conns"]
         return main()
@@ -341,9 +353,7 @@ def test_draining_during_a_whole_response_closes_as_the_engine_does(
                 stats["held"][0].write(body_answer(size))
                 out = await asyncio.wait_for(r.read(), 5)  # the proxy closes after it
                 w.close()
-                await settle(ctx)
-                await no_stray_upstream(ctx, stats)
-                pool = len(ctx.state["connector"].pool)
+                pool = await quiet_pool(ctx, stats)
             server.close()
             return out, pool, stats["conns"]
         return main()
@@ -381,9 +391,7 @@ def test_pipelined_and_back_to_back_whole_responses(paths: list[bytes],
                     w.write(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % p)
                     one_by_one.append(await read_exact_response(r))
                 w.close()
-                await settle(ctx)
-                await no_stray_upstream(ctx, stats)
-                pool = len(ctx.state["connector"].pool)
+                pool = await quiet_pool(ctx, stats)
             server.close()
             return piped, one_by_one, pool, stats["conns"], stats["closed"]
         return main()
@@ -475,26 +483,14 @@ def test_client_gone_right_after_its_request_pools_and_closes_as_the_engine_does
     assert engine == fast, (engine, fast)
 
 
-class ThreadOrigin:
-    """An origin on a thread that answers only when told (``answer``), so the test can make
-    the answer and the client's close arrive while the proxy's loop is blocked."""
+class HoldingOrigin(ThreadOrigin):
+    """An origin on threads that answers only when told (``/hold`` waits for the test), so the
+    test can make the answer and the client's close arrive while the proxy's loop is blocked."""
 
     def __init__(self) -> None:
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.conns: list[socket.socket] = []
         self.heads: list[bytes] = []
         self.closed = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__()  # (starts accepting: the fields above must exist first)
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
@@ -513,14 +509,6 @@ class ThreadOrigin:
                 if b"/hold" not in head:
                     c.sendall(ANSWER)
 
-    def close(self) -> None:
-        self.lsock.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
-
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -528,13 +516,8 @@ ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 # Found by this file (fixed): _Forward.cancel in state _WHOLE dropped the request without an
 # access log line or a pyngora_requests_total sample; the engine logs (status 0) and counts it.
 def test_client_gone_while_its_whole_response_waits_is_logged_and_counted_as_the_engine_does(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Any, handler: "Lines", monkeypatch: pytest.MonkeyPatch) -> None:
     taken = count_whole(monkeypatch)
-    monkeypatch.setattr(log, "_access_on", True)
-    handler = Lines()
-    log.ACCESS.addHandler(handler)
-    old_level = log.ACCESS.level
-    log.ACCESS.setLevel(logging.INFO)
 
     def scenario(fast: bool) -> Any:
         async def main() -> Any:
@@ -542,7 +525,7 @@ def test_client_gone_while_its_whole_response_waits_is_logged_and_counted_as_the
             monkeypatch.setenv(multiproc.ENV_VAR, d)
             multiproc.prepare_dir(d, fresh=True)
             registry.reset()
-            origin = ThreadOrigin()
+            origin = HoldingOrigin()
             conf, svc = proxy_service(origin.port)
             try:
                 async with serving(svc, conf) as (port, ctx):
@@ -577,13 +560,9 @@ def test_client_gone_while_its_whole_response_waits_is_logged_and_counted_as_the
             return lines, counts, pooled
         return main()
 
-    try:
-        before = taken[0]
-        engine = run(scenario(False))
-        fast = run(scenario(True))
-    finally:
-        log.ACCESS.removeHandler(handler)
-        log.ACCESS.setLevel(old_level)
+    before = taken[0]
+    engine = run(scenario(False))
+    fast = run(scenario(True))
     assert taken[0] - before >= 1, taken[0] - before  # /hold was taken whole
     if any(" 200 " in line[1] for line in engine[0] + fast[0]):
         pytest.skip("the loop read the answer before the client's close: no race this time")
@@ -631,9 +610,7 @@ def test_sizes_around_the_write_at_once_threshold_arrive_intact(
                 w.write(b"GET /sized HTTP/1.1\r\nHost: t\r\n\r\nGET /len HTTP/1.1\r\nHost: t\r\n\r\n")
                 out += [await read_exact_response(r), await read_exact_response(r)]
                 w.close()
-                await settle(ctx)
-                await no_stray_upstream(ctx, stats)
-                pool = len(ctx.state["connector"].pool)
+                pool = await quiet_pool(ctx, stats)
             server.close()
             return out, pool, stats["conns"]
         return main()
