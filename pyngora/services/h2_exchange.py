@@ -10,14 +10,13 @@ flow-control window back to the client; writing queues frames on the connection'
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.protocols import h2 as h2p
 from pyngora.protocols.events import RequestHead
-from pyngora.services.http_exchange import read_full_body
+from pyngora.services.request_body import RequestBody
 
 if TYPE_CHECKING:
     from pyngora.services.h2_app import H2Connection
@@ -76,14 +75,12 @@ class StreamHandle:
         self.connection._reset_stream(self.exchange.stream_id, h2p.INTERNAL_ERROR)
 
 
-class H2Exchange:
+class H2Exchange(RequestBody):
     """One HTTP/2 stream: a request and its response, with ``http_app.Exchange``'s API."""
 
     __slots__ = ("conn", "h2conn", "stream_id", "head", "client_addr", "server_addr", "scheme",
-                 "start_time", "status", "keep_alive", "head_sent", "finished", "req_bytes",
-                 "resp_bytes", "trailers", "task", "_no_body", "_chunks", "_buffered",
-                 "_body_done", "_error", "_waiter", "_drain_waiter", "_continue_pending",
-                 "_reset")
+                 "start_time", "status", "keep_alive", "head_sent", "finished", "resp_bytes",
+                 "task", "_no_body", "_drain_waiter", "_reset") + RequestBody.BODY_SLOTS
 
     def __init__(self, h2conn: "H2Connection", head: RequestHead, start_time: float) -> None:
         self.h2conn = h2conn
@@ -98,60 +95,21 @@ class H2Exchange:
         self.keep_alive = True
         self.head_sent = False
         self.finished = False
-        self.req_bytes = 0
         self.resp_bytes = 0
-        self.trailers: Optional[Headers] = None
         self.task: Optional[asyncio.Task[Any]] = None
         self._no_body = False
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._body_done = head.body == "none"
-        self._error: Optional[Error] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
         self._drain_waiter: Optional[asyncio.Future[None]] = None
-        self._continue_pending = head.expect_continue and not self._body_done
         self._reset = False
+        self._init_body(head)
 
     # ------------------------------------------------------------------ request body
-    @property
-    def body_done(self) -> bool:
-        """True once the whole request body has been received (not necessarily read)."""
-        return self._body_done
+    # (read_body, read_full_body, body_done, _end: see RequestBody)
+    def _took(self, n: int) -> None:
+        self.h2conn._consumed(self.stream_id, n)  # the window goes back as the body is read
 
-    async def read_body(self) -> Optional[bytes]:
-        """The next piece of the request body, ``None`` at its end; reading it hands the
-        flow-control window back to the client. Raises Error (Downstream) when the stream
-        was reset or the body refused (``status`` 400/413)."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft()
-                self._buffered -= len(data)
-                self.h2conn._consumed(self.stream_id, len(data))
-                return data
-            if self._body_done:
-                return None
-            if self._error is not None:
-                raise self._error
-            if self._continue_pending:
-                self._continue_pending = False
-                if not self.head_sent:
-                    self.h2conn.proto.send_informational(self.stream_id, 100)
-                    self.h2conn._schedule_flush()
-            waiter = self._waiter = self.h2conn.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    async def read_full_body(self, limit: Optional[int] = None) -> bytes:
-        """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
-        return await read_full_body(self, limit)
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    def _send_continue(self) -> None:
+        self.h2conn.proto.send_informational(self.stream_id, 100)
+        self.h2conn._schedule_flush()
 
     def _feed(self, data: bytes) -> None:
         self.req_bytes += len(data)
@@ -162,18 +120,8 @@ class H2Exchange:
         self._buffered += len(data)
         self._wake()
 
-    def _end(self, trailers: Optional[Headers]) -> None:
-        self.trailers = trailers
-        self._body_done = True
-        self._continue_pending = False
-        self._wake()
-
     def _fail(self, err: Error) -> None:
-        if self._error is None:
-            self._error = err
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(err)
+        self._fail_body(err)
         self._wake_drain(err)
 
     def _wake_drain(self, err: Optional[Error] = None) -> None:

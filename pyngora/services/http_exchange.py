@@ -14,6 +14,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.protocols import h1
 from pyngora.protocols.events import RequestHead
+from pyngora.services.request_body import RequestBody
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.services.http_app import H1Connection
@@ -132,7 +133,7 @@ class HttpApp:
         raise NotImplementedError
 
 
-class Exchange:
+class Exchange(RequestBody):
     """One request and its response on a downstream connection.
 
     Reading: ``head`` (a RequestHead), ``await read_body()`` -> next chunk or ``None`` at the end
@@ -144,10 +145,9 @@ class Exchange:
     """
 
     __slots__ = ("conn", "head", "client_addr", "server_addr", "scheme", "start_time",
-                 "status", "keep_alive", "head_sent", "finished", "req_bytes", "resp_bytes",
-                 "trailers", "task", "_chunked", "_no_body", "_chunks", "_buffered",
-                 "_body_done", "_error", "_waiter", "_continue_pending", "_upgrade",
-                 "_tunnel", "_head_buf")
+                 "status", "keep_alive", "head_sent", "finished", "resp_bytes", "task",
+                 "_chunked", "_no_body", "_upgrade", "_tunnel", "_head_buf"
+                 ) + RequestBody.BODY_SLOTS
 
     def __init__(self, conn: "H1Connection", head: RequestHead, start_time: float) -> None:
         self.conn = conn
@@ -160,62 +160,23 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.head_sent = False
         self.finished = False
-        self.req_bytes = 0
         self.resp_bytes = 0
-        self.trailers: Optional[Headers] = None
         self.task: Optional[asyncio.Task[Any]] = None
         self._chunked = False
         self._no_body = False
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._body_done = head.body == "none"
-        self._error: Optional[Error] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-        self._continue_pending = head.expect_continue and not self._body_done
+        self._init_body(head)
         self._upgrade = head.upgrade
         self._tunnel: Optional[Tunnel] = None
         self._head_buf: Optional[bytes] = None  # a response head not sent yet (see write_head)
 
     # ------------------------------------------------------------------ request body
-    @property
-    def body_done(self) -> bool:
-        """True once the whole request body has been received (not necessarily read)."""
-        return self._body_done
+    # (read_body, read_full_body, body_done, _end: see RequestBody)
+    def _took(self, n: int) -> None:
+        if self._buffered <= BODY_LOW_WATER:
+            self.conn._resume(_P_BODY)
 
-    async def read_body(self) -> Optional[bytes]:
-        """The next piece of the request body, ``None`` at its end. Sends ``100 Continue`` the
-        first time when the client asked for it. Raises Error (Downstream) when the body is
-        malformed or too large (its ``status`` says 400/413) or the client went away."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft()
-                self._buffered -= len(data)
-                if self._buffered <= BODY_LOW_WATER:
-                    self.conn._resume(_P_BODY)
-                return data
-            if self._body_done:
-                return None
-            if self._error is not None:
-                raise self._error
-            if self._continue_pending:
-                self._continue_pending = False
-                if not self.head_sent:
-                    self.conn._write(_CONTINUE)
-            waiter = self._waiter = self.conn.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    async def read_full_body(self, limit: Optional[int] = None) -> bytes:
-        """The whole request body (``limit`` bytes at most: Error 413 beyond)."""
-        return await read_full_body(self, limit)
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    def _send_continue(self) -> None:
+        self.conn._write(_CONTINUE)
 
     def _feed(self, data: bytes) -> None:
         self.req_bytes += len(data)
@@ -225,18 +186,8 @@ class Exchange:
             self.conn._pause(_P_BODY)
         self._wake()
 
-    def _end(self, trailers: Optional[Headers]) -> None:
-        self.trailers = trailers
-        self._body_done = True
-        self._continue_pending = False
-        self._wake()
-
     def _fail(self, err: Error) -> None:
-        if self._error is None:
-            self._error = err
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(err)
+        self._fail_body(err)
         if self._tunnel is not None:
             self._tunnel._on_eof()
 
@@ -532,19 +483,3 @@ class Tunnel:
 
     def close(self) -> None:
         self.conn._close()
-
-
-async def read_full_body(exchange: Any, limit: Optional[int] = None) -> bytes:
-    """Collect a request body through ``exchange.read_body()`` (HTTP/1 or HTTP/2 alike),
-    ``limit`` bytes at most: Error 413 beyond."""
-    parts = []
-    total = 0
-    while True:
-        data = await exchange.read_body()
-        if data is None:
-            return b"".join(parts)
-        total += len(data)
-        if limit is not None and total > limit:
-            raise Error(ErrorType.BodyTooLarge, ErrorSource.Downstream, None,
-                        "request body too large", status=413)
-        parts.append(data)
