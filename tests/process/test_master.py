@@ -122,14 +122,56 @@ def test_every_worker_serves(app_factory, stealing: str) -> None:
     assert set(pids) == workers, counts
 
 
+def _listening_inode(port: int) -> str:
+    """The socket inode of the TCP socket listening on 127.0.0.1:``port`` (/proc/net/tcp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[1] == want and cols[3] == "0A":  # 0A: LISTEN
+                return f"socket:[{cols[9]}]"
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _socket_links(pid: int) -> dict[str, int]:
+    """{'socket:[inode]': how many of ``pid``'s descriptors point at it}."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # a connection (the readiness probe's) closing meanwhile
+            pass
+    return {link: links.count(link) for link in links if link.startswith("socket:")}
+
+
 def test_pinned_workers_have_their_own_sockets(app_factory) -> None:
     app = app_factory(THREADS="2", WORK_STEALING="0").serving()
-
-    def listen_inodes(pid: int) -> set[str]:
-        return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
-    a, b = (listen_inodes(p) for p in app.workers())
+    a, b = (set(_socket_links(p)) for p in app.workers())
     assert a and b and not (a & b), (a, b)
+
+
+@pytest.mark.parametrize("stealing", ["1", "0"])
+def test_workers_accept_through_several_handles(app_factory, stealing: str) -> None:
+    """libuv accepts one connection per server handle and loop iteration: each worker polls
+    its listening socket through ACCEPT_HANDLES descriptors (plus the one it keeps for the
+    last accepts of a drain), so new connections are taken several per iteration."""
+    from pyngora.server.worker import ACCEPT_HANDLES
+    assert ACCEPT_HANDLES > 1
+    app = app_factory(THREADS="2", WORK_STEALING=stealing).serving()
+    shared = _listening_inode(app.port) if stealing == "1" else None
+    workers = app.workers()
+    assert len(workers) == 2
+
+    def handles_of(pid: int) -> list[int]:
+        counts = _socket_links(pid)
+        if shared is not None:
+            return [counts.get(shared, 0)]
+        return [n for n in counts.values() if n > 1]  # pinned: its own SO_REUSEPORT socket
+
+    for pid in workers:  # the port answers once one worker is ready; the other may still boot
+        wait_for(lambda: handles_of(pid) == [ACCEPT_HANDLES + 1], 10,
+                 f"worker {pid} to listen through {ACCEPT_HANDLES} handles")
+    assert get(app.port, "/")[0] == 200
 
 
 def test_sigterm_finishes_inflight_request_then_exits(app_factory) -> None:
