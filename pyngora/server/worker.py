@@ -23,12 +23,13 @@ if TYPE_CHECKING:  # pragma: no cover
 # worker, after fork (`_serve`), so the master stays small.
 
 # Server handles per listening socket in each worker, on duplicates of the one socket: libuv
-# accepts a single connection per handle and loop iteration (since libuv 1.45, libuv#3696). With
+# accepts a single connection per handle and loop iteration (libuv pull request 3696). With
 # one handle, a worker under connection churn settles into one new connection per iteration:
 # nothing to batch, and each response and upstream request wakes a sleeping peer on its own
-# (tests/bench/RESULTS.md, "accepting four at a time": churn 84 -> 54 us of CPU per request).
-# The price when idle: a new connection also costs this many less one accept() calls that find
-# the queue empty (~1.5 us measured at one connection at a time).
+# (tests/bench/RESULTS.md, "accepting four at a time": churn 80 -> 52 us of CPU per request).
+# The price: a new connection that arrives alone also wakes the other handles, whose accept()
+# finds the queue empty (~3 us each: 109 -> 120 us per connection one at a time); 8 handles
+# took churn only to 47 us for 127 us alone, so 4.
 ACCEPT_HANDLES = 4
 
 EXIT_OK = 0
