@@ -172,6 +172,57 @@ def test_header_timeout_408_and_idle_close() -> None:
     run(main())
 
 
+class _FinProbe(HttpApp):
+    """Answers, then at once (same callback, no loop iteration in between) reads what the
+    client socket has received so far, without blocking."""
+
+    def __init__(self) -> None:
+        self.client: socket.socket | None = None
+        self.seen: list[bytes | str] = []
+
+    def handle(self, ex: Exchange) -> None:
+        ex.respond(200, Headers([("Content-Type", "text/plain")]), b"bye")
+        assert self.client is not None
+        self.client.setblocking(False)
+        while True:
+            try:
+                data = self.client.recv(65536)
+            except BlockingIOError:
+                self.seen.append("nothing yet")
+                return
+            self.seen.append(data)
+            if not data:
+                return
+
+
+@pytest.mark.parametrize("request_close", [True, False])
+def test_fin_goes_out_with_the_last_response(request_close: bool) -> None:
+    """The server sends its FIN right after the last response (Connection: close from the
+    client, or keepalive_requests reached), not an iteration later: so it closes first and
+    keeps the TIME_WAIT, as nginx does, instead of leaving it to the client, whose next
+    connect() pays for it. It still reads until the client's EOF (the lingering close)."""
+    async def main() -> None:
+        app = _FinProbe()
+        limits = {} if request_close else {"keepalive_requests": 1}
+        async with serving(AppService(app, LimitsConf(**limits))) as (port, ctx):
+            loop = asyncio.get_running_loop()
+            client = socket.create_connection(("127.0.0.1", port))
+            app.client = client
+            close = b"Connection: close\r\n" if request_close else b""
+            client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + close + b"\r\n")
+            while not app.seen:
+                await asyncio.sleep(0.01)
+            got = b"".join(x for x in app.seen if isinstance(x, bytes))
+            assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"bye"), app.seen
+            assert app.seen[-1] == b"", f"no FIN with the response: {app.seen}"
+            assert len(ctx.connections) == 1  # lingering: still reading until the client's EOF
+            client.close()
+            while len(ctx.connections):
+                await asyncio.sleep(0.01)
+            assert loop.is_running()
+    run(main())
+
+
 def test_keepalive_requests_limit() -> None:
     async def main() -> None:
         async with serving(static(keepalive_requests=2)) as (port, _):
