@@ -58,3 +58,16 @@ def test_quick_bench_produces_numbers(tmp_path: Path) -> None:
         assert isinstance(held, dict), (server, held)
         assert held["opened"] == held["wanted"] == 100, (server, held)
         assert held["held"] == 100 and held["sample_ok"] == held["sample"], (server, held)
+
+
+def test_h2_floor_reports_both_columns() -> None:
+    """``python -m tests.bench.h2_floor`` runs a few hundred streams through the h2 library and
+    through pyngora's H2Server, answering every request, and prints a figure for each."""
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.h2_floor", "--streams", "300",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["h2", "H2Server"], proc.stdout
+    for line in lines:
+        assert float(line.split()[1]) > 0, line
