@@ -591,7 +591,11 @@ def _send_fin(transport: asyncio.Transport) -> bool:
     be writable). By then a client that read its response has often closed first, so the
     TIME_WAIT state lands on the client, whose next connect() must then search for a free
     port among them: under connection churn wrk spent half its time there (RESULTS.md, "the
-    FIN first"). nginx closes first too. Reading goes on (the lingering close) either way."""
+    FIN first"). nginx closes first too. Reading goes on (the lingering close) either way.
+
+    uvloop does not know of this shutdown: a write after it fails with EPIPE and quietly
+    closes the connection (write_eof would have raised instead). Nothing writes after
+    ``_linger`` (it clears the pending requests; 101 tunnels close through ``_close``)."""
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in _FIN_FAMILIES:
         return False
