@@ -22,7 +22,6 @@ the static service).
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections import deque
 from typing import Any, Callable, Optional
@@ -33,6 +32,7 @@ from pyngora.errors import Error, ErrorSource
 from pyngora.protocols import h1
 from pyngora.protocols.events import Data, MessageEnd, RequestHead
 from pyngora.services.base import ConnectionTracker, Service, WorkerContext
+from pyngora.services.half_close import send_fin
 from pyngora.services.http_exchange import (  # noqa: F401 - re-exported
     BODY_HIGH_WATER,
     BODY_LOW_WATER,
@@ -57,10 +57,6 @@ from pyngora.services.http_exchange import (  # noqa: F401 - re-exported
 
 __all__ = ["HttpApp", "HttpSettings", "Exchange", "Tunnel", "H1Connection", "HttpService",
            "error_status_of"]
-
-# Sockets whose sending side _send_fin shuts down itself (TLS has its own close_notify and
-# never gets there: its transport cannot write_eof).
-_FIN_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
 class H1Connection(asyncio.Protocol):
@@ -499,7 +495,7 @@ class H1Connection(asyncio.Protocol):
             except (RuntimeError, AttributeError):
                 pass
         try:
-            if t.get_write_buffer_size() or not _send_fin(t):
+            if t.get_write_buffer_size() or not send_fin(t):
                 t.write_eof()  # libuv shuts the socket down once the buffer is written
         except (OSError, RuntimeError):
             self._close()
@@ -582,26 +578,3 @@ class HttpService(Service):
         return protocol_factory(app, HttpSettings(self.limits), listener, ctx.connections,
                                 ctx.state.get("service_metrics"), ctx.loop)
 
-
-def _send_fin(transport: asyncio.Transport) -> bool:
-    """Shut the socket's sending side down now (FIN), the response being fully written; False
-    when the transport has no plain socket to do it on.
-
-    ``write_eof`` would do it only in the next loop iteration (libuv waits for the socket to
-    be writable). By then a client that read its response has often closed first, so the
-    TIME_WAIT state lands on the client, whose next connect() must then search for a free
-    port among them: under connection churn wrk spent half its time there (RESULTS.md, "the
-    FIN first"). nginx closes first too. Reading goes on (the lingering close) either way.
-
-    uvloop does not know of this shutdown: a write after it fails with EPIPE and quietly
-    closes the connection (write_eof would have raised instead). Nothing writes after
-    ``_linger`` (it clears the pending requests; 101 tunnels close through ``_close``)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in _FIN_FAMILIES:
-        return False
-    s = socket.socket(sock.family, socket.SOCK_STREAM, 0, sock.fileno())
-    try:
-        s.shutdown(socket.SHUT_WR)
-    finally:
-        s.detach()  # the descriptor stays uvloop's
-    return True
