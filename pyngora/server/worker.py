@@ -22,16 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # Imported by the master: the service rooms (and asyncio with them) are imported in the
 # worker, after fork (`_serve`), so the master stays small.
 
-# Server handles per listening socket in each worker, on duplicates of the one socket: libuv
-# accepts a single connection per handle and loop iteration (libuv pull request 3696). With
-# one handle, a worker under connection churn settles into one new connection per iteration:
-# nothing to batch, and each response and upstream request wakes a sleeping peer on its own
-# (tests/bench/RESULTS.md, "accepting four at a time": churn 80 -> 52 us of CPU per request).
-# The price: a new connection that arrives alone also wakes the other handles, whose accept()
-# finds the queue empty (~3 us each: 109 -> 120 us per connection one at a time); 8 handles
-# took churn only to 47 us for 127 us alone, so 4.
-ACCEPT_HANDLES = 4
-
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 4     # the worker never became ready (bad app, import error, ...)
 EXIT_CRASHED = 5
@@ -164,11 +154,12 @@ def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
 
 async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
     import asyncio
+    from pyngora.server.accepting import AcceptHandles, keep_adjusting
     from pyngora.services.base import ReadyNotifier
     loop = asyncio.get_running_loop()
     service = spec.service
     conf = spec.conf
-    servers = []
+    servers: list[AcceptHandles] = []
 
     def ready() -> None:
         try:
@@ -216,24 +207,23 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             for listener, sock in spec.sockets:
                 factory = service.protocol_factory(ctx, listener)
                 ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)
-                handles = [await loop.create_server(factory, sock=sock if n == 0 else sock.dup(),
-                                                    backlog=listener.backlog, ssl=ssl_ctx)
-                           for n in range(ACCEPT_HANDLES)]
-                # our own descriptor of the listening socket, for the last accepts at drain
-                servers.append((handles, sock.dup(), factory, ssl_ctx))
+                handles = AcceptHandles(loop, sock, factory, listener.backlog, ssl_ctx)
+                await handles.open(sock)
+                servers.append(handles)
+            sampler = loop.create_task(keep_adjusting(servers))
         except Exception:
             log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
             return EXIT_BOOT_FAILED
         ready()
         await ctx.shutdown.wait()
         # Drain: stop accepting, take what is already queued, let in-flight requests finish.
-        for handles, sock, factory, ssl_ctx in servers:
-            for srv in handles:
-                srv.close()
+        sampler.cancel()
+        for handles in servers:
+            handles.close()
             if ctx.shutdown.fast:
-                sock.close()
+                handles.own.close()
             else:
-                await _take_queued(loop, sock, factory, ssl_ctx)
+                await _take_queued(loop, handles.own, handles.factory, handles.ssl)
         if ctx.shutdown.fast:
             ctx.connections.abort_all()
         else:

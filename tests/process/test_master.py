@@ -151,12 +151,11 @@ def test_pinned_workers_have_their_own_sockets(app_factory) -> None:
 
 
 @pytest.mark.parametrize("stealing", ["1", "0"])
-def test_workers_accept_through_several_handles(app_factory, stealing: str) -> None:
-    """libuv accepts one connection per server handle and loop iteration: each worker polls
-    its listening socket through ACCEPT_HANDLES descriptors (plus the one it keeps for the
-    last accepts of a drain), so new connections are taken several per iteration."""
-    from pyngora.server.worker import ACCEPT_HANDLES
-    assert ACCEPT_HANDLES > 1
+def test_idle_workers_listen_through_one_handle(app_factory, stealing: str) -> None:
+    """server/accepting.py: an idle worker polls each listening socket through one server
+    handle (extra ones would each waste an accept() per new connection), and keeps one more
+    descriptor of it for the drain; under churn it adds handles (tests/protocol/
+    test_accepting.py)."""
     app = app_factory(THREADS="2", WORK_STEALING=stealing).serving()
     shared = _listening_inode(app.port) if stealing == "1" else None
     workers = app.workers()
@@ -169,8 +168,7 @@ def test_workers_accept_through_several_handles(app_factory, stealing: str) -> N
         return [n for n in counts.values() if n > 1]  # pinned: its own SO_REUSEPORT socket
 
     for pid in workers:  # the port answers once one worker is ready; the other may still boot
-        wait_for(lambda: handles_of(pid) == [ACCEPT_HANDLES + 1], 10,
-                 f"worker {pid} to listen through {ACCEPT_HANDLES} handles")
+        wait_for(lambda: handles_of(pid) == [2], 10, f"worker {pid} to listen through 1 handle")
     assert get(app.port, "/")[0] == 200
 
 

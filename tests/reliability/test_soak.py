@@ -308,8 +308,10 @@ class Held(NamedTuple):
     pid: int
     pooled: int   # TCP connections to the origins (the upstream pool)
     client: int   # the server's side of client connections
-    fixed: int    # everything else: listeners, pipes, epoll, log files...
+    fixed: int    # everything else: pipes, epoll, log files, one listener copy per process...
     rss_kib: int
+    accept: int = 0  # a worker's further copies of the listening socket: its accept handles
+                     # and the drain's copy (server/accepting.py: 2 when idle, more under churn)
 
 
 @dataclass
@@ -321,9 +323,10 @@ class Footprint:
         return sum(getattr(p, what) for p in self.procs)
 
     def line(self) -> str:
-        fds = self.total("pooled") + self.total("client") + self.total("fixed")
-        return (f"{fds} FDs ({self.total('fixed')} fixed, {self.total('pooled')} pooled to "
-                f"origins, {self.total('client')} client), RSS "
+        fds = sum(self.total(k) for k in ("pooled", "client", "fixed", "accept"))
+        return (f"{fds} FDs ({self.total('fixed')} fixed, {self.total('accept')} accept handle "
+                f"copies, {self.total('pooled')} pooled to origins, {self.total('client')} "
+                f"client), RSS "
                 f"{self.total('rss_kib') / 1024:.1f} MiB, {len(self.procs)} processes "
                 f"[" + ", ".join(f"{p.role} {p.fixed}+{p.pooled} FDs {p.rss_kib / 1024:.1f} MiB"
                                  for p in self.procs) + "]")
@@ -338,9 +341,35 @@ def _footprint(master: int, port: int, origins: tuple[int, ...]) -> Footprint:
         pooled = sum(1 for i in inodes if i in table and table[i][1] in origins)
         client = sum(1 for i in inodes if i in table and table[i][0] == port
                      and table[i][2] != TCP_LISTEN)
-        fixed = fd_count(pid) - pooled - client
-        procs.append(Held(role, pid, pooled, client, fixed, rss_kib(pid)))
+        accept = _listener_copies(pid, port, table) - 1 if role == "worker" else 0
+        fixed = fd_count(pid) - pooled - client - accept
+        procs.append(Held(role, pid, pooled, client, fixed, rss_kib(pid), accept))
     return Footprint(procs)
+
+
+def _listener_copies(pid: int, port: int, table: dict[str, tuple[int, int, str]]) -> int:
+    """How many of ``pid``'s descriptors are the socket listening on ``port``."""
+    n = 0
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        entry = table.get(link[8:-1]) if link.startswith("socket:[") else None
+        if entry is not None and entry[0] == port and entry[2] == TCP_LISTEN:
+            n += 1
+    return n
+
+
+def _accept_idle(master: int, port: int) -> bool:
+    """Every worker is back to one accept handle (on the descriptor it inherited) and the
+    drain's copy of the listener."""
+    table = tcp_table()
+    return all(_listener_copies(w, port, table) == 2 for w in _workers(master))
 
 
 def _kill_worker(victim: int, port: int) -> Optional[tuple[float, set[int]]]:
@@ -480,6 +509,7 @@ def test_soak_upgrade_reload_kill_under_mixed_load(tmp_path, origins) -> None:
                          20)
         assert not warm.tally.failures, warm.tally.failures[:5]
         wait_for(no_client_sockets, 30, "the server to close the warm-up's connections")
+        wait_for(lambda: _accept_idle(master, port), 30, "one accept handle per worker again")
         fp0 = _footprint(master, port, origins_)
         track(master)
 
@@ -542,6 +572,7 @@ def test_soak_upgrade_reload_kill_under_mixed_load(tmp_path, origins) -> None:
             return len(current) == 3 and not any(_same(p) for p in ours - current)
         wait_for(settled, 60, "replaced masters and workers to exit")
         wait_for(no_client_sockets, 30, "the server to close the clients' connections")
+        wait_for(lambda: _accept_idle(master, port), 30, "one accept handle per worker again")
         fp1 = _footprint(master, port, origins_)
 
         on_killed, others = _attribute(mixed.tally.failures, kills)

@@ -1,0 +1,119 @@
+"""How many connections a worker takes per loop iteration from one listening socket.
+
+libuv accepts one connection per server handle per loop iteration (libuv pull request 3696).
+With one handle, a worker under connection churn settles into one new connection per
+iteration while the rest wait in the accept queue: nothing to batch, and each response and
+each upstream request wakes a sleeping peer on its own (tests/bench/RESULTS.md, "accepting
+four at a time": 80 us of CPU per churned request against 52 with four handles and 45 with
+sixteen). But every handle of every worker also wakes for a connection that arrives alone,
+and its accept() then finds the queue empty: ~3 us per extra handle per connection.
+
+So a worker serves each listening socket through a set of uvloop server handles on
+duplicates of it, sized by the accept queue (``AcceptHandles``): one while connections are
+taken as they come, doubled (up to ``MAX_HANDLES``) each time a sample finds more queued than
+one iteration takes, halved after ``SHRINK_AFTER`` samples in a row found the queue empty. The
+queue's length is the kernel's (``TCP_INFO`` of the listening socket); a socket that has no
+such figure (a Unix socket) keeps ``FIXED_HANDLES``.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any, Callable, Optional
+
+__all__ = ["AcceptHandles", "keep_adjusting", "MAX_HANDLES", "FIXED_HANDLES", "SAMPLE_SECONDS",
+           "SHRINK_AFTER"]
+
+MAX_HANDLES = 16
+FIXED_HANDLES = 4        # where the queue cannot be read
+SAMPLE_SECONDS = 0.2
+SHRINK_AFTER = 5         # empty samples in a row (1 s)
+
+_TCP_LISTEN = 10
+# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked (for a
+# listening socket: its accept queue's length now), sacked (its backlog).
+_QUEUE = struct.Struct("=I")
+_QUEUE_OFFSET = 24
+
+
+class AcceptHandles:
+    """The server handles of one listening socket in one worker."""
+
+    __slots__ = ("loop", "own", "factory", "backlog", "ssl", "handles", "adaptive", "_empty")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], Any], backlog: int, ssl: Any = None) -> None:
+        self.loop = loop
+        # Our own descriptor of the listening socket: the queue is read and new handles are
+        # duplicated from it (a closed handle takes its socket object with it), and the drain
+        # takes the last queued connections through it.
+        self.own = sock.dup()
+        self.factory = factory
+        self.backlog = backlog
+        self.ssl = ssl
+        self.handles: list[Any] = []
+        self.adaptive = self.queued() is not None
+        self._empty = 0
+
+    async def open(self, sock: socket.socket) -> None:
+        """Start serving ``sock`` (the listening socket itself goes to the first handle)."""
+        self.handles.append(await self._serve(sock))
+        if not self.adaptive:
+            await self._grow(FIXED_HANDLES - 1)
+
+    def queued(self) -> Optional[int]:
+        """Connections waiting in the accept queue now; None when the socket cannot say."""
+        try:
+            info = self.own.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except OSError:
+            return None
+        if len(info) < _QUEUE_OFFSET + 4 or info[0] != _TCP_LISTEN:
+            return None
+        return _QUEUE.unpack_from(info, _QUEUE_OFFSET)[0]
+
+    async def adjust(self) -> None:
+        """One sample (every ``SAMPLE_SECONDS``): double the handles when more connections
+        wait than one loop iteration takes; halve them after ``SHRINK_AFTER`` empty samples."""
+        if not self.adaptive or not self.handles:
+            return
+        waiting = self.queued() or 0
+        n = len(self.handles)
+        if waiting > n:
+            self._empty = 0
+            if n < MAX_HANDLES:
+                await self._grow(min(n, MAX_HANDLES - n))
+        elif waiting == 0:
+            self._empty += 1
+            if self._empty >= SHRINK_AFTER and n > 1:
+                self._empty = 0
+                for srv in self.handles[n // 2:]:
+                    srv.close()
+                del self.handles[n // 2:]
+        else:
+            self._empty = 0
+
+    async def _grow(self, more: int) -> None:
+        for _ in range(more):
+            self.handles.append(await self._serve(self.own.dup()))
+
+    async def _serve(self, sock: socket.socket) -> Any:
+        return await self.loop.create_server(self.factory, sock=sock, backlog=self.backlog,
+                                             ssl=self.ssl)
+
+    def close(self) -> None:
+        """Stop accepting (every handle); ``own`` stays open for the drain's last accepts."""
+        for srv in self.handles:
+            srv.close()
+        self.handles.clear()
+
+
+async def keep_adjusting(sets: list[AcceptHandles]) -> None:
+    """The worker's sampler: runs until cancelled (when the worker starts draining)."""
+    while True:
+        await asyncio.sleep(SAMPLE_SECONDS)
+        for handles in sets:
+            try:
+                await handles.adjust()
+            except OSError:  # out of descriptors, say: keep the handles there are
+                pass
