@@ -11,7 +11,8 @@ and its accept() then finds the queue empty: ~3 us per extra handle per connecti
 So a worker serves each listening socket through a set of uvloop server handles on
 duplicates of it, sized by the accept queue (``AcceptHandles``): one while connections are
 taken as they come, doubled (up to ``MAX_HANDLES``) each time a sample finds more queued than
-one iteration takes, halved after ``SHRINK_AFTER`` samples in a row found the queue empty. The
+one loop iteration of the workers on the socket takes, halved after ``SHRINK_AFTER`` samples in
+a row found the queue empty. The
 queue's length is the kernel's (``TCP_INFO`` of the listening socket); a socket that has no
 such figure (a Unix socket) keeps ``FIXED_HANDLES``.
 """
@@ -40,11 +41,16 @@ _QUEUE_OFFSET = 24
 class AcceptHandles:
     """The server handles of one listening socket in one worker."""
 
-    __slots__ = ("loop", "own", "factory", "backlog", "ssl", "handles", "adaptive", "_empty")
+    __slots__ = ("loop", "own", "factory", "backlog", "ssl", "sharers", "handles", "adaptive",
+                 "closed", "_empty")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 factory: Callable[[], Any], backlog: int, ssl: Any = None) -> None:
+                 factory: Callable[[], Any], backlog: int, ssl: Any = None,
+                 sharers: int = 1) -> None:
         self.loop = loop
+        # Workers accepting from this same socket (work stealing): the queue is theirs too, so
+        # it must outgrow all their handles (each worker sizes alike) before this one grows.
+        self.sharers = max(1, sharers)
         # Our own descriptor of the listening socket: the queue is read and new handles are
         # duplicated from it (a closed handle takes its socket object with it), and the drain
         # takes the last queued connections through it.
@@ -54,6 +60,7 @@ class AcceptHandles:
         self.ssl = ssl
         self.handles: list[Any] = []
         self.adaptive = self.queued() is not None
+        self.closed = False
         self._empty = 0
 
     async def open(self, sock: socket.socket) -> None:
@@ -74,12 +81,13 @@ class AcceptHandles:
 
     async def adjust(self) -> None:
         """One sample (every ``SAMPLE_SECONDS``): double the handles when more connections
-        wait than one loop iteration takes; halve them after ``SHRINK_AFTER`` empty samples."""
-        if not self.adaptive or not self.handles:
+        wait than one loop iteration of every worker on the socket takes; halve them after
+        ``SHRINK_AFTER`` empty samples."""
+        if not self.adaptive or self.closed:
             return
         waiting = self.queued() or 0
         n = len(self.handles)
-        if waiting > n:
+        if waiting > n * self.sharers:
             self._empty = 0
             if n < MAX_HANDLES:
                 await self._grow(min(n, MAX_HANDLES - n))
@@ -95,7 +103,11 @@ class AcceptHandles:
 
     async def _grow(self, more: int) -> None:
         for _ in range(more):
-            self.handles.append(await self._serve(self.own.dup()))
+            srv = await self._serve(self.own.dup())
+            if self.closed:  # the drain began while this one was being made
+                srv.close()
+                return
+            self.handles.append(srv)
 
     async def _serve(self, sock: socket.socket) -> Any:
         return await self.loop.create_server(self.factory, sock=sock, backlog=self.backlog,
@@ -103,6 +115,7 @@ class AcceptHandles:
 
     def close(self) -> None:
         """Stop accepting (every handle); ``own`` stays open for the drain's last accepts."""
+        self.closed = True
         for srv in self.handles:
             srv.close()
         self.handles.clear()

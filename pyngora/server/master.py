@@ -210,7 +210,7 @@ class Master:
         title = (f"pyngora: background {svc.name}" if svc.is_background
                  else f"pyngora: worker {svc.name}/{slot}")
         spec = WorkerSpec(svc, slot, gen.number, gen.conf, self._sockets_for(gen, svc, slot),
-                          title)
+                          title, sharers=1 if gen.pinned(svc) else gen.slots(svc))
         rfd, wfd = os.pipe()
         spec.ready_fd = wfd
         keep = {wfd} | {s.fileno() for _, s in spec.sockets}

@@ -31,16 +31,18 @@ class WorkerSpec:
     """Everything one worker needs, prepared in the master."""
 
     __slots__ = ("service", "slot", "generation", "conf", "sockets", "title", "ready_fd",
-                 "master_pid")
+                 "master_pid", "sharers")
 
     def __init__(self, service: "Service | Any", slot: int, generation: int, conf: ServerConf,
-                 sockets: list[tuple[ListenerConf, socket.socket]], title: str) -> None:
+                 sockets: list[tuple[ListenerConf, socket.socket]], title: str,
+                 sharers: int = 1) -> None:
         self.service = service
         self.slot = slot
         self.generation = generation
         self.conf = conf
         self.sockets = sockets
         self.title = title
+        self.sharers = sharers  # workers accepting from each of these sockets (work stealing)
         self.ready_fd = -1
         self.master_pid = os.getpid()
 
@@ -207,7 +209,8 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             for listener, sock in spec.sockets:
                 factory = service.protocol_factory(ctx, listener)
                 ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)
-                handles = AcceptHandles(loop, sock, factory, listener.backlog, ssl_ctx)
+                handles = AcceptHandles(loop, sock, factory, listener.backlog, ssl_ctx,
+                                        spec.sharers)
                 await handles.open(sock)
                 servers.append(handles)
             sampler = loop.create_task(keep_adjusting(servers))
@@ -217,7 +220,13 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
         ready()
         await ctx.shutdown.wait()
         # Drain: stop accepting, take what is already queued, let in-flight requests finish.
+        # (The sampler is stopped first: uvloop's create_server(sock=) does not yield, so it
+        # is between samples and no handle is half made.)
         sampler.cancel()
+        try:
+            await sampler
+        except asyncio.CancelledError:
+            pass
         for handles in servers:
             handles.close()
             if ctx.shutdown.fast:

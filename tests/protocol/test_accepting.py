@@ -88,6 +88,8 @@ def test_handles_follow_the_accept_queue() -> None:
         assert handles.handles == [] and handles.own.fileno() >= 0
         await _until(lambda: _fds_of(keep) == 2)  # keep and own (the drain's)
         late = socket.create_connection(keep.getsockname())  # queued for the drain
+        await handles.adjust()  # a sample after close (the drain began) opens nothing
+        assert handles.handles == [] and handles.queued() == 1
         conn, _ = handles.own.accept()
         for s in clients + more + [late, conn, keep, handles.own]:
             s.close()
@@ -114,6 +116,25 @@ def test_a_moderate_queue_holds_the_count() -> None:
         for _ in range(10):
             await handles.adjust()
             assert len(handles.handles) == 4
+        handles.close()
+        handles.own.close()
+    run(main())
+
+
+def test_workers_sharing_a_socket_grow_only_past_all_their_handles() -> None:
+    """With work stealing the queue is every worker's: it must hold more than one iteration of
+    all of them (sharers x handles) before one grows."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = _listener()
+        _Scripted.script = iter([0, 3, 4, 5, 9, 16, 17])
+        handles = _Scripted(loop, sock, _Count, 1024, None, sharers=4)
+        await handles.open(sock)
+        seen = []
+        for _ in range(6):
+            await handles.adjust()
+            seen.append(len(handles.handles))
+        assert seen == [1, 1, 2, 4, 4, 8], seen  # 5 > 1 x 4, 9 > 2 x 4, 16 = 4 x 4, 17 > 16
         handles.close()
         handles.own.close()
     run(main())
