@@ -261,22 +261,13 @@ class UpstreamConnection(asyncio.Protocol):
         Error ConnectionClosed (retry=self.reused) if the upstream closed before any byte of
         the response, and InvalidHTTPHeader/H1Error for a response the parser refuses.
         """
-        events = self._events
         # Not a busy loop: each turn returns, raises, or awaits a wake-up, which comes only
         # with a new event, EOF, an error or close (a partial head wakes nobody, so a
         # dribbling upstream cannot stretch read_timeout indefinitely).
         while True:
-            if events:
-                event = events.popleft()
-                if event.__class__ is Data:
-                    self._buffered -= len(event.data)  # type: ignore[union-attr]
-                    if self._reading_paused and self._buffered <= LOW_WATER:
-                        self._resume_reading()
+            event = self.next_event_nowait()
+            if event is not None:
                 return event
-            if self._error is not None:
-                raise self._error
-            if self._eof or self._closed:
-                raise self._dead_error()
             if self._parser.upgraded:
                 raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
                             "read_event after the response was upgraded (use into_tunnel)")
