@@ -38,6 +38,18 @@ _QUEUE = struct.Struct("=I")
 _QUEUE_OFFSET = 24
 
 
+def accept_queue_length(sock: socket.socket) -> Optional[int]:
+    """Connections waiting in ``sock``'s accept queue now (a listening TCP socket); None when
+    the socket cannot say (a Unix socket, or not listening)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return None
+    if len(info) < _QUEUE_OFFSET + 4 or info[0] != _TCP_LISTEN:
+        return None
+    return _QUEUE.unpack_from(info, _QUEUE_OFFSET)[0]
+
+
 class AcceptHandles:
     """The server handles of one listening socket in one worker."""
 
@@ -71,13 +83,7 @@ class AcceptHandles:
 
     def queued(self) -> Optional[int]:
         """Connections waiting in the accept queue now; None when the socket cannot say."""
-        try:
-            info = self.own.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
-        except OSError:
-            return None
-        if len(info) < _QUEUE_OFFSET + 4 or info[0] != _TCP_LISTEN:
-            return None
-        return _QUEUE.unpack_from(info, _QUEUE_OFFSET)[0]
+        return accept_queue_length(self.own)
 
     async def adjust(self) -> None:
         """One sample (every ``SAMPLE_SECONDS``): double the handles when more connections

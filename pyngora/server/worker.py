@@ -227,18 +227,25 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             await sampler
         except asyncio.CancelledError:
             pass
+        queued: list[Any] = []
         for handles in servers:
             handles.close()
             if ctx.shutdown.fast:
                 handles.own.close()
             else:
-                await _take_queued(loop, handles.own, handles.factory, handles.ssl)
+                # Started now, so the connections reach the loop even with a grace period of
+                # 0 (then cancelled: uvloop closes them rather than leave them to the GC).
+                queued.append(loop.create_task(serve_queued(
+                    loop, take_queued(handles.own), handles.factory, handles.ssl)))
         if ctx.shutdown.fast:
             ctx.connections.abort_all()
         else:
             ctx.connections.drain()
             try:
-                await asyncio.wait_for(ctx.connections.wait_empty(), conf.grace_period_seconds)
+                # The queued connections first (a TLS one joins the others once its handshake
+                # is done), then every connection's last response, all within the grace period.
+                await asyncio.wait_for(_drained(queued, ctx.connections),
+                                       conf.grace_period_seconds)
             except asyncio.TimeoutError:
                 log.ERROR.warning("worker %s: %d connections still open after the grace period",
                                   spec.title, len(ctx.connections))
@@ -274,27 +281,45 @@ def _start_metrics(service: str, ctx: "WorkerContext", loop: object) -> Optional
         return None
 
 
-async def _take_queued(loop: object, sock: socket.socket, factory: object,
-                       ssl_ctx: object) -> None:
-    """Accept what is already queued on a listening socket before letting it go: a listener
-    that a reload or an upgrade removes is closed once its old workers drained, and a
-    connection still in its queue then would be reset. Served like any other (it gets
-    ``Connection: close``, the worker is draining)."""
+async def _drained(queued: list[Any], connections: Any) -> None:
+    import asyncio
+    await asyncio.gather(*queued)
+    await connections.wait_empty()
+
+
+def take_queued(sock: socket.socket) -> list[socket.socket]:
+    """Accept what is already queued on a listening socket, then close it: a listener that a
+    reload or an upgrade removes is closed once its old workers drained, and a connection
+    still in its queue then would be reset. Returns the accepted sockets, for serve_queued."""
+    taken: list[socket.socket] = []
     try:
         while True:
             try:
                 conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: the queue is empty
                 break
             conn.setblocking(False)
-            try:
-                await loop.connect_accepted_socket(factory, conn, ssl=ssl_ctx)  # type: ignore[attr-defined]
-            except Exception:
-                conn.close()
+            taken.append(conn)
     finally:
         sock.close()
+    return taken
+
+
+async def serve_queued(loop: object, conns: list[socket.socket], factory: object,
+                       ssl_ctx: object) -> None:
+    """Hand ``conns`` (from take_queued) to the loop, served like any other connection (they
+    get ``Connection: close``: the worker is draining). TLS handshakes run side by side, so a
+    client that never sends its ClientHello holds only its own connection (up to the handshake
+    timeout), not the ones queued behind it."""
+    import asyncio
+
+    async def serve(conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(factory, conn, ssl=ssl_ctx)  # type: ignore[attr-defined]
+        except Exception:
+            conn.close()
+    if conns:
+        await asyncio.gather(*(serve(conn) for conn in conns))
 
 
 async def _watch_master(master_pid: int, ctx: "WorkerContext") -> None:

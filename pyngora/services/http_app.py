@@ -176,9 +176,9 @@ class H1Connection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel._on_eof()
             return True  # half-close: the other direction may still carry data
-        if self._upgrade_head:
-            return True
-        # Idle: close. With a request in flight, EOF means the client gave up (nginx's "client
+        if self._upgrade_head and self._state != _S_CLOSING:
+            return True  # the app may still take the tunnel (after a refusal: closing)
+        # Idle, or lingering after the last response: close. With a request in flight, EOF means the client gave up (nginx's "client
         # prematurely closed connection"): closing runs connection_lost, which cancels the
         # handler so its upstream connection is closed rather than left to finish for nobody.
         return None

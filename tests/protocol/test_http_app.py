@@ -295,6 +295,30 @@ def test_upgrade_tunnel_echo() -> None:
     run(main())
 
 
+def test_refused_upgrade_closes_at_the_clients_eof(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade request answered without 101: the connection closes after the response
+    (nothing after the request head is parsed) and, like any lingering close, as soon as the
+    client's EOF arrives -- not when the linger timer fires (here 60 s, past the test's 10 s)."""
+    monkeypatch.setattr(http_app, "LINGER_SECONDS", 60.0)
+
+    class Refuser(HttpApp):
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            ex.respond(403, Headers(), b"no")
+
+    async def main() -> None:
+        async with serving(AppService(Refuser())) as (port, ctx):
+            c = await Client.connect(port)
+            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: echo\r\n\r\nearly")
+            r = await c.read_response()
+            assert r.status == 403 and r.header("connection") == "close"
+            assert await c.at_eof()
+            assert len(ctx.connections) == 1  # lingering: reading until the client's EOF
+            c.writer.write_eof()
+            await asyncio.wait_for(ctx.connections.wait_empty(), 10)
+    run(main())
+
+
 def test_request_body_backpressure_bounds_buffering() -> None:
     """An app that does not read: the connection stops reading at the high-water mark, so the
     client's sends block (kernel buffers full) instead of the server buffering the body."""
