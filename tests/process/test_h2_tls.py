@@ -41,13 +41,15 @@ def _cert(d: Path, name: str) -> tuple[str, str]:
 
 
 class SlowOrigin(socketserver.ThreadingTCPServer):
-    """An HTTP/1.1 origin that answers after ``delay`` seconds (one request per connection)."""
+    """An HTTP/1.1 origin that answers after ``delay`` seconds, or as soon as ``release`` is
+    set (one request per connection)."""
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.got_request = threading.Event()
+        self.release = threading.Event()
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(h) -> None:  # noqa: N805
@@ -58,7 +60,7 @@ class SlowOrigin(socketserver.ThreadingTCPServer):
                         return
                     data += chunk
                 self.got_request.set()
-                time.sleep(self.delay)
+                self.release.wait(self.delay)
                 h.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n"
                                   b"Connection: close\r\n\r\nslow")
 
@@ -148,7 +150,8 @@ def test_h2load_100_streams_through_the_proxy(running) -> None:
 
 def test_goaway_on_reload_and_the_in_flight_stream_finishes(running) -> None:
     p, ports, origin = running
-    origin.delay = 2.0
+    # the answer waits for the GOAWAY: a reload slower than any fixed delay still shows it
+    origin.delay = 20.0
     sock = socket.create_connection(("127.0.0.1", ports["proxy"]), timeout=20)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                 header_encoding=None))
@@ -175,6 +178,7 @@ def test_goaway_on_reload_and_the_in_flight_stream_finishes(running) -> None:
                 for ev in conn.receive_data(frame):
                     if isinstance(ev, h2.events.ConnectionTerminated):
                         goaways.append((ev.error_code, ev.last_stream_id))
+                        origin.release.set()
                     elif isinstance(ev, h2.events.ResponseReceived):
                         status = dict(ev.headers)[b":status"]
                     elif isinstance(ev, h2.events.DataReceived):

@@ -41,6 +41,12 @@ def requests_total(port: int, service: str = "origin") -> float:
                if k.startswith("pyngora_requests_total{") and f'service="{service}"' in k)
 
 
+def durations_counted(port: int, service: str = "origin") -> float:
+    return sum(v for k, v in scrape(port).items()
+               if k.startswith("pyngora_request_duration_seconds_count{")
+               and f'service="{service}"' in k)
+
+
 @pytest.fixture
 def server(tmp_path, pyngora_factory):
     origin, metrics = free_port(), free_port()
@@ -56,10 +62,10 @@ def test_counts_exact_across_workers_and_kill_9(server) -> None:
     for _ in range(n):
         get(origin, headers={"Connection": "close"})
     wait_for(lambda: requests_total(metrics) == n, 10, f"{n} requests counted")
-    s = scrape(metrics)
-    hist = sum(v for k, v in s.items()
-               if k.startswith("pyngora_request_duration_seconds_count") and "origin" in k)
-    assert hist == n
+    # A worker's flush writes its counter file, then its histogram file: a scrape may fall
+    # between the two, so the histogram gets its own wait (it must reach n, never pass it).
+    wait_for(lambda: durations_counted(metrics) == n, 10, f"{n} durations observed")
+    assert requests_total(metrics) == n
     workers = [w for w in children_of(p.pid) if title(w).startswith("pyngora: worker origin")]
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
@@ -68,9 +74,12 @@ def test_counts_exact_across_workers_and_kill_9(server) -> None:
     for _ in range(m):
         get(origin, headers={"Connection": "close"})
     wait_for(lambda: requests_total(metrics) == n + m, 10, f"{n + m} requests counted")
+    # the master counts the replacement when it is ready, maybe after the requests above
+    wait_for(lambda: scrape(metrics).get('pyngora_workers{service="origin"}') == 2, 10,
+             "the replacement worker counted")
     s = scrape(metrics)
-    assert s['pyngora_workers{service="origin"}'] == 2
     assert s['pyngora_worker_restarts_total{service="origin"}'] == 1
+    wait_for(lambda: durations_counted(metrics) == n + m, 10, f"{n + m} durations observed")
 
 
 def test_ten_thousand_urls_make_no_new_series(server) -> None:
