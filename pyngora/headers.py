@@ -203,25 +203,18 @@ def _version_str(version: Union[str, bytes]) -> str:
     return version.decode("ascii") if isinstance(version, bytes) else version
 
 
-class RequestHeader:
-    """A request head as ProxyHttp phases see it (Pingora's ``RequestHeader``).
+def _as_headers(headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]]) -> Headers:
+    if headers is None:
+        return Headers()
+    return headers if isinstance(headers, Headers) else Headers(headers)
 
-    ``method`` and ``uri`` (the request-target) are ``str``; ``version`` is "1.0", "1.1" or
-    "2"; ``headers`` is a :class:`Headers`. Phases edit it in place; the engine serialises it.
-    """
 
-    __slots__ = ("method", "uri", "version", "headers")
+class _Head:
+    """What request and response heads share: their ``headers`` and Pingora's field methods."""
 
-    def __init__(self, method: str, uri: str, version: Union[str, bytes] = "1.1",
-                 headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]] = None) -> None:
-        self.method = method
-        self.uri = uri
-        self.version = _version_str(version)
-        if headers is None:
-            headers = Headers()
-        elif not isinstance(headers, Headers):
-            headers = Headers(headers)
-        self.headers = headers
+    __slots__ = ("headers",)
+
+    headers: Headers
 
     def insert_header(self, name: NameT, value: ValueT) -> None:
         """Set ``name`` to ``value``, replacing any existing values."""
@@ -238,6 +231,23 @@ class RequestHeader:
     def get(self, name: NameT, default: Optional[bytes] = None) -> Optional[bytes]:
         """First value of ``name`` as bytes, or ``default``."""
         return self.headers.get(name, default)
+
+
+class RequestHeader(_Head):
+    """A request head as ProxyHttp phases see it (Pingora's ``RequestHeader``).
+
+    ``method`` and ``uri`` (the request-target) are ``str``; ``version`` is "1.0", "1.1" or
+    "2"; ``headers`` is a :class:`Headers`. Phases edit it in place; the engine serialises it.
+    """
+
+    __slots__ = ("method", "uri", "version")
+
+    def __init__(self, method: str, uri: str, version: Union[str, bytes] = "1.1",
+                 headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]] = None) -> None:
+        self.method = method
+        self.uri = uri
+        self.version = _version_str(version)
+        self.headers = _as_headers(headers)
 
     def set_uri(self, uri: str) -> None:
         """Replace the request-target (path and query, usually) sent upstream."""
@@ -257,43 +267,23 @@ class RequestHeader:
         return f"RequestHeader({self.method!r}, {self.uri!r}, {self.version!r}, {self.headers!r})"
 
 
-class ResponseHeader:
+class ResponseHeader(_Head):
     """A response head as ProxyHttp phases see it (Pingora's ``ResponseHeader``)."""
 
-    __slots__ = ("status", "reason", "version", "headers")
+    __slots__ = ("status", "reason", "version")
 
     def __init__(self, status: int, reason: Optional[str] = None, version: Union[str, bytes] = "1.1",
                  headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]] = None) -> None:
         self.status = status
         self.reason = reason
         self.version = _version_str(version)
-        if headers is None:
-            headers = Headers()
-        elif not isinstance(headers, Headers):
-            headers = Headers(headers)
-        self.headers = headers
+        self.headers = _as_headers(headers)
 
     @classmethod
     def build(cls, status: int,
               headers: Optional[Iterable[tuple[ValueT, ValueT]]] = None) -> "ResponseHeader":
         """A new response head with ``status``, the default reason phrase, and ``headers``."""
         return cls(status, None, "1.1", headers)
-
-    def insert_header(self, name: NameT, value: ValueT) -> None:
-        """Set ``name`` to ``value``, replacing any existing values."""
-        self.headers.set(name, value)
-
-    def append_header(self, name: NameT, value: ValueT) -> None:
-        """Add one more ``name: value`` field."""
-        self.headers.add(name, value)
-
-    def remove_header(self, name: NameT) -> int:
-        """Remove every ``name`` field; return how many there were."""
-        return self.headers.remove(name)
-
-    def get(self, name: NameT, default: Optional[bytes] = None) -> Optional[bytes]:
-        """First value of ``name`` as bytes, or ``default``."""
-        return self.headers.get(name, default)
 
     def set_status(self, status: int) -> None:
         """Change the status; the reason phrase goes back to the default for it."""

@@ -41,6 +41,7 @@ from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamR
 from pyngora.protocols.h2_fields import (CONNECTION_SPECIFIC, UNKNOWN_LENGTH_BODY, Reject,
                                          check_trailers, response_fields,
                                          translate_request)
+from pyngora.protocols.h2_send import send_queued
 
 __all__ = ["H2Limits", "H2Server", "RequestRejected", "PREFACE", "translate_request",
            "CONNECTION_SPECIFIC", "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "CANCEL",
@@ -477,31 +478,7 @@ class H2Server:
                 self._flush(sid, s)
 
     def _flush(self, sid: int, s: _Stream) -> None:
-        conn = self.conn
-        out = s.out
-        while out:
-            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if window <= 0:
-                return
-            chunk = out[0]
-            n = len(chunk)
-            if n <= window:
-                out.popleft()
-                s.out_bytes -= n
-                last = not out and s.end and s.trailers is None
-                conn.send_data(sid, chunk, end_stream=last)
-                if last:
-                    self._ended(sid, s)
-                    return
-            else:
-                out[0] = chunk[window:]
-                s.out_bytes -= window
-                conn.send_data(sid, chunk[:window])
-        if s.end and not s.ended:
-            if s.trailers is not None:
-                conn.send_headers(sid, s.trailers, end_stream=True)
-            else:
-                conn.end_stream(sid)
+        if not s.ended and send_queued(self.conn, sid, s):
             self._ended(sid, s)
 
     def _ended(self, sid: int, s: _Stream) -> None:

@@ -35,6 +35,7 @@ import h2.settings
 from pyngora.headers import Headers
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
+from pyngora.protocols.h2_send import send_queued
 
 __all__ = ["H2ClientConn", "GoAway", "SettingsChanged", "request_fields", "H2ClientError",
            "NO_ERROR", "PROTOCOL_ERROR", "REFUSED_STREAM", "CANCEL"]
@@ -293,32 +294,8 @@ class H2ClientConn:
     def _flush(self, sid: int, s: _Stream) -> None:
         if s.local_done or self.closed:
             return
-        conn = self.conn
-        out = s.out
         try:
-            while out:
-                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                if window <= 0:
-                    return
-                chunk = out[0]
-                n = len(chunk)
-                if n <= window:
-                    out.popleft()
-                    s.out_bytes -= n
-                    last = not out and s.end and s.trailers is None
-                    conn.send_data(sid, chunk, end_stream=last)
-                    if last:
-                        s.local_done = True
-                        return
-                else:
-                    out[0] = chunk[window:]
-                    s.out_bytes -= window
-                    conn.send_data(sid, chunk[:window])
-            if s.end:
-                if s.trailers is not None:
-                    conn.send_headers(sid, s.trailers, end_stream=True)
-                else:
-                    conn.end_stream(sid)
+            if send_queued(self.conn, sid, s):
                 s.local_done = True
         except h2.exceptions.StreamClosedError:
             # The upstream reset or finished the stream: nothing more goes out on it.
