@@ -59,14 +59,16 @@ def get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 10
         conn.close()
 
 
-def self_signed_cert(directory: Path, name: str = "localhost") -> tuple[str, str]:
-    """A self-signed certificate for ``name`` (also valid for 127.0.0.1), made by the openssl
-    CLI: (cert path, key path). The caller skips when openssl is missing."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
+def self_signed_cert(directory: Path, name: str = "localhost", days: int = 2) -> tuple[str, str]:
+    """A self-signed certificate for ``name`` (also valid for 127.0.0.1, and usable as its own
+    CA), made by the openssl CLI: (``name``.pem, ``name``.key) in ``directory``. The caller
+    skips when openssl is missing."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-                    "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
+                    "-out", str(cert), "-days", str(days), "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+                    "-addext", "basicConstraints=critical,CA:TRUE"],
                    check=True, capture_output=True, timeout=60)
     return str(cert), str(key)
 

@@ -22,7 +22,7 @@ import h2.events
 import pytest
 
 from pyngora.services.http_app import HttpService
-from tests.support import free_port, wait_for
+from tests.support import free_port, self_signed_cert, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(HttpService, "ssl_context"),
@@ -30,14 +30,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
                        reason="openssl and curl are needed"),
 ]
-
-
-def _cert(d: Path, name: str) -> tuple[str, str]:
-    cert, key = d / f"{name}.pem", d / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}"],
-                   check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
 
 
 class SlowOrigin(socketserver.ThreadingTCPServer):
@@ -100,7 +92,7 @@ services:
 
 @pytest.fixture
 def running(tmp_path, pyngora_factory):
-    cert, key = _cert(tmp_path, "h2.test")
+    cert, key = self_signed_cert(tmp_path, "h2.test")
     ports = {"tls": free_port(), "h2c": free_port(), "proxy": free_port()}
     origin = SlowOrigin(0.0)
     t = threading.Thread(target=origin.serve_forever, daemon=True)
@@ -200,8 +192,8 @@ def test_goaway_on_reload_and_the_in_flight_stream_finishes(running) -> None:
 
 
 def test_dash_t_rejects_mismatched_and_missing_certificates(tmp_path, pyngora_factory) -> None:
-    a_cert, a_key = _cert(tmp_path, "a.test")
-    b_cert, b_key = _cert(tmp_path, "b.test")
+    a_cert, a_key = self_signed_cert(tmp_path, "a.test")
+    b_cert, b_key = self_signed_cert(tmp_path, "b.test")
     port = free_port()
     conf = (f"services:\n  - name: s\n    type: static\n    listeners:\n"
             f"      - {{address: '127.0.0.1:{port}', tls: {{cert: {a_cert}, key: {b_key}}}}}\n")

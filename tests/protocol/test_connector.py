@@ -12,7 +12,6 @@ import asyncio
 import shutil
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -24,6 +23,7 @@ from pyngora.headers import Headers
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.upstreams import HttpPeer, PeerOptions
 from pyngora.upstreams.connector import HIGH_WATER, Connector, UpstreamConnection
+from tests.support import self_signed_cert
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -668,15 +668,7 @@ def test_upgrade_into_tunnel(run: Any) -> None:
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not installed")
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = str(d / "key.pem"), str(d / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", crt,
-                    "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-addext", "basicConstraints=critical,CA:TRUE"],
-                   check=True, capture_output=True, timeout=30)
-    return crt, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 def _server_ctx(cert: tuple[str, str]) -> ssl.SSLContext:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -27,6 +26,7 @@ from pyngora.services.http_app import HttpApp, HttpSettings
 from pyngora.services.static import StaticApp
 
 from tests.protocol.test_h2_helpers import H2Client
+from tests.support import self_signed_cert
 
 
 def run(coro: Any, timeout: float = 25.0) -> Any:
@@ -337,17 +337,9 @@ def test_max_body_bytes_gives_413() -> None:
     run(main())
 
 
-def _certs(d: Path) -> tuple[str, str]:
-    cert, key = d / "c.pem", d / "k.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=h2.test"],
-                   check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
 def test_tls_alpn_picks_h2_or_http1(tmp_path: Path) -> None:
-    cert, key = _certs(tmp_path)
+    cert, key = self_signed_cert(tmp_path, "h2.test")
     tls = TlsConf(cert=cert, key=key)
     listener = parse_address("127.0.0.1:0", tls=tls)
 

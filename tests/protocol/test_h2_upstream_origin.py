@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -32,6 +31,7 @@ from pyngora.services.base import WorkerContext
 from pyngora.services.h2_dispatch import protocol_factory
 from pyngora.services.http_app import HttpSettings
 from pyngora.upstreams.peer import HttpPeer, PeerOptions
+from tests.support import self_signed_cert
 
 
 class _Conn:
@@ -232,11 +232,9 @@ class H2Origin:
 
 def server_tls(tmp: Path, alpn: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
     """A server TLS context with a fresh self-signed certificate (openssl) and ``alpn``."""
-    cert, key = tmp / "origin.pem", tmp / "origin.key"
+    cert, key = tmp / "localhost.pem", tmp / "localhost.key"
     if not cert.exists():
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                        str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
-                       check=True, capture_output=True, timeout=60)
+        self_signed_cert(tmp)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(cert), str(key))
     ctx.set_alpn_protocols(list(alpn))

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import ssl
-import subprocess
 from typing import Any, Awaitable, Callable, Optional
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from pyngora.lb import (Backend, HealthGroup, HealthService, HealthTable, HttpHealthCheck,
                         LoadBalancer, TcpHealthCheck)
 from pyngora.lb.health_table import HEALTHY, UNHEALTHY
+from tests.support import self_signed_cert
 
 
 async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -148,20 +147,9 @@ def test_http_check_timeout_and_garbage() -> None:
     run(main())
 
 
-def _self_signed(tmp: str) -> Optional[tuple[str, str]]:
-    if not shutil.which("openssl"):
-        return None
-    cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
-    res = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-                          "2", "-subj", "/CN=health.test", "-keyout", key, "-out", cert],
-                         capture_output=True, timeout=60)
-    return (cert, key) if res.returncode == 0 else None
-
-
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
 def test_https_check_with_sni(tmp_path: Any) -> None:
-    pair = _self_signed(str(tmp_path))
-    if pair is None:
-        pytest.skip("openssl cannot make a test certificate here")
+    pair = self_signed_cert(tmp_path, "health.test")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(*pair)
     snis: list[Optional[str]] = []

@@ -16,6 +16,7 @@ import pytest
 
 from pyngora.config.schema import SniCert, TlsConf
 from pyngora.protocols.tls import cert_validity, check_tls, server_context
+from tests.support import self_signed_cert
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
 
@@ -24,20 +25,12 @@ def _run(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def _self_signed(d: Path, name: str, days: int = 2) -> tuple[str, str]:
-    cert, key = d / f"{name}.pem", d / f"{name}.key"
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", str(days), "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
-         cwd=d)
-    return str(cert), str(key)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     d = tmp_path_factory.mktemp("certs")
-    out = {n: _self_signed(d, n) for n in ("default.test", "a.test", "wild.test")}
+    out = {n: self_signed_cert(d, n) for n in ("default.test", "a.test", "wild.test")}
     # An expired certificate: signed by a throwaway CA with dates in the past.
-    ca_cert, ca_key = _self_signed(d, "ca.test", days=10)
+    ca_cert, ca_key = self_signed_cert(d, "ca.test", days=10)
     _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "old.key", "-out", "old.csr",
          "-subj", "/CN=old.test", cwd=d)
     (d / "index.txt").write_text("")
