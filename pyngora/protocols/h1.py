@@ -7,7 +7,7 @@ checked here, once per message, on data the callbacks collected: Host rules, req
 forms, Transfer-Encoding other than a single ``chunked``, framing headers in trailers, versions,
 size limits. The callbacks only collect; no regex runs per request.
 
-Rejections raise :class:`ProtocolError` carrying the status to answer (400, 413, 431, 505 for
+Rejections raise :class:`ProtocolError` carrying the status to answer (400, 413, 431, 501, 505 for
 requests; 502 for a bad upstream response). The caller answers it and closes the connection.
 
 Decisions where the RFCs leave room: OWS around a value is not part of it (``Content-Length:
@@ -15,7 +15,11 @@ Decisions where the RFCs leave room: OWS around a value is not part of it (``Con
 methods llhttp does not know get 400; a fragment in the target is 400; ``Expect:
 100-continue`` counts on HTTP/1.1 only; bytes after a request that closes the connection are
 ignored; after an upgrade request the following bytes are not parsed (tunnel them, or close
-the connection if the upstream refuses the upgrade).
+the connection if the upstream refuses the upgrade), but an upgrade request with a body is an
+ordinary request (its body parsed, its Upgrade dropped); an absolute-form target becomes
+origin-form (its authority the Host when there is none); CONNECT gets 501; a Connection field
+naming Content-Length, Transfer-Encoding or Host gets 400 (removing what Connection names would
+strip the request of its framing or its Host).
 """
 from __future__ import annotations
 
@@ -74,8 +78,16 @@ class _Stop(Exception):
 
 # Lowercased names that the request callbacks look at; everything else is only collected.
 _HOST, _CL, _TE, _EXPECT = b"host", b"content-length", b"transfer-encoding", b"expect"
-_SPECIAL = frozenset((_HOST, _CL, _TE, _EXPECT))
+_CONNECTION = b"connection"
+_SPECIAL = frozenset((_HOST, _CL, _TE, _EXPECT, _CONNECTION))
 _FRAMING = frozenset((_CL, _TE))
+# Connection values that name no field a proxy must keep (the usual ones: one dict lookup).
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade", b"te", b"te, close",
+                               b"upgrade, http2-settings", b"keep-alive, upgrade",
+                               b"upgrade, keep-alive"))
+# Fields a Connection option must not name: a proxy removes what Connection names (RFC 9110
+# 7.6.1), and without these the request it forwards would lose its framing or its Host.
+_NOT_OPTIONS = frozenset((_HOST, _CL, _TE))
 # RFC 9110 6.5.1: framing, routing and the like must not come in trailers.
 _FORBIDDEN_TRAILERS = frozenset((_HOST, _CL, _TE, b"connection", b"keep-alive", b"upgrade",
                                  b"trailer", b"te", b"proxy-connection"))
@@ -113,7 +125,7 @@ class RequestParser:
 
     ``feed`` returns, in order, ``RequestHead``, ``Data``* and ``MessageEnd`` for every
     request the bytes complete (pipelining: many per call). After a request whose
-    ``upgrade`` is True (WebSocket upgrade or CONNECT), ``upgraded`` is True, parsing stops,
+    ``upgrade`` is True (a WebSocket upgrade, with no body), ``upgraded`` is True, parsing stops,
     ``take_trailing()`` gives the bytes that followed the head, and later ``feed`` calls
     return their bytes as ``Data`` events (the tunnel). After a request that does not keep
     the connection alive, later bytes are ignored.
@@ -124,7 +136,7 @@ class RequestParser:
                  "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
                  "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
                  "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
-                 "_trailing", "_stall", "_limits", "_boundary")
+                 "_trailing", "_stall", "_limits", "_boundary", "_rewritten", "_priming")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         limits = limits or _DEFAULT_LIMITS
@@ -160,6 +172,8 @@ class RequestParser:
         self._stall = 0             # body-phase bytes fed in a row without any event
         self._limits = (self._max_head, self._max_headers, self._max_body)
         self._boundary = True       # llhttp is between requests with nothing buffered
+        self._rewritten = False     # the current head's target is not the client's bytes
+        self._priming = False       # a synthetic head goes through (_upgrade_with_body)
 
     # -- public API ------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[Event]:
@@ -195,8 +209,12 @@ class RequestParser:
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            trailing = data[exc.args[0]:]
+            head = events[-2] if len(events) >= 2 else None
+            if head.__class__ is RequestHead and head.body != "none":  # type: ignore[union-attr]
+                return self._upgrade_with_body(events, head, trailing)  # type: ignore[arg-type]
             self.upgraded = self._stopped = True
-            self._trailing = data[exc.args[0]:]
+            self._trailing = trailing
             return events
         except httptools.HttpParserError as exc:
             if self._error is None and self._closed:
@@ -225,6 +243,7 @@ class RequestParser:
                 # One body-less request, alone in ``data``: keep its bytes (RequestHead.raw).
                 head = events[0]
                 if (head.body == "none" and head.version == "1.1"  # type: ignore[union-attr]
+                        and not self._rewritten
                         and data.startswith(head.method)  # type: ignore[union-attr]
                         and data.find(b"\r\n\r\n") + 4 == len(data)):
                     head.raw = data  # type: ignore[union-attr]
@@ -275,6 +294,33 @@ class RequestParser:
         _SEEN[data] = (self._limits, head.method, head.target, tuple(headers._items),
                        tuple(headers._keys), head.keep_alive)
 
+    def _upgrade_with_body(self, events: list[Event], head: RequestHead,
+                           trailing: bytes) -> list[Event]:
+        """An upgrade request with a body is served as an ordinary request: a server may
+        ignore Upgrade (RFC 9110 7.8) and the body must reach the origin before any switch
+        (nginx forwards such a request, body and all, as any other; ``curl --http2 -d``
+        sends one). llhttp stops at the head of every upgrade request and reports it ended,
+        so that end is taken back and a fresh llhttp, primed with a head of the same framing
+        (which the callbacks pass over), parses the body and whatever follows it."""
+        events.pop()  # the MessageEnd llhttp gave at the end of the head
+        self._completed -= 1
+        self._closed = self._stopped = False
+        head.upgrade = False
+        self._p = httptools.HttpRequestParser(self)
+        self._priming = True
+        framing = (b"Transfer-Encoding: chunked" if head.body == "chunked"
+                   else b"Content-Length: %d" % (head.content_length or 0))
+        close = b"" if head.keep_alive else b"Connection: close\r\n"
+        self._p.feed_data(b"POST / HTTP/1.1\r\nHost: x\r\n" + close + framing + b"\r\n\r\n")
+        if not trailing:
+            return events
+        try:
+            more = self.feed(trailing)
+        except ProtocolError as err:
+            err.events = events + err.events
+            raise
+        return events + more
+
     def _reject(self, status: int, reason: str) -> None:
         """Inside a callback: remember the error and unwind through llhttp."""
         err = ProtocolError(status, reason)
@@ -312,6 +358,7 @@ class RequestParser:
         self._hosts = 0
         self._host = self._cl = self._te = None
         self._expect = False
+        self._rewritten = False
         # _trailers is reset by on_message_complete, _chunked/_body_seen by on_headers_complete
 
     def on_url(self, part: bytes) -> None:
@@ -347,6 +394,13 @@ class RequestParser:
             if self._te is not None:
                 self._reject(400, "more than one Transfer-Encoding field")
             self._te = value
+        elif key == _CONNECTION:
+            low = value.lower()
+            if low not in _PLAIN_CONNECTION:
+                for token in low.split(b","):
+                    if token.strip(b" \t") in _NOT_OPTIONS:
+                        self._reject(400, "Connection names a field that frames or routes "
+                                          "the request")
         elif value.lower() == b"100-continue":
             self._expect = True
 
@@ -365,6 +419,9 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._priming:
+            self._priming = False  # the body's framing is the real head's, set already
+            return
         items = self._items
         if len(items) > self._max_headers:
             self._reject(431, "too many header fields")
@@ -390,11 +447,24 @@ class RequestParser:
         elif self._host not in _GOOD_HOSTS:
             self._check_host(self._host)  # type: ignore[arg-type]
         if target[0] != 47:  # not "/": asterisk-, authority- or absolute-form
-            self._check_target_form(method, target)
+            authority = self._check_target_form(method, target)
+            if authority is not None:
+                # Absolute-form: routed, logged and sent upstream as origin-form (RFC 9112
+                # 3.2.1: what an origin server gets), so no path rule can be bypassed by
+                # spelling the target in full. Its authority is the Host (checked above).
+                target = origin_form(target)
+                self._rewritten = True
+                if self._host is None:  # HTTP/1.0 without Host: the target named the host
+                    items.append((b"Host", authority))
+                    self._keys.append(_HOST)
         elif 35 in target:  # "#"
             self._reject(400, "fragment in request-target")
         elif method == b"CONNECT":
             self._reject(400, "CONNECT needs an authority-form target")
+        if method == b"CONNECT":
+            # A reverse proxy tunnels no TCP for its clients (nginx refuses CONNECT too);
+            # 501 as over HTTP/2 (h2_fields), once the request is known to be well-formed.
+            self._reject(501, "CONNECT is not supported")
         if self._te is not None:
             if version == "1.0":
                 self._reject(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -432,19 +502,20 @@ class RequestParser:
             _GOOD_HOSTS.clear()  # bounded: a client inventing hosts only costs re-checks
         _GOOD_HOSTS.add(host)
 
-    def _check_target_form(self, method: bytes, target: bytes) -> None:
-        """Checks for a target that is not origin-form: ``*``, authority- or absolute-form."""
+    def _check_target_form(self, method: bytes, target: bytes) -> Optional[bytes]:
+        """Checks for a target that is not origin-form: ``*``, authority- or absolute-form.
+        Returns the authority of an absolute-form target (None for the other two)."""
         if target == b"*":
             if method != b"OPTIONS":
                 self._reject(400, "'*' target is only for OPTIONS")
-            return
+            return None
         if method == b"CONNECT":
             # authority-form = host ":" port, nothing else (RFC 9112 3.2.3)
             host, sep, port = target.rpartition(b":")
             if (not sep or not host or not port.isdigit() or b"/" in target
                     or b"@" in target or b"?" in target or b"#" in target):
                 self._reject(400, "bad authority-form target")
-            return
+            return None
         scheme, sep, rest = target.partition(b"://")
         scheme = scheme.lower()
         if not sep or scheme not in (b"http", b"https"):
@@ -454,16 +525,19 @@ class RequestParser:
             i = rest.find(ch)
             if 0 <= i < end:
                 end = i
-        authority = rest[:end].lower()
+        given = rest[:end]
+        authority = given.lower()
         if not authority or b"@" in authority or b"#" in rest:
             self._reject(400, "bad absolute-form target")
         if self._host is None:
-            return  # HTTP/1.0 without Host: the target's authority is the only one
+            self._check_host(given)  # HTTP/1.0 without Host: the only authority, as a Host
+            return given
         host = self._host.lower()
         if authority != host:
             port = _default_port(scheme)
             if authority.removesuffix(port) != host.removesuffix(port):
                 self._reject(400, "absolute-form target disagrees with Host")
+        return given
 
     def on_body(self, body: bytes) -> None:
         if self._chunked:

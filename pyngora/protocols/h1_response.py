@@ -190,6 +190,9 @@ class ResponseParser:
             self._feed_llhttp(view[pos:end], head=True)
             pos = end
             if self._state == _HEAD:   # a 1xx came: the real head follows
+                # A fresh llhttp for it: one that saw "Connection: close" on the 1xx would
+                # refuse the final response (only the final one's Connection counts).
+                self._p = httptools.HttpResponseParser(self)
                 continue
             if self.upgraded:
                 self._trailing = buf[pos:]

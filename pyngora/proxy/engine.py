@@ -30,7 +30,7 @@ from pyngora.proxy import access
 from pyngora.proxy.fast_path import FastPath
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
-from pyngora.proxy.wire import reason_for, upstream_fields
+from pyngora.proxy.wire import informational_fields, reason_for, upstream_fields
 from pyngora.services.http_app import Exchange, HttpApp
 from pyngora.upstreams.connector import Connector, UpstreamConnection
 from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
@@ -429,7 +429,8 @@ class ProxyEngine(HttpApp):
                 ev = await conn.read_event()
             if ev.__class__ is InformationalResponse:
                 if ev.status != 100:  # type: ignore[union-attr]
-                    ex.write_informational(ev.status, ev.headers)  # type: ignore[union-attr]
+                    ex.write_informational(ev.status,  # type: ignore[union-attr]
+                                           informational_fields(ev.headers))  # type: ignore[union-attr]
                 continue
             break
         if ev.__class__ is not ResponseHead:
@@ -438,7 +439,10 @@ class ProxyEngine(HttpApp):
         rh: ResponseHead = ev  # type: ignore[assignment]
         session.upstream_status = rh.status
         headers = rh.headers
-        switching = rh.status == 101 and upgrade
+        if rh.status == 101 and not upgrade:
+            raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
+                        "101 Switching Protocols to a request that asked for no upgrade")
+        switching = rh.status == 101
         upgrade_value = headers.get(b"upgrade") if switching else None
         remove_hop_by_hop(headers)
         if switching:

@@ -39,7 +39,7 @@ from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
 from pyngora.proxy.phases import PHASES
 from pyngora.proxy.session import Session
-from pyngora.proxy.wire import reason_for, upstream_fields, upstream_head
+from pyngora.proxy.wire import informational_fields, reason_for, upstream_fields, upstream_head
 from pyngora.services.http_app import Exchange
 from pyngora.upstreams.connector import UpstreamConnection
 
@@ -296,7 +296,8 @@ class _Forward:
                 self._head(ev)  # type: ignore[arg-type]
             elif self.state == _HEAD and cls is InformationalResponse:
                 if ev.status != 100:  # type: ignore[union-attr]
-                    ex.write_informational(ev.status, ev.headers)  # type: ignore[union-attr]
+                    ex.write_informational(ev.status,  # type: ignore[union-attr]
+                                           informational_fields(ev.headers))  # type: ignore[union-attr]
             else:
                 raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
                             f"unexpected {cls.__name__} in a response")
@@ -322,6 +323,9 @@ class _Forward:
                 ex.respond_error(502)
 
     def _head(self, rh: ResponseHead) -> None:
+        if rh.status == 101:  # the fast path serves no upgrade request: as the engine, 502
+            raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
+                        "101 Switching Protocols to a request that asked for no upgrade")
         self.session.upstream_status = rh.status
         headers = rh.headers
         remove_hop_by_hop(headers)

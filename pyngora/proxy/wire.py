@@ -7,11 +7,12 @@ from typing import Optional
 
 from pyngora.headers import Headers
 from pyngora.protocols.events import RequestHead
-from pyngora.protocols.h1_wire import HOP_BY_HOP, without_hop_by_hop
+from pyngora.protocols.h1_wire import HOP_BY_HOP, remove_hop_by_hop, without_hop_by_hop
 from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.peer import HttpPeer
 
-__all__ = ["upstream_fields", "upstream_head", "reason_for", "NOT_SENT_ON"]
+__all__ = ["upstream_fields", "upstream_head", "reason_for", "informational_fields",
+           "NOT_SENT_ON"]
 
 _ALSO_DROP = frozenset((b"expect",))
 # Every (lowercased) field name upstream_fields may drop: a head with none of them, and a
@@ -29,6 +30,14 @@ def upstream_fields(client_fields: Headers, peer: HttpPeer) -> Headers:
     if _HOST not in fields._keys:  # the keys are lowercased
         fields.add(b"Host", b"localhost" if peer.unix_path else peer.address.encode("latin-1"))
     return fields
+
+
+def informational_fields(headers: Headers) -> Headers:
+    """A 1xx response's fields as the client gets them (edited in place): the hop-by-hop ones
+    removed (RFC 9110 7.6.1), and no Content-Length (a 1xx has no content, 15.2)."""
+    remove_hop_by_hop(headers)
+    headers.remove(b"content-length")
+    return headers
 
 
 _CONNECTION = b"connection"

