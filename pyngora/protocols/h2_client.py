@@ -143,7 +143,8 @@ def _response_head(fields: Iterable[tuple[bytes, bytes]], sid: int, end: bool,
     length: Optional[int] = None
     for name, value in fields:
         if name == b":status":
-            status = int(value)
+            # three digits (RFC 9110 15); anything else stays 0, which the caller refuses
+            status = int(value) if len(value) == 3 and value.isdigit() else 0
             continue
         if name[:1] == b":":
             continue  # h2 already refused unknown pseudo-headers
@@ -278,6 +279,12 @@ class H2ClientConn:
         except h2.exceptions.ProtocolError:
             pass
 
+    def _malformed(self, sid: int) -> StreamReset:
+        """A malformed response (a status that is no three-digit code, a 101): a stream
+        error (RFC 9113 8.1.1), reset here, and reported as the upstream's reset (502)."""
+        self.reset(sid, PROTOCOL_ERROR)
+        return StreamReset(sid, PROTOCOL_ERROR)
+
     def forget(self, sid: int) -> None:
         """The caller is done with a stream that ended cleanly."""
         s = self.streams.get(sid)
@@ -339,6 +346,9 @@ class H2ClientConn:
                 s.head_done = True
                 end = ev.stream_ended is not None
                 status, headers, length = _response_head(ev.headers, sid, end, s.head_request)
+                if not 200 <= status <= 599:
+                    out.append(self._malformed(sid))
+                    continue
                 if end or s.head_request or status in (204, 304):
                     body = "none"
                 elif length is not None:
@@ -349,6 +359,9 @@ class H2ClientConn:
             elif cls is h2.events.InformationalResponseReceived:
                 if sid in streams:
                     status, headers, _ = _response_head(ev.headers, sid, False, False)
+                    if not 100 <= status <= 199 or status == 101:  # no 101 in HTTP/2 (8.6)
+                        out.append(self._malformed(sid))
+                        continue
                     out.append(InformationalResponse(status, headers, sid))
             elif cls is h2.events.TrailersReceived:
                 s = streams.get(sid)

@@ -12,12 +12,13 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   length unknown, ends with MessageEnd, must be chunked when re-sent as HTTP/1).
 
 - A malformed request (RFC 9113 8.1.1: bad or misplaced pseudo-headers, upper-case or invalid
-  field names, CR/LF/NUL or surrounding whitespace in values, connection-specific fields, TE
+  field names, control characters or surrounding whitespace in values, connection-specific fields, TE
   other than ``trailers``, pseudo-headers or Content-Length/Transfer-Encoding/Host in trailers)
   is a stream error: RST_STREAM PROTOCOL_ERROR. We validate ourselves (the h2 library's own
   validation turns every such error into a connection error and walks values byte by byte).
 - A well-formed request that HTTP/1 would answer with 400 (no ``:authority`` nor Host,
-  ``:authority`` and Host that disagree, a target with bytes outside visible ASCII) gets 400;
+  ``:authority`` and Host that disagree, a target with bytes outside visible ASCII, a method
+  in lower case, Content-Length repeated even with one value) gets 400;
   CONNECT (and extended CONNECT) gets 501; Content-Length above ``max_body_bytes`` gets 413.
 """
 from __future__ import annotations
@@ -41,6 +42,11 @@ _NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 # Visible ASCII: anything else in :path is refused (as non-ASCII targets are over HTTP/1).
 _PATH_CHARS = bytes(range(0x21, 0x7F))
 _WS = (0x20, 0x09)
+# Control characters a field value must not hold (RFC 9110 5.5; HTAB is allowed): HTTP/1
+# requests with one get 400 from llhttp, so HTTP/2 ones may not carry one upstream either.
+_CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
+# What a method may hold: an upper-case token, as llhttp's methods (HTTP/1 refuses the rest).
+_METHOD_CHARS = _NAME_CHARS.upper()
 _PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
 # ``RequestHead.body`` for a request body without Content-Length (its end is END_STREAM).
 # "chunked" tells every consumer what it must know: the length is unknown, the body ends
@@ -64,8 +70,8 @@ def check_field(name: bytes, value: bytes) -> None:
     if not name or name.translate(None, _NAME_CHARS):
         raise Reject(0, f"invalid field name {name!r}")
     if value:
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise Reject(0, f"CR, LF or NUL in the value of {name!r}")
+        if len(value.translate(None, _CTL)) != len(value):
+            raise Reject(0, f"a control character in the value of {name!r}")
         if value[0] in _WS or value[-1] in _WS:
             raise Reject(0, f"whitespace around the value of {name!r}")
 
@@ -133,6 +139,8 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
         keys.append(name)
     if not method or method.translate(None, _NAME_CHARS.upper() + _NAME_CHARS):
         raise Reject(0, "missing or invalid :method")
+    if method.translate(None, _METHOD_CHARS):
+        raise Reject(400, "a method in lower case")  # as over HTTP/1: "get" is no GET
     if method == b"CONNECT":
         raise Reject(501, "CONNECT is not supported over HTTP/2")
     if not scheme or not path:
@@ -160,7 +168,10 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
         keys.append(b"cookie")
     content_length: Optional[int] = None
     if b"content-length" in keys:
-        # h2 already refused non-digit or conflicting values (a connection error).
+        # h2 already refused non-digit or conflicting values (a connection error); it lets
+        # equal repeats through, which HTTP/1 refuses and an origin may read otherwise.
+        if keys.count(b"content-length") > 1:
+            raise Reject(400, "duplicate Content-Length")
         content_length = int(items[keys.index(b"content-length")][1])
         if max_body_bytes is not None and content_length > max_body_bytes:
             raise Reject(413, "Content-Length above max_body_bytes")

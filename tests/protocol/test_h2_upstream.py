@@ -290,6 +290,27 @@ def test_not_h2_upstream_is_502_and_a_silent_one_504() -> None:
     run(main())
 
 
+def test_a_status_that_is_no_three_digit_code_is_502() -> None:
+    """RFC 9110 15: three digits, 100-599; HTTP/2 has no 101 (RFC 9113 8.6). Anything else
+    is a malformed response, a stream error: 502 for the client, the stream reset."""
+    async def main() -> None:
+        origin = await H2Origin().start()
+        try:
+            async with proxy_to(origin.port) as (port, app):
+                c = await Client.connect(port)
+                for status in ("2000", "20", "099", "101", "600", "+200"):
+                    r = await asyncio.wait_for(c.request("GET", f"/status?{status}"), 10)
+                    assert r.status == 502, (status, r.status)
+                    c.close()
+                    c = await Client.connect(port)
+                r = await asyncio.wait_for(c.request("GET", "/status?204"), 10)
+                assert r.status == 204
+                c.close()
+        finally:
+            origin.close()
+    run(main())
+
+
 def test_client_gone_mid_response_resets_only_its_stream() -> None:
     async def main() -> None:
         origin = await H2Origin().start()

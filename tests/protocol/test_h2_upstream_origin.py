@@ -153,6 +153,12 @@ class _Conn:
                 self.writer.write(self.h2.data_to_send() + f.serialize())
                 self.origin.goaways += 1
                 await self.origin.release.wait()
+            if path.startswith(b"/status?"):  # any :status value, valid or not
+                value = path.partition(b"?")[2]
+                self.h2.send_headers(sid, [(b":status", value)],
+                                     end_stream=not value.startswith(b"1"))  # 1xx: no end
+                self.flush()
+                return
             if path.startswith(b"/big"):
                 n = int(path.partition(b"?")[2])
                 self.h2.send_headers(sid, [(b":status", b"200"),
