@@ -20,6 +20,13 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   malformed stream, counts as "premature"; past ``max_premature_resets`` and more than half of
   all streams, the connection ends with GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are
   bounded by the library (64 frames per header block) and by ``max_header_list_size``.
+- Floods of frames that cost work and carry no request (the 2019 HTTP/2 DoS family: PING,
+  SETTINGS, PRIORITY, unknown types, empty DATA, tiny WINDOW_UPDATEs): each counts as
+  "overhead"; past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per stream the
+  client opened, GOAWAY ENHANCE_YOUR_CALM. Input is taken in slices of ``FEED_SLICE`` bytes,
+  checked between slices, so one read of tiny frames cannot hold the worker's loop for long
+  before the connection is ended. (The PING and SETTINGS ACKs such a flood asks for are
+  bounded by the connection, which stops reading while the client does not read them.)
 - Graceful shutdown (RFC 9113 6.8): GOAWAY with the last stream id 2^31-1 and a PING; on the
   PING's ACK, a second GOAWAY with the last stream actually seen. Streams up to it finish. The
   GOAWAY frames are built here because h2's state machine forbids any frame after its own.
@@ -58,6 +65,14 @@ ENHANCE_YOUR_CALM = 0xB
 
 _MAX_STREAM_ID = 2 ** 31 - 1
 _SHUTDOWN_PING = b"pyngora\x00"
+# Flood control (see the module doc). One slice of tiny frames is ~1,800 frames: the most a
+# flood gets processed past the limit.
+FEED_SLICE = 16384
+OVERHEAD_PER_STREAM = 50
+_OVERHEAD = frozenset((h2.events.PingReceived, h2.events.RemoteSettingsChanged,
+                       h2.events.PriorityUpdated, h2.events.UnknownFrameReceived,
+                       h2.events.WindowUpdated))
+_SMALL_WINDOW_UPDATE = 1024  # smaller increments are overhead (clients send 32 KiB and more)
 
 
 class H2Limits:
@@ -65,12 +80,12 @@ class H2Limits:
 
     __slots__ = ("max_concurrent_streams", "max_header_list_size", "stream_window",
                  "connection_window", "max_frame_size", "max_body_bytes",
-                 "max_premature_resets")
+                 "max_premature_resets", "max_overhead_frames")
 
     def __init__(self, max_concurrent_streams: int = 100, max_header_list_size: int = 65536,
                  stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
                  max_frame_size: int = 16384, max_body_bytes: Optional[int] = None,
-                 max_premature_resets: int = 100) -> None:
+                 max_premature_resets: int = 100, max_overhead_frames: int = 1000) -> None:
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_list_size = max_header_list_size
         # The stream window bounds what one request may have buffered unread; the connection
@@ -80,6 +95,7 @@ class H2Limits:
         self.max_frame_size = max_frame_size
         self.max_body_bytes = max_body_bytes
         self.max_premature_resets = max_premature_resets
+        self.max_overhead_frames = max_overhead_frames
 
 
 class RequestRejected:
@@ -125,7 +141,7 @@ class H2Server:
     """
 
     __slots__ = ("limits", "conn", "streams", "active", "closed", "error_code", "_out",
-                 "_goaway_last", "_shutdown", "_streams_opened", "_premature")
+                 "_goaway_last", "_shutdown", "_streams_opened", "_premature", "_overhead")
 
     def __init__(self, limits: Optional[H2Limits] = None) -> None:
         self.limits = limits = limits or H2Limits()
@@ -152,6 +168,7 @@ class H2Server:
         self._shutdown = False                   # the first (2^31-1) GOAWAY was sent
         self._streams_opened = 0
         self._premature = 0
+        self._overhead = 0  # frames that cost work and carried no request (see the module doc)
 
     # ------------------------------------------------------------------ connection
     def initiate(self) -> None:
@@ -242,6 +259,17 @@ class H2Server:
         """Process bytes from the client; return the events for the connection layer."""
         if self.closed:
             return []
+        if len(data) <= FEED_SLICE:
+            return self._feed(data)
+        out: list = []
+        view = memoryview(data)
+        for i in range(0, len(data), FEED_SLICE):
+            out += self._feed(bytes(view[i:i + FEED_SLICE]))
+            if self.closed:
+                break
+        return out
+
+    def _feed(self, data: bytes) -> list:
         # h2 drops its unsent frames when a GOAWAY arrives: take them first.
         self._take()
         try:
@@ -252,6 +280,21 @@ class H2Server:
             self.error_code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
             return [ConnectionClosed(self.conn.highest_inbound_stream_id)]
         out: list = []
+        overhead = self._overhead
+        for ev in h2_events:
+            cls = ev.__class__
+            if cls in _OVERHEAD:
+                if cls is not h2.events.WindowUpdated or ev.delta < _SMALL_WINDOW_UPDATE:
+                    overhead += 1
+            elif cls is h2.events.DataReceived and not ev.flow_controlled_length \
+                    and ev.stream_ended is None:
+                overhead += 1  # an empty DATA frame that ends nothing
+        if overhead != self._overhead:
+            self._overhead = overhead
+            if (overhead >= self.limits.max_overhead_frames
+                    and overhead > OVERHEAD_PER_STREAM * self._streams_opened):
+                self._fatal(ENHANCE_YOUR_CALM)
+                return [ConnectionClosed(self.conn.highest_inbound_stream_id)]
         for ev in h2_events:
             cls = ev.__class__
             if cls is h2.events.RequestReceived:

@@ -9,11 +9,14 @@ import h2.connection
 import h2.events
 import h2.settings
 import hpack
-from hyperframe.frame import HeadersFrame, RstStreamFrame
+import pytest
+from hyperframe.frame import (DataFrame, ExtensionFrame, HeadersFrame, PingFrame, PriorityFrame,
+                              RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, RequestHead, StreamReset
-from pyngora.protocols.h2 import (ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM,
-                                  H2Limits, H2Server, RequestRejected, response_fields)
+from pyngora.protocols.h2 import (ENHANCE_YOUR_CALM, FEED_SLICE, NO_ERROR, PROTOCOL_ERROR,
+                                  REFUSED_STREAM, H2Limits, H2Server, RequestRejected,
+                                  response_fields)
 
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com"),
        (b":path", b"/a?b=1")]
@@ -377,6 +380,71 @@ def test_rapid_reset_flood_gets_goaway() -> None:
     goaway = [e for e in p.ctake() if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway and goaway[-1].error_code == ENHANCE_YOUR_CALM
     assert sid < 2 * 60  # stopped after about max_premature_resets streams
+
+
+def _frames(kind: str, n: int) -> bytes:
+    """``n`` frames of one kind a flood is made of, as raw bytes."""
+    out = []
+    for i in range(n):
+        if kind == "ping":
+            f: Any = PingFrame(0)
+            f.opaque_data = b"%08d" % (i % 10**8)
+        elif kind == "settings":
+            f = SettingsFrame(0)
+        elif kind == "priority":
+            f = PriorityFrame(3 + 2 * (i % 1000))
+            f.depends_on, f.stream_weight = 0, 1
+        elif kind == "window_update":
+            f = WindowUpdateFrame(0)
+            f.window_increment = 1
+        elif kind == "empty_data":
+            f = DataFrame(1)
+        else:
+            f = ExtensionFrame(0xEE, 0, 0, b"")
+        out.append(f.serialize())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings", "priority", "window_update",
+                                  "empty_data", "unknown"])
+def test_a_flood_of_frames_that_carry_no_request_gets_goaway(kind: str) -> None:
+    """The 2019 HTTP/2 floods: each frame costs work and asks for nothing. 100,000 of them in
+    256 KiB reads: the connection ends with ENHANCE_YOUR_CALM after about the limit plus one
+    slice of input, not after all of them (one read is taken a slice at a time)."""
+    p = Pair()
+    p.client.send_headers(1, GET)  # a stream open for the empty DATA frames
+    p.pump()
+    blob = _frames(kind, 100_000)
+    fed = 0
+    for i in range(0, len(blob), 262144):
+        p.events += p.server.feed(blob[i:i + 262144])
+        fed += 1
+        if p.server.closed:
+            break
+    assert p.server.closed and p.server.error_code == ENHANCE_YOUR_CALM, kind
+    assert fed == 1  # the first read did it
+    assert p.server._overhead < 1000 + FEED_SLICE // 9  # at most one slice past the limit
+    frames = p.server.data_to_send()
+    assert b"\x00\x00\x00\x0b" in frames  # GOAWAY's error code, ENHANCE_YOUR_CALM
+
+
+def test_the_usual_control_frames_of_a_busy_client_are_not_a_flood() -> None:
+    """A browser-like client: PRIORITY frames with its requests, a PING now and then, big
+    WINDOW_UPDATEs for its downloads, its SETTINGS changed once: 300 requests go through."""
+    p = Pair()
+    for i in range(300):
+        sid = 1 + 2 * i
+        p.client.send_headers(sid, GET, end_stream=True)
+        p.client.prioritize(sid, weight=32)
+        if i % 10 == 0:
+            p.client.ping(b"%08d" % i)
+        if i == 50:
+            p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        p.pump()
+        _resp(p, sid, body=b"x" * 40000)
+        p.client.increment_flow_control_window(40000)
+        p.pump()
+    assert not p.server.closed
 
 
 def test_a_client_cancelling_now_and_then_is_not_abuse() -> None:
