@@ -114,6 +114,7 @@ class LimitsConf:
     header_read_timeout_seconds: float = 10.0
     keepalive_timeout_seconds: float = 60.0
     keepalive_requests: Optional[int] = None
+    send_timeout_seconds: float = 60.0  # nginx's send_timeout: a client that reads nothing
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class H2Connection(asyncio.Protocol):
     __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport", "proto",
                  "client_addr", "server_addr", "closed", "_streams", "_write_paused",
                  "_read_paused", "_drain_waiting", "_flush_scheduled", "_timer",
-                 "_draining", "_initial")
+                 "_draining", "_initial", "_send_timer")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "https",
@@ -79,6 +79,7 @@ class H2Connection(asyncio.Protocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._draining = False
         self._initial = initial
+        self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,6 +102,9 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._cancel_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self.tracker is not None:
             self.tracker.discard(self)
         if self.metrics is not None:
@@ -149,9 +153,24 @@ class H2Connection(asyncio.Protocol):
         # Control frames (PING/SETTINGS ACKs, RSTs) are produced by what we read: stop
         # reading while the client is not reading either.
         self._pause_reading()
+        timeout = self.settings.send_timeout
+        if timeout and timeout > 0 and self._send_timer is None:
+            self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
+
+    def _on_send_timeout(self) -> None:
+        """The socket's write buffer stayed full for ``send_timeout``: the client reads
+        nothing at all; its streams (and their upstreams) are let go with the connection."""
+        self._send_timer = None
+        if not self.closed:
+            log.ERROR.warning("client %s read nothing for %ss: HTTP/2 connection closed",
+                              self.client_addr, self.settings.send_timeout)
+            self.abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self._resume_reading()
         self._wake_drains()
 

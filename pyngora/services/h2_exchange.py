@@ -37,6 +37,11 @@ def closed_error(context: str = "downstream stream closed") -> Error:
 _PREBUILT: dict[bytes, list[tuple[bytes, bytes]]] = {}
 
 
+def _expire(waiter: "asyncio.Future[Any]") -> None:
+    if not waiter.done():
+        waiter.set_result(False)  # drain's send_timeout passed
+
+
 def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
     """An HTTP/1 head (status line + fields, see ``Exchange.respond_prebuilt``) -> HTTP/2
     fields. Cached: the static service changes its head once a second."""
@@ -181,8 +186,11 @@ class H2Exchange(RequestBody):
 
     async def drain(self) -> None:
         """Wait while this stream has more than STREAM_HIGH_WATER bytes queued (its window is
-        closed) or the socket's write buffer is full. Raises Error when the stream is gone."""
+        closed) or the socket's write buffer is full. Raises Error when the stream is gone,
+        or when no byte could go out for ``send_timeout`` (the client keeps the stream's
+        window shut): the stream is then reset (CANCEL), as nginx's send_timeout would."""
         conn = self.h2conn
+        timeout = conn.settings.send_timeout
         while True:
             if self._gone():
                 raise closed_error()
@@ -190,11 +198,19 @@ class H2Exchange(RequestBody):
                 return
             w = self._drain_waiter = conn.loop.create_future()
             conn._drain_waiting.add(self)
+            timer = conn.loop.call_later(timeout, _expire, w) if timeout and timeout > 0 \
+                else None
             try:
-                await w
+                woke = await w
             finally:
                 self._drain_waiter = None
                 conn._drain_waiting.discard(self)
+                if timer is not None:
+                    timer.cancel()
+            if woke is False:
+                conn._reset_stream(self.stream_id, h2p.CANCEL)
+                raise Error(ErrorType.WriteTimedout, ErrorSource.Downstream, None,
+                            f"the client took nothing for {timeout}s")
 
     def write_end(self, trailers: Optional[Headers] = None) -> None:
         """End the response (with trailers: gRPC) once the queued body is out."""

@@ -67,7 +67,7 @@ class H1Connection(asyncio.Protocol):
                  "_body_open", "_discarding", "_pending", "_pumping", "_paused",
                  "_write_paused", "_drain_waiters", "_timer", "_deadline", "_timer_cb",
                  "_requests", "_draining",
-                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken")
+                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_timer")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "http",
@@ -102,6 +102,7 @@ class H1Connection(asyncio.Protocol):
         self._upgrade_buf: list[bytes] = []  # bytes after it, until the app takes the tunnel
         self._eof = False
         self._broken = False         # a protocol error was seen: parse nothing more
+        self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,6 +131,9 @@ class H1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()  # do not keep the connection alive until it would fire
             self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self.tracker is not None:
             self.tracker.discard(self)
         if self.metrics is not None:
@@ -185,9 +189,24 @@ class H1Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        timeout = self.settings.send_timeout
+        if timeout and timeout > 0 and self._send_timer is None:
+            self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
+
+    def _on_send_timeout(self) -> None:
+        """The write buffer stayed full for ``send_timeout`` (nginx's ``send_timeout``): the
+        client reads nothing; it must not hold the connection (and an upstream) for ever."""
+        self._send_timer = None
+        if not self.closed:
+            log.ERROR.warning("client %s read nothing for %ss: connection closed",
+                              self.client_addr, self.settings.send_timeout)
+            self.abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         waiters = self._drain_waiters
         self._drain_waiters = []
         for w in waiters:

@@ -108,7 +108,7 @@ class HttpSettings:
     """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
 
     __slots__ = ("parser_limits", "header_read_timeout", "keepalive_timeout",
-                 "keepalive_requests")
+                 "keepalive_requests", "send_timeout")
 
     def __init__(self, limits: Optional[LimitsConf] = None) -> None:
         limits = limits or LimitsConf()
@@ -117,6 +117,7 @@ class HttpSettings:
         self.header_read_timeout = limits.header_read_timeout_seconds
         self.keepalive_timeout = limits.keepalive_timeout_seconds
         self.keepalive_requests = limits.keepalive_requests
+        self.send_timeout = limits.send_timeout_seconds
 
 
 class HttpApp:

@@ -213,6 +213,27 @@ def test_download_waits_for_the_client_window() -> None:
     run(main())
 
 
+def test_a_stream_whose_window_stays_shut_is_reset_after_send_timeout() -> None:
+    """A client that never opens its window holds no stream (nor the upstream behind it) for
+    ever: after send_timeout without a byte going out, RST_STREAM(CANCEL); the connection and
+    its other streams go on."""
+    async def main() -> None:
+        app = EchoApp()
+        async with serving(app, send_timeout_seconds=0.5) as (port, _, _m):
+            c = await H2Client.connect(port, auto_ack=False)
+            sid = c.start("GET", "/down", (("x-download", str(2 * 1024 * 1024)),))
+            s = c.streams[sid]
+            await asyncio.wait_for(s.done.wait(), 10)
+            assert s.reset == 0x8 and len(s.body) == 65535 and not s.ended  # CANCEL
+            c.auto_ack = True
+            c.conn.increment_flow_control_window(len(s.body))  # the connection's window
+            c.flush()
+            r = await asyncio.wait_for(c.request("GET", "/after"), 10)
+            assert r.status == 200
+            await c.close()
+    run(main())
+
+
 def test_client_reset_mid_body_cancels_the_handler() -> None:
     async def main() -> None:
         app = EchoApp()

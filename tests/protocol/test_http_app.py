@@ -319,6 +319,37 @@ def test_refused_upgrade_closes_at_the_clients_eof(monkeypatch: pytest.MonkeyPat
     run(main())
 
 
+def test_a_client_that_reads_nothing_is_let_go_after_send_timeout() -> None:
+    """nginx's send_timeout: the write buffer full for that long, the connection is closed,
+    and the handler's drain fails (a proxy then closes its upstream connection)."""
+    failed: list[BaseException] = []
+
+    class Firehose(HttpApp):
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            return self._run(ex)
+
+        async def _run(self, ex: Exchange) -> None:
+            ex.write_head(200, Headers([("Content-Length", str(1 << 30))]))
+            try:
+                while True:
+                    ex.write_body(b"x" * 65536)
+                    await ex.drain()
+            except BaseException as e:  # the drain's error, or the cancel of a lost client
+                failed.append(e)
+                raise
+
+    async def main() -> None:
+        async with serving(AppService(Firehose(), LimitsConf(send_timeout_seconds=0.5))) \
+                as (port, ctx):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # and never reads
+            await asyncio.wait_for(ctx.connections.wait_empty(), 15)
+            while not failed:  # the handler is stopped (bounded by run()'s own timeout)
+                await asyncio.sleep(0.01)
+            client.close()
+    run(main())
+
+
 def test_request_body_backpressure_bounds_buffering() -> None:
     """An app that does not read: the connection stops reading at the high-water mark, so the
     client's sends block (kernel buffers full) instead of the server buffering the body."""
