@@ -206,24 +206,35 @@ class RequestParser:
         self._events = events
         self._completed = 0
         fresh = not self._in_message
-        try:
-            self._p.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            trailing = data[exc.args[0]:]
-            head = events[-2] if len(events) >= 2 else None
-            if head.__class__ is RequestHead and head.body != "none":  # type: ignore[union-attr]
-                return self._upgrade_with_body(events, head, trailing)  # type: ignore[arg-type]
-            self.upgraded = self._stopped = True
-            self._trailing = trailing
-            return events
-        except httptools.HttpParserError as exc:
-            if self._error is None and self._closed:
-                return events  # bytes after a request that closes the connection: ignored
-            err = self._error or self._map_error(exc)
-            err.events = events
-            self._error = err
-            self._stopped = True
-            raise err from None
+        fed: "bytes | memoryview" = data
+        while True:  # more than one turn only after upgrade requests with a body
+            try:
+                self._p.feed_data(fed)
+            except httptools.HttpParserUpgrade as exc:
+                trailing = memoryview(fed)[exc.args[0]:]  # (no copy per pipelined request)
+                head = events[-2] if len(events) >= 2 else None
+                if head.__class__ is RequestHead and (
+                        head.body == "chunked" or head.content_length):  # type: ignore[union-attr]
+                    self._upgrade_with_body(events, head)  # type: ignore[arg-type]
+                    if trailing:
+                        fed = trailing
+                        fresh = False
+                        continue
+                    return events
+                self.upgraded = self._stopped = True
+                self._trailing = bytes(trailing)
+                return events
+            except httptools.HttpParserError as exc:
+                if self._error is None and self._closed:
+                    return events  # bytes after a request that closes the connection: ignored
+                err = self._error or self._map_error(exc)
+                err.events = events
+                self._error = err
+                self._stopped = True
+                raise err from None
+            break
+        if fed is not data:
+            data = bytes(fed)  # what the current llhttp was given (the accounting below)
         if self._in_head:
             # The head is incomplete: llhttp buffers the partial field, unseen by the
             # callbacks, so bound it by bytes fed. Exact when the head began in an earlier
@@ -294,14 +305,15 @@ class RequestParser:
         _SEEN[data] = (self._limits, head.method, head.target, tuple(headers._items),
                        tuple(headers._keys), head.keep_alive)
 
-    def _upgrade_with_body(self, events: list[Event], head: RequestHead,
-                           trailing: bytes) -> list[Event]:
+    def _upgrade_with_body(self, events: list[Event], head: RequestHead) -> None:
         """An upgrade request with a body is served as an ordinary request: a server may
         ignore Upgrade (RFC 9110 7.8) and the body must reach the origin before any switch
         (nginx forwards such a request, body and all, as any other; ``curl --http2 -d``
         sends one). llhttp stops at the head of every upgrade request and reports it ended,
-        so that end is taken back and a fresh llhttp, primed with a head of the same framing
-        (which the callbacks pass over), parses the body and whatever follows it."""
+        so that end is taken back and a fresh llhttp is primed with a head of the same
+        framing (which the callbacks pass over): ``feed`` then gives it the bytes after the
+        head, the body and whatever follows it. (A ``Content-Length: 0`` is no body: llhttp
+        upgrades such a request, a WebSocket handshake from some clients.)"""
         events.pop()  # the MessageEnd llhttp gave at the end of the head
         self._completed -= 1
         self._closed = self._stopped = False
@@ -312,14 +324,6 @@ class RequestParser:
                    else b"Content-Length: %d" % (head.content_length or 0))
         close = b"" if head.keep_alive else b"Connection: close\r\n"
         self._p.feed_data(b"POST / HTTP/1.1\r\nHost: x\r\n" + close + framing + b"\r\n\r\n")
-        if not trailing:
-            return events
-        try:
-            more = self.feed(trailing)
-        except ProtocolError as err:
-            err.events = events + err.events
-            raise
-        return events + more
 
     def _reject(self, status: int, reason: str) -> None:
         """Inside a callback: remember the error and unwind through llhttp."""
@@ -452,7 +456,10 @@ class RequestParser:
                 # Absolute-form: routed, logged and sent upstream as origin-form (RFC 9112
                 # 3.2.1: what an origin server gets), so no path rule can be bypassed by
                 # spelling the target in full. Its authority is the Host (checked above).
-                target = origin_form(target)
+                if method == b"OPTIONS" and target.partition(b"://")[2] == authority:
+                    target = b"*"  # the server itself, not its root (RFC 9112 3.2.4)
+                else:
+                    target = origin_form(target)
                 self._rewritten = True
                 if self._host is None:  # HTTP/1.0 without Host: the target named the host
                     items.append((b"Host", authority))

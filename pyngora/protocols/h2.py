@@ -22,8 +22,9 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   bounded by the library (64 frames per header block) and by ``max_header_list_size``.
 - Floods of frames that cost work and carry no request (the 2019 HTTP/2 DoS family: PING,
   SETTINGS, PRIORITY, unknown types, empty DATA, tiny WINDOW_UPDATEs): each counts as
-  "overhead"; past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per stream the
-  client opened, GOAWAY ENHANCE_YOUR_CALM. Input is taken in slices of ``FEED_SLICE`` bytes,
+  "overhead", which fades by ``OVERHEAD_FADE_PER_SECOND`` (a long-lived gRPC stream's keepalive
+  PINGs never add up); past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per
+  stream the client opened, GOAWAY ENHANCE_YOUR_CALM. Input is taken in slices of ``FEED_SLICE`` bytes,
   checked between slices, so one read of tiny frames cannot hold the worker's loop for long
   before the connection is ended. (The PING and SETTINGS ACKs such a flood asks for are
   bounded by the connection, which stops reading while the client does not read them.)
@@ -33,6 +34,7 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterable, Optional
 
@@ -69,6 +71,8 @@ _SHUTDOWN_PING = b"pyngora\x00"
 # flood gets processed past the limit.
 FEED_SLICE = 16384
 OVERHEAD_PER_STREAM = 50
+OVERHEAD_FADE_PER_SECOND = 100.0
+_clock = time.monotonic  # (tests move it)
 _OVERHEAD = frozenset((h2.events.PingReceived, h2.events.RemoteSettingsChanged,
                        h2.events.PriorityUpdated, h2.events.UnknownFrameReceived,
                        h2.events.WindowUpdated))
@@ -141,7 +145,8 @@ class H2Server:
     """
 
     __slots__ = ("limits", "conn", "streams", "active", "closed", "error_code", "_out",
-                 "_goaway_last", "_shutdown", "_streams_opened", "_premature", "_overhead")
+                 "_goaway_last", "_shutdown", "_streams_opened", "_premature", "_overhead",
+                 "_overhead_at")
 
     def __init__(self, limits: Optional[H2Limits] = None) -> None:
         self.limits = limits = limits or H2Limits()
@@ -168,7 +173,8 @@ class H2Server:
         self._shutdown = False                   # the first (2^31-1) GOAWAY was sent
         self._streams_opened = 0
         self._premature = 0
-        self._overhead = 0  # frames that cost work and carried no request (see the module doc)
+        self._overhead = 0.0  # frames that cost work and carried no request (the module doc)
+        self._overhead_at = 0.0  # when _overhead was last counted
 
     # ------------------------------------------------------------------ connection
     def initiate(self) -> None:
@@ -280,17 +286,20 @@ class H2Server:
             self.error_code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
             return [ConnectionClosed(self.conn.highest_inbound_stream_id)]
         out: list = []
-        overhead = self._overhead
+        new = 0
         for ev in h2_events:
             cls = ev.__class__
             if cls in _OVERHEAD:
                 if cls is not h2.events.WindowUpdated or ev.delta < _SMALL_WINDOW_UPDATE:
-                    overhead += 1
+                    new += 1
             elif cls is h2.events.DataReceived and not ev.flow_controlled_length \
                     and ev.stream_ended is None:
-                overhead += 1  # an empty DATA frame that ends nothing
-        if overhead != self._overhead:
-            self._overhead = overhead
+                new += 1  # an empty DATA frame that ends nothing
+        if new:
+            now = _clock()
+            faded = self._overhead - (now - self._overhead_at) * OVERHEAD_FADE_PER_SECOND
+            overhead = self._overhead = (faded if faded > 0.0 else 0.0) + new
+            self._overhead_at = now
             if (overhead >= self.limits.max_overhead_frames
                     and overhead > OVERHEAD_PER_STREAM * self._streams_opened):
                 self._fatal(ENHANCE_YOUR_CALM)

@@ -54,7 +54,7 @@ class H2Connection(asyncio.Protocol):
     __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport", "proto",
                  "client_addr", "server_addr", "closed", "_streams", "_write_paused",
                  "_read_paused", "_drain_waiting", "_flush_scheduled", "_timer",
-                 "_draining", "_initial", "_send_timer")
+                 "_draining", "_initial", "_send_timer", "_send_mark")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "https",
@@ -80,6 +80,7 @@ class H2Connection(asyncio.Protocol):
         self._draining = False
         self._initial = initial
         self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
+        self._send_mark = 0  # the write buffer's size when _send_timer was (re)armed
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,17 +155,29 @@ class H2Connection(asyncio.Protocol):
         # reading while the client is not reading either.
         self._pause_reading()
         timeout = self.settings.send_timeout
-        if timeout and timeout > 0 and self._send_timer is None:
+        if timeout and timeout > 0 and self._send_timer is None and self.transport is not None:
+            self._send_mark = self.transport.get_write_buffer_size()
             self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
 
     def _on_send_timeout(self) -> None:
-        """The socket's write buffer stayed full for ``send_timeout``: the client reads
-        nothing at all; its streams (and their upstreams) are let go with the connection."""
+        """The socket's write buffer stayed full for ``send_timeout`` and the client took
+        nothing of it meanwhile: its streams (and their upstreams) are let go with the
+        connection. Also when the connection is already closing (after a GOAWAY, an idle
+        timeout, a drain): ``close()`` would wait for the buffer for ever."""
         self._send_timer = None
-        if not self.closed:
-            log.ERROR.warning("client %s read nothing for %ss: HTTP/2 connection closed",
-                              self.client_addr, self.settings.send_timeout)
-            self.abort()
+        t = self.transport
+        if t is None:
+            return
+        size = t.get_write_buffer_size()
+        if size < self._send_mark:  # some went out: a slow reader, not a dead one
+            self._send_mark = size
+            self._send_timer = self.loop.call_later(self.settings.send_timeout,
+                                                    self._on_send_timeout)
+            return
+        log.ERROR.warning("client %s took nothing for %ss: HTTP/2 connection closed",
+                          self.client_addr, self.settings.send_timeout)
+        t.abort()
+        self.closed = True
 
     def resume_writing(self) -> None:
         self._write_paused = False

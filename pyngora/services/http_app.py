@@ -67,7 +67,8 @@ class H1Connection(asyncio.Protocol):
                  "_body_open", "_discarding", "_pending", "_pumping", "_paused",
                  "_write_paused", "_drain_waiters", "_timer", "_deadline", "_timer_cb",
                  "_requests", "_draining",
-                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_timer")
+                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_timer",
+                 "_send_mark")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "http",
@@ -103,6 +104,7 @@ class H1Connection(asyncio.Protocol):
         self._eof = False
         self._broken = False         # a protocol error was seen: parse nothing more
         self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
+        self._send_mark = 0  # the write buffer's size when _send_timer was (re)armed
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,17 +192,27 @@ class H1Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         timeout = self.settings.send_timeout
-        if timeout and timeout > 0 and self._send_timer is None:
+        if timeout and timeout > 0 and self._send_timer is None and self.transport is not None:
+            self._send_mark = self.transport.get_write_buffer_size()
             self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
 
     def _on_send_timeout(self) -> None:
         """The write buffer stayed full for ``send_timeout`` (nginx's ``send_timeout``): the
-        client reads nothing; it must not hold the connection (and an upstream) for ever."""
+        client took nothing of it meanwhile (the timer starts over when it took some), so it
+        must not hold the connection, and the upstream behind it, any longer."""
         self._send_timer = None
-        if not self.closed:
-            log.ERROR.warning("client %s read nothing for %ss: connection closed",
-                              self.client_addr, self.settings.send_timeout)
-            self.abort()
+        t = self.transport
+        if t is None:
+            return
+        size = t.get_write_buffer_size()
+        if size < self._send_mark:  # some went out: a slow reader, not a dead one
+            self._send_mark = size
+            self._send_timer = self.loop.call_later(self.settings.send_timeout,
+                                                    self._on_send_timeout)
+            return
+        log.ERROR.warning("client %s took nothing for %ss: connection closed",
+                          self.client_addr, self.settings.send_timeout)
+        self.abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False

@@ -154,12 +154,32 @@ def test_connection_options_that_name_other_fields_pass(option: bytes) -> None:
     assert [e.__class__.__name__ for e in ev] == ["RequestHead", "Data", "MessageEnd"]
 
 
+def test_many_pipelined_upgrade_requests_with_a_body_in_one_read() -> None:
+    """Each takes a turn of feed's loop, not a level of recursion (a review found a
+    RecursionError at ~500 of them in one 48 KB read)."""
+    one = (b"POST /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: x\r\n"
+           b"Content-Length: 2\r\n\r\nhi")
+    ev = RequestParser().feed(one * 3000)
+    heads = [e for e in ev if isinstance(e, RequestHead)]
+    assert len(heads) == 3000 and not any(h.upgrade for h in heads)
+    assert sum(len(e.data) for e in ev if isinstance(e, Data)) == 6000
+
+
+def test_a_websocket_handshake_with_content_length_0_is_still_an_upgrade() -> None:
+    p = RequestParser()
+    ev = p.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Content-Length: 0\r\n\r\n\x81\x80")
+    assert ev[0].upgrade and p.upgraded and p.take_trailing() == b"\x81\x80"
+
+
 def test_absolute_form_becomes_origin_form() -> None:
     ev = RequestParser().feed(b"GET http://Example.com:80/admin/x?q=1 HTTP/1.1\r\n"
                               b"Host: example.com\r\n\r\n")
     assert ev[0].target == b"/admin/x?q=1" and ev[0].raw is None  # the client's bytes differ
     ev = RequestParser().feed(b"GET http://a.test HTTP/1.0\r\n\r\n")
     assert ev[0].target == b"/" and ev[0].headers.get(b"host") == b"a.test"
+    ev = RequestParser().feed(b"OPTIONS http://a.test:80 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert ev[0].target == b"*"  # RFC 9112 3.2.4: the server, not its root
 
 
 @pytest.mark.parametrize("split", [None, 40, 75, 90])

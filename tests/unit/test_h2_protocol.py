@@ -13,6 +13,7 @@ import pytest
 from hyperframe.frame import (DataFrame, ExtensionFrame, HeadersFrame, PingFrame, PriorityFrame,
                               RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
+from pyngora.protocols import h2 as h2p
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, RequestHead, StreamReset
 from pyngora.protocols.h2 import (ENHANCE_YOUR_CALM, FEED_SLICE, NO_ERROR, PROTOCOL_ERROR,
                                   REFUSED_STREAM, H2Limits, H2Server, RequestRejected,
@@ -426,6 +427,25 @@ def test_a_flood_of_frames_that_carry_no_request_gets_goaway(kind: str) -> None:
     assert p.server._overhead < 1000 + FEED_SLICE // 9  # at most one slice past the limit
     frames = p.server.data_to_send()
     assert b"\x00\x00\x00\x0b" in frames  # GOAWAY's error code, ENHANCE_YOUR_CALM
+
+
+def test_a_long_lived_stream_s_keepalive_pings_never_add_up(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """One gRPC-style stream for hours, a PING and a message every 10 s: overhead fades with
+    time, so 5,000 PINGs over ~14 h end nothing (a counter that never went down did, at the
+    1,000th)."""
+    now = [1000.0]
+    monkeypatch.setattr(h2p, "_clock", lambda: now[0])
+    p = Pair()
+    p.client.send_headers(1, GET)
+    p.pump()
+    for i in range(5000):
+        p.client.ping(b"%08d" % i)
+        p.client.send_data(1, b"m")
+        p.pump()
+        now[0] += 10.0
+        p.client.increment_flow_control_window(1)  # (the server acknowledges as it reads)
+    assert not p.server.closed
 
 
 def test_the_usual_control_frames_of_a_busy_client_are_not_a_flood() -> None:
