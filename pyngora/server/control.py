@@ -47,7 +47,10 @@ def upgrade(conf: ServerConf, conf_path: str, old_pid: int) -> int:
                              f"master {old_pid} keeps serving (see error_log)\n")
             return 1
         pid = read_pid(conf.pid_file)
-        if pid is not None and pid != old_pid and pid_alive(pid):
+        # Our new master's pid, not any other: two upgrades at once must not both see the
+        # first one's pid and say success (the second new master gets no sockets).
+        if pid is not None and pid != old_pid and (pid == new_pid or not new_pid) \
+                and pid_alive(pid):
             sys.stdout.write(f"pyngora: upgraded: master {old_pid} -> {pid} in "
                              f"{time.monotonic() - started:.2f}s\n")
             return 0

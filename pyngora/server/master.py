@@ -77,6 +77,10 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._serving_reported = False
+        # "serving" was told to someone who acted on it (a -d launcher that exited 0, an old
+        # master that drains): from then on no crash loop may stop this master (exit 3).
+        self._promised = False
+        self._reload_after_handover = False  # a SIGHUP came during a hand-over (handle_hup)
         self._serving_since = 0.0
         # sockets generation N no longer names: (N, key, socket), closed once every older
         # generation is draining (its workers take what is queued first), or put back when N
@@ -293,7 +297,8 @@ class Master:
                 # A crash loop right after the first start is a server that cannot start,
                 # even when its services said "ready" before dying.
                 starting = not self._serving_reported or (
-                    gen.number == 1 and time.monotonic() - self._serving_since < 10.0)
+                    gen.number == 1 and not self._promised
+                    and time.monotonic() - self._serving_since < 10.0)
                 if n >= MAX_BOOT_FAILURES and not starting:
                     # Exit 3 is for a server that cannot start. Once serving, one failing
                     # service never takes the others down: keep retrying, slowly, loudly.
@@ -433,6 +438,7 @@ class Master:
     def _announce_serving(self) -> None:
         n = len(self.workers)
         log.ERROR.info("pyngora serving: %d processes, pid %d", n, self.pid)
+        self._promised = self.upgrade_conn is not None or self.launcher_fd >= 0
         if self.upgrade_conn is not None:
             conn, self.upgrade_conn = self.upgrade_conn, None
             try:
@@ -477,8 +483,15 @@ class Master:
         self._kill_all(signal.SIGUSR1)
 
     def handle_hup(self) -> None:
-        """Reload in place: a new generation with the re-read config; the old one drains."""
-        if self.stopping or self.handover is not None:
+        """Reload in place: a new generation with the re-read config; the old one drains.
+        During a hand-over to a new master (which reads the file itself) it waits: applied
+        if the hand-over fails, moot if it succeeds."""
+        if self.stopping:
+            return
+        if self.handover is not None:
+            log.ERROR.warning("SIGHUP during an upgrade hand-over: the reload waits for it "
+                              "(applied if it fails; the new master reads the file itself)")
+            self._reload_after_handover = True
             return
         self._notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         if self.reload_conf is None or self.build_services is None:
@@ -549,6 +562,9 @@ class Master:
             self.table.close_all(unlink=True)
         log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
         self._count_event("upgrade_failed")
+        if self._reload_after_handover:
+            self._reload_after_handover = False
+            self.handle_hup()
 
     def _count_event(self, name: str) -> None:
         counters.event(name)

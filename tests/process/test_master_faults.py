@@ -174,6 +174,23 @@ def test_service_failing_after_a_served_reload_never_stops_the_others(tmp_path) 
         d.kill()
 
 
+def test_a_crash_loop_after_a_daemon_reported_serving_never_stops_the_others(tmp_path) -> None:
+    """``-d`` exits 0 once the master serves: the launcher's caller (a script, an old master
+    on upgrade) has acted on it, so a service that then crash-loops is retried every 5 s
+    instead of exit 3 taking every other service down (SPEC 2 and 4: never an outage)."""
+    (tmp_path / "boomapp.py").write_text(BOOM)
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port, "  - {name: bg, type: background, app: 'boomapp:LateBoom'}\n"))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        wait_for(lambda: "retrying every 5 s" in d.log(), 30, "the crash loop to be noticed")
+        assert alive(master) and get(port)[0] == 200
+    finally:
+        d.kill()
+
+
 HANG = '''
 import os, signal, time
 
