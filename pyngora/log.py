@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from typing import Optional
 
@@ -82,10 +83,24 @@ def reopen() -> None:
             if isinstance(h, _ReopenableFileHandler):
                 h.reopen()
     if _error_path:
-        # stderr of daemons and workers points at the error log too: follow the rotation.
+        # stderr of daemons and workers points at the error log too: follow the rotation. So
+        # does stdout when -d pointed it there (where "access_log: stdout" writes): when it
+        # is the very file stderr is, not a terminal, pipe or journal socket.
         try:
+            out_too = _same_regular_file(1, 2)
             fd = os.open(_error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if out_too:
+                sys.stdout.flush()
+                os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.close(fd)
         except OSError:
             pass
+
+
+def _same_regular_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

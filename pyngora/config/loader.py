@@ -10,30 +10,80 @@ import yaml
 from pyngora.config.schema import ConfigError, ConfigIssue, Path, ServerConf, build_server_conf
 
 
-def _plain(node: yaml.Node, path: Path, lines: dict[Path, int]) -> Any:
-    """Compose-tree -> plain data, recording the 1-based line of each key and item."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+# Nodes an alias may make the plain data visit: a file of real configuration stays far below;
+# "billion laughs" (aliases of aliases) would otherwise expand without bound, in the master.
+MAX_NODES = 1_000_000
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Plain:
+    """Compose-tree -> plain data, recording the 1-based line of each key and item, and
+    collecting what cannot be read (duplicate keys, keys that are not scalars, values no
+    constructor takes) as issues instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Path, int] = {}
+        self.issues: list[ConfigIssue] = []
+        self.nodes = 0
+
+    def node(self, node: yaml.Node, path: Path) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise ConfigError("", [ConfigIssue(path, f"more than {MAX_NODES} values once its "
+                                               "aliases are expanded (an alias bomb?)",
+                                               node.start_mark.line + 1)])
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            return self.mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.node(v, path + (i,)) for i, v in enumerate(node.value)]
+        return self.scalar(node, path)
+
+    def mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
+        merged: list[tuple[dict[Any, Any], int]] = []
         for knode, vnode in node.value:
-            key = yaml.safe_load(yaml.serialize(knode)) if not isinstance(knode, yaml.ScalarNode) \
-                else _scalar(knode)
+            line = knode.start_mark.line + 1
+            if knode.tag == _MERGE:  # "<<: *defaults": explicit keys win, whatever the order
+                for m in (vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]):
+                    value = self.node(m, path)
+                    if isinstance(value, dict):
+                        merged.append((value, line))
+                    else:
+                        self.issues.append(ConfigIssue(path, "<< must merge a mapping", line))
+                continue
+            if not isinstance(knode, yaml.ScalarNode):
+                self.issues.append(ConfigIssue(path, "a key must be a plain name", line))
+                continue
+            key = self.scalar(knode, path)
+            if key is None or isinstance(key, (list, dict)):
+                self.issues.append(ConfigIssue(path, f"a key must be a plain name, got "
+                                               f"{knode.value!r}", line))
+                continue
             kpath = path + (key,)
             if key in out:
-                raise ConfigError("", [ConfigIssue(kpath, "duplicate key", knode.start_mark.line + 1)])
-            out[key] = _plain(vnode, kpath, lines)
-            lines[kpath] = knode.start_mark.line + 1
+                self.issues.append(ConfigIssue(kpath, "duplicate key", line))
+                continue
+            out[key] = self.node(vnode, kpath)
+            self.lines[kpath] = line
+        for value, line in merged:
+            for k, v in value.items():
+                if k not in out:
+                    out[k] = v
+                    self.lines.setdefault(path + (k,), line)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_plain(v, path + (i,), lines) for i, v in enumerate(node.value)]
-    return _scalar(node)
+
+    def scalar(self, node: yaml.Node, path: Path) -> Any:
+        try:
+            return _constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            problem = getattr(e, "problem", None) or str(e)
+            self.issues.append(ConfigIssue(path, f"cannot read {node.value!r}: {problem}",
+                                           node.start_mark.line + 1))
+            return None
 
 
 _constructor = yaml.SafeLoader("")
-
-
-def _scalar(node: yaml.Node) -> Any:
-    return _constructor.construct_object(node, deep=True)
 
 
 def parse_text(text: str, source: str) -> ServerConf:
@@ -45,11 +95,12 @@ def parse_text(text: str, source: str) -> ServerConf:
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(source, [ConfigIssue((), f"invalid YAML: {getattr(e, 'problem', e)}",
                                                line)]) from None
-    lines: dict[Path, int] = {}
+    plain = _Plain()
     try:
-        raw = _plain(node, (), lines) if node is not None else {}
+        raw = plain.node(node, ()) if node is not None else {}
     except ConfigError as e:
-        raise ConfigError(source, e.issues) from None
+        raise ConfigError(source, plain.issues + e.issues) from None
+    lines = plain.lines
 
     def where(path: Path) -> Optional[int]:
         while path:
@@ -57,7 +108,14 @@ def parse_text(text: str, source: str) -> ServerConf:
                 return lines[path]
             path = path[:-1]
         return lines.get(())
-    conf = build_server_conf(raw, source, where)
+    try:
+        conf = build_server_conf(raw, source, where)
+    except ConfigError as e:
+        seen = {i.path for i in plain.issues}  # (a value already said unreadable: once)
+        raise ConfigError(source, plain.issues + [i for i in e.issues if i.path not in seen]
+                          ) from None
+    if plain.issues:
+        raise ConfigError(source, plain.issues)
     return _absolute_paths(conf, os.path.dirname(os.path.abspath(source)))
 
 
@@ -76,8 +134,14 @@ def _absolute_paths(conf: ServerConf, base: str) -> ServerConf:
 def load(path: str) -> ServerConf:
     """Read and validate a configuration file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(path, [ConfigIssue((), f"cannot read: {e.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(path, [ConfigIssue((), f"not UTF-8 text (byte {data[e.start]:#04x})",
+                                             line)]) from None
     return parse_text(text, path)

@@ -28,6 +28,12 @@ Path = tuple[Union[str, int], ...]
 
 
 # --------------------------------------------------------------------------- listeners
+# Field metadata the schema checks: a value that 0 would turn into a busy loop, a sure
+# failure or a refusal of every request.
+_ABOVE_0 = {"above": 0}
+_AT_LEAST_1 = {"range": (1, None)}
+
+
 @dataclass(frozen=True)
 class SniCert:
     server_name: str
@@ -109,7 +115,7 @@ class HeaderEdits:
 
 @dataclass(frozen=True)
 class LimitsConf:
-    max_header_bytes: int = 65536
+    max_header_bytes: int = field(default=65536, metadata=_AT_LEAST_1)
     max_body_bytes: Optional[int] = None
     header_read_timeout_seconds: float = 10.0
     keepalive_timeout_seconds: float = 60.0
@@ -130,12 +136,12 @@ class TimeoutsConf:
 class HealthCheckConf:
     type: str = field(default="none", metadata={"choices": ("tcp", "http", "none")})
     path: str = "/"
-    expect_status: int = 200
+    expect_status: int = field(default=200, metadata={"range": (100, 599)})
     host: Optional[str] = None
-    interval_seconds: float = 5.0
-    timeout_seconds: float = 2.0
-    healthy_after: int = 1
-    unhealthy_after: int = 1
+    interval_seconds: float = field(default=5.0, metadata=_ABOVE_0)
+    timeout_seconds: float = field(default=2.0, metadata=_ABOVE_0)
+    healthy_after: int = field(default=1, metadata=_AT_LEAST_1)
+    unhealthy_after: int = field(default=1, metadata=_AT_LEAST_1)
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class DiscoveryConf:
     name: Optional[str] = None
     port: int = 80
     record: str = field(default="A", metadata={"choices": ("A", "AAAA", "SRV")})
-    refresh_seconds: float = 30.0
+    refresh_seconds: float = field(default=30.0, metadata=_ABOVE_0)
     resolver: Optional[str] = None
 
 
@@ -251,7 +257,7 @@ class ServerConf:
     graceful_shutdown_timeout_seconds: float = 5.0
     upstream_keepalive_pool_size: int = 128
     max_retries: int = 16
-    upgrade_timeout_seconds: float = 30.0
+    upgrade_timeout_seconds: float = field(default=30.0, metadata=_ABOVE_0)
     access_log: str = "off"
     access_log_format: str = field(default="combined", metadata={"choices": ("combined", "json")})
     log_level: str = field(default="info", metadata={

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from typing import Any, Callable, Optional, Union
@@ -161,15 +162,18 @@ class _Builder:
             if raw < 0:
                 self.fail(path, f"must not be negative, got {raw}")
                 return False, None
-            return True, raw
+            return self.bounded(raw, path, meta)
         if tp is float:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 self.fail(path, f"expected a number of seconds, got {raw!r}")
                 return False, None
+            if not math.isfinite(raw):
+                self.fail(path, f"expected a finite number of seconds, got {raw!r}")
+                return False, None
             if raw < 0:
                 self.fail(path, f"must not be negative, got {raw}")
                 return False, None
-            return True, float(raw)
+            return self.bounded(float(raw), path, meta)
         if tp is str:
             if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
                 self.fail(path, f"expected a string, got {raw!r}")
@@ -183,6 +187,23 @@ class _Builder:
             return True, raw
         self.fail(path, f"unsupported value {raw!r}")
         return False, None
+
+    def bounded(self, value: Any, path: Path, meta: Any) -> tuple[bool, Any]:
+        """The bounds a field's metadata sets (model.py): ``above`` (exclusive) and
+        ``range`` (inclusive, None for no upper bound)."""
+        if meta:
+            above = meta.get("above")
+            if above is not None and not value > above:
+                self.fail(path, f"must be more than {above}, got {value}")
+                return False, None
+            bounds = meta.get("range")
+            if bounds is not None:
+                lo, hi = bounds
+                if value < lo or (hi is not None and value > hi):
+                    want = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+                    self.fail(path, f"must be {want}, got {value}")
+                    return False, None
+        return True, value
 
     # ---- the parts with their own shape
     def server(self, raw: Any, source: str) -> Optional[ServerConf]:
@@ -218,6 +239,7 @@ class _Builder:
             return []
         out: list[ServiceConf] = []
         names: set[str] = set()
+        taken: dict[tuple[str, str, Any], str] = {}  # what binds where -> its service
         for i, item in enumerate(raw):
             svc = self.service(item, path + (i,))
             if svc is None:
@@ -225,6 +247,13 @@ class _Builder:
             if svc.name in names:
                 self.fail(path + (i, "name"), f"duplicate service name {svc.name!r}")
             names.add(svc.name)
+            for j, listener in enumerate(svc.listeners):
+                other = _clash(listener, taken)
+                if other is not None:
+                    self.fail(path + (i, "listeners", j),
+                              f"{listener.address} is already a listener of service {other!r}"
+                              " (the master would fail to bind it)")
+                taken[_bind_key(listener)] = svc.name
             out.append(svc)
         return out
 
@@ -346,6 +375,31 @@ class _Builder:
             self.fail(path + ("upstream",), f"no upstream group named {spec.upstream!r}")
         if not spec.app and not spec.routes and spec.upstream is None and len(names) != 1:
             self.fail(path + ("routes",), "needs routes, an upstream, or exactly one upstream group")
+
+
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def _bind_key(listener: ListenerConf) -> tuple[str, str, Any]:
+    if listener.family == "unix":
+        return ("unix", listener.path, None)
+    family = "tcp6" if ":" in listener.host else "tcp4"  # v6 listeners are IPV6_V6ONLY
+    return (family, listener.host, listener.port)
+
+
+def _clash(listener: ListenerConf, taken: dict[tuple[str, str, Any], str]) -> Optional[str]:
+    """The service already bound where ``listener`` would bind (the same address, or the
+    same port with a wildcard host on either side), else None. Port 0 (any free port, in
+    tests) never clashes."""
+    family, host, port = _bind_key(listener)
+    if family == "unix":
+        return taken.get((family, host, port))
+    if port == 0:
+        return None
+    for (f, h, p), name in taken.items():
+        if f == family and p == port and (h == host or h in _WILDCARDS or host in _WILDCARDS):
+            return name
+    return None
 
 
 def build_server_conf(raw: Any, source: str = "<config>",

@@ -240,3 +240,27 @@ def test_daemon_launcher_gives_up_on_a_master_that_never_reports(tmp_path,
         for pid in pids[:2]:
             if alive(pid) and title(pid).startswith("pyngora"):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_reopen_moves_stdout_too_when_daemon_mode_pointed_it_at_the_error_log(tmp_path) -> None:
+    """``-d`` points stdout (``access_log: stdout``) and stderr at ``error_log``; after a
+    logrotate-style move, SIGUSR1 must move both, or access lines go on into the rotated file."""
+    origin, port = free_port(), free_port()
+    d = Daemon(tmp_path)
+    d.write("access_log: stdout\n" + _static(origin, (
+        f"  - {{name: p, type: http_proxy, listeners: ['127.0.0.1:{port}'], "
+        f"upstreams: [{{name: o, backends: [{{addr: '127.0.0.1:{origin}'}}]}}]}}\n")))
+    log = tmp_path / "logs" / "error.log"
+    try:
+        assert d.cmd("-d").returncode == 0
+        assert get(port, "/before")[0] == 200
+        wait_for(lambda: "GET /before " in log.read_text(), 10, "the first access line")
+        log.rename(tmp_path / "logs" / "error.log.1")
+        assert d.cmd("-s", "reopen").returncode == 0
+        wait_for(lambda: log.exists() and log.read_text().count("reopened") >= 1, 10,
+                 "the new error log")
+        wait_for(lambda: get(port, "/after")[0] == 200 and "GET /after " in log.read_text(),
+                 10, "the access line in the new file")
+        assert "GET /after " not in (tmp_path / "logs" / "error.log.1").read_text()
+    finally:
+        d.kill()

@@ -187,3 +187,76 @@ def test_dash_t_cli(tmp_path) -> None:
     ko = run(bad)
     assert ko.returncode == 1
     assert f"{bad}:2: services[0].bdy: unknown key (did you mean 'body'?)" in ko.stderr
+
+
+# -- what an operator's YAML may hold, found by an attack review --------------------------
+
+def _errors(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_text(text, "c.yaml")
+    return str(e.value)
+
+
+def test_an_alias_bomb_is_refused_quickly() -> None:
+    """Aliases of aliases ("billion laughs"): refused once a million values were expanded,
+    instead of growing the master (SIGHUP parses in the master) without bound."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = "\n".join("x-" + line for line in lines) + "\n"
+    assert "aliases are expanded (an alias bomb?)" in _errors(text)
+
+
+def test_merge_keys_work_and_explicit_keys_win() -> None:
+    c = parse_text("x-d: &d {type: static, body: merged, listeners: ['127.0.0.1:1']}\n"
+                   "services:\n  - <<: *d\n    name: a\n    body: own\n", "m.yaml")
+    svc = c.services[0]
+    assert svc.type == "static" and svc.spec.body == "own"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("version: !!int abc\n", "c.yaml:1: version: cannot read 'abc'"),
+    ("x-a: !custom 1\n", "c.yaml:1: x-a: cannot read '1'"),
+    ("threads: 1\nnull: 3\n", "c.yaml:2: (top level): a key must be a plain name"),
+    ("? {a: 1}\n: 2\n", "c.yaml:1: (top level): a key must be a plain name"),
+])
+def test_unreadable_yaml_is_an_error_with_file_and_line(text: str, expected: str) -> None:
+    assert expected in _errors(text)
+
+
+def test_a_duplicate_key_does_not_hide_the_other_errors() -> None:
+    out = _errors("threads: 1\nthreads: 2\nthreadz: 3\nmax_retries: x\n")
+    assert "c.yaml:2: threads: duplicate key" in out
+    assert "threadz: unknown key" in out and "max_retries: expected an integer" in out
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(b"threads: 1\nx-a: caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(p))
+    assert "bad.yaml:2" in str(e.value) and "not UTF-8" in str(e.value)
+
+
+def test_a_listener_in_two_places_is_refused_by_the_check() -> None:
+    """-t said ok, the master then failed to bind (with no line): now -t says where."""
+    out = _errors("services:\n"
+                  "  - {name: a, type: static, listeners: ['127.0.0.1:20010']}\n"
+                  "  - {name: b, type: static, listeners: ['0.0.0.0:20010', 'unix:/tmp/s']}\n"
+                  "  - {name: c, type: static, listeners: ['unix:/tmp/s', '[::]:20010']}\n")
+    assert "c.yaml:3: services[1].listeners[0]: 0.0.0.0:20010 is already a listener of " \
+           "service 'a'" in out
+    assert "services[2].listeners[0]: unix:/tmp/s is already a listener of service 'b'" in out
+    assert "[::]:20010" not in out  # IPv6 listeners are V6ONLY: no clash with IPv4
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("grace_period_seconds: .nan\n", "grace_period_seconds: expected a finite number"),
+    ("upgrade_timeout_seconds: .inf\n", "upgrade_timeout_seconds: expected a finite number"),
+    ("upgrade_timeout_seconds: 0\n", "upgrade_timeout_seconds: must be more than 0"),
+    ("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
+     "    upstreams: [{name: o, backends: [{addr: 'a:1'}], health_check: {type: tcp, "
+     "interval_seconds: 0, healthy_after: 0, expect_status: 999}}]\n",
+     "interval_seconds: must be more than 0"),
+])
+def test_values_that_would_break_the_server_are_refused(text: str, expected: str) -> None:
+    assert expected in _errors(text)
