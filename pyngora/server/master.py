@@ -12,6 +12,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
@@ -62,6 +63,7 @@ class Master:
         self.build_services = build_services
         self.reload_conf = reload_conf
         self.launcher_fd = launcher_fd
+        self._foreground = launcher_fd < 0  # stderr is the operator's, not the error log
         self.title = title
         self.table = SocketTable()
         self.gens: list[Generation] = [Generation(1, conf, services)]
@@ -95,6 +97,8 @@ class Master:
             self._loop()
         except FatalError as e:
             log.ERROR.error("%s", e)
+            if self._foreground and self.conf.error_log:
+                sys.stderr.write(f"pyngora: {e} (see {self.conf.error_log})\n")
             daemon.report(self.launcher_fd, False, str(e), e.code)
             self.launcher_fd = -1
             self._kill_all(signal.SIGKILL)
@@ -430,7 +434,7 @@ class Master:
             # Every generation that still used it was told to drain just now or before, and a
             # draining worker takes its queue before closing: nobody will accept here again.
             if all(g.retired for g in self.gens if g.number < item[0]):
-                close_listener(item[2], unlink=False)
+                self._close_dropped(item[2])
                 self._dropped.remove(item)
         self.gens = [g for g in self.gens if not g.retired or any(
             w.gen == g.number for w in self.workers.values())]
@@ -472,9 +476,13 @@ class Master:
         pass  # the loop reaps after every wake-up
 
     def handle_term(self) -> None:
+        if not self.stopping:
+            log.ERROR.info("SIGTERM: graceful stop")
         self._begin_stop("graceful")
 
     def handle_int(self) -> None:
+        if self.stopping != "fast":
+            log.ERROR.info("SIGINT: fast stop")
         self._begin_stop("fast")
 
     def handle_usr1(self) -> None:
@@ -592,8 +600,22 @@ class Master:
         if self.handover is None:
             self.table.close_all(unlink=not self.handed_over)
         for _, _, sock in self._dropped:
-            close_listener(sock, unlink=False)
+            self._close_dropped(sock)
         self._dropped.clear()
+
+    def _close_dropped(self, sock: socket.socket) -> None:
+        """A listener no generation uses any more: closed, and a Unix socket's file removed
+        unless a listener of the current configuration lives at that path now."""
+        unlink = sock.family == socket.AF_UNIX
+        if unlink:
+            try:
+                path = sock.getsockname()
+                live = {s.getsockname() for s in self.table.sockets.values()
+                        if s.family == socket.AF_UNIX}
+                unlink = bool(path) and path not in live
+            except OSError:
+                unlink = False
+        close_listener(sock, unlink=unlink)
 
     def _cleanup(self) -> None:
         daemon.report(self.launcher_fd, False, "pyngora: the master stopped during startup",

@@ -238,8 +238,10 @@ def test_taken_port_fails_clearly(tmp_path, pyngora_factory) -> None:
     try:
         p = pyngora_factory(_yaml_static(tmp_path, port)).start()
         assert p.wait_exit(20) == 1
-        assert f"cannot listen on 127.0.0.1:{port} for service 'origin': address already in use" \
-            in (tmp_path / "y.log").read_text()
+        why = f"cannot listen on 127.0.0.1:{port} for service 'origin': address already in use"
+        assert why in (tmp_path / "y.log").read_text()
+        # in the foreground the operator's terminal says it too, not only error_log
+        assert why in p.output() and "y.log" in p.output(), p.output()
     finally:
         holder.close()
 

@@ -264,3 +264,19 @@ def test_reopen_moves_stdout_too_when_daemon_mode_pointed_it_at_the_error_log(tm
         assert "GET /after " not in (tmp_path / "logs" / "error.log.1").read_text()
     finally:
         d.kill()
+
+
+def test_a_unix_listener_removed_by_reload_leaves_no_socket_file(tmp_path) -> None:
+    port = free_port()
+    d = Daemon(tmp_path)
+    sock = tmp_path / "gone.sock"
+    d.write(_static(port, listeners=f"'unix:{sock}'"))
+    try:
+        assert d.cmd("-d").returncode == 0
+        assert sock.exists()
+        d.write(_static(port))
+        assert d.cmd("-s", "reload").returncode == 0
+        wait_for(lambda: not sock.exists(), 20, "the removed listener's socket file to go")
+        assert get(port)[0] == 200
+    finally:
+        d.kill()
