@@ -15,7 +15,11 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   a connection error, and a client lying about lengths does not deserve its other streams.
 - Concurrency: SETTINGS_MAX_CONCURRENT_STREAMS is advertised; streams beyond it whose
   handlers still run (the client reset them, but our work goes on: the "rapid reset" attack)
-  are refused with RST_STREAM REFUSED_STREAM, which a client may retry.
+  are refused with RST_STREAM REFUSED_STREAM, which a client may retry. A client that opens
+  more streams than it was told (after acknowledging the SETTINGS) gets GOAWAY PROTOCOL_ERROR
+  from the h2 library: a connection error, which RFC 9113 5.4.1 allows for a stream error.
+  (The library also answers an HPACK decoding error with PROTOCOL_ERROR where 4.3 says
+  COMPRESSION_ERROR; either way the connection ends.)
 - Abuse: every stream the client resets before its response ended, and every refused or
   malformed stream, counts as "premature"; past ``max_premature_resets`` and more than half of
   all streams, the connection ends with GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are
