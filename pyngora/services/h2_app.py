@@ -31,6 +31,7 @@ from pyngora.services.base import ConnectionTracker
 # H2Exchange and StreamHandle are re-exported: they lived here before they got their own module.
 from pyngora.services.h2_exchange import STREAM_HIGH_WATER, H2Exchange, StreamHandle, closed_error
 from pyngora.services.http_app import HttpApp, HttpSettings, error_status_of
+from pyngora.services.send_timeout import SendWatch
 
 __all__ = ["H2Connection", "H2Exchange", "StreamHandle", "h2_limits"]
 
@@ -54,7 +55,7 @@ class H2Connection(asyncio.Protocol):
     __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport", "proto",
                  "client_addr", "server_addr", "closed", "_streams", "_write_paused",
                  "_read_paused", "_drain_waiting", "_flush_scheduled", "_timer",
-                 "_draining", "_initial", "_send_timer", "_send_mark")
+                 "_draining", "_initial", "_send_watch")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "https",
@@ -79,8 +80,7 @@ class H2Connection(asyncio.Protocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._draining = False
         self._initial = initial
-        self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
-        self._send_mark = 0  # the write buffer's size when _send_timer was (re)armed
+        self._send_watch: Optional[SendWatch] = None  # made on the first pause_writing
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,9 +103,8 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._cancel_timer()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        if self._send_watch is not None:
+            self._send_watch.resumed()
         if self.tracker is not None:
             self.tracker.discard(self)
         if self.metrics is not None:
@@ -154,36 +153,23 @@ class H2Connection(asyncio.Protocol):
         # Control frames (PING/SETTINGS ACKs, RSTs) are produced by what we read: stop
         # reading while the client is not reading either.
         self._pause_reading()
-        timeout = self.settings.send_timeout
-        if timeout and timeout > 0 and self._send_timer is None and self.transport is not None:
-            self._send_mark = self.transport.get_write_buffer_size()
-            self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
+        # A client that takes nothing lets its streams (and their upstreams) go with the
+        # connection, also one already closing (after a GOAWAY, an idle timeout, a drain),
+        # whose close() would wait for the buffer for ever.
+        watch = self._send_watch
+        if watch is None:
+            watch = self._send_watch = SendWatch(self.loop, self.settings.send_timeout,
+                                                 f"HTTP/2 client {self.client_addr}",
+                                                 self._aborted)
+        watch.paused(self.transport)
 
-    def _on_send_timeout(self) -> None:
-        """The socket's write buffer stayed full for ``send_timeout`` and the client took
-        nothing of it meanwhile: its streams (and their upstreams) are let go with the
-        connection. Also when the connection is already closing (after a GOAWAY, an idle
-        timeout, a drain): ``close()`` would wait for the buffer for ever."""
-        self._send_timer = None
-        t = self.transport
-        if t is None:
-            return
-        size = t.get_write_buffer_size()
-        if size < self._send_mark:  # some went out: a slow reader, not a dead one
-            self._send_mark = size
-            self._send_timer = self.loop.call_later(self.settings.send_timeout,
-                                                    self._on_send_timeout)
-            return
-        log.ERROR.warning("client %s took nothing for %ss: HTTP/2 connection closed",
-                          self.client_addr, self.settings.send_timeout)
-        t.abort()
+    def _aborted(self) -> None:
         self.closed = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        if self._send_watch is not None:
+            self._send_watch.resumed()
         self._resume_reading()
         self._wake_drains()
 

@@ -54,6 +54,7 @@ from pyngora.services.http_exchange import (  # noqa: F401 - re-exported
     error_response,
     error_status_of,
     status_line)
+from pyngora.services.send_timeout import SendWatch
 
 __all__ = ["HttpApp", "HttpSettings", "Exchange", "Tunnel", "H1Connection", "HttpService",
            "error_status_of"]
@@ -67,8 +68,7 @@ class H1Connection(asyncio.Protocol):
                  "_body_open", "_discarding", "_pending", "_pumping", "_paused",
                  "_write_paused", "_drain_waiters", "_timer", "_deadline", "_timer_cb",
                  "_requests", "_draining",
-                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_timer",
-                 "_send_mark")
+                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_watch")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "http",
@@ -103,8 +103,7 @@ class H1Connection(asyncio.Protocol):
         self._upgrade_buf: list[bytes] = []  # bytes after it, until the app takes the tunnel
         self._eof = False
         self._broken = False         # a protocol error was seen: parse nothing more
-        self._send_timer: Optional[asyncio.TimerHandle] = None  # while the client reads nothing
-        self._send_mark = 0  # the write buffer's size when _send_timer was (re)armed
+        self._send_watch: Optional[SendWatch] = None  # made on the first pause_writing
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,9 +132,8 @@ class H1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()  # do not keep the connection alive until it would fire
             self._timer = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        if self._send_watch is not None:
+            self._send_watch.resumed()
         if self.tracker is not None:
             self.tracker.discard(self)
         if self.metrics is not None:
@@ -191,34 +189,21 @@ class H1Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        timeout = self.settings.send_timeout
-        if timeout and timeout > 0 and self._send_timer is None and self.transport is not None:
-            self._send_mark = self.transport.get_write_buffer_size()
-            self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)
+        # nginx's send_timeout: a client that takes nothing must not hold the connection,
+        # and the upstream behind it, for ever
+        watch = self._send_watch
+        if watch is None:
+            watch = self._send_watch = SendWatch(self.loop, self.settings.send_timeout,
+                                                 f"client {self.client_addr}", self._aborted)
+        watch.paused(self.transport)
 
-    def _on_send_timeout(self) -> None:
-        """The write buffer stayed full for ``send_timeout`` (nginx's ``send_timeout``): the
-        client took nothing of it meanwhile (the timer starts over when it took some), so it
-        must not hold the connection, and the upstream behind it, any longer."""
-        self._send_timer = None
-        t = self.transport
-        if t is None:
-            return
-        size = t.get_write_buffer_size()
-        if size < self._send_mark:  # some went out: a slow reader, not a dead one
-            self._send_mark = size
-            self._send_timer = self.loop.call_later(self.settings.send_timeout,
-                                                    self._on_send_timeout)
-            return
-        log.ERROR.warning("client %s took nothing for %ss: connection closed",
-                          self.client_addr, self.settings.send_timeout)
-        self.abort()
+    def _aborted(self) -> None:
+        self.closed = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        if self._send_watch is not None:
+            self._send_watch.resumed()
         waiters = self._drain_waiters
         self._drain_waiters = []
         for w in waiters:
