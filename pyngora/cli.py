@@ -74,7 +74,7 @@ def _prober(conf: ServerConf, sc: ServiceConf) -> Service:
     from pyngora.lb.health import HealthService
     from pyngora.services.base import background_service
     prober = HealthService(conf.health_table_path(sc.name),
-                           [health_group_from_conf(u) for u in sc.spec.upstreams])
+                           [health_group_from_conf(u, conf.ca_file) for u in sc.spec.upstreams])
 
     class _Task:
         async def start_with_ready_notifier(self, shutdown: Any, ready: Any) -> None:

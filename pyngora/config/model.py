@@ -157,7 +157,7 @@ class DiscoveryConf:
 @dataclass(frozen=True)
 class BackendConf:
     addr: str
-    weight: int = 1
+    weight: int = field(default=1, metadata=_AT_LEAST_1)
     tls: bool = False
     sni: Optional[str] = None
     verify: bool = True

@@ -389,26 +389,25 @@ def discovery_from_conf(upstream: Any) -> Union[StaticDiscovery, DnsDiscovery]:
     return StaticDiscovery(Backend(b.addr, b.weight, _backend_ext(b)) for b in upstream.backends)
 
 
-def health_check_from_conf(upstream: Any) -> Optional[HealthCheck]:
-    """``UpstreamConf.health_check`` -> a check or None (type none). An http check speaks TLS
-    when the group's backends do, with ``host`` (default: the first backend's sni or host)."""
+def health_check_from_conf(upstream: Any, ca_file: Optional[str] = None
+                           ) -> Optional[HealthCheck]:
+    """``UpstreamConf.health_check`` -> a check or None (type none). An http check talks to
+    each backend as the proxy does: its own ``tls``, ``sni`` and ``verify`` (the Backend's
+    ``ext``), the server's ``ca_file``; ``Host`` is ``host`` when set, else the backend's sni
+    or host (a DNS group's: its name)."""
     hc = upstream.health_check
-    tls = any(getattr(b, "tls", False) for b in upstream.backends)
     host = hc.host
-    if host is None:
-        first = upstream.backends[0] if upstream.backends else None
-        host = (getattr(first, "sni", None) or (Backend(first.addr).host if first else None)
-                or getattr(upstream.discovery, "name", None) or "localhost")
-    verify = all(getattr(b, "verify", True) for b in upstream.backends)
+    if host is None and getattr(upstream.discovery, "type", "static") == "dns":
+        host = upstream.discovery.name
     return make_health_check(hc.type, path=hc.path, expect_status=hc.expect_status, host=host,
-                             tls=tls, verify=verify, timeout_seconds=hc.timeout_seconds,
-                             healthy_after=hc.healthy_after, unhealthy_after=hc.unhealthy_after)
+                             timeout_seconds=hc.timeout_seconds, healthy_after=hc.healthy_after,
+                             unhealthy_after=hc.unhealthy_after, ca_file=ca_file)
 
 
-def health_group_from_conf(upstream: Any) -> HealthGroup:
+def health_group_from_conf(upstream: Any, ca_file: Optional[str] = None) -> HealthGroup:
     """``UpstreamConf`` -> the prober's HealthGroup (discovery + check + interval)."""
     return HealthGroup(upstream.name, Backends(discovery_from_conf(upstream)),
-                       health_check_from_conf(upstream),
+                       health_check_from_conf(upstream, ca_file),
                        interval_seconds=upstream.health_check.interval_seconds)
 
 

@@ -88,14 +88,18 @@ class TcpHealthCheck(HealthCheck):
 class HttpHealthCheck(HealthCheck):
     """Healthy when ``GET path`` with ``Host: host`` answers ``expect_status``.
 
-    ``tls`` speaks HTTPS with SNI = host (certificate verified unless ``verify=False``);
-    ``port`` overrides the backend's port (a separate health port). The connection is closed
-    after the status line: the body is not read.
+    ``tls`` speaks HTTPS with SNI = host (certificate verified unless ``verify=False``, against
+    ``ca_file`` when given, else the system's CAs); ``port`` overrides the backend's port (a
+    separate health port). A backend's own ``ext`` (``tls``, ``sni``, ``verify``: what the
+    YAML says per backend) wins over these, so each is checked the way the proxy talks to it;
+    with ``host`` None its Host is its ``sni`` or its host. The connection is closed after the
+    status line: the body is not read.
     """
 
-    def __init__(self, host: str, tls: bool = False, path: str = "/", expect_status: int = 200,
-                 *, port: Optional[int] = None, verify: bool = True,
-                 headers: Optional[dict[str, str]] = None, **kw: Any) -> None:
+    def __init__(self, host: Optional[str], tls: bool = False, path: str = "/",
+                 expect_status: int = 200, *, port: Optional[int] = None, verify: bool = True,
+                 headers: Optional[dict[str, str]] = None, ca_file: Optional[str] = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         if not path.startswith("/"):
             raise ValueError(f"health check path must start with '/': {path!r}")
@@ -105,24 +109,40 @@ class HttpHealthCheck(HealthCheck):
         self.expect_status = int(expect_status)
         self.port = port
         self.verify = verify
-        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "User-Agent: pyngora-health-check",
-                 "Accept: */*", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self._request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._ssl: Optional[ssl.SSLContext] = None
-        if tls:
-            ctx = ssl.create_default_context()
+        self.ca_file = ca_file
+        self._headers = headers or {}
+        self._requests: dict[str, bytes] = {}  # Host -> the request bytes
+        self._contexts: dict[bool, ssl.SSLContext] = {}  # verify -> context
+
+    def _request(self, host: str) -> bytes:
+        req = self._requests.get(host)
+        if req is None:
+            lines = [f"GET {self.path} HTTP/1.1", f"Host: {host}",
+                     "User-Agent: pyngora-health-check", "Accept: */*", "Connection: close"]
+            lines += [f"{k}: {v}" for k, v in self._headers.items()]
+            req = self._requests[host] = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return req
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        ctx = self._contexts.get(verify)
+        if ctx is None:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
             if not verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             ctx.set_alpn_protocols(["http/1.1"])
-            self._ssl = ctx
+            self._contexts[verify] = ctx
+        return ctx
 
     async def check(self, backend: Backend) -> None:
-        reader, writer = await self._open(backend, self._ssl,
-                                          self.host if self.tls else None, self.port)
+        ext = backend.ext or {}
+        tls = ext.get("tls", self.tls)
+        host = self.host or ext.get("sni") or backend.host or "localhost"
+        sni = ext.get("sni") or host
+        ctx = self._context(ext.get("verify", self.verify)) if tls else None
+        reader, writer = await self._open(backend, ctx, sni if tls else None, self.port)
         try:
-            writer.write(self._request)
+            writer.write(self._request(host))
             await writer.drain()
             line = await reader.readuntil(b"\r\n")
         except asyncio.IncompleteReadError as exc:
@@ -147,7 +167,8 @@ class HttpHealthCheck(HealthCheck):
 def make_health_check(type: str, *, path: str = "/", expect_status: int = 200,
                       host: Optional[str] = None, tls: bool = False, verify: bool = True,
                       timeout_seconds: float = 1.0, healthy_after: int = 1,
-                      unhealthy_after: int = 1) -> Optional[HealthCheck]:
+                      unhealthy_after: int = 1, ca_file: Optional[str] = None
+                      ) -> Optional[HealthCheck]:
     """Build a check from SPEC section 5's ``health_check`` keys (``type``: tcp | http | none).
     ``host`` defaults to "localhost" for http. Called at config load."""
     common = dict(timeout=timeout_seconds, healthy_after=healthy_after,
@@ -157,7 +178,7 @@ def make_health_check(type: str, *, path: str = "/", expect_status: int = 200,
     if type == "tcp":
         return TcpHealthCheck(**common)  # type: ignore[arg-type]
     if type == "http":
-        return HttpHealthCheck(host or "localhost", tls, path, expect_status, verify=verify,
+        return HttpHealthCheck(host, tls, path, expect_status, verify=verify, ca_file=ca_file,
                                **common)  # type: ignore[arg-type]
     raise ValueError(f"health_check type {type!r}: expected tcp, http or none")
 

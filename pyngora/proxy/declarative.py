@@ -107,8 +107,11 @@ class _Group:
             # HTTP/2 to these backends: ALPN h2 over TLS, prior knowledge in plaintext.
             self.options.alpn = ("h2",)
         # Retries default to one per backend (at least one, for a dead pooled connection),
-        # so a group of one unreachable backend fails in one connect timeout, not sixteen.
-        self.retries = conf.retries if conf.retries is not None else max(len(conf.backends), 1)
+        # so a group of one unreachable backend fails in one connect timeout, not sixteen. A
+        # DNS group's backends are what it discovered at the time: None, counted per request.
+        dns = getattr(conf.discovery, "type", "static") == "dns"
+        self.retries: Optional[int] = conf.retries if conf.retries is not None else (
+            None if dns else max(len(conf.backends), 1))
         self.key = _key_fn(conf.hash_key)
         self._hashed = conf.selection in ("fnv", "consistent")
         self.balancer: Any = None
@@ -117,6 +120,11 @@ class _Group:
         # Prebuilt peers of the configured backends, for DeclarativeProxy's own classes only
         # (nothing there mutates a peer; a user's subclass may, so it gets a fresh one).
         self._peers: dict[str, HttpPeer] = {}
+
+    def discovered_retries(self) -> int:
+        """A DNS group's default retries: one per backend it knows of now (at least one)."""
+        backends = getattr(self.balancer, "backends", None)
+        return max(len(backends()) if backends is not None else 0, 1)
 
     def pick(self, session: Session) -> Optional[str]:
         """The address of the backend for this request (None: none available)."""
@@ -194,7 +202,8 @@ class DeclarativeProxy(ProxyHttp):
         if group is None:
             raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
                         "no route matches", status=404)
-        session.max_retries = group.retries
+        retries = group.retries
+        session.max_retries = retries if retries is not None else group.discovered_retries()
         addr = group.pick(session)
         if addr is None:
             raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,

@@ -11,7 +11,10 @@ import pytest
 
 from pyngora.lb import (Backend, HealthGroup, HealthService, HealthTable, HttpHealthCheck,
                         LoadBalancer, TcpHealthCheck)
+from pyngora.config.loader import parse_text
+from pyngora.lb.balancer import health_group_from_conf
 from pyngora.lb.health_table import HEALTHY, UNHEALTHY
+
 from tests.support import self_signed_cert
 
 
@@ -162,6 +165,42 @@ def test_https_check_with_sni(tmp_path: Any) -> None:
         with pytest.raises(ssl.SSLError):  # verification on: a self-signed cert is refused
             await HttpHealthCheck("health.test", tls=True).check(origin.backend)
         await origin.stop()
+    run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
+def test_each_backend_is_checked_as_the_proxy_talks_to_it(tmp_path: Any) -> None:
+    """From the YAML: a plain backend and a TLS one in one group, the TLS one verified against
+    the server's ``ca_file`` (a review found the plain one probed with TLS and marked down, and
+    ``ca_file`` ignored: healthy backends taken out of service)."""
+    cert, key = self_signed_cert(tmp_path, "origin.test")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        plain = await Origin().start()
+        secure = await Origin(ssl_ctx=ctx).start()
+        conf = parse_text(f"""services:
+  - name: p
+    type: http_proxy
+    listeners: ['127.0.0.1:0']
+    upstreams:
+      - name: mixed
+        backends:
+          - {{addr: "{plain.backend.addr}"}}
+          - {{addr: "{secure.backend.addr}", tls: true, sni: origin.test}}
+        health_check: {{type: http}}
+""", "h.yaml")
+        group = health_group_from_conf(conf.services[0].spec.upstreams[0], ca_file=cert)
+        for b in group.backends.get():
+            await group.health_check.check(b)  # raises when unhealthy
+        assert plain.hits == 1 and secure.hits == 1
+        without_ca = health_group_from_conf(conf.services[0].spec.upstreams[0])
+        tls_backend = [b for b in without_ca.backends.get() if b.ext["tls"]][0]
+        with pytest.raises(ssl.SSLError):  # the system CAs do not know this origin
+            await without_ca.health_check.check(tls_backend)
+        await plain.stop()
+        await secure.stop()
     run(main())
 
 

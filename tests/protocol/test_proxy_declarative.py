@@ -233,3 +233,27 @@ def test_app_module_class() -> None:
                 r = await c.request()
                 assert (r.status, r.body, r.header("x-app")) == (200, b"hello", "mine")
     run(main())
+
+
+def test_a_dns_group_retries_once_per_backend_it_discovered() -> None:
+    """``retries`` defaults to one per backend; a DNS group's backends are what it discovered,
+    not its (empty) ``backends`` list: a review saw 1 retry for 3 discovered addresses, and a
+    502 while one of them was alive."""
+    from pyngora.lb import Backend, LoadBalancer
+    from pyngora.proxy.declarative import DeclarativeProxy
+    _, sc = proxy_conf("""
+  - name: gw
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - {name: dyn, discovery: {type: dns, name: app.test, port: 80}}
+      - {name: fixed, backends: [{addr: "127.0.0.1:1"}, {addr: "127.0.0.1:2"}]}
+      - {name: two, retries: 2, discovery: {type: dns, name: app.test}}
+    upstream: dyn
+""")
+    proxy = DeclarativeProxy(sc.spec)
+    dyn = proxy.groups["dyn"]
+    assert dyn.retries is None and dyn.discovered_retries() == 1  # nothing discovered yet
+    dyn.balancer = LoadBalancer([Backend(f"127.0.0.{i}:80") for i in (1, 2, 3)])
+    assert dyn.discovered_retries() == 3
+    assert proxy.groups["fixed"].retries == 2 and proxy.groups["two"].retries == 2

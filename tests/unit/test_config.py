@@ -260,3 +260,10 @@ def test_a_listener_in_two_places_is_refused_by_the_check() -> None:
 ])
 def test_values_that_would_break_the_server_are_refused(text: str, expected: str) -> None:
     assert expected in _errors(text)
+
+
+def test_a_backend_weight_of_0_is_refused_by_the_check() -> None:
+    """-t said ok, then every worker failed to boot on it (exit 3)."""
+    out = _errors("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
+                  "    upstreams: [{name: o, backends: [{addr: 'a:1', weight: 0}]}]\n")
+    assert "c.yaml:5: services[0].upstreams[0].backends[0].weight: must be at least 1" in out

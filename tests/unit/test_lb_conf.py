@@ -37,8 +37,9 @@ def test_static_group_from_conf(tmp_path: Any) -> None:
     group = health_group_from_conf(api)
     check = group.health_check
     assert isinstance(check, HttpHealthCheck)
-    assert (check.host, check.path, check.tls, check.unhealthy_after) == \
-        ("api.example", "/healthz", True, 3)
+    # each backend is checked as the proxy talks to it: tls, sni and verify come from its
+    # own ext (below), not from one setting for the whole group
+    assert (check.host, check.path, check.unhealthy_after) == (None, "/healthz", 3)
     assert group.interval_seconds == 2.0 and group.refresh_seconds is None
     assert [b.addr for b in group.backends.get()] == ["127.0.0.1:9001", "127.0.0.1:9002"]
 
