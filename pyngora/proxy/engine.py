@@ -193,9 +193,10 @@ class ProxyEngine(HttpApp):
         ctx: Any = None
         try:
             if plan.new_ctx is not None:
-                ctx = proxy.new_ctx()
+                made = proxy.new_ctx()
                 if plan.new_ctx:
-                    ctx = await ctx
+                    made = await made  # (raising: later phases get None, not the coroutine)
+                ctx = made
             if plan.early_request_filter is not None:
                 r = proxy.early_request_filter(session, ctx)
                 if plan.early_request_filter:
@@ -260,8 +261,11 @@ class ProxyEngine(HttpApp):
             if not ex.finished:
                 ex.respond_error(500)
         if err.source is not ErrorSource.Downstream or (code or 0) >= 500:
-            summary = (proxy.request_summary(session, ctx) if plan.request_summary is not None
-                       else session.request_summary())
+            try:
+                summary = (proxy.request_summary(session, ctx)
+                           if plan.request_summary is not None else session.request_summary())
+            except Exception as e:  # a phase's bug must not cost the request its logging
+                summary = f"(request_summary failed: {e!r})"
             log.ERROR.warning("Fail to proxy: %s, status: %s, tries: %d, %s", err, code,
                               session.retries + 1, summary)
 

@@ -9,6 +9,7 @@ import http
 from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Optional
 
+from pyngora import log
 from pyngora.config.schema import LimitsConf
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
@@ -147,7 +148,7 @@ class Exchange(RequestBody):
 
     __slots__ = ("conn", "head", "client_addr", "server_addr", "scheme", "start_time",
                  "status", "keep_alive", "head_sent", "finished", "resp_bytes", "task",
-                 "_chunked", "_no_body", "_upgrade", "_tunnel", "_head_buf"
+                 "_chunked", "_no_body", "_upgrade", "_tunnel", "_head_buf", "_left"
                  ) + RequestBody.BODY_SLOTS
 
     def __init__(self, conn: "H1Connection", head: RequestHead, start_time: float) -> None:
@@ -169,6 +170,7 @@ class Exchange(RequestBody):
         self._upgrade = head.upgrade
         self._tunnel: Optional[Tunnel] = None
         self._head_buf: Optional[bytes] = None  # a response head not sent yet (see write_head)
+        self._left: Optional[int] = None  # body bytes the head's Content-Length still owes
 
     # ------------------------------------------------------------------ request body
     # (read_body, read_full_body, body_done, _end: see RequestBody)
@@ -236,6 +238,12 @@ class Exchange(RequestBody):
             headers.remove(b"transfer-encoding")
         elif b"content-length" in headers:
             headers.remove(b"transfer-encoding")
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit():
+                # The body is held to it (write_body, write_end): a body filter that changed
+                # the length without removing the field must not put bytes on the wire that
+                # the client would read as the next response, or wait for bytes never sent.
+                self._left = int(declared)
         elif end:
             headers.add(b"Content-Length", b"0")
         elif head.version == "1.1" and b"transfer-encoding" not in headers:
@@ -312,6 +320,15 @@ class Exchange(RequestBody):
             raise _closed_error()
         if not data or self._no_body:
             return
+        left = self._left
+        if left is not None:
+            if len(data) > left:
+                log.ERROR.warning("response body longer than its Content-Length (%d): %d "
+                                  "bytes dropped", self.resp_bytes + left, len(data) - left)
+                data = data[:left]
+                if not data:
+                    return
+            self._left = left - len(data)
         self.resp_bytes += len(data)
         head = self._head_buf
         if head is not None:
@@ -336,6 +353,10 @@ class Exchange(RequestBody):
         """End the response (with trailers when chunked); the next request may start."""
         if self.finished:
             return
+        if self._left:  # shorter than its Content-Length: the client must see it cut
+            log.ERROR.warning("response body %d bytes short of its Content-Length: "
+                              "connection closed", self._left)
+            self.keep_alive = False
         head = self._head_buf
         if head is not None:
             self._head_buf = None

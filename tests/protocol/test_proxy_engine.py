@@ -12,6 +12,8 @@ import hashlib
 import os
 from typing import Any, Awaitable, Callable, Optional
 
+import pytest
+
 from pyngora.config.schema import LimitsConf
 from pyngora.errors import Error, ErrorType
 from pyngora.headers import Headers
@@ -469,6 +471,77 @@ def test_errors_map_to_statuses() -> None:
                 r = await c.request("GET", path)
                 assert r.status == status and r.body == b""
                 assert r.header("cache-control") == "private, no-store"
+    run(main())
+
+
+def test_a_failing_new_ctx_or_request_summary_still_gets_logging() -> None:
+    """``logging`` runs always, last: a review found an async ``new_ctx`` that raised left its
+    coroutine as ``ctx`` for the later phases, and a ``request_summary`` that raised skipped
+    ``logging`` (and the access line) altogether."""
+    seen: list[tuple[str, Any]] = []
+
+    class Fragile(ProxyHttp):
+        async def new_ctx(self) -> Any:
+            raise RuntimeError("no ctx")
+
+        async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+            raise AssertionError("not reached")
+
+        async def fail_to_proxy(self, session: Session, e: Error, ctx: Any) -> int:
+            seen.append(("fail_to_proxy", ctx))
+            await session.respond_error(500)
+            return 500
+
+        def request_summary(self, session: Session, ctx: Any) -> str:
+            raise RuntimeError("no summary")
+
+        async def logging(self, session: Session, e: Optional[Error], ctx: Any) -> None:
+            seen.append(("logging", ctx))
+
+    async def main() -> None:
+        async with serving(http_proxy_service(None, Fragile())) as (pport, _):
+            c = await Client.connect(pport)
+            r = await c.request("GET", "/")
+            assert r.status == 500
+    run(main())
+    assert seen == [("fail_to_proxy", None), ("logging", None)], seen
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink"])
+def test_a_body_filter_that_changes_the_length_never_desyncs_the_connection(change: str
+                                                                             ) -> None:
+    """A ``response_body_filter`` that changes the body but leaves Content-Length: the bytes
+    on the wire still match the head (extra ones dropped; a short body cuts the connection),
+    so the next response on the connection is never read as this one's body (or the reverse),
+    as Pingora's body writer does."""
+    class Filter(ToPort):
+        def response_body_filter(self, session: Session, body: Optional[bytes],
+                                 end_of_stream: bool, ctx: Any) -> Optional[bytes]:
+            if body is None or session.req_header.uri != "/f":
+                return body
+            return body + b"EXTRA" if change == "grow" else body[:1]
+
+    async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
+
+    async def main() -> None:
+        server, _ = await raw_origin(origin)
+        async with serving(http_proxy_service(None, Filter(port_of(server)))) as (pport, _):
+            r, w = await asyncio.open_connection("127.0.0.1", pport)
+            w.write(b"GET /f HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"GET /next HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            got = await asyncio.wait_for(r.read(), 10)  # to the proxy's close or its answers
+            w.close()
+        server.close()
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert b"Content-Length: 6" in head, got
+        if change == "grow":  # the declared 6 bytes, then the next response, intact
+            assert rest.startswith(b"hello\nHTTP/1.1 200 OK\r\n"), got
+            assert rest.endswith(b"\r\n\r\nhello\n"), got
+        else:  # 1 byte of 6, then the connection closed: the client sees it cut short
+            assert rest == b"h", got
     run(main())
 
 
