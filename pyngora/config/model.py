@@ -121,6 +121,7 @@ class LimitsConf:
     keepalive_timeout_seconds: float = 60.0
     keepalive_requests: Optional[int] = None
     send_timeout_seconds: float = 60.0  # nginx's send_timeout: a client that reads nothing
+    body_read_timeout_seconds: float = 60.0  # nginx's client_body_timeout: one that sends none
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from pyngora import log
 from pyngora.config.schema import LimitsConf, ListenerConf
-from pyngora.errors import Error, ErrorSource
+from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols import h1
 from pyngora.protocols.events import Data, MessageEnd, RequestHead
 from pyngora.services.base import ConnectionTracker, Service, WorkerContext
@@ -164,6 +164,10 @@ class H1Connection(asyncio.Protocol):
             # The next request starts: from now on the header timeout applies.
             self._state = _S_HEAD
             self._arm(self.settings.header_read_timeout, self._on_header_timeout)
+        elif self._body_open or self._discarding:
+            # Body bytes: the body timeout starts over (nginx's client_body_timeout is
+            # between two reads, not for the whole body).
+            self._arm(self.settings.body_read_timeout, self._on_body_timeout)
         try:
             events = self.parser.feed(data)
         except h1.ProtocolError as exc:
@@ -250,6 +254,8 @@ class H1Connection(asyncio.Protocol):
                             ex._feed(ev.data)
                     elif ev.__class__ is MessageEnd:
                         self._body_open = False
+                        if ex is not None and ex.head.body != "none":
+                            self._cancel_timer()  # the body timeout (see _start)
                         if ex is None:
                             self._discarding = False
                             self._after_response()
@@ -283,6 +289,8 @@ class H1Connection(asyncio.Protocol):
 
     def _start(self, head: RequestHead) -> None:
         self._cancel_timer()
+        if head.body != "none":  # the whole body must come, each piece within the timeout
+            self._arm(self.settings.body_read_timeout, self._on_body_timeout)
         self._state = _S_ACTIVE
         self._requests += 1
         ex = Exchange(self, head, self.loop.time())
@@ -422,6 +430,26 @@ class H1Connection(asyncio.Protocol):
         if self.metrics is not None:
             self.metrics.request_done(status, 0.0, 0, 0)
         self._linger()
+
+    def _on_body_timeout(self) -> None:
+        """nginx's client_body_timeout: no byte of the request body (or of the rest of one
+        being discarded) for ``body_read_timeout``. 408 when no response started, else the
+        connection is closed; the handler's body read fails either way."""
+        if self._paused & _P_BODY:  # we stopped reading it (the app is slow), not the client
+            self._arm(self.settings.body_read_timeout, self._on_body_timeout)
+            return
+        ex = self._exchange
+        if ex is not None and not ex.finished:
+            ex.keep_alive = False
+            ex._fail(Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
+                           "request body timed out"))
+            if not ex.head_sent:
+                ex.respond_error(408)
+                return
+        if ex is not None and not ex.finished:
+            self.abort()  # a response had started: it cannot be completed
+        else:
+            self._close()
 
     def _on_header_timeout(self) -> None:
         if self._exchange is None and self._state == _S_HEAD:

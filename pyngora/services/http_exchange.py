@@ -109,7 +109,7 @@ class HttpSettings:
     """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
 
     __slots__ = ("parser_limits", "header_read_timeout", "keepalive_timeout",
-                 "keepalive_requests", "send_timeout")
+                 "keepalive_requests", "send_timeout", "body_read_timeout")
 
     def __init__(self, limits: Optional[LimitsConf] = None) -> None:
         limits = limits or LimitsConf()
@@ -119,6 +119,7 @@ class HttpSettings:
         self.keepalive_timeout = limits.keepalive_timeout_seconds
         self.keepalive_requests = limits.keepalive_requests
         self.send_timeout = limits.send_timeout_seconds
+        self.body_read_timeout = limits.body_read_timeout_seconds
 
 
 class HttpApp:

@@ -350,6 +350,53 @@ def test_a_client_that_reads_nothing_is_let_go_after_send_timeout() -> None:
     run(main())
 
 
+def test_a_body_that_stops_coming_gets_408_and_a_closed_connection() -> None:
+    """nginx's client_body_timeout: a request announcing a body that stops arriving (a
+    slowloris after the head) gets 408 and the connection closes; the handler's read fails."""
+    failed: list[BaseException] = []
+
+    class Reader(HttpApp):
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            return self._run(ex)
+
+        async def _run(self, ex: Exchange) -> None:
+            try:
+                while await ex.read_body() is not None:
+                    pass
+            except Exception as e:
+                failed.append(e)
+                raise
+            ex.respond(200, Headers(), b"read")
+
+    async def main() -> None:
+        limits = LimitsConf(body_read_timeout_seconds=0.5)
+        async with serving(AppService(Reader(), limits)) as (port, ctx):
+            c = await Client.connect(port)
+            await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+            r = await asyncio.wait_for(c.read_response(), 10)
+            assert r.status == 408 and r.header("connection") == "close"
+            assert await c.at_eof()
+            await asyncio.wait_for(ctx.connections.wait_empty(), 10)
+            assert failed and "timed out" in str(failed[0])
+    run(main())
+
+
+def test_the_rest_of_a_body_nobody_reads_is_waited_for_only_so_long() -> None:
+    """Answered before its body came (the static service does that): the rest is read and
+    dropped, but a client that stops sending it is let go after the body timeout (the
+    connection used to stay open for ever)."""
+    async def main() -> None:
+        svc = static(body_read_timeout_seconds=0.5)
+        async with serving(svc) as (port, ctx):
+            c = await Client.connect(port)
+            await c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+            r = await asyncio.wait_for(c.read_response(), 10)
+            assert r.status == 200
+            await asyncio.wait_for(ctx.connections.wait_empty(), 10)
+            assert await c.at_eof()
+    run(main())
+
+
 def test_request_body_backpressure_bounds_buffering() -> None:
     """An app that does not read: the connection stops reading at the high-water mark, so the
     client's sends block (kernel buffers full) instead of the server buffering the body."""
