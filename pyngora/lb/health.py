@@ -138,7 +138,9 @@ class HttpHealthCheck(HealthCheck):
         ext = backend.ext or {}
         tls = ext.get("tls", self.tls)
         host = self.host or ext.get("sni") or backend.host or "localhost"
-        sni = ext.get("sni") or host
+        # The name the proxy itself sends (HttpPeer.server_name): the backend's sni, else its
+        # host; ``host`` only for a backend that says nothing of itself (the Python API).
+        sni = (ext.get("sni") or backend.host) if ext else host
         ctx = self._context(ext.get("verify", self.verify)) if tls else None
         reader, writer = await self._open(backend, ctx, sni if tls else None, self.port)
         try:

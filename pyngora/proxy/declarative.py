@@ -124,7 +124,7 @@ class _Group:
     def discovered_retries(self) -> int:
         """A DNS group's default retries: one per backend it knows of now (at least one)."""
         backends = getattr(self.balancer, "backends", None)
-        return max(len(backends()) if backends is not None else 0, 1)
+        return max(len(backends()) if callable(backends) else 0, 1)
 
     def pick(self, session: Session) -> Optional[str]:
         """The address of the backend for this request (None: none available)."""

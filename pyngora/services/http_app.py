@@ -435,21 +435,22 @@ class H1Connection(asyncio.Protocol):
         """nginx's client_body_timeout: no byte of the request body (or of the rest of one
         being discarded) for ``body_read_timeout``. 408 when no response started, else the
         connection is closed; the handler's body read fails either way."""
-        if self._paused & _P_BODY:  # we stopped reading it (the app is slow), not the client
-            self._arm(self.settings.body_read_timeout, self._on_body_timeout)
-            return
         ex = self._exchange
+        if self._paused & _P_BODY or (ex is not None and ex._continue_pending):
+            # we stopped reading it (the app is slow), or the client waits for our 100
+            self._body_expected()
+            return
         if ex is not None and not ex.finished:
             ex.keep_alive = False
             ex._fail(Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
                            "request body timed out"))
-            if not ex.head_sent:
-                ex.respond_error(408)
-                return
-        if ex is not None and not ex.finished:
-            self.abort()  # a response had started: it cannot be completed
+            ex.respond_error(408)  # (an abort when a response had started)
         else:
             self._close()
+
+    def _body_expected(self) -> None:
+        """The body timeout starts (over): body bytes may come from now on."""
+        self._arm(self.settings.body_read_timeout, self._on_body_timeout)
 
     def _on_header_timeout(self) -> None:
         if self._exchange is None and self._state == _S_HEAD:
@@ -514,6 +515,8 @@ class H1Connection(asyncio.Protocol):
 
     def _resume(self, reason: int) -> None:
         if self._paused & reason:
+            if reason & _P_BODY and self._state == _S_ACTIVE and self._body_open:
+                self._body_expected()  # the client gets the whole window again
             self._paused &= ~reason
             if not self._paused and self.transport is not None and not self.closed:
                 try:

@@ -105,6 +105,15 @@ def _closed_error(context: str = "downstream connection closed") -> Error:
     return Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None, context)
 
 
+def _length(value: bytes) -> Optional[int]:
+    """A Content-Length value as a number, or None when it is not one."""
+    if not value.isdigit():
+        value = value.strip(b" \t")
+        if not value.isdigit():
+            return None
+    return int(value)
+
+
 class HttpSettings:
     """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
 
@@ -181,6 +190,7 @@ class Exchange(RequestBody):
 
     def _send_continue(self) -> None:
         self.conn._write(_CONTINUE)
+        self.conn._body_expected()  # the client starts sending only now
 
     def _feed(self, data: bytes) -> None:
         self.req_bytes += len(data)
@@ -233,18 +243,24 @@ class Exchange(RequestBody):
             # The client may not send (or may be about to send) a body we would have to parse,
             # or the parser stopped at an upgrade that did not happen.
             keep_alive = False
+        declared = None if no_body else headers.get(b"content-length")
+        length = _length(declared) if declared is not None else None
+        if declared is not None and length is None:
+            log.ERROR.warning("response Content-Length %r is not a length: dropped", declared)
+            headers.remove(b"content-length")
         if no_body:
             if status == 204 or status < 200:
                 headers.remove(b"content-length")
             headers.remove(b"transfer-encoding")
-        elif b"content-length" in headers:
+        elif length is not None:
             headers.remove(b"transfer-encoding")
-            declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit():
-                # The body is held to it (write_body, write_end): a body filter that changed
-                # the length without removing the field must not put bytes on the wire that
-                # the client would read as the next response, or wait for bytes never sent.
-                self._left = int(declared)
+            # The body is held to it (write_body, write_end): a body filter that changed the
+            # length without removing the field must not put bytes on the wire that the
+            # client would read as the next response, nor leave it waiting for bytes never
+            # sent (a head that ends the response but promises a body closes the connection).
+            self._left = length
+            if end and length:
+                keep_alive = False
         elif end:
             headers.add(b"Content-Length", b"0")
         elif head.version == "1.1" and b"transfer-encoding" not in headers:
@@ -324,8 +340,9 @@ class Exchange(RequestBody):
         left = self._left
         if left is not None:
             if len(data) > left:
-                log.ERROR.warning("response body longer than its Content-Length (%d): %d "
-                                  "bytes dropped", self.resp_bytes + left, len(data) - left)
+                if left or not self.resp_bytes:  # once per response, not per chunk
+                    log.ERROR.warning("response body longer than its Content-Length (%d): "
+                                      "the rest dropped", self.resp_bytes + left)
                 data = data[:left]
                 if not data:
                     return

@@ -397,6 +397,53 @@ def test_the_rest_of_a_body_nobody_reads_is_waited_for_only_so_long() -> None:
     run(main())
 
 
+def test_a_client_waiting_for_100_continue_is_not_timed_out() -> None:
+    """With ``Expect: 100-continue`` the client sends nothing until our 100, which goes out on
+    the handler's first read: a handler that reads late (a proxy dialling its upstream) is no
+    reason for a 408, and the client gets the whole body timeout after the 100."""
+    async def main() -> None:
+        limits = LimitsConf(body_read_timeout_seconds=0.5)
+        async with serving(AppService(EchoApp(), limits)) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"POST /e HTTP/1.1\r\nHost: t\r\nX-Delay: 1.2\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            status, _, _ = await asyncio.wait_for(c.read_head(), 10)
+            assert status == 100
+            await c.send(b"hello")
+            r = await asyncio.wait_for(c.read_response(), 10)
+            assert r.status == 200 and r.body == b"hello"
+    run(main())
+
+
+@pytest.mark.parametrize("case", ["end with a length", "not a length"])
+def test_a_response_head_that_lies_about_its_length_never_desyncs(case: str) -> None:
+    """A head that ends the response but promises a body closes the connection (the client
+    sees it short); a Content-Length that is no number is dropped and the body is chunked."""
+    class Liar(HttpApp):
+        def handle(self, ex: Exchange):  # type: ignore[no-untyped-def]
+            if case == "end with a length":
+                ex.write_head(200, Headers([("Content-Length", "5")]), end=True)
+            else:
+                ex.write_head(200, Headers([("Content-Length", "5x")]))
+                ex.write_body(b"seven b")
+                ex.write_end()
+
+    async def main() -> None:
+        async with serving(AppService(Liar())) as (port, _):
+            c = await Client.connect(port)
+            await c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, h, _ = await asyncio.wait_for(c.read_head(), 10)
+            if case == "end with a length":
+                assert h.get("connection") == b"close"
+                assert await c.at_eof()
+            else:
+                assert h.get("content-length") is None
+                assert h.get("transfer-encoding") == b"chunked"
+                assert await asyncio.wait_for(c.reader.readuntil(b"0\r\n\r\n"), 10) == \
+                    b"7\r\nseven b\r\n0\r\n\r\n"
+    run(main())
+
+
 def test_request_body_backpressure_bounds_buffering() -> None:
     """An app that does not read: the connection stops reading at the high-water mark, so the
     client's sends block (kernel buffers full) instead of the server buffering the body."""
