@@ -384,6 +384,8 @@ def discovery_from_conf(upstream: Any) -> Union[StaticDiscovery, DnsDiscovery]:
     d = upstream.discovery
     if getattr(d, "type", "static") == "dns":
         ext = _backend_ext(upstream.backends[0]) if upstream.backends else None
+        if ext is not None and not ext["sni"]:
+            ext["sni"] = d.name  # what the proxy sends to a discovered TLS backend too
         return DnsDiscovery(d.name, d.port, d.refresh_seconds, d.record,
                             _resolver_tuple(d.resolver), ext=ext)
     return StaticDiscovery(Backend(b.addr, b.weight, _backend_ext(b)) for b in upstream.backends)

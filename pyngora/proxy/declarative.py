@@ -137,12 +137,19 @@ class _Group:
     def peer(self, addr: str) -> HttpPeer:
         b = self.backends.get(addr)
         opts = self.options.copy()
-        if b is None:  # discovered (DNS): no per-backend settings
-            return HttpPeer(addr, False, "", opts, self.name)
+        sni = b.sni if b is not None else None
+        if b is None:
+            # Discovered (DNS): the group's first backend, when it has one, says how to talk
+            # to all of them (tls, sni -- default: the DNS name --, verify), as the health
+            # check reads it (lb/balancer.py discovery_from_conf).
+            if not self.conf.backends:
+                return HttpPeer(addr, False, "", opts, self.name)
+            b = self.conf.backends[0]
+            sni = b.sni or getattr(self.conf.discovery, "name", None)
         if not b.verify:
             opts.verify_cert = False
             opts.verify_hostname = False
-        return HttpPeer(addr, b.tls, b.sni or "", opts, self.name)
+        return HttpPeer(addr, b.tls, sni or "", opts, self.name)
 
 
 class DeclarativeProxy(ProxyHttp):

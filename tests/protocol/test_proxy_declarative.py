@@ -257,3 +257,25 @@ def test_a_dns_group_retries_once_per_backend_it_discovered() -> None:
     dyn.balancer = LoadBalancer([Backend(f"127.0.0.{i}:80") for i in (1, 2, 3)])
     assert dyn.discovered_retries() == 3
     assert proxy.groups["fixed"].retries == 2 and proxy.groups["two"].retries == 2
+
+
+def test_discovered_backends_are_talked_to_as_the_group_s_template_says() -> None:
+    """A DNS group's first ``backends`` entry says how to talk to every discovered address
+    (the health check already read it so): TLS, SNI (default: the DNS name), verify. The
+    proxy used to dial discovered addresses in plaintext while the check spoke TLS."""
+    from pyngora.lb.balancer import discovery_from_conf
+    from pyngora.proxy.declarative import DeclarativeProxy
+    _, sc = proxy_conf("""
+  - name: gw
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: dyn
+        discovery: {type: dns, name: api.test, port: 443}
+        backends: [{addr: "template:443", tls: true, verify: false}]
+    upstream: dyn
+""")
+    up = sc.spec.upstreams[0]
+    peer = DeclarativeProxy(sc.spec).groups["dyn"].peer("10.0.0.7:443")
+    assert (peer.tls, peer.sni, peer.options.verify_cert) == (True, "api.test", False)
+    assert discovery_from_conf(up).ext == {"tls": True, "sni": "api.test", "verify": False}
