@@ -85,7 +85,8 @@ class H2Exchange(RequestBody):
 
     __slots__ = ("conn", "h2conn", "stream_id", "head", "client_addr", "server_addr", "scheme",
                  "start_time", "status", "keep_alive", "head_sent", "finished", "resp_bytes",
-                 "task", "_no_body", "_drain_waiter", "_reset") + RequestBody.BODY_SLOTS
+                 "task", "_no_body", "_drain_waiter", "_reset", "_body_deadline",
+                 "_body_timer") + RequestBody.BODY_SLOTS
 
     def __init__(self, h2conn: "H2Connection", head: RequestHead, start_time: float) -> None:
         self.h2conn = h2conn
@@ -106,6 +107,13 @@ class H2Exchange(RequestBody):
         self._drain_waiter: Optional[asyncio.Future[None]] = None
         self._reset = False
         self._init_body(head)
+        self._body_deadline = 0.0
+        self._body_timer: Optional[asyncio.TimerHandle] = None
+        timeout = h2conn.settings.body_read_timeout
+        if not self._body_done and timeout and timeout > 0:
+            # The stream's body, as HTTP/1's: each piece within body_read_timeout
+            self._body_deadline = start_time + timeout
+            self._body_timer = h2conn.loop.call_at(self._body_deadline, self._body_check)
 
     # ------------------------------------------------------------------ request body
     # (read_body, read_full_body, body_done, _end: see RequestBody)
@@ -115,9 +123,13 @@ class H2Exchange(RequestBody):
     def _send_continue(self) -> None:
         self.h2conn.proto.send_informational(self.stream_id, 100)
         self.h2conn._schedule_flush()
+        if self._body_timer is not None:  # the client sends only from now on
+            self._body_deadline = self.h2conn.loop.time() + self.h2conn.settings.body_read_timeout
 
     def _feed(self, data: bytes) -> None:
         self.req_bytes += len(data)
+        if self._body_timer is not None:  # (the timer itself moves only when it fires)
+            self._body_deadline = self.h2conn.loop.time() + self.h2conn.settings.body_read_timeout
         if self.finished:
             self.h2conn._consumed(self.stream_id, len(data))  # nobody will read it
             return
@@ -125,7 +137,39 @@ class H2Exchange(RequestBody):
         self._buffered += len(data)
         self._wake()
 
+    def _end(self, trailers: Optional[Headers]) -> None:
+        self._stop_body_timer()
+        super()._end(trailers)
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        """The body timer: no DATA on this stream for ``body_read_timeout`` (nginx's
+        client_body_timeout). Not the client's fault while the handler has not read what came
+        (the window is then shut by us) or the client waits for our 100: wait again. Else
+        408 when no response started, a reset stream when one did."""
+        self._body_timer = None
+        if self.finished or self._body_done or self._reset or self.h2conn.closed:
+            return
+        loop, timeout = self.h2conn.loop, self.h2conn.settings.body_read_timeout
+        now = loop.time()
+        if self._buffered or self._continue_pending:
+            self._body_deadline = now + timeout
+        if now < self._body_deadline:
+            self._body_timer = loop.call_at(self._body_deadline, self._body_check)
+            return
+        self._fail(Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
+                         "request body timed out"))
+        if self.head_sent:
+            self.h2conn._reset_stream(self.stream_id, h2p.CANCEL)
+        else:
+            self.respond_error(408)
+
     def _fail(self, err: Error) -> None:
+        self._stop_body_timer()
         self._fail_body(err)
         self._wake_drain(err)
 

@@ -234,6 +234,24 @@ def test_a_stream_whose_window_stays_shut_is_reset_after_send_timeout() -> None:
     run(main())
 
 
+def test_a_stream_body_that_stops_coming_gets_408() -> None:
+    """HTTP/2 as HTTP/1 (nginx's client_body_timeout): a request whose DATA stops arriving
+    gets 408 after body_read_timeout, its handler's read fails, and the connection goes on."""
+    async def main() -> None:
+        app = EchoApp()
+        async with serving(app, body_read_timeout_seconds=0.5) as (port, _, _m):
+            c = await H2Client.connect(port)
+            sid = c.start("POST", "/up", end=False)
+            await c.send_body(sid, b"x" * 100, end=False)  # and nothing more
+            s = c.streams[sid]
+            await asyncio.wait_for(s.done.wait(), 10)
+            assert s.status == 408, s.headers
+            r = await asyncio.wait_for(c.request("GET", "/after"), 10)
+            assert r.status == 200
+            await c.close()
+    run(main())
+
+
 def test_client_reset_mid_body_cancels_the_handler() -> None:
     async def main() -> None:
         app = EchoApp()
