@@ -89,18 +89,24 @@ async def start_origin(script: Optional[Callable[[bytes, int], Optional[bytes]]]
     return server, server.sockets[0].getsockname()[1], stats
 
 
-def proxy_service(origin_port: int, extra: str = "") -> Any:
+def proxy_service_with(upstreams: str, extra: str = "") -> Any:
+    """A YAML http_proxy on a free loopback port: ``upstreams`` is its (indented) list of
+    upstream groups, ``extra`` more service keys (routes, limits...)."""
     conf = parse_text(f"""version: 1
 services:
   - name: p
     type: http_proxy
     listeners: ["127.0.0.1:0"]
     upstreams:
-      - name: o
+{upstreams}{extra}""", "<test>")
+    return conf, build_proxy_service(conf, conf.services[0])
+
+
+def proxy_service(origin_port: int, extra: str = "") -> Any:
+    return proxy_service_with(f"""      - name: o
         backends: [{{addr: "127.0.0.1:{origin_port}"}}]
         timeouts: {{read_seconds: 1}}
-{extra}""", "<test>")
-    return conf, build_proxy_service(conf, conf.services[0])
+""", extra)
 
 
 def count_engine_runs(engine: ProxyEngine) -> list[int]:

@@ -8,11 +8,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from pyngora.config.loader import parse_text
-from pyngora.proxy.declarative import build_proxy_service
-
 from tests.protocol.test_http_app_helpers import run, serving
-from tests.protocol.test_proxy_fast_path import read_exact_response
+from tests.protocol.test_proxy_fast_path import proxy_service_with, read_exact_response
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -46,17 +43,6 @@ async def _origin(answer: Callable[[bytes], Optional[bytes]] = _head_done
     server = await asyncio.get_running_loop().create_server(
         lambda: Recorder(seen, answer), "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], seen
-
-
-def _service(upstreams: str, routes: str = "") -> tuple[Any, Any]:
-    conf = parse_text(f"""version: 1
-services:
-  - name: p
-    type: http_proxy
-    listeners: ["127.0.0.1:0"]
-    upstreams:
-{upstreams}{routes}""", "<test>")
-    return conf, build_proxy_service(conf, conf.services[0])
 
 
 def _one(port: int) -> str:
@@ -108,7 +94,7 @@ def test_connection_naming_framing_or_host_is_400_and_reaches_no_upstream(fast: 
 
     async def main() -> None:
         server, oport, seen = await _origin()
-        conf, svc = _service(_one(oport))
+        conf, svc = proxy_service_with(_one(oport))
         async with _serve(svc, conf, fast) as (port, _):
             first, rest = await _send(port, b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: " +
                                       option + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -132,7 +118,7 @@ def test_an_upgrade_request_with_a_body_goes_up_whole_as_an_ordinary_request(
 
     async def main() -> None:
         server, oport, seen = await _origin(answer)
-        conf, svc = _service(_one(oport))
+        conf, svc = proxy_service_with(_one(oport))
         async with _serve(svc, conf, fast) as (port, _):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"POST /e HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
@@ -155,7 +141,7 @@ def test_absolute_form_is_routed_by_its_path_and_goes_up_as_origin_form(fast: bo
         public, pport, pseen = await _origin()
         ups = (f'      - {{name: admin, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
                f'      - {{name: public, backends: [{{addr: "127.0.0.1:{pport}"}}]}}\n')
-        conf, svc = _service(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
+        conf, svc = proxy_service_with(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
                                   "      - {path_prefix: /, upstream: public}\n")
         async with _serve(svc, conf, fast) as (port, _):
             first, _rest = await _send(port, b"GET http://a.test/admin/x?q=1 HTTP/1.1\r\n"
@@ -175,7 +161,7 @@ def test_a_1xx_loses_its_hop_by_hop_fields_and_its_connection_close_ends_nothing
 
     async def main() -> None:
         server, oport, _ = await _origin(lambda buf: hint + OK if b"\r\n\r\n" in buf else None)
-        conf, svc = _service(_one(oport))
+        conf, svc = proxy_service_with(_one(oport))
         async with _serve(svc, conf, fast) as (port, _):
             first, _rest = await _send(port, b"GET /h HTTP/1.1\r\nHost: a\r\n\r\n")
         server.close()
@@ -189,7 +175,7 @@ def test_a_1xx_loses_its_hop_by_hop_fields_and_its_connection_close_ends_nothing
 def test_connect_is_501_and_reaches_no_upstream(fast: bool) -> None:
     async def main() -> None:
         server, oport, seen = await _origin()
-        conf, svc = _service(_one(oport))
+        conf, svc = proxy_service_with(_one(oport))
         async with _serve(svc, conf, fast) as (port, _):
             first, rest = await _send(port, b"CONNECT a.test:443 HTTP/1.1\r\n"
                                             b"Host: a.test:443\r\n\r\n\x16\x03\x01")
