@@ -18,8 +18,8 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   are refused with RST_STREAM REFUSED_STREAM, which a client may retry. A client that opens
   more streams than it was told (after acknowledging the SETTINGS) gets GOAWAY PROTOCOL_ERROR
   from the h2 library: a connection error, which RFC 9113 5.4.1 allows for a stream error.
-  (The library also answers an HPACK decoding error with PROTOCOL_ERROR where 4.3 says
-  COMPRESSION_ERROR; either way the connection ends.)
+  A header block that does not decode (HPACK) ends the connection with COMPRESSION_ERROR
+  (RFC 9113 4.3): the library says PROTOCOL_ERROR, and ``_feed`` recodes its GOAWAY.
 - Abuse: every stream the client resets before its response ended, and every refused or
   malformed stream, counts as "premature"; past ``max_premature_resets`` and more than half of
   all streams, the connection ends with GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are
@@ -47,6 +47,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, PingFrame
 
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
@@ -67,6 +68,7 @@ PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
+COMPRESSION_ERROR = 0x9
 ENHANCE_YOUR_CALM = 0xB
 
 _MAX_STREAM_ID = 2 ** 31 - 1
@@ -207,6 +209,16 @@ class H2Server:
         if data:
             self._out += data
 
+    def _recode_goaway(self, code: int) -> None:
+        """h2 just queued its GOAWAY (no debug data) last, after the frames it made before the
+        error: that GOAWAY is sent with ``code`` instead."""
+        self._take()
+        out = self._out
+        # 9-byte frame header (length 8, type GOAWAY, no flags, stream 0), last id, code.
+        if len(out) >= 17 and out[-17:-8] == b"\x00\x00\x08\x07\x00\x00\x00\x00\x00":
+            out[-4:] = code.to_bytes(4, "big")
+            self.error_code = code
+
     def _goaway(self, last: int, code: int) -> None:
         self._take()
         f = GoAwayFrame(0)
@@ -285,9 +297,12 @@ class H2Server:
         try:
             h2_events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            # h2 queued GOAWAY with the right code (PROTOCOL_ERROR, FRAME_SIZE_ERROR, ...).
+            # h2 queued GOAWAY with the right code (PROTOCOL_ERROR, FRAME_SIZE_ERROR, ...),
+            # except for a header block HPACK could not decode.
             self.closed = True
             self.error_code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
+            if self.error_code == PROTOCOL_ERROR and isinstance(exc.__cause__, HPACKError):
+                self._recode_goaway(COMPRESSION_ERROR)
             return [ConnectionClosed(self.conn.highest_inbound_stream_id)]
         out: list = []
         new = 0

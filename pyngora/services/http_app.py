@@ -138,16 +138,20 @@ class H1Connection(asyncio.Protocol):
             self.tracker.discard(self)
         if self.metrics is not None:
             self.metrics.connection_closed()
-        err = _closed_error()
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(err)
-        self._drain_waiters.clear()
+        # The error is made only for someone to receive it: a churned connection that ended
+        # between requests (most of them) has nobody.
+        err: Optional[Error] = None
+        if self._drain_waiters:
+            err = _closed_error()
+            for w in self._drain_waiters:
+                if not w.done():
+                    w.set_exception(err)
+            self._drain_waiters.clear()
         if self._tunnel is not None:
             self._tunnel._on_eof()
         ex = self._exchange
         if ex is not None and not ex.finished:
-            ex._fail(err)
+            ex._fail(err or _closed_error())
             # A handler still waiting (on its upstream, say) is cancelled: its cleanup closes
             # the upstream connection instead of pooling it (the response was cut short).
             if ex.task is not None and not ex.task.done() and self._tunnel is None:

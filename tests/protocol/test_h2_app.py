@@ -520,6 +520,23 @@ def test_rapid_reset_flood_on_a_live_connection_gets_goaway() -> None:
     run(main())
 
 
+def test_undecodable_header_block_gets_goaway_compression_error() -> None:
+    """RFC 9113 4.3: a header block HPACK cannot decode is a connection error of type
+    COMPRESSION_ERROR (the h2 library says PROTOCOL_ERROR); the stream before it is answered."""
+    async def main() -> None:
+        async with serving(EchoApp()) as (port, _, _m):
+            c = await H2Client.connect(port)
+            r = await c.request("GET", "/first")
+            assert r.status == 200
+            # HEADERS on stream 3 (END_STREAM | END_HEADERS): field index 255, in no table.
+            c.writer.write(b"\x00\x00\x03\x01\x05\x00\x00\x00\x03" + b"\xff\x80\x01")
+            await asyncio.wait_for(c.closed.wait(), 10)
+            assert [g.error_code for g in c.goaways] == [0x9]
+            assert c.goaways[0].last_stream_id == 1
+            await c.close()
+    run(main())
+
+
 def test_expect_100_continue_and_early_hints() -> None:
     class Hints(HttpApp):
         def handle(self, ex: H2Exchange) -> Any:  # type: ignore[override]
