@@ -559,23 +559,39 @@ class ProxyEngine(HttpApp):
         conn.send_end(chunked, ex.trailers if chunked else None)
 
     async def _tunnel(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        """After a 101: copy bytes both ways until both sides are done (or one fails)."""
+        """After a 101: copy bytes both ways until both sides are done (or one fails).
+
+        Each side's silence is bounded by the peer's ``read_timeout``: the upstream's by its
+        reads (as nginx's proxy_read_timeout for WebSockets), the client's once the upstream
+        has half-closed (a silent client would otherwise hold both connections forever)."""
         down = ex.tunnel()
         for data in conn.into_tunnel():
             down.write(data)
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]  # when the client last sent something
 
         async def up_to_down() -> None:
             while True:
                 data = await conn.read_raw()
                 if not data:
                     down.write_eof()
-                    return
+                    break
                 down.write(data)
                 await down.drain()
+            timeout = conn.peer.options.read_timeout
+            other = tasks[1]
+            while timeout and not other.done():
+                idle = loop.time() - heard[0]
+                if idle >= timeout:
+                    raise Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
+                                f"tunnel: nothing from the client within {timeout}s after "
+                                "the upstream closed its side")
+                await asyncio.wait((other,), timeout=timeout - idle)
 
         async def down_to_up() -> None:
             while True:
                 data = await down.read()
+                heard[0] = loop.time()
                 if not data:
                     conn.write_eof()
                     return

@@ -171,6 +171,47 @@ def test_websocket_echo_tunnel() -> None:
     run(main())
 
 
+def test_tunnel_the_origin_half_closed_ends_when_the_client_stays_silent() -> None:
+    """After the origin's FIN the client's direction goes on (half-close is forwarded), but
+    its silence is bounded by read_timeout, or one client would hold both connections."""
+    async def main() -> None:
+        origin_saw: list[bytes] = []
+        origin_eof = asyncio.Event()
+
+        async def half_closing(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\nbye")
+            w.write_eof()
+            while data := await r.read(65536):
+                origin_saw.append(data)
+            origin_eof.set()
+
+        server, _ = await raw_origin(half_closing)
+        async with serving(proxy_to(port_of(server), read_timeout=0.5)) as (pport, _):
+            c = await Client.connect(pport)
+            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n")
+            status, _h, _ = await c.read_head()
+            assert status == 101
+            assert await c.reader.readexactly(3) == b"bye"
+            assert await asyncio.wait_for(c.reader.read(), 5) == b""  # the origin's FIN
+            await c.send(b"late")  # the client's direction still flows...
+            for _ in range(200):
+                if origin_saw:
+                    break
+                await asyncio.sleep(0.01)
+            assert origin_saw == [b"late"]
+            # ...until it stays silent past read_timeout: both connections end.
+            await asyncio.wait_for(origin_eof.wait(), 5)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                for _ in range(100):
+                    await c.send(b"x")
+                    await asyncio.sleep(0.02)
+        server.close()
+    run(main())
+
+
 def test_upstream_refused_is_502_and_silent_is_504() -> None:
     async def main() -> None:
         # A port nobody listens on.
