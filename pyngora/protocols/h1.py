@@ -16,7 +16,8 @@ methods llhttp does not know get 400; a fragment in the target is 400; ``Expect:
 100-continue`` counts on HTTP/1.1 only; bytes after a request that closes the connection are
 ignored; after an upgrade request the following bytes are not parsed (tunnel them, or close
 the connection if the upstream refuses the upgrade), but an upgrade request with a body is an
-ordinary request (its body parsed, its Upgrade dropped); an absolute-form target becomes
+ordinary request (its body parsed, its Upgrade dropped), and so is an HTTP/1.0 request that
+asks for one (RFC 9110 7.8); an absolute-form target becomes
 origin-form (its authority the Host when there is none); CONNECT gets 501; a Connection field
 naming Content-Length, Transfer-Encoding or Host gets 400 (removing what Connection names would
 strip the request of its framing or its Host).
@@ -216,6 +217,21 @@ class RequestParser:
                 if head.__class__ is RequestHead and (
                         head.body == "chunked" or head.content_length):  # type: ignore[union-attr]
                     self._upgrade_with_body(events, head)  # type: ignore[arg-type]
+                    if trailing:
+                        fed = trailing
+                        fresh = False
+                        continue
+                    return events
+                if head.__class__ is RequestHead and head.version == "1.0":  # type: ignore[union-attr]
+                    # RFC 9110 7.8: Upgrade in an HTTP/1.0 request is ignored (and no 101
+                    # may go to a 1.0 client): an ordinary request. llhttp stopped as for
+                    # any upgrade, so the bytes after it go to a fresh one, if anything may
+                    # follow at all.
+                    head.upgrade = False  # type: ignore[union-attr]
+                    if not head.keep_alive:  # type: ignore[union-attr]
+                        self._closed = self._stopped = True
+                        return events
+                    self._p = httptools.HttpRequestParser(self)
                     if trailing:
                         fed = trailing
                         fresh = False

@@ -135,6 +135,36 @@ def test_an_upgrade_request_with_a_body_goes_up_whole_as_an_ordinary_request(
     run(main())
 
 
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_an_http10_upgrade_request_is_an_ordinary_request(fast: bool, keep_alive: bool) -> None:
+    """RFC 9110 7.8: a server ignores Upgrade in an HTTP/1.0 request, and 15.2: no 1xx (so no
+    101) to a 1.0 client. The origin gets no Upgrade; a kept-alive connection goes on."""
+    async def main() -> None:
+        server, oport, seen = await _origin()
+        conf, svc = proxy_service_with(_one(oport))
+        connection = b"keep-alive, Upgrade" if keep_alive else b"Upgrade"
+        async with _serve(svc, conf, fast) as (port, _):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: " + connection +
+                    b"\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+                    b"\r\nSec-WebSocket-Version: 13\r\n\r\nGET /next HTTP/1.0\r\nHost: a\r\n\r\n")
+            first = await asyncio.wait_for(read_exact_response(r), 10)
+            try:
+                rest = await asyncio.wait_for(r.read(), 5)
+            except asyncio.TimeoutError:
+                rest = b"(still open)"
+            w.close()
+        server.close()
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok"), first
+        got = b"".join(seen)
+        assert got.startswith(b"GET /ws HTTP/1.1\r\n") and b"upgrade" not in got.lower(), got
+        if keep_alive:  # the pipelined request is answered, then the 1.0 connection closes
+            assert rest.startswith(b"HTTP/1.1 200 ") and b"GET /next " in got, (rest, got)
+        else:  # the first request closed the connection: the rest is ignored
+            assert rest == b"" and b"/next" not in got, (rest, got)
+    run(main())
+
+
 def test_absolute_form_is_routed_by_its_path_and_goes_up_as_origin_form(fast: bool) -> None:
     async def main() -> None:
         admin, aport, aseen = await _origin()
