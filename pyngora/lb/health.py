@@ -85,6 +85,15 @@ class TcpHealthCheck(HealthCheck):
         return f"TcpHealthCheck(unhealthy_after={self.unhealthy_after})"
 
 
+def _host_field(backend: Backend) -> str:
+    """A backend's own name as a Host value: an IPv6 literal bracketed (RFC 3986 3.2.2; nginx
+    answers 400 to a bare one), "localhost" for a Unix socket (a path is no host)."""
+    host = backend.host
+    if not host or backend.addr.startswith("unix:"):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
 class HttpHealthCheck(HealthCheck):
     """Healthy when ``GET path`` with ``Host: host`` answers ``expect_status``.
 
@@ -137,10 +146,11 @@ class HttpHealthCheck(HealthCheck):
     async def check(self, backend: Backend) -> None:
         ext = backend.ext or {}
         tls = ext.get("tls", self.tls)
-        host = self.host or ext.get("sni") or backend.host or "localhost"
+        host = self.host or ext.get("sni") or _host_field(backend)
         # The name the proxy itself sends (HttpPeer.server_name): the backend's sni, else its
         # host; ``host`` only for a backend that says nothing of itself (the Python API).
-        sni = (ext.get("sni") or backend.host) if ext else host
+        sni = (ext.get("sni") or backend.host) if ext else (self.host or backend.host
+                                                             or "localhost")
         ctx = self._context(ext.get("verify", self.verify)) if tls else None
         reader, writer = await self._open(backend, ctx, sni if tls else None, self.port)
         try:

@@ -126,6 +126,48 @@ def test_http_wrong_status_and_request_shape() -> None:
     run(main())
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_http_check_names_an_ipv6_or_unix_backend_by_a_valid_host(tmp_path: Any) -> None:
+    """A backend without a name of its own is named by its address: an IPv6 literal goes in
+    brackets (nginx answers 400 to ``Host: ::1``), a Unix socket as localhost (a path is no
+    Host); the check must see the answer a proxied request would get."""
+    async def main() -> None:
+        heads: list[bytes] = []
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            head = await r.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            host = head.split(b"\r\nHost: ", 1)[1].split(b"\r\n", 1)[0]
+            ok = host in (b"[::1]", b"localhost")  # nginx's rule: no bare ':' or '/'
+            w.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % (200 if ok else 400))
+            await w.drain()
+            w.close()
+
+        backends = []
+        servers = []
+        if _ipv6_loopback():
+            srv6 = await asyncio.start_server(handle, "::1", 0)
+            servers.append(srv6)
+            backends.append(Backend(f"[::1]:{srv6.sockets[0].getsockname()[1]}"))
+        path = str(tmp_path / "h.sock")
+        servers.append(await asyncio.start_unix_server(handle, path))
+        backends.append(Backend(f"unix:{path}"))
+        for backend in backends:
+            await HttpHealthCheck(None).check(backend)  # raises unless 200
+        assert len(heads) == len(backends)
+        for srv in servers:
+            srv.close()
+    run(main())
+
+
 def test_http_check_timeout_and_garbage() -> None:
     async def main() -> None:
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
