@@ -116,10 +116,18 @@ def run_worker(spec: WorkerSpec, keep_fds: set[int]) -> None:
         os._exit(code)
 
 
+# SIGUSR1 (log reopen) that came while the worker was booting, before its loop's handler.
+_REOPEN_MISSED: list[int] = []
+
+
 def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-                signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # The master signals every worker, booting or not: SIGHUP and SIGUSR1 must not kill one
+    # before _main handles them (their default action is to terminate). A reopen asked for
+    # meanwhile is done once the loop runs.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda _sig, _frame: _REOPEN_MISSED.append(1))
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     _close_foreign_fds(keep_fds)
@@ -180,6 +188,9 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGUSR1, log.reopen)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    if _REOPEN_MISSED:
+        _REOPEN_MISSED.clear()
+        log.reopen()
     watch = loop.create_task(_watch_master(spec.master_pid, ctx))
     metrics = _start_metrics(service.name, ctx, loop)
 

@@ -116,6 +116,29 @@ def test_sigusr1_with_the_log_directory_gone_keeps_serving(tmp_path) -> None:
         d.kill()
 
 
+def test_sigusr1_while_workers_boot_kills_none(tmp_path) -> None:
+    """logrotate's reopen may land during a reload, a respawn or the start: a booting worker
+    (its loop's handler not installed yet) must not die of SIGUSR1's default action."""
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port, threads=2))
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        for _ in range(3):
+            before = set(children_of(master))
+            os.kill(master, signal.SIGHUP)
+            for _ in range(40):  # every 10 ms across the new generation's boot
+                os.kill(master, signal.SIGUSR1)
+                subprocess.run(["sleep", "0.01"])
+            wait_for(lambda: not (before & set(children_of(master))), 30, "the new generation")
+        text = (tmp_path / "logs" / "error.log").read_text()
+        assert f"exited with -{int(signal.SIGUSR1)}" not in text, text[-2000:]
+        assert alive(master) and get(port)[0] == 200
+    finally:
+        d.kill()
+
+
 def test_reload_with_an_unbindable_listener_leaves_nothing_behind(tmp_path) -> None:
     port, extra = free_port(), free_port()
     holder = __import__("socket").socket()
