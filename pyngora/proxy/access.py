@@ -54,7 +54,7 @@ def _fields(session: "Session") -> tuple[str, str, str, int, int, float]:
     addr = session.client_addr
     remote = addr[0] if isinstance(addr, tuple) and addr else (addr or "-")
     status = ex.status
-    duration = max(ex.conn.loop.time() - ex.start_time, 0.0)
+    duration = max(time.perf_counter() - ex.start_time, 0.0)
     request = (f"{head.method.decode('latin-1')} {_quote(head.target)} "
                f"HTTP/{head.version}")
     return remote, request, _time_local(time.time()), status, ex.resp_bytes, duration

@@ -112,7 +112,7 @@ class H2Exchange(RequestBody):
         timeout = h2conn.settings.body_read_timeout
         if not self._body_done and timeout and timeout > 0:
             # The stream's body, as HTTP/1's: each piece within body_read_timeout
-            self._body_deadline = start_time + timeout
+            self._body_deadline = h2conn.loop.time() + timeout
             self._body_timer = h2conn.loop.call_at(self._body_deadline, self._body_check)
 
     # ------------------------------------------------------------------ request body

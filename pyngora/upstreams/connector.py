@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from typing import Hashable, Optional
 
 from pyngora.pool import ConnectionPool
@@ -131,7 +132,8 @@ class Connector:
     async def _connect(self, peer: HttpPeer) -> UpstreamConnection:
         """Dial ``peer`` (see :func:`dial`) for an HTTP/1 connection."""
         loop = asyncio.get_running_loop()
-        conn, started, _ = await dial(peer, lambda: UpstreamConnection(peer, self, loop),
-                                      self.ssl_context(peer) if peer.tls else None)
-        conn.connect_duration = loop.time() - started
+        started = time.perf_counter()  # (loop.time() is in whole milliseconds)
+        conn, _, _ = await dial(peer, lambda: UpstreamConnection(peer, self, loop),
+                                self.ssl_context(peer) if peer.tls else None)
+        conn.connect_duration = time.perf_counter() - started
         return conn

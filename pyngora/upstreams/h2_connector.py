@@ -25,6 +25,7 @@ The request path uses it exactly like the HTTP/1 :class:`~pyngora.upstreams.conn
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Hashable, Optional
 
 from pyngora.errors import Error, ErrorSource, ErrorType
@@ -334,6 +335,7 @@ class H2Connector:
         """TCP (or Unix), then TLS with ALPN h2 (required), the preface, and the upstream's
         first SETTINGS, all within the peer's connect timeouts."""
         loop = asyncio.get_running_loop()
+        clock = time.perf_counter()  # connect_duration's start (loop.time() is in whole ms)
         session, started, tcp_timeout = await dial(
             peer, lambda: H2Session(peer, self, loop),
             self.connector.ssl_context(peer) if peer.tls else None)
@@ -343,7 +345,9 @@ class H2Connector:
                         f"{peer.address} did not choose h2 by ALPN "
                         f"(got {session.alpn!r})", retry=True)
         try:
-            return await self._handshake(peer, session, started, tcp_timeout)
+            await self._handshake(peer, session, started, tcp_timeout)
+            session.connect_duration = time.perf_counter() - clock
+            return session
         except BaseException:
             session.close()  # cancelled (the client left) or failed: never leak the socket
             raise
@@ -366,5 +370,4 @@ class H2Connector:
             session.close()
             raise Error(ErrorType.H2Error, _UP, None,
                         f"{peer.address} sent no HTTP/2 SETTINGS", retry=True)
-        session.connect_duration = loop.time() - started
         return session
