@@ -1,7 +1,8 @@
 """Render the whole server's metrics for a scrape (runs in the exporter process only).
 
 ``render()`` sums every process's files in the metrics directory with prometheus-client's
-``MultiProcessCollector`` and adds the exporter process's own standard ``process_*`` metrics.
+``MultiProcessCollector`` and adds the standard ``process_*`` metrics of every pyngora process
+(``processes``; of the exporter alone when it runs under no master).
 It reads under the directory's shared lock, so a worker being archived by the master at the
 same moment is counted exactly once (see ``multiproc``).
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pyngora.metrics import multiproc
+from pyngora.metrics.processes import ProcessesCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GZIP_LEVEL = 6  # level 9 costs several times the CPU for a few percent on this text
@@ -75,12 +77,14 @@ def gzip_accepted(accept_encoding: str | None) -> bool:
 
 
 def render(metrics_dir: str, accept_encoding: str | None = None,
-           backend_health: HealthSource | None = None) -> tuple[bytes, dict[str, str]]:
+           backend_health: HealthSource | None = None,
+           process_root: Optional[int] = None) -> tuple[bytes, dict[str, str]]:
     """The body and headers of a ``GET /metrics`` answer.
 
     The body is Prometheus text format 0.0.4, summed over every process that wrote to
-    ``metrics_dir`` (dead ones included, through the archive), plus this process's
-    ``process_*`` metrics; gzip-compressed when ``accept_encoding`` allows it. Headers hold
+    ``metrics_dir`` (dead ones included, through the archive), plus the ``process_*``
+    metrics of ``process_root`` (the master) and its children, labelled ``pid`` and
+    ``process`` (this process's alone, unlabelled, without a root); gzip-compressed when ``accept_encoding`` allows it. Headers hold
     Content-Type (and Content-Encoding, Vary); the HTTP layer adds Content-Length.
     ``backend_health``, when given, returns (upstream, backend, 1|0) triples read at scrape
     time; they replace whatever workers published with ``registry.set_backend_healthy``.
@@ -95,7 +99,10 @@ def render(metrics_dir: str, accept_encoding: str | None = None,
     _LockedCollector(registry, metrics_dir, skip)
     if backend_health is not None:
         registry.register(_HealthCollector(backend_health))  # type: ignore[arg-type]
-    ProcessCollector(registry=registry)
+    if process_root is not None:
+        registry.register(ProcessesCollector(process_root))  # type: ignore[arg-type]
+    else:
+        ProcessCollector(registry=registry)
     body = generate_latest(registry)
     headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding"}
     if gzip_accepted(accept_encoding):

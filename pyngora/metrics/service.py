@@ -15,6 +15,7 @@ told their paths (``health_tables``): read at each scrape, so it is never stale.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pyngora.headers import Headers
@@ -66,10 +67,22 @@ class _HealthTables:
         return out
 
 
+def _master_pid() -> Optional[int]:
+    """The master this exporter worker was forked by (whose process tree the ``process_*``
+    metrics describe), or None when the exporter runs under no pyngora master."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            title = f.read()
+    except OSError:
+        return None
+    return ppid if title.startswith((b"pyngora: master", b"pyngora: old master")) else None
+
+
 class PrometheusApp(HttpApp):
     """Per-worker handler; renders synchronously (a scrape takes milliseconds)."""
 
-    __slots__ = ("path", "metrics_dir", "_render", "_health")
+    __slots__ = ("path", "metrics_dir", "_render", "_health", "_root")
 
     def __init__(self, metrics_dir: str, path: str = "/metrics", render: Optional[Render] = None,
                  health_tables: Sequence[str] = ()) -> None:
@@ -81,6 +94,7 @@ class PrometheusApp(HttpApp):
         self.metrics_dir = metrics_dir
         self._render = render
         self._health = _HealthTables(health_tables) if health_tables else None
+        self._root = _master_pid()
 
     def handle(self, exchange: Exchange) -> None:
         head = exchange.head
@@ -94,7 +108,8 @@ class PrometheusApp(HttpApp):
         try:
             body, headers = self._render(self.metrics_dir,
                                          accept.decode("latin-1") if accept is not None else None,
-                                         backend_health=self._health)
+                                         backend_health=self._health,
+                                         process_root=self._root)
         except (OSError, ValueError):
             # The directory vanished or a file is corrupt: say so instead of a partial answer.
             exchange.respond(503, Headers([_NO_STORE]))

@@ -56,6 +56,24 @@ def server(tmp_path, pyngora_factory):
     return p, origin, metrics
 
 
+def test_process_metrics_describe_every_pyngora_process(server) -> None:
+    """SPEC 8: "each process's standard process_* metrics": the master and each child (the
+    workers of both services, the exporter itself), labelled by pid and title."""
+    p, origin, metrics = server
+    wait_for(lambda: len(children_of(p.pid)) == 3, 10, "2 origin workers and the exporter")
+    pids = {p.pid} | set(children_of(p.pid))
+    s = scrape(metrics)
+    for family in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                   "process_open_fds", "process_start_time_seconds"):
+        seen = {int(k.split('pid="', 1)[1].split('"', 1)[0]): v
+                for k, v in s.items() if k.startswith(family + "{")}
+        assert set(seen) == pids, (family, seen, pids)
+    rss = {k: v for k, v in s.items() if k.startswith("process_resident_memory_bytes{")}
+    assert any(f'pid="{p.pid}",process="master' in k for k in rss), rss
+    assert sum(1 for k in rss if 'process="worker origin/' in k) == 2, rss
+    assert all(v > 1_000_000 for v in rss.values()), rss
+
+
 def test_counts_exact_across_workers_and_kill_9(server) -> None:
     p, origin, metrics = server
     n = 200
