@@ -91,7 +91,8 @@ def _host_field(backend: Backend) -> str:
     host = backend.host
     if not host or backend.addr.startswith("unix:"):
         return "localhost"
-    return f"[{host}]" if ":" in host else host
+    # A zone id's "%" is percent-encoded in a URI host (RFC 6874).
+    return f"[{host.replace('%', '%25')}]" if ":" in host else host
 
 
 class HttpHealthCheck(HealthCheck):

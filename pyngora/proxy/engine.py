@@ -568,25 +568,10 @@ class ProxyEngine(HttpApp):
         for data in conn.into_tunnel():
             down.write(data)
         loop = asyncio.get_running_loop()
-        heard = [loop.time()]  # when the client last sent something
-
-        async def up_to_down() -> None:
-            while True:
-                data = await conn.read_raw()
-                if not data:
-                    down.write_eof()
-                    break
-                down.write(data)
-                await down.drain()
-            timeout = conn.peer.options.read_timeout
-            other = tasks[1]
-            while timeout and not other.done():
-                idle = loop.time() - heard[0]
-                if idle >= timeout:
-                    raise Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
-                                f"tunnel: nothing from the client within {timeout}s after "
-                                "the upstream closed its side")
-                await asyncio.wait((other,), timeout=timeout - idle)
+        # When the client last sent something, and whether its bytes wait on the upstream
+        # (a stalled upstream is no silent client).
+        heard = [loop.time()]
+        pushing = [False]
 
         async def down_to_up() -> None:
             while True:
@@ -596,9 +581,31 @@ class ProxyEngine(HttpApp):
                     conn.write_eof()
                     return
                 conn.write_raw(data)
+                pushing[0] = True
                 await conn.drain()
+                pushing[0] = False
+                heard[0] = loop.time()
 
-        tasks = [asyncio.ensure_future(up_to_down()), asyncio.ensure_future(down_to_up())]
+        async def up_to_down(client: "asyncio.Future[None]") -> None:
+            while True:
+                data = await conn.read_raw()
+                if not data:
+                    down.write_eof()
+                    break
+                down.write(data)
+                await down.drain()
+            timeout = conn.peer.options.read_timeout
+            heard[0] = max(heard[0], loop.time())  # the client's time starts at our EOF
+            while timeout and not client.done():
+                idle = 0.0 if pushing[0] else loop.time() - heard[0]
+                if idle >= timeout:
+                    raise Error(ErrorType.ReadTimedout, ErrorSource.Downstream, None,
+                                f"tunnel: nothing from the client within {timeout}s after "
+                                "the upstream closed its side")
+                await asyncio.wait((client,), timeout=timeout - idle)
+
+        client = asyncio.ensure_future(down_to_up())
+        tasks = [asyncio.ensure_future(up_to_down(client)), client]
         try:
             pending: set[asyncio.Future[Any]] = set(tasks)
             while pending:

@@ -212,6 +212,41 @@ def test_tunnel_the_origin_half_closed_ends_when_the_client_stays_silent() -> No
     run(main())
 
 
+def test_tunnel_a_client_silent_while_the_origin_pushed_may_still_answer_its_eof() -> None:
+    """The client's silence counts from the origin's FIN, not from the tunnel's start: a
+    client that only listened to a push stream still gets read_timeout to say goodbye."""
+    async def main() -> None:
+        origin_saw: list[bytes] = []
+        done = asyncio.Event()
+
+        async def pushing(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\n")
+            for _ in range(6):  # 0.9 s of pushing: longer than read_timeout
+                w.write(b"tick")
+                await asyncio.sleep(0.15)
+            w.write_eof()
+            while data := await r.read(65536):
+                origin_saw.append(data)
+            done.set()
+
+        server, _ = await raw_origin(pushing)
+        async with serving(proxy_to(port_of(server), read_timeout=0.5)) as (pport, _):
+            c = await Client.connect(pport)
+            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n")
+            status, _h, _ = await c.read_head()
+            assert status == 101
+            assert await asyncio.wait_for(c.reader.read(), 5) == b"tick" * 6  # then EOF
+            await c.send(b"goodbye")
+            c.writer.write_eof()
+            await asyncio.wait_for(done.wait(), 5)
+            assert b"".join(origin_saw) == b"goodbye"
+        server.close()
+    run(main())
+
+
 def test_upstream_refused_is_502_and_silent_is_504() -> None:
     async def main() -> None:
         # A port nobody listens on.
