@@ -4,6 +4,7 @@ Only this module (and ``pyngora/__init__``) imports across rooms.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -83,15 +84,17 @@ def _prober(conf: ServerConf, sc: ServiceConf) -> Service:
     return background_service(f"health-{sc.name}", _Task())
 
 
-def build_services(conf: ServerConf) -> list[Service]:
+def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> list[Service]:
     """Every service of a configuration; ConfigError naming the service on failure.
+    ``index``: each service's place in the file's list (for the issues' lines), when that is
+    not its place in ``conf.services`` (a partial configuration, see ``_second_round``).
 
     A proxy whose upstreams have health checks or DNS discovery gets a prober process and
     depends on it, so it accepts no connection before the first round of checks has run."""
     out: list[Service] = []
     issues: list[ConfigIssue] = []
     tables: list[str] = []
-    for i, sc in enumerate(conf.services):
+    for i, sc in zip(index if index is not None else range(len(conf.services)), conf.services):
         for j, listener in enumerate(sc.listeners):
             if listener.tls is not None:
                 from pyngora.protocols.tls import check_tls
@@ -156,6 +159,27 @@ def plan_services(conf: ServerConf) -> "list[PlannedService]":
     return out
 
 
+def _second_round(e: ConfigError) -> list[ConfigIssue]:
+    """For ``-t``: what building the services the file got right finds (certificates, app
+    imports), beside the file's own issues, so that one run prints every error. Only when
+    every issue is inside a service (top-level values feed every service); the services
+    with issues are not built."""
+    if e.partial is None or not all(len(i.path) >= 2 and i.path[0] == "services"
+                                    for i in e.issues):
+        return []
+    conf, index = e.partial
+    bad = {i.path[1] for i in e.issues}
+    keep = [(n, sc) for n, sc in zip(index, conf.services) if n not in bad]
+    if not keep:
+        return []
+    try:
+        build_services(dataclasses.replace(conf, services=tuple(sc for _, sc in keep)),
+                       [n for n, _ in keep])
+    except ConfigError as more:
+        return more.issues
+    return []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opt = Opt.parse_args(argv)
     if opt.conf:
@@ -178,6 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 sys.path[sys.path.index("")] = os.getcwd()
             services = build_services(conf) if building else plan_services(conf)
         except ConfigError as e:
+            if opt.test:
+                e = ConfigError(e.source, sorted(e.issues + _second_round(e),
+                                                 key=lambda i: i.line or 0))
             sys.stderr.write(f"{e}\n")
             if opt.test:
                 sys.stderr.write(f"configuration {opt.conf} test failed\n")

@@ -108,15 +108,19 @@ def parse_text(text: str, source: str) -> ServerConf:
                 return lines[path]
             path = path[:-1]
         return lines.get(())
+    base = os.path.dirname(os.path.abspath(source))
     try:
         conf = build_server_conf(raw, source, where)
     except ConfigError as e:
         seen = {i.path for i in plain.issues}  # (a value already said unreadable: once)
-        raise ConfigError(source, plain.issues + [i for i in e.issues if i.path not in seen]
-                          ) from None
+        partial = None if e.partial is None else (_absolute_paths(e.partial[0], base),
+                                                  e.partial[1])
+        raise ConfigError(source, plain.issues + [i for i in e.issues if i.path not in seen],
+                          partial) from None
+    conf = _absolute_paths(conf, base)
     if plain.issues:
-        raise ConfigError(source, plain.issues)
-    return _absolute_paths(conf, os.path.dirname(os.path.abspath(source)))
+        raise ConfigError(source, plain.issues, (conf, tuple(range(len(conf.services)))))
+    return conf
 
 
 # Paths the server opens itself; relative ones are taken from the configuration file's

@@ -50,9 +50,13 @@ class ConfigIssue:
 class ConfigError(Exception):
     """Every issue of one configuration file; ``str()`` lists them as ``file:line: key: message``."""
 
-    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+    def __init__(self, source: str, issues: list[ConfigIssue],
+                 partial: Optional[tuple["ServerConf", tuple[int, ...]]] = None) -> None:
         self.source = source
         self.issues = issues
+        # What could be built despite the issues: the ServerConf and, for each of its
+        # services, its index in the file's list (so ``-t`` can check those services too).
+        self.partial = partial
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -73,6 +77,7 @@ class _Builder:
     def __init__(self, where: Where) -> None:
         self.where = where
         self.issues: list[ConfigIssue] = []
+        self.service_index: list[int] = []  # each built service's index in the file's list
 
     def fail(self, path: Path, message: str) -> None:
         self.issues.append(ConfigIssue(path, message, self.where(path)))
@@ -255,6 +260,7 @@ class _Builder:
                               " (the master would fail to bind it)")
                 taken[_bind_key(listener)] = svc.name
             out.append(svc)
+            self.service_index.append(i)
         return out
 
     def service(self, raw: Any, path: Path) -> Optional[ServiceConf]:
@@ -408,5 +414,6 @@ def build_server_conf(raw: Any, source: str = "<config>",
     b = _Builder(where)
     conf = b.server(raw, source)
     if b.issues or conf is None:
-        raise ConfigError(source, b.issues or [ConfigIssue((), "invalid configuration")])
+        raise ConfigError(source, b.issues or [ConfigIssue((), "invalid configuration")],
+                          None if conf is None else (conf, tuple(b.service_index)))
     return conf

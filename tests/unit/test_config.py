@@ -189,6 +189,32 @@ def test_dash_t_cli(tmp_path) -> None:
     assert f"{bad}:2: services[0].bdy: unknown key (did you mean 'body'?)" in ko.stderr
 
 
+def test_dash_t_prints_every_error_in_one_run(tmp_path) -> None:
+    """SPEC 2: -t prints every error. A file with a key error in one service still has the
+    other services built (certificates, imports), so their errors show in the same run; a
+    service with an issue of its own is not built."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "services:\n"
+        "  - name: tls\n    type: static\n    body: hi\n    listeners:\n"
+        f"      - {{address: '127.0.0.1:1', tls: {{cert: {tmp_path}/no.crt, key: {tmp_path}/no.key}}}}\n"
+        "  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:2']\n"
+        "    upstreams: [{name: o, backends: [{addr: '127.0.0.1:3', weight: 0}]}]\n"
+        "  - {name: bg, type: background, app: 'no_such_module_here:App'}\n"
+        "  - {name: bg2, type: background, app: 'no_such_module_either:App', bad_key: 1}\n")
+    ko = subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", str(bad)],
+                        capture_output=True, text=True, timeout=60)
+    assert ko.returncode == 1
+    lines = ko.stderr.splitlines()
+    assert f"{bad}:6: services[0].listeners[0].tls: certificate file {tmp_path}/no.crt does not exist" in lines
+    assert f"{bad}:10: services[1].upstreams[0].backends[0].weight: must be at least 1, got 0" in lines
+    assert any(ln.startswith(f"{bad}:11: services[2]: service 'bg': No module named "
+                             "'no_such_module_here'") for ln in lines), lines
+    assert any("bad_key: unknown key" in ln for ln in lines), lines
+    assert not any("no_such_module_either" in ln for ln in lines), lines  # not built
+    assert lines[-1] == f"configuration {bad} test failed"
+
+
 # -- what an operator's YAML may hold, found by an attack review --------------------------
 
 def _errors(text: str) -> str:
