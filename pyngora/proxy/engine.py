@@ -372,11 +372,22 @@ class ProxyEngine(HttpApp):
             up_headers.remove(b"content-length")
             up_headers.add(b"Transfer-Encoding", b"chunked")
         if plan.upstream_request_filter is not None:
+            length = up_headers.get(b"content-length")
             up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
             r = proxy.upstream_request_filter(session, up_req, ctx)
             if plan.upstream_request_filter:
                 await r
             method, uri, up_headers = up_req.method, up_req.uri, up_req.headers
+            # The body goes up as decided above, whatever the filter did to its framing: a
+            # Content-Length that disagreed with the bytes sent would leave some of them on
+            # the pooled connection, read there as the next client's request (SPEC 7: what
+            # goes up is what pyngora parsed and frames itself).
+            up_headers.remove(b"content-length")
+            up_headers.remove(b"transfer-encoding")
+            if chunked:
+                up_headers.add(b"Transfer-Encoding", b"chunked")
+            elif length is not None:
+                up_headers.add(b"Content-Length", length)
         else:  # nobody edits the upstream head: no RequestHeader to build
             method, uri = req.method, req.uri
         # The client's own bytes when the phases kept its method and target (no re-encoding).

@@ -247,6 +247,44 @@ def test_tunnel_a_client_silent_while_the_origin_pushed_may_still_answer_its_eof
     run(main())
 
 
+class EditsFraming(ToPort):
+    """An upstream_request_filter that meddles with the body's framing fields."""
+
+    async def upstream_request_filter(self, session: Session, up: Any, ctx: Any) -> None:
+        target = session.req_header.uri
+        if "cl1" in target:
+            up.insert_header("Content-Length", "1")
+        if "nocl" in target:
+            up.remove_header("Content-Length")
+        if "note" in target:
+            up.remove_header("Transfer-Encoding")
+
+
+@pytest.mark.parametrize("target,framing,body", [
+    ("/cl1", b"Content-Length: 5", b"hello"),
+    ("/nocl", b"Content-Length: 5", b"hello"),
+    ("/note", b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n")])
+def test_upstream_request_filter_cannot_unframe_the_body(target: str, framing: bytes,
+                                                         body: bytes) -> None:
+    """The body goes up framed as pyngora sends it, whatever the filter did to Content-Length
+    or Transfer-Encoding: otherwise body bytes stay on the pooled connection and the origin
+    reads them as the start of the next client's request."""
+    async def main() -> None:
+        origin = EchoApp()
+        async with serving(AppService(origin)) as (oport, _):
+            svc = http_proxy_service(None, EditsFraming(oport))
+            async with serving(svc) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(f"POST {target} HTTP/1.1\r\nHost: t\r\n".encode() + framing +
+                             b"\r\n\r\n" + body)
+                r = await c.read_response()
+                assert r.status == 200 and r.body == b"hello", (r.status, r.body)
+                r = await c.request("GET", "/next")  # the same pooled upstream connection
+                assert r.status == 200 and r.header("x-target") == "/next", r.status
+        assert [ex.head.target for ex in origin.exchanges] == [target.encode(), b"/next"]
+    run(main())
+
+
 def test_upstream_refused_is_502_and_silent_is_504() -> None:
     async def main() -> None:
         # A port nobody listens on.
