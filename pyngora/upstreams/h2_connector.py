@@ -58,7 +58,7 @@ class H2Session(asyncio.Protocol):
 
     __slots__ = ("peer", "key", "proto", "transport", "loop", "streams", "reserved", "served",
                  "closed", "write_paused", "drain_waiting", "connect_duration", "alpn",
-                 "_connector", "_ready", "_idle_handle", "_lost_error")
+                 "_connector", "_ready", "_idle_handle", "_lost_error", "_early")
 
     def __init__(self, peer: HttpPeer, connector: "H2Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -79,6 +79,10 @@ class H2Session(asyncio.Protocol):
         self._ready: asyncio.Future = loop.create_future()  # the upstream's first SETTINGS
         self._idle_handle: Optional[asyncio.TimerHandle] = None
         self._lost_error: Optional[Error] = None
+        # Bytes that came before start(): an upstream sends its SETTINGS at once, maybe
+        # before dial() returned; fed to h2 then, they would have it queue a SETTINGS ACK
+        # ahead of our preface (RFC 9113 3.4: the preface comes first).
+        self._early: Optional[list[bytes]] = []
 
     # --- capacity ------------------------------------------------------------------------------
 
@@ -100,11 +104,20 @@ class H2Session(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def start(self) -> None:
-        """Send the preface and our SETTINGS (after TLS, when there is TLS)."""
+        """Send the preface and our SETTINGS (after TLS, when there is TLS), then take what
+        the upstream sent meanwhile."""
         self.proto.initiate()
         self.flush()
+        early, self._early = self._early, None
+        for data in early or ():
+            if self.closed:
+                break
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+            return
         events = self.proto.feed(data)
         streams = self.streams
         for ev in events:

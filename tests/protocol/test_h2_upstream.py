@@ -332,3 +332,43 @@ def test_client_gone_mid_response_resets_only_its_stream() -> None:
         finally:
             origin.close()
     run(main())
+
+
+def test_the_preface_goes_first_even_when_the_upstream_spoke_before_we_started() -> None:
+    """RFC 9113 3.4: the client preface is the first thing on the connection. An upstream
+    sends its SETTINGS as soon as it accepts (nginx, Go, hyper do); when they arrive before the
+    session started, h2 must not be fed them yet, or it queues a SETTINGS ACK that goes out
+    ahead of the preface and the upstream drops the connection (a third of new h2c
+    connections failed so on a loaded machine)."""
+    from pyngora.protocols.h2 import PREFACE
+    from pyngora.upstreams.dial import dial
+    from pyngora.upstreams.h2_connector import H2Connector, H2Session
+    from pyngora.upstreams.peer import HttpPeer
+
+    async def main() -> None:
+        first = asyncio.get_running_loop().create_future()
+
+        async def origin(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS (empty), at once
+            try:
+                first.set_result(await r.readexactly(len(PREFACE)))
+                await r.read()
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                if not first.done():
+                    first.set_exception(e)
+            w.close()
+
+        server = await asyncio.start_server(origin, "127.0.0.1", 0)
+        peer = HttpPeer(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        loop = asyncio.get_running_loop()
+        session, _, _ = await dial(peer, lambda: H2Session(peer, H2Connector(), loop), None)
+        for _ in range(500):  # until the upstream's SETTINGS reached the session
+            if getattr(session, "_early", None) or session.proto.settings_received:
+                break
+            await asyncio.sleep(0.01)
+        session.start()
+        assert await asyncio.wait_for(first, 5) == PREFACE
+        assert await asyncio.wait_for(session._ready, 5) is True  # and its SETTINGS count
+        session.transport.close()
+        server.close()
+    run(main())
