@@ -59,7 +59,10 @@ class Plan:
             if fn is None or fn is base:
                 setattr(self, name, None)
             else:
-                setattr(self, name, inspect.iscoroutinefunction(fn))
+                # unwrap: an ``async def`` under a decorator made with functools.wraps (a
+                # timing or tracing wrapper) still returns a coroutine to await.
+                setattr(self, name, inspect.iscoroutinefunction(fn)
+                        or inspect.iscoroutinefunction(inspect.unwrap(fn)))
 
 
 _PLANS: dict[type, Plan] = {}

@@ -536,6 +536,46 @@ def test_phases_run_in_pingora_order() -> None:
     run(main())
 
 
+def test_async_phases_under_a_wrapping_decorator_are_awaited() -> None:
+    """A timing/tracing decorator made with functools.wraps hides ``async def`` from
+    iscoroutinefunction; its phases still return coroutines and must be awaited (an
+    upstream_peer taken for a plain one went to the fast path, which got a coroutine)."""
+    import functools
+
+    def traced(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            return fn(*a, **k)
+        return wrapper
+
+    class Decorated(ProxyHttp):
+        def __init__(self, port: int) -> None:
+            self.port = port
+            self.filtered = 0
+
+        @traced
+        async def request_filter(self, session: Session, ctx: Any) -> bool:
+            self.filtered += 1
+            return False
+
+        @traced
+        async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+            return HttpPeer(f"127.0.0.1:{self.port}")
+
+    async def main() -> None:
+        async with serving(static(b"hi")) as (oport, _):
+            proxy = Decorated(oport)
+            async with serving(http_proxy_service(None, proxy)) as (pport, _):
+                c = await Client.connect(pport)
+                for _ in range(2):
+                    r = await c.request("GET", "/")
+                    assert r.status == 200 and r.body == b"hi", r.status
+            assert proxy.filtered == 2
+        plan = plan_for(Decorated)
+        assert plan.request_filter is True and plan.upstream_peer is True
+    run(main())
+
+
 def test_unoverridden_phases_are_not_called(monkeypatch: Any) -> None:
     plan = plan_for(ToPort)
     assert plan.upstream_peer is True
