@@ -131,8 +131,14 @@ class Session:
 
     async def write_response_header(self, resp: ResponseHeader, end: bool = False) -> None:
         """Send a response head to the client (``end``: no body follows). Framing is chosen by
-        the connection: Content-Length if present, else chunked (HTTP/1.1)."""
-        self.exchange.write_head(resp.status, resp.headers, resp.reason, end)
+        the connection: Content-Length if present, else chunked (HTTP/1.1). An informational
+        status (103 Early Hints, ...) goes out as such, and the final response follows later
+        (as in Pingora); HTTP/1.0 clients get none (RFC 9110 15.2)."""
+        status = resp.status
+        if 100 <= status < 200 and status != 101:
+            self.exchange.write_informational(status, resp.headers)
+            return
+        self.exchange.write_head(status, resp.headers, resp.reason, end)
 
     async def write_response_body(self, data: Optional[bytes], end: bool = False) -> None:
         """Send a piece of the response body (waits while the client is slow: back-pressure);

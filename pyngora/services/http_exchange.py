@@ -224,6 +224,9 @@ class Exchange(RequestBody):
         the head waits for them without a scheduled flush (the fast path's single send)."""
         if self.head_sent:
             raise RuntimeError("response head already sent")
+        if status < 200 and status != 101:
+            # A 1xx as the final head would make the next response answer this request.
+            raise RuntimeError(f"{status} is no final response; use write_informational")
         conn = self.conn
         if conn.closed:
             raise _closed_error()

@@ -576,6 +576,40 @@ def test_async_phases_under_a_wrapping_decorator_are_awaited() -> None:
     run(main())
 
 
+def test_a_1xx_from_a_phase_is_informational_and_never_the_final_response() -> None:
+    """Session.write_response_header(103) sends Early Hints and the origin's response still
+    follows (Pingora's behaviour); a response_filter that makes the final status a 1xx gets
+    500, never a 1xx the next pipelined response would then seem to answer."""
+    from pyngora.headers import ResponseHeader
+
+    class Hints(ToPort):
+        async def request_filter(self, session: Session, ctx: Any) -> bool:
+            if session.req_header.uri == "/hints":
+                await session.write_response_header(
+                    ResponseHeader.build(103, [("Link", "</s.css>; rel=preload")]))
+            return False
+
+        async def response_filter(self, session: Session, resp: Any, ctx: Any) -> None:
+            if session.req_header.uri == "/one-hundred":
+                resp.set_status(100)
+
+    async def main() -> None:
+        async with serving(static(b"hi")) as (oport, _):
+            async with serving(http_proxy_service(None, Hints(oport))) as (pport, _):
+                c = await Client.connect(pport)
+                await c.send(b"GET /hints HTTP/1.1\r\nHost: t\r\n\r\n"
+                             b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await c.reader.readuntil(b"\r\n\r\n")).startswith(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n")
+                for _ in range(2):  # the final response, then the pipelined one
+                    r = await c.read_response()
+                    assert r.status == 200 and r.body == b"hi", r.status
+                c = await Client.connect(pport)
+                r = await c.request("GET", "/one-hundred")
+                assert r.status == 500 and r.body == b""
+    run(main())
+
+
 def test_unoverridden_phases_are_not_called(monkeypatch: Any) -> None:
     plan = plan_for(ToPort)
     assert plan.upstream_peer is True
