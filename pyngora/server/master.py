@@ -22,7 +22,7 @@ from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import counters, daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
 from pyngora.server.generation import Generation, Worker, _worker_owner
-from pyngora.server.worker import EXIT_BOOT_FAILED, WorkerSpec, run_worker
+from pyngora.server.worker import EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker
 
 if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
     from pyngora.services.base import Service
@@ -282,6 +282,13 @@ class Master:
             if gen is not None:
                 gen.ready_slots.discard(key)
             if self.stopping or gen is None or gen.retired:
+                continue
+            if code == EXIT_FINISHED and w.spec.service.is_background:
+                # Its start() returned: the work is done (Pingora calls start once). Not
+                # restarted; ready for the services that depend on it, notified or not.
+                log.ERROR.info("%s (pid %d) finished", w.spec.title, pid)
+                gen.ready_slots.add(key)
+                self._spawn_ready_services(gen)
                 continue
             # A worker that dies within a second of its start is crash-looping, ready or not.
             if w.ready and time.monotonic() - w.started >= 1.0:

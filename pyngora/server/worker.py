@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 4     # the worker never became ready (bad app, import error, ...)
 EXIT_CRASHED = 5
+EXIT_FINISHED = 6        # a background service's start() returned on its own: its work is done
 
 
 class WorkerSpec:
@@ -204,7 +205,7 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 task.result()  # surface a crash
-                return EXIT_OK
+                return EXIT_FINISHED
             if ctx.shutdown.fast:
                 task.cancel()
                 return EXIT_OK

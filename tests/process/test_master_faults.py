@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,6 +27,15 @@ class LateBoom:
 
     async def start(self, shutdown):
         raise RuntimeError("this app dies after its start")
+
+
+class OneShot:
+    """A job that runs once and returns (each run leaves a line in runs.txt)."""
+
+    async def start(self, shutdown):
+        import os
+        with open(os.path.join(os.path.dirname(__file__), "runs.txt"), "a") as f:
+            f.write("ran\\n")
 '''
 
 
@@ -134,6 +144,30 @@ def test_sigusr1_while_workers_boot_kills_none(tmp_path) -> None:
             wait_for(lambda: not (before & set(children_of(master))), 30, "the new generation")
         text = (tmp_path / "logs" / "error.log").read_text()
         assert f"exited with -{int(signal.SIGUSR1)}" not in text, text[-2000:]
+        assert alive(master) and get(port)[0] == 200
+    finally:
+        d.kill()
+
+
+def test_a_background_service_whose_start_returns_is_done_not_crashed(tmp_path) -> None:
+    """Pingora calls a BackgroundService's start once: returning ends it. It used to be
+    restarted as a crash, and 5 quick returns stopped the whole server with exit 3."""
+    (tmp_path / "boomapp.py").write_text(BOOM)
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port, "  - {name: job, type: background, app: 'boomapp:OneShot'}\n"))
+    runs = tmp_path / "runs.txt"
+    try:
+        assert d.cmd("-d").returncode == 0
+        master = d.pid
+        wait_for(lambda: "background job" in d.log() and "finished" in d.log(), 30,
+                 "the job's end in the log")
+        # A restart would come within 0.1 s (the first back-off); give it ten times that.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert runs.read_text() == "ran\n", runs.read_text()
+            time.sleep(0.05)
+        assert "restarting" not in d.log() and "retry" not in d.log(), d.log()[-2000:]
         assert alive(master) and get(port)[0] == 200
     finally:
         d.kill()
