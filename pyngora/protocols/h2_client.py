@@ -62,12 +62,14 @@ class GoAway:
     ``refused`` lists our open streams above ``last_stream_id``: never processed, retryable.
     """
 
-    __slots__ = ("last_stream_id", "error_code", "refused")
+    __slots__ = ("last_stream_id", "error_code", "refused", "reason")
 
-    def __init__(self, last_stream_id: int, error_code: int, refused: list[int]) -> None:
+    def __init__(self, last_stream_id: int, error_code: int, refused: list[int],
+                 reason: str = "") -> None:
         self.last_stream_id = last_stream_id
         self.error_code = error_code
         self.refused = refused
+        self.reason = reason  # set when we ended the connection (the upstream broke HTTP/2)
 
 
 class SettingsChanged:
@@ -321,7 +323,7 @@ class H2ClientConn:
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
             code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
-            return [GoAway(0, code, [])]
+            return [GoAway(0, code, [], str(exc) or exc.__class__.__name__)]
         out: list = []
         streams = self.streams
         for ev in h2_events:

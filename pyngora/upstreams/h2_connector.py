@@ -175,7 +175,11 @@ class H2Session(asyncio.Protocol):
                 st._fail(Unprocessed(ErrorType.H2Error, _UP, None,
                                      f"{self.peer.address} sent GOAWAY before stream {sid}",
                                      retry=True))
-        if ev.error_code:
+        if ev.reason:  # we ended it: the upstream broke the protocol (RFC 9113 5.4.1)
+            self._lost_error = Error(ErrorType.H2Error, _UP, None,
+                                     f"{self.peer.address} broke HTTP/2, connection ended "
+                                     f"with GOAWAY (error {ev.error_code}): {ev.reason}")
+        elif ev.error_code:
             self._lost_error = Error(ErrorType.H2Error, _UP, None,
                                      f"{self.peer.address} sent GOAWAY (error {ev.error_code})")
         self._connector._forget(self)
