@@ -170,22 +170,27 @@ class ProxyEngine(HttpApp):
             session = Session(ex, self.service)
         err: Optional[Error] = error
         ctx: Any = None
+        code = 502
         if err is None:  # (else a fast-path attempt failed for good: straight to _fail)
             err, ctx = await self._phases(session, ex, peer)
         if err is not None:
-            await self._fail(session, err, ctx)
+            code = await self._fail(session, err, ctx)
         if plan.logging is not None:
             try:
                 r = proxy.logging(session, err, ctx)
                 if plan.logging:
                     await r
-            except Exception as e:  # logging must not break the connection
+            except (Exception, asyncio.CancelledError) as e:  # never break the connection
                 log.ERROR.error("logging phase failed: %r", e)
         if log._access_on:  # a module flag, not a call: this runs once per request
             log.ACCESS.info(access.format_line(session, err, self.access_format))
         if not ex.finished:
-            # Whatever happened, the connection must not wait for a response forever.
-            ex.respond_error(502)
+            # Whatever happened, the connection must not wait for a response forever: the
+            # status fail_to_proxy said it sent (it sent nothing), else 502; "none" closes.
+            if code == 0:
+                session.abort()
+            else:
+                ex.respond_error(code if 400 <= code < 600 else 502)
 
     async def _phases(self, session: Session, ex: Exchange, peer: Optional[HttpPeer]
                       ) -> tuple[Optional[Error], Any]:
@@ -242,14 +247,17 @@ class ProxyEngine(HttpApp):
                             ex.head.target.decode("latin-1"))
             ex.respond_error(500)
 
-    async def _fail(self, session: Session, err: Error, ctx: Any) -> None:
-        """fail_to_proxy (the user's, or the default inline), and the error log line."""
+    async def _fail(self, session: Session, err: Error, ctx: Any) -> int:
+        """fail_to_proxy (the user's, or the default inline), and the error log line. Returns
+        the status fail_to_proxy says it sent (0: none)."""
         proxy, plan, ex = self.proxy, self.plan, session.exchange
         try:
             if plan.fail_to_proxy is not None:
                 code = proxy.fail_to_proxy(session, err, ctx)
                 if plan.fail_to_proxy:
                     code = await code
+                if not isinstance(code, int) or isinstance(code, bool):
+                    code = err.status  # (a phase that returned nothing)
             else:
                 code = err.status
                 if ex.finished:
@@ -258,6 +266,8 @@ class ProxyEngine(HttpApp):
                     ex.respond_error(code)  # aborts instead when a response already started
                 else:
                     session.abort()
+        except asyncio.CancelledError:  # the client went away meanwhile: nothing to send
+            code = 0
         except Exception as e:
             log.ERROR.error("fail_to_proxy failed: %r", e)
             code = 500
@@ -271,6 +281,7 @@ class ProxyEngine(HttpApp):
                 summary = f"(request_summary failed: {e!r})"
             log.ERROR.warning("Fail to proxy: %s, status: %s, tries: %d, %s", err, code,
                               session.retries + 1, summary)
+        return code
 
     # ------------------------------------------------------------------ upstream attempts
     async def _proxy_to_upstream(self, session: Session, ctx: Any,

@@ -610,6 +610,49 @@ def test_a_1xx_from_a_phase_is_informational_and_never_the_final_response() -> N
     run(main())
 
 
+def test_fail_to_proxy_status_and_logging_when_the_client_leaves_meanwhile() -> None:
+    """fail_to_proxy returns the status it sent: one that sent nothing gets that status sent
+    for it (0: the connection closes, no response); a client gone while it awaits still gets
+    its logging phase, once."""
+    class Failing(ProxyHttp):
+        def __init__(self) -> None:
+            self.logged: list[str] = []
+            self.waiting = asyncio.Event()
+
+        async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+            raise Error.new(ErrorType.ConnectRefused)
+
+        async def fail_to_proxy(self, session: Session, e: Error, ctx: Any) -> int:
+            uri = session.req_header.uri
+            if uri == "/slow":
+                self.waiting.set()
+                await asyncio.sleep(30)  # the client leaves meanwhile: we are cancelled
+            return 0 if uri == "/none" else 404
+
+        async def logging(self, session: Session, e: Optional[Error], ctx: Any) -> None:
+            self.logged.append(session.req_header.uri)
+
+    async def main() -> None:
+        proxy = Failing()
+        async with serving(http_proxy_service(None, proxy)) as (pport, _):
+            c = await Client.connect(pport)
+            r = await c.request("GET", "/claims-404")
+            assert r.status == 404 and r.body == b""
+            c = await Client.connect(pport)
+            await c.send(b"GET /none HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert await asyncio.wait_for(c.reader.read(), 5) == b""  # closed, no response
+            c = await Client.connect(pport)
+            await c.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            await asyncio.wait_for(proxy.waiting.wait(), 5)
+            c.writer.close()
+            for _ in range(500):
+                if len(proxy.logged) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert proxy.logged == ["/claims-404", "/none", "/slow"]
+    run(main())
+
+
 def test_unoverridden_phases_are_not_called(monkeypatch: Any) -> None:
     plan = plan_for(ToPort)
     assert plan.upstream_peer is True
