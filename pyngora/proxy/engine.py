@@ -418,6 +418,7 @@ class ProxyEngine(HttpApp):
         # Full duplex: the body goes up in its own task while the response is read, so an
         # upstream that answers (or streams) before it has read the whole body cannot
         # deadlock against a proxy that only reads once it has written everything.
+        conn.body_sending = True  # read_timeout starts once the body is up (body_done)
         sender = asyncio.ensure_future(self._send_body_task(session, conn, chunked, ctx))
         # Its error is reported through the response reader (or the client is already gone
         # and answered): mark it retrieved whatever path we leave by, cancellation included.
@@ -546,6 +547,8 @@ class ProxyEngine(HttpApp):
         except BaseException:
             conn.close()  # wakes the response reader, which then reports our error
             raise
+        finally:
+            conn.body_done()
 
     async def _body_filters(self, session: Session, data: Optional[bytes], end: bool,
                             ctx: Any) -> Optional[bytes]:

@@ -60,7 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
     """
 
     __slots__ = ("peer", "reused", "response_bytes_seen", "stray_response", "connect_duration",
-                 "pause_count",
+                 "body_sending", "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
@@ -74,6 +74,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_bytes_seen = False
         self.stray_response = False
         self.connect_duration = 0.0
+        # The request body is still going up: read_timeout waits for it (see body_done).
+        self.body_sending = False
         self.pause_count = 0
         self.alpn: Optional[str] = None  # the protocol the TLS upstream chose (None: plaintext)
         self.transport: Any = None
@@ -271,8 +273,17 @@ class UpstreamConnection(asyncio.Protocol):
             if self._parser.upgraded:
                 raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
                             "read_event after the response was upgraded (use into_tunnel)")
-            if not await self._wait(self.peer.options.read_timeout):
+            if not await self._wait(None if self.body_sending else self.peer.options.read_timeout):
                 raise self._read_timeout()
+
+    def body_done(self) -> None:
+        """The request body is sent (or its sending stopped): read_timeout runs from now, as
+        nginx's proxy_read_timeout starts once the request is sent. A slow but steady upload
+        is bounded by write_timeout per blocked write, not by read_timeout as a whole."""
+        self.body_sending = False
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_result(True)  # read_event waits again, with its timeout
 
     def poll_event(self) -> Optional[Event]:
         """The next response event if one is already queued, else None (then call

@@ -61,7 +61,7 @@ class H2UpstreamStream:
 
     __slots__ = ("peer", "session", "sid", "reused", "response_bytes_seen", "connect_duration",
                  "pause_count", "alpn", "_events", "_waiter", "_drain_waiter", "_error",
-                 "_ended", "_closed", "_released")
+                 "_ended", "_closed", "_released", "body_sending")
 
     def __init__(self, session: "H2Session", peer: HttpPeer, reused: bool) -> None:
         self.peer = peer
@@ -79,6 +79,7 @@ class H2UpstreamStream:
         self._ended = False     # the whole response (MessageEnd) was queued
         self._closed = False
         self._released = False
+        self.body_sending = False  # as UpstreamConnection.body_sending
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -174,12 +175,19 @@ class H2UpstreamStream:
                 raise self._error
             if self._closed:
                 raise self._dead_error()
-            if not await self._wait(self.peer.options.read_timeout):
+            if not await self._wait(None if self.body_sending else self.peer.options.read_timeout):
                 err = Error(ErrorType.ReadTimedout, _UP, None,
                             f"no response from {self.peer.address} within "
                             f"{self.peer.options.read_timeout}s")
                 self._fail(err)
                 raise err
+
+    def body_done(self) -> None:
+        """As ``UpstreamConnection.body_done``: read_timeout runs from now."""
+        self.body_sending = False
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_result(True)
 
     def can_reuse(self) -> bool:
         """True when the exchange ended cleanly (the stream slot can go back)."""

@@ -285,6 +285,39 @@ def test_upstream_request_filter_cannot_unframe_the_body(target: str, framing: b
     run(main())
 
 
+def test_read_timeout_starts_once_the_body_is_sent_not_during_a_slow_upload() -> None:
+    """nginx's proxy_read_timeout starts when the request is sent: an origin that reads a big
+    upload slowly but steadily for longer than read_timeout still answers (it got 504); once
+    the body is up, its silence is bounded by read_timeout again."""
+    size = 24 << 20
+
+    async def slow_reader(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        got = reads = 0
+        while got < size:
+            got += len(await r.read(512 * 1024))
+            reads += 1
+            if reads <= 30:  # the origin's own pace: 1.5 s for the first 15 MB, then at once
+                await asyncio.sleep(0.05)
+        if n == 0:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        else:
+            await r.read()  # the second origin never answers
+
+    async def main() -> None:
+        server, _ = await raw_origin(slow_reader)
+        async with serving(proxy_to(port_of(server), read_timeout=1.0)) as (pport, _):
+            for expect in (200, 504):
+                c = await Client.connect(pport)
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                r = await asyncio.wait_for(c.request("POST", "/up", b"x" * size), 20)
+                assert r.status == expect, (r.status, loop.time() - t0)
+                assert loop.time() - t0 > 1.0  # longer than read_timeout either way
+        server.close()
+    run(main())
+
+
 def test_upstream_refused_is_502_and_silent_is_504() -> None:
     async def main() -> None:
         # A port nobody listens on.
