@@ -200,7 +200,7 @@ class HttpProxyConf:
 
 @dataclass(frozen=True)
 class StaticConf:
-    status: int = 200
+    status: int = field(default=200, metadata={"range": (200, 599)})  # a final response
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""
     limits: LimitsConf = LimitsConf()

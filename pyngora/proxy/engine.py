@@ -439,8 +439,8 @@ class ProxyEngine(HttpApp):
                     await sender
                 except (asyncio.CancelledError, Exception):
                     pass
-        if sender.exception() is not None:
-            return False
+        if sender.cancelled() or sender.exception() is not None:
+            return False  # (exception() of a cancelled task raises CancelledError)
         return clean
 
     async def _response(self, session: Session, conn: UpstreamConnection, upgrade: bool,

@@ -205,7 +205,9 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 task.result()  # surface a crash
-                return EXIT_FINISHED
+                # Returned on its own: done (see EXIT_FINISHED); returned because we asked it
+                # to stop: a plain exit, restarted unless the master stops it on purpose.
+                return EXIT_OK if ctx.shutdown.is_set() else EXIT_FINISHED
             if ctx.shutdown.fast:
                 task.cancel()
                 return EXIT_OK

@@ -312,6 +312,8 @@ class H2Exchange(RequestBody):
             self.h2conn._reset_stream(self.stream_id, h2p.INTERNAL_ERROR)
             self._finish()
             return
+        if status < 200:  # a 1xx is no final response
+            status = 500
         self.head_sent = True
         self.status = status
         if not self._gone():

@@ -439,6 +439,8 @@ class Exchange(RequestBody):
             self.conn.abort()
             self._finish()
             return
+        if status < 200:  # a 1xx (from Error.set_status, say) is no final response
+            status = 500
         self._head_buf = None  # a head still held back never reached the client: replace it
         self.head_sent = True
         self.status = status

@@ -384,7 +384,8 @@ class H2Connector:
         except TimeoutError:
             ok = False
         if not ok:
+            what = ("closed the connection during the HTTP/2 handshake" if session.closed
+                    else "sent no HTTP/2 SETTINGS")
             session.close()
-            raise Error(ErrorType.H2Error, _UP, None,
-                        f"{peer.address} sent no HTTP/2 SETTINGS", retry=True)
+            raise Error(ErrorType.H2Error, _UP, None, f"{peer.address} {what}", retry=True)
         return session

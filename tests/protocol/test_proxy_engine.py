@@ -318,6 +318,42 @@ def test_read_timeout_starts_once_the_body_is_sent_not_during_a_slow_upload() ->
     run(main())
 
 
+def test_an_answer_before_the_whole_body_was_read_is_a_success_not_a_client_gone() -> None:
+    """An origin may answer (413, a redirect, ...) before it read the request body: the body's
+    sender is stopped, and the request is a success for the logging phase, not the
+    "downstream closed" a cancelled sender was mistaken for."""
+    class Logs(ToPort):
+        def __init__(self, port: int) -> None:
+            super().__init__(port)
+            self.errors: list[Optional[Error]] = []
+
+        async def logging(self, session: Session, e: Optional[Error], ctx: Any) -> None:
+            self.errors.append(e)
+
+    async def early(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n")
+        await w.drain()
+
+    async def main() -> None:
+        server, _ = await raw_origin(early)
+        proxy = Logs(port_of(server))
+        async with serving(http_proxy_service(None, proxy)) as (pport, _):
+            c = await Client.connect(pport)
+            await c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n"
+                         + b"x" * 65536)  # the rest never comes
+            r = await c.read_response()
+            assert r.status == 413
+            for _ in range(500):
+                if proxy.errors:
+                    break
+                await asyncio.sleep(0.01)
+            assert proxy.errors == [None], proxy.errors
+        server.close()
+    run(main())
+
+
 def test_upstream_refused_is_502_and_silent_is_504() -> None:
     async def main() -> None:
         # A port nobody listens on.
@@ -617,6 +653,8 @@ def test_a_1xx_from_a_phase_is_informational_and_never_the_final_response() -> N
 
     class Hints(ToPort):
         async def request_filter(self, session: Session, ctx: Any) -> bool:
+            if session.req_header.uri == "/error-103":
+                raise Error.new(ErrorType.HTTPStatus, status=103)
             if session.req_header.uri == "/hints":
                 await session.write_response_header(
                     ResponseHeader.build(103, [("Link", "</s.css>; rel=preload")]))
@@ -639,6 +677,9 @@ def test_a_1xx_from_a_phase_is_informational_and_never_the_final_response() -> N
                     assert r.status == 200 and r.body == b"hi", r.status
                 c = await Client.connect(pport)
                 r = await c.request("GET", "/one-hundred")
+                assert r.status == 500 and r.body == b""
+                c = await Client.connect(pport)
+                r = await c.request("GET", "/error-103")  # Error.new(..., status=103)
                 assert r.status == 500 and r.body == b""
     run(main())
 

@@ -189,6 +189,13 @@ def test_dash_t_cli(tmp_path) -> None:
     assert f"{bad}:2: services[0].bdy: unknown key (did you mean 'body'?)" in ko.stderr
 
 
+def test_a_static_status_must_be_a_final_one() -> None:
+    """A 1xx as a static service's only answer would make the next pipelined response seem
+    to answer the request."""
+    assert "services[0].status: must be between 200 and 599, got 103" in _errors(
+        "services:\n  - {name: s, type: static, listeners: ['127.0.0.1:1'], status: 103}\n")
+
+
 def test_dash_t_prints_every_error_in_one_run(tmp_path) -> None:
     """SPEC 2: -t prints every error. A file with a key error in one service still has the
     other services built (certificates, imports), so their errors show in the same run; a
