@@ -86,6 +86,21 @@ def test_titles_master_workers_background(app_factory) -> None:
         "pyngora: background sleeper"]
 
 
+def test_a_background_service_stopped_alone_by_sigterm_is_restarted(app_factory) -> None:
+    """A background service that returns because it was asked to stop (SIGTERM to its own
+    process) is restarted: only a start that returns on its own has finished its work."""
+    app = app_factory(THREADS="1", BG="1").serving()
+
+    def sleeper() -> list[int]:
+        return [p for p in children_of(app.proc.pid) if title(p) == "pyngora: background sleeper"]
+
+    (victim,) = wait_for(sleeper, 10, "the background process")
+    os.kill(victim, signal.SIGTERM)
+    wait_for(lambda: not alive(victim), 10, "the background process to stop")
+    (new,) = wait_for(sleeper, 10, "its replacement")
+    assert new != victim
+
+
 def test_killed_worker_is_replaced_and_queued_connection_answered(app_factory) -> None:
     app = app_factory(THREADS="1").serving()
     (victim,) = app.workers()
