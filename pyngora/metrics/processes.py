@@ -22,6 +22,13 @@ __all__ = ["ProcessesCollector"]
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LABELS = ["pid", "process"]
+# The gauges, in the order collect() fills them (prometheus-client's names and help texts).
+_GAUGES = (("process_virtual_memory_bytes", "Virtual memory size in bytes."),
+           ("process_resident_memory_bytes", "Resident memory size in bytes."),
+           ("process_start_time_seconds", "Start time of the process since unix epoch in "
+                                          "seconds."),
+           ("process_open_fds", "Number of open file descriptors."),
+           ("process_max_fds", "Maximum number of open file descriptors."))
 
 
 def _boot_time() -> float:
@@ -91,16 +98,8 @@ class ProcessesCollector:
     def collect(self) -> Iterable[Metric]:
         cpu = CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time "
                                   "spent in seconds.", labels=_LABELS)
-        vsz = GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
-                                labels=_LABELS)
-        rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in "
-                                "bytes.", labels=_LABELS)
-        start = GaugeMetricFamily("process_start_time_seconds", "Start time of the process "
-                                  "since unix epoch in seconds.", labels=_LABELS)
-        fds = GaugeMetricFamily("process_open_fds", "Number of open file descriptors.",
-                                labels=_LABELS)
-        maxfds = GaugeMetricFamily("process_max_fds", "Maximum number of open file "
-                                   "descriptors.", labels=_LABELS)
+        vsz, rss, start, fds, maxfds = (GaugeMetricFamily(name, doc, labels=_LABELS)
+                                        for name, doc in _GAUGES)
         try:
             boot = _boot_time()
             pids = [self.root] + sorted(_children(self.root))

@@ -171,29 +171,47 @@ def test_websocket_echo_tunnel() -> None:
     run(main())
 
 
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\n\r\n")
+
+
+def _half_closing(pushes: list[bytes], pause: float, saw: list[bytes],
+                  ended: asyncio.Event) -> Any:
+    """An origin that takes the upgrade, sends ``pushes`` (``pause`` s apart), half-closes,
+    then keeps what the client still sends (``saw``) until the client's EOF (``ended``)."""
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(_SWITCHING)
+        for data in pushes:
+            w.write(data)
+            if pause:
+                await asyncio.sleep(pause)
+        w.write_eof()
+        while data := await r.read(65536):
+            saw.append(data)
+        ended.set()
+    return handler
+
+
+async def _upgraded_client(port: int) -> Client:
+    """A client whose WebSocket upgrade the origin (behind the proxy on ``port``) took."""
+    c = await Client.connect(port)
+    await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\n\r\n")
+    status, _h, _ = await c.read_head()
+    assert status == 101
+    return c
+
+
 def test_tunnel_the_origin_half_closed_ends_when_the_client_stays_silent() -> None:
     """After the origin's FIN the client's direction goes on (half-close is forwarded), but
     its silence is bounded by read_timeout, or one client would hold both connections."""
     async def main() -> None:
         origin_saw: list[bytes] = []
         origin_eof = asyncio.Event()
-
-        async def half_closing(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\n\r\nbye")
-            w.write_eof()
-            while data := await r.read(65536):
-                origin_saw.append(data)
-            origin_eof.set()
-
-        server, _ = await raw_origin(half_closing)
+        server, _ = await raw_origin(_half_closing([b"bye"], 0.0, origin_saw, origin_eof))
         async with serving(proxy_to(port_of(server), read_timeout=0.5)) as (pport, _):
-            c = await Client.connect(pport)
-            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\n\r\n")
-            status, _h, _ = await c.read_head()
-            assert status == 101
+            c = await _upgraded_client(pport)
             assert await c.reader.readexactly(3) == b"bye"
             assert await asyncio.wait_for(c.reader.read(), 5) == b""  # the origin's FIN
             await c.send(b"late")  # the client's direction still flows...
@@ -218,26 +236,10 @@ def test_tunnel_a_client_silent_while_the_origin_pushed_may_still_answer_its_eof
     async def main() -> None:
         origin_saw: list[bytes] = []
         done = asyncio.Event()
-
-        async def pushing(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\n\r\n")
-            for _ in range(6):  # 0.9 s of pushing: longer than read_timeout
-                w.write(b"tick")
-                await asyncio.sleep(0.15)
-            w.write_eof()
-            while data := await r.read(65536):
-                origin_saw.append(data)
-            done.set()
-
-        server, _ = await raw_origin(pushing)
+        # 0.9 s of pushing: longer than read_timeout
+        server, _ = await raw_origin(_half_closing([b"tick"] * 6, 0.15, origin_saw, done))
         async with serving(proxy_to(port_of(server), read_timeout=0.5)) as (pport, _):
-            c = await Client.connect(pport)
-            await c.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\n\r\n")
-            status, _h, _ = await c.read_head()
-            assert status == 101
+            c = await _upgraded_client(pport)
             assert await asyncio.wait_for(c.reader.read(), 5) == b"tick" * 6  # then EOF
             await c.send(b"goodbye")
             c.writer.write_eof()
