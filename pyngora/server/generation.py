@@ -53,6 +53,8 @@ class Generation:
         self.boot_failures: dict[tuple[str, int], int] = {}
         self.respawn_at: dict[tuple[str, int], float] = {}
         self.ready_slots: set[tuple[str, int]] = set()
+        self.born = time.monotonic()
+        self.waiting_said = 0.0  # when the master last logged what this generation waits for
 
     def slots(self, svc: Service) -> int:
         return 1 if svc.is_background else self.conf.service_threads(svc.threads)

@@ -33,6 +33,8 @@ except ImportError:  # pragma: no cover - until the systemd room lands
     sd = None  # type: ignore[assignment]
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_WORKERS = 0, 1, 2, 3
+# A generation not ready after this long: log what waits for what (tests shorten it).
+WAIT_WARN_SECONDS = float(os.environ.get("PYNGORA_WAIT_WARN_SECONDS", "10"))
 MAX_BOOT_FAILURES = 5
 
 SIGNALS = {
@@ -345,6 +347,25 @@ class Master:
         self._notify("READY=1", f"STATUS=reload failed, generation {older[-1].number} serving")
         return True
 
+    def _say_what_waits(self, gen: Generation) -> None:
+        """A generation not ready after WAIT_WARN_SECONDS: say, every WAIT_WARN_SECONDS, which
+        services wait for which dependency (connections queue meanwhile on the listeners the
+        master holds; without this line nothing would say why they get no answer)."""
+        now = time.monotonic()
+        if now - gen.born < WAIT_WARN_SECONDS or now - gen.waiting_said < WAIT_WARN_SECONDS:
+            return
+        ready = {s.name for s in gen.services if gen.service_ready(s)}
+        waits = []
+        for svc in gen.services:
+            missing = [d.name for d in svc.dependencies if d.name not in ready]
+            if svc.name not in gen.started and missing:
+                waits.append(f"{svc.name} (for {', '.join(missing)})")
+        if waits:
+            gen.waiting_said = now
+            log.ERROR.warning("generation %d not serving after %.0f s: %s wait for their "
+                              "dependencies to be ready", gen.number, now - gen.born,
+                              "; ".join(waits))
+
     def _respawn_due(self) -> float:
         """Fork the replacements whose back-off is over; returns seconds to the next one."""
         now = time.monotonic()
@@ -424,6 +445,8 @@ class Master:
         """Act on generations that just became ready."""
         newest = self.gens[-1]
         if self.stopping or not newest.all_ready():
+            if not self.stopping:
+                self._say_what_waits(newest)
             return
         newest.served = True
         if not self._serving_reported:

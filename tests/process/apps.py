@@ -56,6 +56,13 @@ class Sleeper(BackgroundService):
         await shutdown
 
 
+class NeverReady(BackgroundService):
+    """Never finishes its first cycle (a prober that cannot reach anything, say)."""
+
+    async def start_with_ready_notifier(self, shutdown, ready):
+        await shutdown
+
+
 if __name__ == "__main__":
     server = Server(Opt.parse_args())
     server.bootstrap()
@@ -63,6 +70,10 @@ if __name__ == "__main__":
     svc.add_tcp("127.0.0.1:" + os.environ["PORT"])
     svc.threads = int(os.environ.get("THREADS", "2"))
     svc.work_stealing = os.environ.get("WORK_STEALING", "1") == "1"
+    if os.environ.get("NEVER_READY_DEP"):
+        dep = NeverReady("stuck")
+        svc.add_dependency(dep)
+        server.add_service(dep)
     server.add_service(svc)
     if os.environ.get("BG"):
         server.add_service(Sleeper("sleeper"))

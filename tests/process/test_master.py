@@ -101,6 +101,15 @@ def test_a_background_service_stopped_alone_by_sigterm_is_restarted(app_factory)
     assert new != victim
 
 
+def test_a_dependency_never_ready_is_named_in_the_log(app_factory) -> None:
+    """Clients queue on the listener the master holds while a service waits for its
+    dependency: the error log says which service waits for which, and keeps saying it."""
+    app = app_factory(THREADS="1", NEVER_READY_DEP="1", PYNGORA_WAIT_WARN_SECONDS="0.5")
+    line = "wait for their dependencies to be ready"
+    wait_for(lambda: app.log().count(line) >= 2, 20, "the waiting service named twice")
+    assert "web (for stuck)" in app.log() and app.workers() == []
+
+
 def test_killed_worker_is_replaced_and_queued_connection_answered(app_factory) -> None:
     app = app_factory(THREADS="1").serving()
     (victim,) = app.workers()
