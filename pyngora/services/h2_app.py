@@ -31,10 +31,12 @@ from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, Reques
 from pyngora.services.base import ConnectionTracker
 # H2Exchange and StreamHandle are re-exported: they lived here before they got their own module.
 from pyngora.services.h2_exchange import STREAM_HIGH_WATER, H2Exchange, StreamHandle, closed_error
-from pyngora.services.http_app import HttpApp, HttpSettings, error_status_of
+from pyngora.services.http_app import LINGER_SECONDS, HttpApp, HttpSettings, error_status_of
 from pyngora.services.send_timeout import SendWatch
 
 __all__ = ["H2Connection", "H2Exchange", "StreamHandle", "h2_limits"]
+
+_LINGER_TICK = 0.25  # how often a lingering close looks at its write buffer
 
 # Request start times and durations (metrics, access log): uvloop's loop.time() is in whole
 # milliseconds, cached per loop iteration, which would leave the histogram's lower buckets
@@ -61,7 +63,7 @@ class H2Connection(asyncio.Protocol):
     __slots__ = ("loop", "app", "settings", "tracker", "metrics", "scheme", "transport", "proto",
                  "client_addr", "server_addr", "closed", "_streams", "_write_paused",
                  "_read_paused", "_drain_waiting", "_flush_scheduled", "_timer",
-                 "_draining", "_initial", "_send_watch")
+                 "_draining", "_initial", "_send_watch", "_linger")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "https",
@@ -86,7 +88,9 @@ class H2Connection(asyncio.Protocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._draining = False
         self._initial = initial
-        self._send_watch: Optional[SendWatch] = None  # made on the first pause_writing
+        self._send_watch: Optional[SendWatch] = None
+        # Lingering close (see _close_lingering): [started, buffer empty since (or 0.0)].
+        self._linger: Optional[list[float]] = None  # made on the first pause_writing
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -349,7 +353,47 @@ class H2Connection(asyncio.Protocol):
                 t.write(data)
             self.closed = True
             self._cancel_timer()
+            self._close_lingering(t)
+
+    def _close_lingering(self, t: Any) -> None:
+        """FIN once what is buffered is written, then read (and discard) until the client's
+        EOF: Linux answers a close with unread input by a reset that destroys what the
+        client had not read yet, and an HTTP/2 client keeps sending WINDOW_UPDATEs while it
+        reads the end of a response (HTTP/1's _linger, for the same reason). Bounded:
+        LINGER_SECONDS once everything is written, send_timeout in all."""
+        try:
+            if not t.can_write_eof():  # TLS: its close_notify, no half-close
+                t.close()
+                return
+            t.write_eof()  # libuv shuts the socket down once the buffer is written
+            if self._read_paused:
+                self._read_paused = False
+                t.resume_reading()
+        except (OSError, RuntimeError):
             t.close()
+            return
+        now = self.loop.time()
+        self._linger = [now, 0.0]
+        self._timer = self.loop.call_later(_LINGER_TICK, self._linger_tick)
+
+    def _linger_tick(self) -> None:
+        self._timer = None
+        t, linger = self.transport, self._linger
+        if t is None or linger is None:
+            return
+        now = self.loop.time()
+        if t.get_write_buffer_size():
+            linger[1] = 0.0
+        elif not linger[1]:
+            linger[1] = now
+        limit = self.settings.send_timeout or LINGER_SECONDS
+        if (linger[1] and now - linger[1] >= LINGER_SECONDS) or now - linger[0] >= limit:
+            if t.get_write_buffer_size():
+                t.abort()  # a client that stopped reading: nothing more will be written
+            else:
+                t.close()
+            return
+        self._timer = self.loop.call_later(_LINGER_TICK, self._linger_tick)
 
     # ------------------------------------------------------------------ timers and reading
     def _arm(self, delay: Optional[float]) -> None:

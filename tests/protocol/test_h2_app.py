@@ -322,6 +322,28 @@ def test_goaway_on_close_when_idle_lets_the_in_flight_stream_finish() -> None:
     run(main())
 
 
+def test_the_close_after_draining_lingers_so_late_client_frames_cause_no_reset() -> None:
+    """After the final GOAWAY the server half-closes (FIN) and reads on until the client's
+    EOF: a client still sending (WINDOW_UPDATEs while it reads the end of a response) would
+    otherwise get a reset, and the kernel throws away what it had not read yet."""
+    async def main() -> None:
+        async with serving(StaticApp(200, (), "hi")) as (port, tracker, _m):
+            c = await H2Client.connect(port)
+            assert (await c.request()).status == 200
+            tracker.drain()
+            await asyncio.wait_for(c.closed.wait(), 10)  # the server's FIN
+            assert len(tracker) == 1  # still open: lingering until our EOF
+            ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+            for _ in range(5):  # a closed socket would answer the first with a reset
+                c.writer.write(ping)
+                await c.writer.drain()
+                await asyncio.sleep(0.02)
+            assert not c.writer.is_closing() and len(tracker) == 1
+            c.writer.close()  # our EOF: the server closes too
+            await asyncio.wait_for(tracker.wait_empty(), 10)
+    run(main())
+
+
 def test_idle_connection_drains_at_once_and_new_one_during_drain() -> None:
     async def main() -> None:
         async with serving(StaticApp(200, (), "hi")) as (port, tracker, _m):
