@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 import sys
+import time
 from typing import Optional
 
 ERROR = logging.getLogger("pyngora")
@@ -21,12 +22,35 @@ _error_path: Optional[str] = None
 _access_path: Optional[str] = None
 
 
+# A log file that cannot be written (a full disk): said on stderr at most this often.
+WRITE_ERROR_EVERY_SECONDS = 60.0
+
+
 class _ReopenableFileHandler(logging.StreamHandler):
     """Appends to a path; `reopen()` closes and reopens it (logrotate's copy-less rotation)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._error_said = -WRITE_ERROR_EVERY_SECONDS
+        self._lost = 0
         super().__init__(open(path, "a", buffering=1, encoding="utf-8"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A write that failed (ENOSPC, EIO): one line on stderr a minute, with the count of
+        lines lost meanwhile, as nginx does; logging's default prints a traceback per
+        record, which on a full disk cost 5 x the CPU of each request it logged."""
+        self._lost += 1
+        now = time.monotonic()
+        if now - self._error_said < WRITE_ERROR_EVERY_SECONDS:
+            return
+        self._error_said = now
+        exc = sys.exc_info()[1]
+        try:
+            sys.stderr.write(f"pyngora: cannot write {self.path}: {exc}; {self._lost} log "
+                             f"line(s) lost (said at most once a minute)\n")
+        except Exception:
+            pass
+        self._lost = 0
 
     def reopen(self) -> None:
         """Keeps writing to the old file when the new one cannot be opened (a missing
