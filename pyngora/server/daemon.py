@@ -69,9 +69,16 @@ def check_pid_file(path: str) -> None:
 def write_pid_file(path: str, pid: Optional[int] = None) -> None:
     """Atomic: write a temporary file beside it, then rename."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{pid or os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{pid or os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)  # (a full disk: no half-written file left behind)
+        except OSError:
+            pass
+        raise
 
 
 def remove_pid_file(path: str) -> None:

@@ -140,7 +140,11 @@ class Master:
             self._adopt_systemd()
         self._bind(self.gens[0])
         if not self.upgrade_mode:
-            daemon.write_pid_file(conf.pid_file)
+            try:
+                daemon.write_pid_file(conf.pid_file)
+            except OSError as e:
+                raise FatalError(f"cannot write pid_file {conf.pid_file}: {e.strerror or e}",
+                                 EXIT_CONFIG) from None
         self._spawn_ready_services(self.gens[0])
 
     def _prepare_metrics(self, fresh: bool) -> None:

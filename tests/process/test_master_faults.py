@@ -173,6 +173,21 @@ def test_a_background_service_whose_start_returns_is_done_not_crashed(tmp_path) 
         d.kill()
 
 
+@pytest.mark.parametrize("daemon", [False, True])
+def test_an_unwritable_pid_file_is_one_clear_line(tmp_path, daemon: bool) -> None:
+    """Like a port in use: the reason in one line (the launcher prints it with -d), exit 1,
+    no traceback."""
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port).replace("pid_file: p.pid", "pid_file: no-such-dir/p.pid"))
+    r = d.cmd(*(["-d"] if daemon else []))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "cannot write pid_file" in out and "No such file or directory" in out, out
+    assert "Traceback" not in out, out
+    assert not port_open(port)
+
+
 def test_reload_with_an_unbindable_listener_leaves_nothing_behind(tmp_path) -> None:
     port, extra = free_port(), free_port()
     holder = __import__("socket").socket()
