@@ -19,12 +19,13 @@ such figure (a Unix socket) keeps ``FIXED_HANDLES``.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from typing import Any, Callable, Optional
 
-__all__ = ["AcceptHandles", "keep_adjusting", "MAX_HANDLES", "FIXED_HANDLES", "SAMPLE_SECONDS",
-           "SHRINK_AFTER"]
+__all__ = ["AcceptHandles", "FdGuard", "keep_adjusting", "open_descriptors", "MAX_HANDLES",
+           "FIXED_HANDLES", "SAMPLE_SECONDS", "SHRINK_AFTER"]
 
 MAX_HANDLES = 16
 FIXED_HANDLES = 4        # where the queue cannot be read
@@ -54,7 +55,7 @@ class AcceptHandles:
     """The server handles of one listening socket in one worker."""
 
     __slots__ = ("loop", "own", "factory", "backlog", "ssl", "sharers", "handles", "adaptive",
-                 "closed", "_empty")
+                 "closed", "paused", "_empty")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  factory: Callable[[], Any], backlog: int, ssl: Any = None,
@@ -73,6 +74,7 @@ class AcceptHandles:
         self.handles: list[Any] = []
         self.adaptive = self.queued() is not None
         self.closed = False
+        self.paused = False  # out of descriptors soon: see FdGuard
         self._empty = 0
 
     async def open(self, sock: socket.socket) -> None:
@@ -89,7 +91,7 @@ class AcceptHandles:
         """One sample (every ``SAMPLE_SECONDS``): double the handles when more connections
         wait than one loop iteration of every worker on the socket takes; halve them after
         ``SHRINK_AFTER`` empty samples."""
-        if not self.adaptive or self.closed:
+        if not self.adaptive or self.closed or self.paused:
             return
         waiting = self.queued() or 0
         n = len(self.handles)
@@ -122,9 +124,77 @@ class AcceptHandles:
     def close(self) -> None:
         """Stop accepting (every handle); ``own`` stays open for the drain's last accepts."""
         self.closed = True
+        self._stop()
+
+    def pause(self) -> None:
+        """Stop accepting for now: new connections wait in the kernel's queue (or another
+        worker sharing it takes them)."""
+        if not self.paused and not self.closed:
+            self.paused = True
+            self._stop()
+
+    async def resume(self) -> None:
+        """Accept again (one handle; the sampler grows more when the queue asks for them)."""
+        if self.paused and not self.closed:
+            self.paused = False
+            await self._grow(1)
+
+    def _stop(self) -> None:
         for srv in self.handles:
             srv.close()
         self.handles.clear()
+
+
+class FdGuard:
+    """Stops a worker's accepting before it runs out of file descriptors, and starts it again
+    once enough are free (``ConnectionTracker.on_count``).
+
+    At EMFILE, libuv accepts and closes every connection queued on the socket (its "EMFILE
+    trick"): with work stealing that resets connections another worker of the same socket
+    could have served, and alone it resets clients that could have waited. nginx stops
+    accepting for a while instead; so does this, ``MARGIN`` descriptors before the limit
+    (what upstream dials and files need meanwhile), and resumes ``3 * MARGIN`` below it.
+    Descriptors are counted for real (/proc/self/fd), only from ``check_from`` connections
+    on and every ``EVERY`` changes (each count reads the whole descriptor table)."""
+
+    MARGIN = 32
+    EVERY = 8
+
+    __slots__ = ("loop", "sets", "limit", "check_from", "_changes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sets: list[AcceptHandles],
+                 limit: int) -> None:
+        self.loop = loop
+        self.sets = sets
+        self.limit = limit
+        self.check_from = max(1, (limit - 4 * self.MARGIN) // 2)
+        self._changes = 0
+
+    def __call__(self, connections: int) -> None:
+        paused = any(h.paused for h in self.sets)
+        if not paused and connections < self.check_from:
+            return
+        self._changes += 1
+        if self._changes < self.EVERY:
+            return
+        self._changes = 0
+        used = open_descriptors()
+        if used is None:
+            return
+        if not paused and used >= self.limit - self.MARGIN:
+            for h in self.sets:
+                h.pause()
+        elif paused and used <= self.limit - 3 * self.MARGIN:
+            for h in self.sets:
+                self.loop.create_task(h.resume())
+
+
+def open_descriptors() -> Optional[int]:
+    """This process's open file descriptors now (None where /proc cannot say)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 async def keep_adjusting(sets: list[AcceptHandles]) -> None:

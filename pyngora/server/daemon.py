@@ -10,11 +10,14 @@ well before systemd's own TimeoutStartSec (90 s by default) would kill a forking
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import sys
 import time
 from typing import Optional
+
+from pyngora import log
 
 START_TIMEOUT = 60.0
 EXIT_START_TIMEOUT = 1
@@ -247,3 +250,17 @@ def report(fd: int, ok: bool, message: str = "", code: int = 1) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def raise_nofile() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one, for the master and the workers it forks (as
+    Go does; a soft limit of 1024 is 500 proxied connections). Started by systemd, the unit's
+    LimitNOFILE sets both already."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            new = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            log.ERROR.info("open files limit raised from %d to %d", soft, new)
+    except (OSError, ValueError) as e:
+        log.ERROR.warning("cannot raise the open files limit: %s", e)

@@ -66,5 +66,16 @@ class Generation:
     def service_ready(self, svc: Service) -> bool:
         return all((svc.name, n) in self.ready_slots for n in range(self.slots(svc)))
 
+    def waiting_for_dependencies(self) -> str:
+        """"web (for health-web); ..." for the services not started because a dependency is
+        not ready ("" when none waits)."""
+        ready = {s.name for s in self.services if self.service_ready(s)}
+        waits = []
+        for svc in self.services:
+            missing = [d.name for d in svc.dependencies if d.name not in ready]
+            if svc.name not in self.started and missing:
+                waits.append(f"{svc.name} (for {', '.join(missing)})")
+        return "; ".join(waits)
+
     def all_ready(self) -> bool:
         return all(self.service_ready(s) for s in self.services)

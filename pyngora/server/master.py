@@ -128,6 +128,7 @@ class Master:
             setproctitle.setproctitle(self.title)
         except Exception:
             pass
+        daemon.raise_nofile()
         if not self.upgrade_mode:
             try:
                 daemon.check_pid_file(conf.pid_file)
@@ -358,17 +359,11 @@ class Master:
         now = time.monotonic()
         if now - gen.born < WAIT_WARN_SECONDS or now - gen.waiting_said < WAIT_WARN_SECONDS:
             return
-        ready = {s.name for s in gen.services if gen.service_ready(s)}
-        waits = []
-        for svc in gen.services:
-            missing = [d.name for d in svc.dependencies if d.name not in ready]
-            if svc.name not in gen.started and missing:
-                waits.append(f"{svc.name} (for {', '.join(missing)})")
+        waits = gen.waiting_for_dependencies()
         if waits:
             gen.waiting_said = now
             log.ERROR.warning("generation %d not serving after %.0f s: %s wait for their "
-                              "dependencies to be ready", gen.number, now - gen.born,
-                              "; ".join(waits))
+                              "dependencies to be ready", gen.number, now - gen.born, waits)
 
     def _respawn_due(self) -> float:
         """Fork the replacements whose back-off is over; returns seconds to the next one."""

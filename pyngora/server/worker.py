@@ -7,6 +7,7 @@ drains on SIGTERM/SIGQUIT (or when its master is gone), closes at once on SIGINT
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import sys
@@ -165,7 +166,7 @@ def _serve(spec: WorkerSpec, keep_fds: set[int]) -> int:
 
 async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
     import asyncio
-    from pyngora.server.accepting import AcceptHandles, keep_adjusting
+    from pyngora.server.accepting import AcceptHandles, FdGuard, keep_adjusting
     from pyngora.services.base import ReadyNotifier
     loop = asyncio.get_running_loop()
     service = spec.service
@@ -228,6 +229,9 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
                 await handles.open(sock)
                 servers.append(handles)
             sampler = loop.create_task(keep_adjusting(servers))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if servers and 0 < soft < 1 << 30:  # (not RLIM_INFINITY)
+                ctx.connections.on_count = FdGuard(loop, servers, soft)
         except Exception:
             log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
             return EXIT_BOOT_FAILED

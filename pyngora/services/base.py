@@ -61,22 +61,28 @@ class TrackedConnection(Protocol):
 class ConnectionTracker:
     """The live downstream connections of one worker, so draining can wait for them."""
 
-    __slots__ = ("_conns", "_empty", "draining")
+    __slots__ = ("_conns", "_empty", "draining", "on_count")
 
     def __init__(self) -> None:
         self._conns: set[TrackedConnection] = set()
         self._empty: Optional[asyncio.Event] = None
         self.draining = False
+        # Told the number of connections after each change (the worker's descriptor guard).
+        self.on_count: Optional[Callable[[int], None]] = None
 
     def add(self, conn: TrackedConnection) -> None:
         self._conns.add(conn)
         if self.draining:
             conn.close_when_idle()
+        if self.on_count is not None:
+            self.on_count(len(self._conns))
 
     def discard(self, conn: TrackedConnection) -> None:
         self._conns.discard(conn)
         if not self._conns and self._empty is not None:
             self._empty.set()
+        if self.on_count is not None:
+            self.on_count(len(self._conns))
 
     def __len__(self) -> int:
         return len(self._conns)

@@ -4,7 +4,9 @@ relative -c with -d, a pinned service shrunk by a reload."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,6 +188,36 @@ def test_an_unwritable_pid_file_is_one_clear_line(tmp_path, daemon: bool) -> Non
     assert "cannot write pid_file" in out and "No such file or directory" in out, out
     assert "Traceback" not in out, out
     assert not port_open(port)
+
+
+def test_a_worker_near_its_descriptor_limit_stops_accepting_and_resets_nobody(tmp_path) -> None:
+    """At EMFILE libuv accepts and closes every queued connection, also those another worker
+    of the same queue could serve. A worker near its limit stops accepting instead: the other
+    takes the queue, nobody is reset, and new clients are served."""
+    port = free_port()
+    d = Daemon(tmp_path)
+    d.write(_static(port, threads=2))
+
+    def low_limit() -> None:  # hard = soft: the master cannot raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    r = subprocess.run([sys.executable, "-m", "pyngora", "-c", "c.yaml", "-d"], cwd=tmp_path,
+                       env=d.env, capture_output=True, text=True, timeout=60,
+                       preexec_fn=low_limit)
+    held: list[socket.socket] = []
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        for _ in range(170):  # more than one worker can hold, fewer than both
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for c in held:  # a request on each: a reset one would fail here
+            c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for c in held:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200 "), "a held connection was reset"
+        assert get(port)[0] == 200
+    finally:
+        for c in held:
+            c.close()
+        d.kill()
 
 
 def test_reload_with_an_unbindable_listener_leaves_nothing_behind(tmp_path) -> None:
