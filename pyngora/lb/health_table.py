@@ -44,6 +44,7 @@ read-only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -74,11 +75,16 @@ def health_key(group: str, addr: str) -> str:
 
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # (a full disk: no temporary file left behind, one per retry)
+        raise
 
 
 class HealthTable:

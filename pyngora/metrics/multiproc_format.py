@@ -96,9 +96,16 @@ def write_file(path: str, entries: Iterable[tuple[str, float, float]]) -> None:
     """Replace ``path`` atomically with ``entries`` (temporary file + rename in the same dir)."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode(entries))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(encode(entries))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)  # (a full disk: no temporary file left behind)
+        except OSError:
+            pass
+        raise
 
 
 def own_path(directory: str, prefix: str, pid: int, role: str = "") -> str:
