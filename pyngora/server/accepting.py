@@ -160,20 +160,21 @@ class FdGuard:
     MARGIN = 32
     EVERY = 8
 
-    __slots__ = ("loop", "sets", "limit", "check_from", "_changes")
+    __slots__ = ("loop", "sets", "limit", "tracker", "check_from", "paused", "_changes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sets: list[AcceptHandles],
-                 limit: int) -> None:
+                 limit: int, tracker: Any) -> None:
         self.loop = loop
         self.sets = sets
         self.limit = limit
+        self.tracker = tracker  # the worker's ConnectionTracker: it calls us
         self.check_from = max(1, (limit - 4 * self.MARGIN) // 2)
+        self.paused = False
         self._changes = 0
+        tracker.on_count = self
+        tracker.count_from = self.check_from
 
     def __call__(self, connections: int) -> None:
-        paused = any(h.paused for h in self.sets)
-        if not paused and connections < self.check_from:
-            return
         self._changes += 1
         if self._changes < self.EVERY:
             return
@@ -181,10 +182,14 @@ class FdGuard:
         used = open_descriptors()
         if used is None:
             return
-        if not paused and used >= self.limit - self.MARGIN:
+        if not self.paused and used >= self.limit - self.MARGIN:
+            self.paused = True
+            self.tracker.count_from = 0  # every close counts now: resume in time
             for h in self.sets:
                 h.pause()
-        elif paused and used <= self.limit - 3 * self.MARGIN:
+        elif self.paused and used <= self.limit - 3 * self.MARGIN:
+            self.paused = False
+            self.tracker.count_from = self.check_from
             for h in self.sets:
                 self.loop.create_task(h.resume())
 

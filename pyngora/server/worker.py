@@ -231,7 +231,7 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             sampler = loop.create_task(keep_adjusting(servers))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             if servers and 0 < soft < 1 << 30:  # (not RLIM_INFINITY)
-                ctx.connections.on_count = FdGuard(loop, servers, soft)
+                FdGuard(loop, servers, soft, ctx.connections)
         except Exception:
             log.ERROR.error("worker %s failed to boot:\n%s", spec.title, traceback.format_exc())
             return EXIT_BOOT_FAILED

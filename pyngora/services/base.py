@@ -61,28 +61,32 @@ class TrackedConnection(Protocol):
 class ConnectionTracker:
     """The live downstream connections of one worker, so draining can wait for them."""
 
-    __slots__ = ("_conns", "_empty", "draining", "on_count")
+    __slots__ = ("_conns", "_empty", "draining", "on_count", "count_from")
 
     def __init__(self) -> None:
         self._conns: set[TrackedConnection] = set()
         self._empty: Optional[asyncio.Event] = None
         self.draining = False
-        # Told the number of connections after each change (the worker's descriptor guard).
+        # Told the number of connections after each change once there are ``count_from`` or
+        # more (the worker's descriptor guard; below that, a change costs one comparison).
         self.on_count: Optional[Callable[[int], None]] = None
+        self.count_from = 1 << 62
 
     def add(self, conn: TrackedConnection) -> None:
-        self._conns.add(conn)
+        conns = self._conns
+        conns.add(conn)
         if self.draining:
             conn.close_when_idle()
-        if self.on_count is not None:
-            self.on_count(len(self._conns))
+        if len(conns) >= self.count_from:
+            self.on_count(len(conns))  # type: ignore[misc]
 
     def discard(self, conn: TrackedConnection) -> None:
-        self._conns.discard(conn)
-        if not self._conns and self._empty is not None:
+        conns = self._conns
+        conns.discard(conn)
+        if not conns and self._empty is not None:
             self._empty.set()
-        if self.on_count is not None:
-            self.on_count(len(self._conns))
+        if len(conns) >= self.count_from:
+            self.on_count(len(conns))  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self._conns)
