@@ -381,6 +381,22 @@ class _Builder:
             self.fail(path + ("upstream",), f"no upstream group named {spec.upstream!r}")
         if not spec.app and not spec.routes and spec.upstream is None and len(names) != 1:
             self.fail(path + ("routes",), "needs routes, an upstream, or exactly one upstream group")
+        edits = spec.request_headers
+        for kind, names_ in (("set", [n for n, _ in edits.set]), ("add", [n for n, _ in edits.add]),
+                             ("remove", list(edits.remove))):
+            for name in names_:
+                why = _NOT_EDITABLE.get(name.lower())
+                if why is not None and not (kind == "set" and name.lower() == "host"):
+                    self.fail(path + ("request_headers", kind, name), why)
+
+
+# Request fields a configuration may not edit: pyngora frames the request and speaks the
+# connection's protocol itself (a "connection: close" it did not mean would still be
+# pooled); Host may be set, never removed (HTTP/1.1 requires one).
+_NOT_EDITABLE = {name: f"{name} is the connection's or the framing's, set by pyngora"
+                 for name in ("connection", "keep-alive", "proxy-connection", "te", "trailer",
+                              "transfer-encoding", "upgrade", "content-length")}
+_NOT_EDITABLE["host"] = "an HTTP/1.1 request needs a Host (set it instead)"
 
 
 _WILDCARDS = {"0.0.0.0", "::", ""}

@@ -147,6 +147,8 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
         raise Reject(0, "missing :scheme or :path")
     if path.translate(None, _PATH_CHARS):
         raise Reject(400, "invalid character in :path")
+    if b"#" in path:  # as over HTTP/1: a fragment is no part of a request target
+        raise Reject(400, "a fragment in :path")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise Reject(400, "request target is not origin-form")
     if len(hosts) > 1:

@@ -28,6 +28,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers, RequestHeader, ResponseHeader
 from pyngora.proxy import ProxyService
 from pyngora.proxy.phases import ProxyHttp
+from pyngora.proxy.route_path import route_path
 from pyngora.proxy.session import Session
 from pyngora.services.base import WorkerContext
 from pyngora.upstreams.peer import HttpPeer, PeerOptions
@@ -184,12 +185,15 @@ class DeclarativeProxy(ProxyHttp):
     def route(self, session: Session) -> Optional[_Group]:
         """The group of the first matching route (host and/or path prefix), else the default."""
         if self.routes:
-            host_b, path = session.host_and_path()
+            host_b, target = session.host_and_path()
+            path = route_path(target)  # "//admin", "/%61dmin", "/x/../admin": "/admin"
             host = host_b.decode("latin-1").lower()
             if host.startswith("["):
                 host = host[:host.find("]") + 1]
             else:
                 host = host.partition(":")[0]
+                if host.endswith("."):
+                    host = host[:-1]  # "example.com." is "example.com" (DNS's root label)
             for rhost, prefix, group in self.routes:
                 if rhost is not None and not (
                         rhost == host or (rhost[:2] == "*." and host.endswith(rhost[1:]))):
@@ -241,10 +245,13 @@ async def _request_edits(self: DeclarativeProxy, session: Session, up: RequestHe
                          ctx: Any) -> None:
     if self.forwarded:
         h = up.headers
-        ip = session.client_ip
-        if ip:
-            prior = h.get(b"x-forwarded-for")
-            h.set(b"X-Forwarded-For", prior + b", " + ip.encode() if prior else ip.encode())
+        # "unix:" for a Unix-socket client, as nginx's $remote_addr: appending nothing would
+        # make the client's own (perhaps forged) last entry look like ours.
+        ip = (session.client_ip or "unix:").encode()
+        # Every X-Forwarded-For line, joined (RFC 9110 5.3: one list): keeping only the first
+        # would drop the address a trusted proxy in front appended on a line of its own.
+        prior = b", ".join(h.get_all(b"x-forwarded-for"))
+        h.set(b"X-Forwarded-For", prior + b", " + ip if prior else ip)
         h.set(b"X-Forwarded-Proto", session.scheme.encode())
         host = session.req_header.headers.get(b"host")
         if host is not None:

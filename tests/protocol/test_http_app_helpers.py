@@ -21,6 +21,23 @@ def run(coro: Any, timeout: float = 20.0) -> Any:
 
 
 @contextlib.asynccontextmanager
+async def serving_unix(svc: Service, server_conf: Optional[ServerConf], path: str
+                       ) -> AsyncIterator[WorkerContext]:
+    """Start ``svc`` as one worker would, on a Unix socket at ``path``; yields the ctx."""
+    loop = asyncio.get_running_loop()
+    ctx = WorkerContext(svc, 0, 0, server_conf or ServerConf(), loop)
+    await svc.start_worker(ctx)
+    server = await loop.create_unix_server(
+        svc.protocol_factory(ctx, parse_address(f"unix:{path}")), path)
+    try:
+        yield ctx
+    finally:
+        server.close()
+        ctx.connections.abort_all()
+        await svc.stop_worker(ctx)
+
+
+@contextlib.asynccontextmanager
 async def serving(svc: Service, server_conf: Optional[ServerConf] = None,
                   accepted: Optional[list[int]] = None
                   ) -> AsyncIterator[tuple[int, WorkerContext]]:

@@ -212,3 +212,79 @@ def test_connect_is_501_and_reaches_no_upstream(fast: bool) -> None:
         server.close()
         assert first.startswith(b"HTTP/1.1 501 ") and rest == b"" and seen == [], (first, rest)
     run(main())
+
+
+async def _first(port: int, data: bytes) -> bytes:
+    """The first response to ``data`` (the connection is closed after it)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    try:
+        return await asyncio.wait_for(read_exact_response(r), 10)
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("target", [b"//admin", b"/./admin", b"/%61dmin", b"/%2Fadmin",
+                                    b"/public/../admin", b"/public/%2e%2e/admin", b"/admin/x",
+                                    b"http://a.test/../admin", b"http://a.test//admin"])
+def test_a_path_route_cannot_be_bypassed_by_spelling_the_path_otherwise(
+        fast: bool, target: bytes) -> None:
+    """Routes match the normalised path, as nginx's location does: the origin behind the
+    other route would resolve these to /admin and serve it. The client's own target still
+    goes upstream."""
+    async def main() -> None:
+        admin, aport, aseen = await _origin()
+        public, pport, pseen = await _origin()
+        ups = (f'      - {{name: admin, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
+               f'      - {{name: public, backends: [{{addr: "127.0.0.1:{pport}"}}]}}\n')
+        conf, svc = proxy_service_with(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
+                                       "      - {path_prefix: /, upstream: public}\n")
+        async with _serve(svc, conf, fast) as (port, _):
+            first = await _first(port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200 "), first
+        admin.close()
+        public.close()
+        assert pseen == [] and aseen, (target, pseen)
+    run(main())
+
+
+def test_a_host_route_matches_the_name_with_its_trailing_dot(fast: bool) -> None:
+    async def main() -> None:
+        api, aport, aseen = await _origin()
+        other, oport, oseen = await _origin()
+        ups = (f'      - {{name: api, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
+               f'      - {{name: other, backends: [{{addr: "127.0.0.1:{oport}"}}]}}\n')
+        conf, svc = proxy_service_with(ups, "    routes:\n      - {host: api.test, upstream: api}\n"
+                                       "      - {path_prefix: /, upstream: other}\n")
+        async with _serve(svc, conf, fast) as (port, _):
+            first = await _first(port, b"GET / HTTP/1.1\r\nHost: API.TEST.:8080\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200 "), first
+        api.close()
+        other.close()
+        assert oseen == [] and aseen
+    run(main())
+
+
+def test_forwarded_for_joins_every_line_and_names_a_unix_client(tmp_path: Any) -> None:
+    """X-Forwarded-For lines are one list (RFC 9110 5.3): all of them stay, ours appended;
+    a client on a Unix socket is appended as "unix:" (nginx's $remote_addr), so its own
+    last entry never passes for ours."""
+    from tests.protocol.test_http_app_helpers import serving_unix
+
+    async def main() -> None:
+        server, oport, seen = await _origin()
+        conf, svc = proxy_service_with(_one(oport), "    forwarded_headers: true\n")
+        async with _serve(svc, conf, False) as (port, _):
+            await _first(port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                               b"X-Forwarded-For: 10.0.0.9\r\n\r\n")
+        path = str(tmp_path / "p.sock")
+        async with serving_unix(svc, conf, path):
+            r, w = await asyncio.open_unix_connection(path)
+            w.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+            await asyncio.wait_for(read_exact_response(r), 10)
+            w.close()
+        server.close()
+        got = b"".join(seen).lower()
+        assert b"x-forwarded-for: 6.6.6.6, 10.0.0.9, 127.0.0.1\r\n" in got, got
+        assert b"x-forwarded-for: 6.6.6.6, unix:\r\n" in got, got
+    run(main())

@@ -196,6 +196,20 @@ def test_a_static_status_must_be_a_final_one() -> None:
         "services:\n  - {name: s, type: static, listeners: ['127.0.0.1:1'], status: 103}\n")
 
 
+def test_request_header_edits_may_not_touch_the_connection_or_the_framing() -> None:
+    """A configured "connection: close" was sent while the connection was pooled; a removed
+    Host made an invalid HTTP/1.1 request. Host may be set."""
+    text = _errors(
+        "services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
+        "    upstreams: [{name: o, backends: [{addr: '127.0.0.1:2'}]}]\n"
+        "    request_headers: {set: {Connection: close, Host: h, x-a: b}, remove: [host],"
+        " add: {transfer-encoding: chunked}}\n")
+    assert "request_headers.set.Connection: connection is the connection's" in text, text
+    assert "request_headers.remove.host: an HTTP/1.1 request needs a Host" in text, text
+    assert "request_headers.add.transfer-encoding:" in text, text
+    assert "set.Host" not in text and "x-a" not in text, text
+
+
 def test_dash_t_prints_every_error_in_one_run(tmp_path) -> None:
     """SPEC 2: -t prints every error. A file with a key error in one service still has the
     other services built (certificates, imports), so their errors show in the same run; a

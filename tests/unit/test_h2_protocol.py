@@ -309,6 +309,7 @@ def test_bad_headers_are_stream_errors_or_400() -> None:
         (GET + [(b"x-a", b"a\x7fb")], 0),
         ([(b":method", b"get")] + GET[1:], 400),          # "get" is no GET (HTTP/1: 400)
         (GET + [(b"content-length", b"0"), (b"content-length", b"0")], 400),
+        (GET[:3] + [(b":path", b"/admin#frag")], 400),    # a fragment, as HTTP/1
     ]
     data = b"".join(_raw_request(enc, 1 + 2 * i, f) for i, (f, _) in enumerate(cases))
     p.events += p.server.feed(data)
@@ -327,7 +328,7 @@ def test_bad_headers_are_stream_errors_or_400() -> None:
             assert resets[sid] == PROTOCOL_ERROR
         else:
             assert statuses[sid] == str(status).encode()
-    assert not p.server.closed  # 18 bad requests of 18 streams, under the abuse threshold
+    assert not p.server.closed  # 19 bad requests of 19 streams, under the abuse threshold
 
 
 def test_bad_trailers_and_content_length_mismatch() -> None:
