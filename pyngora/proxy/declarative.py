@@ -131,7 +131,15 @@ class _Group:
         """The address of the backend for this request (None: none available)."""
         bal = self.balancer
         if bal is not None:
-            backend = bal.select(self.key(session) if self._hashed else b"")
+            key = self.key(session) if self._hashed else b""
+            tried = session.tried
+            backend = None
+            if tried and self._hashed:
+                # A retry: the hash would give the backend that just failed again; the next
+                # usable one not tried yet instead (nginx's proxy_next_upstream).
+                backend = bal.select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
+            if backend is None:
+                backend = bal.select(key)
             return None if backend is None else backend.addr
         return next(self._rr) if self._rr is not None else None
 
@@ -219,6 +227,10 @@ class DeclarativeProxy(ProxyHttp):
         if addr is None:
             raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
                         f"no healthy backend in upstream {group.name!r}")
+        if group._hashed:
+            if session.tried is None:
+                session.tried = set()
+            session.tried.add(addr)
         if self._shared_peers:
             peer = group._peers.get(addr)
             if peer is None:

@@ -29,7 +29,7 @@ class Session:
     __slots__ = ("exchange", "_req_header", "client_addr", "server_addr", "scheme",
                  "peer", "upstream_status", "retries", "body_bytes_sent_upstream",
                  "_retry_buf", "_retry_size", "_retry_truncated", "_body_finished",
-                 "service", "max_retries")
+                 "service", "max_retries", "tried")
 
     # Request body bytes kept so that a failed attempt can be retried with the same body.
     RETRY_BUFFER_LIMIT = 64 * 1024
@@ -46,6 +46,8 @@ class Session:
         self.upstream_status = 0
         self.retries = 0
         self.max_retries: Optional[int] = None  # per-request override of the server's
+        # Backend addresses this request's attempts went to (a balancer skips them on a retry).
+        self.tried: Optional[set[str]] = None
         self.body_bytes_sent_upstream = 0
         self._retry_buf: list[bytes] = []
         self._retry_size = 0

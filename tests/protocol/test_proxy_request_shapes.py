@@ -288,3 +288,34 @@ def test_forwarded_for_joins_every_line_and_names_a_unix_client(tmp_path: Any) -
         assert b"x-forwarded-for: 6.6.6.6, 10.0.0.9, 127.0.0.1\r\n" in got, got
         assert b"x-forwarded-for: 6.6.6.6, unix:\r\n" in got, got
     run(main())
+
+
+@pytest.mark.parametrize("selection", ["fnv", "consistent"])
+def test_a_hashed_group_retries_on_the_backends_not_tried_yet(fast: bool, selection: str) -> None:
+    """The hash gives the same backend on every attempt: a retry takes the next one not
+    tried yet (nginx's proxy_next_upstream) instead of the one that just lost the request."""
+    async def main() -> None:
+        # Not refused (a connect failure marks the backend down), but lost: each origin
+        # accepts, reads the request and closes without a response byte.
+        resets = []
+        for _ in range(3):
+            seen: list[bytes] = []
+
+            async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                              seen: list[bytes] = seen) -> None:
+                seen.append(await r.readuntil(b"\r\n\r\n"))
+                w.close()
+            srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+            resets.append((srv, srv.sockets[0].getsockname()[1], seen))
+        backends = ", ".join(f'{{addr: "127.0.0.1:{p}"}}' for _, p, _ in resets)
+        conf, svc = proxy_service_with(
+            f"      - {{name: o, backends: [{backends}], selection: {selection}, "
+            "hash_key: uri}\n")
+        async with _serve(svc, conf, fast) as (port, _):
+            first = await _first(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        for srv, _, _ in resets:
+            srv.close()
+        assert first.startswith(b"HTTP/1.1 502 "), first
+        tries = [len(seen) for _, _, seen in resets]
+        assert sum(tries) == 4 and min(tries) >= 1, tries  # every backend was tried
+    run(main())
