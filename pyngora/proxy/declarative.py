@@ -136,8 +136,11 @@ class _Group:
             backend = None
             if tried and self._hashed:
                 # A retry: the hash would give the backend that just failed again; the next
-                # usable one not tried yet instead (nginx's proxy_next_upstream).
-                backend = bal.select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
+                # usable one not tried yet instead (nginx's proxy_next_upstream). A balancer
+                # of the hook without select_with keeps its own choice.
+                select_with = getattr(bal, "select_with", None)
+                if select_with is not None:
+                    backend = select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
             if backend is None:
                 backend = bal.select(key)
             return None if backend is None else backend.addr
