@@ -165,18 +165,32 @@ def test_an_http10_upgrade_request_is_an_ordinary_request(fast: bool, keep_alive
     run(main())
 
 
+_ADMIN_ROUTES = ("      - {path_prefix: /admin, upstream: admin}\n"
+                 "      - {path_prefix: /, upstream: public}\n")
+
+
+async def _routed(routes: str, *names: str) -> tuple[dict[str, tuple[Any, list[bytes]]], Any,
+                                                       Any]:
+    """An origin per upstream group ``names`` and a proxy with ``routes`` (YAML list items):
+    ({name: (server, what it received)}, conf, service)."""
+    origins = {}
+    ups = ""
+    for name in names:
+        server, port, seen = await _origin()
+        origins[name] = (server, seen)
+        ups += f'      - {{name: {name}, backends: [{{addr: "127.0.0.1:{port}"}}]}}\n'
+    conf, svc = proxy_service_with(ups, "    routes:\n" + routes)
+    return origins, conf, svc
+
+
 def test_absolute_form_is_routed_by_its_path_and_goes_up_as_origin_form(fast: bool) -> None:
     async def main() -> None:
-        admin, aport, aseen = await _origin()
-        public, pport, pseen = await _origin()
-        ups = (f'      - {{name: admin, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
-               f'      - {{name: public, backends: [{{addr: "127.0.0.1:{pport}"}}]}}\n')
-        conf, svc = proxy_service_with(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
-                                  "      - {path_prefix: /, upstream: public}\n")
+        origins, conf, svc = await _routed(_ADMIN_ROUTES, "admin", "public")
         async with _serve(svc, conf, fast) as (port, _):
             first, _rest = await _send(port, b"GET http://a.test/admin/x?q=1 HTTP/1.1\r\n"
                                              b"Host: a.test\r\n\r\n")
             assert first.startswith(b"HTTP/1.1 200 "), first
+        (admin, aseen), (public, pseen) = origins["admin"], origins["public"]
         admin.close()
         public.close()
         assert pseen == [] and b"".join(aseen).startswith(b"GET /admin/x?q=1 HTTP/1.1\r\n")
@@ -233,15 +247,11 @@ def test_a_path_route_cannot_be_bypassed_by_spelling_the_path_otherwise(
     other route would resolve these to /admin and serve it. The client's own target still
     goes upstream."""
     async def main() -> None:
-        admin, aport, aseen = await _origin()
-        public, pport, pseen = await _origin()
-        ups = (f'      - {{name: admin, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
-               f'      - {{name: public, backends: [{{addr: "127.0.0.1:{pport}"}}]}}\n')
-        conf, svc = proxy_service_with(ups, "    routes:\n      - {path_prefix: /admin, upstream: admin}\n"
-                                       "      - {path_prefix: /, upstream: public}\n")
+        origins, conf, svc = await _routed(_ADMIN_ROUTES, "admin", "public")
         async with _serve(svc, conf, fast) as (port, _):
             first = await _first(port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
             assert first.startswith(b"HTTP/1.1 200 "), first
+        (admin, aseen), (public, pseen) = origins["admin"], origins["public"]
         admin.close()
         public.close()
         assert pseen == [] and aseen, (target, pseen)
@@ -250,15 +260,13 @@ def test_a_path_route_cannot_be_bypassed_by_spelling_the_path_otherwise(
 
 def test_a_host_route_matches_the_name_with_its_trailing_dot(fast: bool) -> None:
     async def main() -> None:
-        api, aport, aseen = await _origin()
-        other, oport, oseen = await _origin()
-        ups = (f'      - {{name: api, backends: [{{addr: "127.0.0.1:{aport}"}}]}}\n'
-               f'      - {{name: other, backends: [{{addr: "127.0.0.1:{oport}"}}]}}\n')
-        conf, svc = proxy_service_with(ups, "    routes:\n      - {host: api.test, upstream: api}\n"
-                                       "      - {path_prefix: /, upstream: other}\n")
+        origins, conf, svc = await _routed("      - {host: api.test, upstream: api}\n"
+                                           "      - {path_prefix: /, upstream: other}\n",
+                                           "api", "other")
         async with _serve(svc, conf, fast) as (port, _):
             first = await _first(port, b"GET / HTTP/1.1\r\nHost: API.TEST.:8080\r\n\r\n")
             assert first.startswith(b"HTTP/1.1 200 "), first
+        (api, aseen), (other, oseen) = origins["api"], origins["other"]
         api.close()
         other.close()
         assert oseen == [] and aseen
