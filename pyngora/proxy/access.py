@@ -17,6 +17,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from pyngora.services.http_exchange import request_clock
+
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.errors import Error
     from pyngora.proxy.session import Session
@@ -54,7 +56,7 @@ def _fields(session: "Session") -> tuple[str, str, str, int, int, float]:
     addr = session.client_addr
     remote = addr[0] if isinstance(addr, tuple) and addr else (addr or "-")
     status = ex.status
-    duration = max(time.perf_counter() - ex.start_time, 0.0)
+    duration = max(request_clock() - ex.start_time, 0.0)
     request = (f"{head.method.decode('latin-1')} {_quote(head.target)} "
                f"HTTP/{head.version}")
     return remote, request, _time_local(time.time()), status, ex.resp_bytes, duration

@@ -20,7 +20,6 @@ guarantees:
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Awaitable, Optional
 
 from pyngora import log
@@ -31,17 +30,13 @@ from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, Reques
 from pyngora.services.base import ConnectionTracker
 # H2Exchange and StreamHandle are re-exported: they lived here before they got their own module.
 from pyngora.services.h2_exchange import STREAM_HIGH_WATER, H2Exchange, StreamHandle, closed_error
+from pyngora.services.http_exchange import request_clock
 from pyngora.services.http_app import LINGER_SECONDS, HttpApp, HttpSettings, error_status_of
 from pyngora.services.send_timeout import SendWatch
 
 __all__ = ["H2Connection", "H2Exchange", "StreamHandle", "h2_limits"]
 
 _LINGER_TICK = 0.25  # how often a lingering close looks at its write buffer
-
-# Request start times and durations (metrics, access log): uvloop's loop.time() is in whole
-# milliseconds, cached per loop iteration, which would leave the histogram's lower buckets
-# meaningless.
-_clock = time.perf_counter
 
 # How long the graceful GOAWAY waits for the PING's ACK before the final GOAWAY.
 SHUTDOWN_PING_SECONDS = 1.0
@@ -88,9 +83,9 @@ class H2Connection(asyncio.Protocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._draining = False
         self._initial = initial
-        self._send_watch: Optional[SendWatch] = None
+        self._send_watch: Optional[SendWatch] = None  # made on the first pause_writing
         # Lingering close (see _close_lingering): [started, buffer empty since (or 0.0)].
-        self._linger: Optional[list[float]] = None  # made on the first pause_writing
+        self._linger: Optional[list[float]] = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -208,7 +203,7 @@ class H2Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ streams
     def _start(self, head: RequestHead) -> None:
         self._cancel_timer()
-        ex = H2Exchange(self, head, _clock())
+        ex = H2Exchange(self, head, request_clock())
         self._streams[head.stream_id] = ex
         try:
             result: Optional[Awaitable[None]] = self.app.handle(ex)  # type: ignore[arg-type]
@@ -256,7 +251,7 @@ class H2Connection(asyncio.Protocol):
 
     def _exchange_done(self, ex: H2Exchange) -> None:
         if self.metrics is not None:
-            self.metrics.request_done(ex.status, _clock() - ex.start_time,
+            self.metrics.request_done(ex.status, request_clock() - ex.start_time,
                                       ex.req_bytes, ex.resp_bytes)
 
     def _stream_gone(self, ex: H2Exchange, err: Error) -> None:
@@ -275,7 +270,7 @@ class H2Connection(asyncio.Protocol):
             if not ex.finished:
                 ex.finished = True
                 if self.metrics is not None:
-                    self.metrics.request_done(0, _clock() - ex.start_time,
+                    self.metrics.request_done(0, request_clock() - ex.start_time,
                                               ex.req_bytes, ex.resp_bytes)
             self._release(ex)
 

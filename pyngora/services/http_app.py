@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -54,16 +53,12 @@ from pyngora.services.http_exchange import (  # noqa: F401 - re-exported
     _downstream_error,
     error_response,
     error_status_of,
+    request_clock,
     status_line)
 from pyngora.services.send_timeout import SendWatch
 
 __all__ = ["HttpApp", "HttpSettings", "Exchange", "Tunnel", "H1Connection", "HttpService",
            "error_status_of"]
-
-# Request start times and durations (metrics, access log): uvloop's loop.time() is in whole
-# milliseconds, cached per loop iteration, which would leave the histogram's lower buckets
-# meaningless.
-_clock = time.perf_counter
 
 
 class H1Connection(asyncio.Protocol):
@@ -303,7 +298,7 @@ class H1Connection(asyncio.Protocol):
             self._arm(self.settings.body_read_timeout, self._on_body_timeout)
         self._state = _S_ACTIVE
         self._requests += 1
-        ex = Exchange(self, head, _clock())
+        ex = Exchange(self, head, request_clock())
         self._exchange = ex
         # Events up to this request's MessageEnd are its own (a body-less request has one too:
         # leaving it queued would look like a pipelined request and pause reading).
@@ -387,7 +382,7 @@ class H1Connection(asyncio.Protocol):
     def _exchange_done(self, ex: Exchange) -> None:
         """Called once per exchange when its response is complete (or given up)."""
         if self.metrics is not None:
-            self.metrics.request_done(ex.status, _clock() - ex.start_time,
+            self.metrics.request_done(ex.status, request_clock() - ex.start_time,
                                       ex.req_bytes, ex.resp_bytes)
         if ex is not self._exchange:
             return
