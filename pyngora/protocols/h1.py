@@ -31,7 +31,7 @@ import httptools
 from pyngora.headers import Headers
 from pyngora.protocols.events import Data, Event, MessageEnd, RequestHead
 
-__all__ = ["H1Limits", "ProtocolError", "RequestParser", "ResponseParser",
+__all__ = ["H1Limits", "Known", "ProtocolError", "RequestParser", "ResponseParser", "known_head",
            "serialize_request_head", "serialize_response_head", "encode_chunk",
            "encode_last_chunk", "remove_hop_by_hop", "origin_form", "HOP_BY_HOP",
            "H2_PREFACE"]
@@ -104,12 +104,23 @@ _GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, b
 # gave. Clients repeat their heads byte for byte (the same page, the same keep-alive client),
 # and a verdict depends on the bytes and the limits alone, so a repeat skips llhttp and the
 # callbacks (RequestParser.feed). Bounded in entries and in the size of what it keeps.
-_SEEN: dict[bytes, tuple[tuple[int, int, Optional[int]], bytes, bytes,
-                         tuple[tuple[bytes, bytes], ...], tuple[bytes, ...], bool]] = {}
+Known = tuple[tuple[int, int, Optional[int]], bytes, bytes, tuple[tuple[bytes, bytes], ...],
+              tuple[bytes, ...], bool]
+_SEEN: dict[bytes, Known] = {}
 _SEEN_MAX = 512
 _SEEN_BYTES = 2048
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def known_head(seen: Known, data: bytes) -> RequestHead:
+    """A fresh RequestHead of a known request (see _SEEN): its own Headers, ``raw`` = data."""
+    headers = _new_headers(Headers)
+    headers._items = list(seen[3])
+    headers._keys = list(seen[4])
+    head = RequestHead(seen[1], seen[2], "1.1", headers, seen[5], "none", None)
+    head.raw = data
+    return head
 
 
 def _is_chunked(te: bytes) -> bool:
@@ -134,7 +145,7 @@ class RequestParser:
 
     __slots__ = ("_max_head", "_max_headers", "_max_body", "_stopped",
                  "_p", "_events", "_url", "_items", "_keys", "_in_head",
-                 "_in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
+                 "in_message", "_head_size", "_head_fed", "_uncertain", "_completed",
                  "_hosts", "_host", "_cl", "_te", "_expect", "_trailers", "_tkeys",
                  "_chunked", "_body_seen", "_keep_alive", "_error", "_closed", "upgraded",
                  "_trailing", "_stall", "_limits", "_boundary", "_rewritten", "_priming")
@@ -151,7 +162,8 @@ class RequestParser:
         self._items: list[tuple[bytes, bytes]] = []
         self._keys: list[bytes] = []
         self._in_head = False       # a request began and its head is not complete yet
-        self._in_message = False    # a request began and has not ended yet
+        # A request began and has not ended yet (a timeout then means 408 / abort).
+        self.in_message = False
         self._head_size = 0         # exact bytes of the head seen through the callbacks
         self._head_fed = 0          # bytes fed while a head stayed incomplete (see feed)
         self._uncertain = False     # the current head began after another request ended in the same feed
@@ -192,21 +204,14 @@ class RequestParser:
         if self._boundary:
             seen = _SEEN.get(data)
             if seen is not None and seen[0] == self._limits:
-                headers = _new_headers(Headers)
-                headers._items = list(seen[3])
-                headers._keys = list(seen[4])
-                keep_alive = seen[5]
-                head = RequestHead(seen[1], seen[2], "1.1", headers, keep_alive, "none", None)
-                head.raw = data
-                if not keep_alive:  # as on_message_complete: later bytes are ignored
-                    self._keep_alive = False
-                    self._closed = self._stopped = True
-                return [head, MessageEnd(None)]
+                if not seen[5]:
+                    self.took_known()
+                return [known_head(seen, data), MessageEnd(None)]
             self._boundary = False
         events: list[Event] = []
         self._events = events
         self._completed = 0
-        fresh = not self._in_message
+        fresh = not self.in_message
         fed: "bytes | memoryview" = data
         while True:  # more than one turn only after upgrade requests with a body
             try:
@@ -278,7 +283,7 @@ class RequestParser:
                     if (not head.expect_continue and not head.upgrade  # type: ignore[union-attr]
                             and len(data) <= _SEEN_BYTES):
                         self._remember(data, head)  # type: ignore[arg-type]
-        elif self._in_message:
+        elif self.in_message:
             # Body bytes that produced nothing: chunk lines or trailers, which llhttp may be
             # buffering (a trailer value that never ends). Bounded like a head.
             self._stall += len(data)
@@ -290,9 +295,28 @@ class RequestParser:
         """The client half-closed. Returns [] between requests; a partial request -> 400."""
         if self._error is not None:
             raise self._error
-        if self._in_message and not self.upgraded and not self._closed:
+        if self.in_message and not self.upgraded and not self._closed:
             self._reject_now(400, "connection closed in the middle of a request", [])
         return []
+
+    def known(self, data: bytes) -> Optional[Known]:
+        """What ``feed(data)`` would give without llhttp (see _SEEN), or None: it would parse.
+
+        Changes nothing: a caller that serves the request itself (the proxy's express lane)
+        then calls :meth:`took_known` when the request closes the connection, as ``feed``
+        would have noted."""
+        if self._stopped or not self._boundary:
+            return None
+        seen = _SEEN.get(data)
+        if seen is None or seen[0] != self._limits:
+            return None
+        return seen
+
+    def took_known(self) -> None:
+        """A known request that closes the connection was taken: as on_message_complete,
+        later bytes are ignored."""
+        self._keep_alive = False
+        self._closed = self._stopped = True
 
     def take_trailing(self) -> bytes:
         """After an upgrade: the bytes that followed the request head (to tunnel); clears them."""
@@ -306,11 +330,6 @@ class RequestParser:
         self._stopped = True
         self._p = None
         self._events = []
-
-    @property
-    def in_message(self) -> bool:
-        """True while a request has begun and not ended (a timeout then means 408 / abort)."""
-        return self._in_message
 
     # -- internals -------------------------------------------------------------------------
     def _remember(self, data: bytes, head: RequestHead) -> None:
@@ -368,7 +387,7 @@ class RequestParser:
         if self._closed:
             raise _Stop()
         self._in_head = True
-        self._in_message = True
+        self.in_message = True
         self._uncertain = self._completed > 0
         self._head_fed = 0
         self._head_size = 16  # request line overhead (method, spaces, version, CRLF)
@@ -572,7 +591,7 @@ class RequestParser:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
-        self._in_message = False
+        self.in_message = False
         self._completed += 1
         trailers = self._trailers
         if trailers is None:

@@ -28,13 +28,13 @@ class ResponseParser:
     "chunked" or "close" (ends at EOF: call ``feed_eof``).
     """
 
-    __slots__ = ("_limits", "_p", "_method", "_state", "_buf", "_events", "_items", "_keys",
+    __slots__ = ("limits", "_p", "_method", "_state", "_buf", "_events", "_items", "_keys",
                  "_reason", "_cl", "_te", "_status", "_skip_body", "_tunnel", "_framing",
-                 "_keep_alive", "_error", "_leftover", "_unsolicited", "_seen", "upgraded",
-                 "_trailing", "_trailers", "_tkeys", "_head_done", "_stall")
+                 "_keep_alive", "_error", "_leftover", "_unsolicited", "response_started",
+                 "upgraded", "_trailing", "_trailers", "_tkeys", "_head_done", "_stall")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
-        self._limits = limits or _DEFAULT_LIMITS
+        self.limits = limits or _DEFAULT_LIMITS  # (read by the connection's take_whole)
         self._p: Optional[httptools.HttpResponseParser] = None
         self._method = b"GET"
         self._state = _IDLE
@@ -53,7 +53,8 @@ class ResponseParser:
         self._error: Optional[ProtocolError] = None
         self._leftover = b""
         self._unsolicited = False
-        self._seen = False
+        # True once any byte of the current response arrived (no safe retry after that)
+        self.response_started = False
         self.upgraded = False
         self._trailing = b""
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
@@ -72,13 +73,9 @@ class ResponseParser:
         self._stall = 0
         self._buf = self._leftover
         self._leftover = b""
-        self._seen = bool(self._buf)
+        self.response_started = bool(self._buf)
         if self._p is None:
             self._p = httptools.HttpResponseParser(self)
-
-    @property
-    def limits(self) -> H1Limits:
-        return self._limits
 
     def taken_whole(self, keep_alive: bool) -> None:
         """The response was read whole elsewhere (``h1_splice.WholeResponses``, after
@@ -86,12 +83,7 @@ class ResponseParser:
         alive or not."""
         self._state = _DONE
         self._keep_alive = keep_alive
-        self._seen = True
-
-    @property
-    def response_started(self) -> bool:
-        """True once any byte of the current response arrived (no safe retry after that)."""
-        return self._seen
+        self.response_started = True
 
     @property
     def reusable(self) -> bool:
@@ -109,13 +101,13 @@ class ResponseParser:
         if state == _IDLE or state == _DONE:
             if data:
                 self._unsolicited = True  # bytes nobody asked for: do not reuse the connection
-                if len(self._leftover) < self._limits.max_header_bytes:  # bounded
+                if len(self._leftover) < self.limits.max_header_bytes:  # bounded
                     self._leftover += data
             return []
         events: list[Event] = []
         self._events = events
         if data:
-            self._seen = True
+            self.response_started = True
         try:
             if state == _HEAD:
                 self._head_input(data)
@@ -125,7 +117,7 @@ class ResponseParser:
                     self._stall = 0
                 else:  # chunk lines / trailers that llhttp may be buffering: bounded
                     self._stall += len(data)
-                    if self._stall > self._limits.max_header_bytes:
+                    if self._stall > self.limits.max_header_bytes:
                         raise ProtocolError(502, "upstream chunk lines or trailers too large")
         except ProtocolError as err:
             err.events = events
@@ -163,7 +155,7 @@ class ResponseParser:
     # -- internals -------------------------------------------------------------------------
     def _head_input(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        limit = self._limits.max_header_bytes
+        limit = self.limits.max_header_bytes
         pos = 0  # where the next head starts in buf (after 1xx heads)
         while True:
             end = buf.find(b"\r\n\r\n", pos)
@@ -275,7 +267,7 @@ class ResponseParser:
         if self._trailers is None:
             self._trailers = []
             self._tkeys = []
-        elif len(self._trailers) >= self._limits.max_headers:
+        elif len(self._trailers) >= self.limits.max_headers:
             self._reject("too many trailer fields in upstream response")
         self._trailers.append((name, value))
         self._tkeys.append(key)
@@ -284,7 +276,7 @@ class ResponseParser:
         self._head_done = True
         p = self._p
         assert p is not None
-        if len(self._items) > self._limits.max_headers:
+        if len(self._items) > self.limits.max_headers:
             self._reject("too many header fields in upstream response")
         status = p.get_status_code()
         self._status = status

@@ -127,24 +127,46 @@ class _Group:
         backends = getattr(self.balancer, "backends", None)
         return max(len(backends()) if callable(backends) else 0, 1)
 
+    def next_addr(self) -> Optional[str]:
+        """``pick`` for a group that hashes nothing (the express lane has no Session)."""
+        bal = self.balancer
+        if bal is not None:
+            backend = bal.select(b"")
+            return None if backend is None else backend.addr
+        return next(self._rr) if self._rr is not None else None
+
     def pick(self, session: Session) -> Optional[str]:
         """The address of the backend for this request (None: none available)."""
         bal = self.balancer
-        if bal is not None:
-            key = self.key(session) if self._hashed else b""
-            tried = session.tried
-            backend = None
-            if tried and self._hashed:
-                # A retry: the hash would give the backend that just failed again; the next
-                # usable one not tried yet instead (nginx's proxy_next_upstream). A balancer
-                # of the hook without select_with keeps its own choice.
-                select_with = getattr(bal, "select_with", None)
-                if select_with is not None:
-                    backend = select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
-            if backend is None:
-                backend = bal.select(key)
-            return None if backend is None else backend.addr
-        return next(self._rr) if self._rr is not None else None
+        if bal is None or not self._hashed:
+            return self.next_addr()
+        key = self.key(session)
+        tried = session.tried
+        backend = None
+        if tried:
+            # A retry: the hash would give the backend that just failed again; the next
+            # usable one not tried yet instead (nginx's proxy_next_upstream). A balancer
+            # of the hook without select_with keeps its own choice.
+            select_with = getattr(bal, "select_with", None)
+            if select_with is not None:
+                backend = select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
+        if backend is None:
+            backend = bal.select(key)
+        return None if backend is None else backend.addr
+
+    def shared_peer(self, addr: str) -> HttpPeer:
+        """The prebuilt peer of ``addr`` (DeclarativeProxy's own classes only: see _peers)."""
+        peer = self._peers.get(addr)
+        if peer is None:
+            peer = self.peer(addr)
+            if addr in self.backends:  # discovered addresses come and go: not kept
+                self._peers[addr] = peer
+        return peer
+
+    def max_retries(self) -> int:
+        """``Session.max_retries`` for a request to this group."""
+        retries = self.retries
+        return retries if retries is not None else self.discovered_retries()
 
     def peer(self, addr: str) -> HttpPeer:
         b = self.backends.get(addr)
@@ -196,7 +218,12 @@ class DeclarativeProxy(ProxyHttp):
     def route(self, session: Session) -> Optional[_Group]:
         """The group of the first matching route (host and/or path prefix), else the default."""
         if self.routes:
-            host_b, target = session.host_and_path()
+            return self.route_to(*session.host_and_path())
+        return self.default
+
+    def route_to(self, host_b: bytes, target: str) -> Optional[_Group]:
+        """``route`` for a Host value and request-target (the express lane has no Session)."""
+        if self.routes:
             path = route_path(target)  # "//admin", "/%61dmin", "/x/../admin": "/admin"
             host = host_b.decode("latin-1").lower()
             if host.startswith("["):
@@ -224,8 +251,7 @@ class DeclarativeProxy(ProxyHttp):
         if group is None:
             raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
                         "no route matches", status=404)
-        retries = group.retries
-        session.max_retries = retries if retries is not None else group.discovered_retries()
+        session.max_retries = group.max_retries()
         addr = group.pick(session)
         if addr is None:
             raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
@@ -235,12 +261,7 @@ class DeclarativeProxy(ProxyHttp):
                 session.tried = set()
             session.tried.add(addr)
         if self._shared_peers:
-            peer = group._peers.get(addr)
-            if peer is None:
-                peer = group.peer(addr)
-                if addr in group.backends:  # discovered addresses come and go: not kept
-                    group._peers[addr] = peer
-            return peer
+            return group.shared_peer(addr)
         return group.peer(addr)
 
     async def fail_to_connect(self, session: Session, peer: HttpPeer, ctx: Any,

@@ -27,6 +27,7 @@ from pyngora.headers import RequestHeader, ResponseHeader
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
+from pyngora.proxy.express import Express
 from pyngora.proxy.fast_path import FastPath
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
@@ -139,6 +140,7 @@ class ProxyEngine(HttpApp):
         self.h2_connector: Optional[H2Connector] = None
         # Callback-level proxying when no phase but a synchronous upstream_peer needs to run.
         self.fast: Optional[FastPath] = FastPath(self) if FastPath.serves(self.plan) else None
+        self.express: Optional[Express] = Express(self) if Express.serves(self) else None
 
     _mark_retryable = staticmethod(_mark_retryable)  # the fast path's failures use it too
 
@@ -149,9 +151,13 @@ class ProxyEngine(HttpApp):
         return self.run(exchange)
 
     def _umetrics(self, peer: HttpPeer) -> Any:
+        return self.umetrics_of(peer.upstream)
+
+    def umetrics_of(self, upstream: str) -> Any:
+        """The recorders of upstream group ``upstream`` (None: no metrics)."""
         if _registry is None:
             return None
-        name = peer.upstream or "default"
+        name = upstream or "default"
         m = self._upstream_metrics.get(name)
         if m is None:
             m = self._upstream_metrics[name] = _registry.upstream_metrics(name)

@@ -72,7 +72,7 @@ class FastPath:
     """One per ProxyEngine whose plan :meth:`serves`; ``start`` is its ``handle``."""
 
     __slots__ = ("engine", "connector", "service", "upstream_peer", "access_format", "loop",
-                 "_queue")
+                 "_queue", "preset")
 
     @staticmethod
     def serves(plan: "Plan") -> bool:
@@ -89,6 +89,9 @@ class FastPath:
         self.access_format = engine.access_format
         self.loop: Any = None
         self._queue: list[_Forward] = []  # forwarders with work for the end of this iteration
+        # (the request's bytes, its peer, max_retries): what the express lane chose for the
+        # request it declines, so that the balancer is not asked twice (see proxy/express.py)
+        self.preset: Optional[tuple[bytes, Any, Optional[int]]] = None
 
     def start(self, ex: Exchange) -> Any:
         """Take ``ex`` (returns None: the response will be written by callbacks), or return
@@ -98,13 +101,20 @@ class FastPath:
         if head.body != "none" or head.upgrade:
             return engine.run(ex)
         session = Session(ex, self.service)
-        try:
-            peer = self.upstream_peer(session, None)
-        except Error as e:  # 404 (no route), 503 (no healthy backend), ...
-            return engine.run(ex, session, error=e)
-        except Exception as e:  # a bug in upstream_peer: the engine answers 500 and logs it
-            return engine.run(ex, session, error=Error(
-                ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
+        preset = self.preset
+        if preset is not None and preset[0] is head.raw:
+            self.preset = None
+            peer = preset[1]
+            session.max_retries = preset[2]
+        else:
+            self.preset = None
+            try:
+                peer = self.upstream_peer(session, None)
+            except Error as e:  # 404 (no route), 503 (no healthy backend), ...
+                return engine.run(ex, session, error=e)
+            except Exception as e:  # a bug in upstream_peer: the engine answers 500, logs it
+                return engine.run(ex, session, error=Error(
+                    ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
         if peer is None:
             return engine.run(ex, session, error=Error(
                 ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))
@@ -117,6 +127,16 @@ class FastPath:
         ex.task = fwd  # type: ignore[assignment]  # the connection cancels it if the client goes
         self.schedule(fwd)
         return None
+
+    def adopt(self, ex: Exchange, session: Session, conn: UpstreamConnection,
+              um: Any) -> "_Forward":
+        """A forwarder for a request whose head another already sent on ``conn`` (the express
+        lane, proxy/express.py): it waits for the response head; the caller has it listen."""
+        fwd = _Forward(self, ex, session, conn, um)
+        fwd.state = _HEAD
+        fwd.queued = False
+        ex.task = fwd  # type: ignore[assignment]
+        return fwd
 
     def schedule(self, fwd: "_Forward") -> None:
         """Have ``fwd`` do its writing at the end of this loop iteration (see the module doc)."""

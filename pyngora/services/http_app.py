@@ -69,7 +69,8 @@ class H1Connection(asyncio.Protocol):
                  "_body_open", "_discarding", "_pending", "_pumping", "_paused",
                  "_write_paused", "_drain_waiters", "_timer", "_deadline", "_timer_cb",
                  "_requests", "_draining",
-                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_watch")
+                 "_tunnel", "_upgrade_head", "_upgrade_buf", "_eof", "_broken", "_send_watch",
+                 "_express")
 
     def __init__(self, app: HttpApp, settings: HttpSettings,
                  tracker: Optional[ConnectionTracker] = None, scheme: str = "http",
@@ -105,6 +106,7 @@ class H1Connection(asyncio.Protocol):
         self._eof = False
         self._broken = False         # a protocol error was seen: parse nothing more
         self._send_watch: Optional[SendWatch] = None  # made on the first pause_writing
+        self._express = app.express
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -160,6 +162,12 @@ class H1Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self._state
+        # The express lane: only between requests, with nothing held back (a paused write
+        # buffer holds requests back) and nothing but HTTP on the connection.
+        if (state == _S_IDLE and self._express is not None and not self._write_paused
+                and not self._upgrade_head and self._tunnel is None and not self._broken
+                and self._express.take(self, data)):
+            return
         if state == _S_CLOSING or self._broken:
             return  # lingering close, or after a malformed request: discard
         if self._tunnel is not None or self._upgrade_head:
@@ -322,6 +330,16 @@ class H1Connection(asyncio.Protocol):
         elif result is not None:
             # Finished synchronously but returned a coroutine: run it to completion anyway.
             ex.task = self.loop.create_task(result)  # type: ignore[arg-type]
+
+    def begin_known(self, head: RequestHead) -> Exchange:
+        """The app's ``express`` took ``head``, a request it was offered before parsing
+        (see ``HttpApp.express``): the exchange ``_start`` would make, without ``handle``."""
+        self._deadline = None  # (_cancel_timer: the header timeout is over)
+        self._state = _S_ACTIVE
+        self._requests += 1
+        ex = Exchange(self, head, request_clock())
+        self._exchange = ex
+        return ex
 
     def run_task(self, ex: Exchange, coro: Any) -> None:
         """Run ``coro`` as ``ex``'s request task: a failure answers 500 (or aborts after the

@@ -147,6 +147,11 @@ class HttpApp:
     truncated response never looks complete).
     """
 
+    #: Offered each request that arrives alone on an idle HTTP/1 connection before it is
+    #: parsed: ``express.take(connection, data)`` True says it took the request (the
+    #: proxy's express lane, proxy/express.py); None: every request goes to ``handle``.
+    express: Any = None
+
     def handle(self, exchange: "Exchange") -> Optional[Awaitable[None]]:
         raise NotImplementedError
 

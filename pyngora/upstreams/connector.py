@@ -82,7 +82,7 @@ class Connector:
         peer = conn.peer
         idle_timeout = peer.options.idle_timeout
         conn._make_idle()
-        if self.pool.put(peer.reuse_key, conn, idle_timeout) and idle_timeout:
+        if self.pool.put(conn.pool_key, conn, idle_timeout) and idle_timeout:
             if idle_timeout < self._tick * 2:
                 self._tick = max(idle_timeout / 2, 0.01)
             # The connection's own loop: asyncio.get_running_loop() costs a getpid() syscall.

@@ -59,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
     (0.0 for a reused connection); ``pause_count`` how often reading was paused for back-pressure.
     """
 
-    __slots__ = ("peer", "reused", "response_bytes_seen", "stray_response", "connect_duration",
+    __slots__ = ("peer", "pool_key", "reused", "response_bytes_seen", "stray_response", "connect_duration",
                  "body_sending", "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
@@ -70,6 +70,9 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, peer: HttpPeer, connector: "Connector",
                  loop: asyncio.AbstractEventLoop) -> None:
         self.peer = peer
+        # The pool's key for it (the peer's reuse_key, which a pooled connection keeps: it is
+        # handed only to peers of the same key).
+        self.pool_key = peer.reuse_key
         self.reused = False
         self.response_bytes_seen = False
         self.stray_response = False
@@ -210,6 +213,22 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser.start(method)
         self._acked = False
         self.transport.write(head)
+
+    def send_and_listen(self, method: bytes, head: bytes, listener: Callable[[bool], None],
+                        timeout: Optional[float], sink: Callable[[bytes], bool]) -> None:
+        """``send_raw_head``, ``listen`` and ``first_bytes_to`` in one call, for the proxy's
+        express lane (three calls less per request). Raises Error as send_raw_head does."""
+        if self._closed or self._eof or self._error is not None:
+            raise self._dead_error()
+        self._parser.start(method)
+        self._acked = False
+        self.transport.write(head)
+        self._listener = listener
+        self._sink = sink
+        if timeout:
+            self._arm_deadline(self._loop.time() + timeout)
+        else:
+            self._deadline = None
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         """Write a piece of request body (as a chunk when ``chunked``). Raises Error if closed."""

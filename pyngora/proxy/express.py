@@ -1,0 +1,224 @@
+"""The express lane: the YAML proxy's most common request, proxied in two callbacks.
+
+Most requests a proxy sees are GETs that a client repeats byte for byte (the parser already
+keeps their verdict, ``h1._SEEN``), routed by Host and path to a group that hashes nothing,
+whose backend has an idle pooled connection, and answered by a whole plain response in one
+read (``h1_splice``). For such a request the fast path still builds the events, the exchange,
+a Session and a forwarder, asks ``upstream_peer`` (four calls down to the balancer), and
+writes at the end of the loop iteration: about 60 Python calls where the work is two lookups
+and two writes.
+
+Here the downstream connection offers the request's bytes before parsing them
+(``HttpApp.express``); :meth:`Express.take` looks them up in a table of what it learnt about
+them (the route's group, the bytes to send upstream), asks the group's balancer, takes a
+pooled connection, sends, and waits for the first bytes of the response
+(``UpstreamConnection.first_bytes_to``). A whole plain response goes to the client from that
+callback (``Exchange.write_whole``, the path every proxied response ends on). Metrics and
+keep-alive are the connection's and the exchange's own code, so they count the same.
+
+Anything else is the fast path's, with nothing lost on the way:
+
+- before sending (an unknown request, no pooled connection, the access log on, ...):
+  ``take`` returns False and the connection parses the bytes as always; a peer already chosen
+  is handed over (``FastPath.preset``) so the balancer is not asked twice;
+- after sending (a response in several reads or not plain, an error, EOF, read_timeout, the
+  client gone): the request is *promoted* -- given a head of its own and a Session -- and
+  adopted by a fast-path forwarder (``FastPath.adopt``), which then reads the response or
+  fails the attempt under the engine's rules (retry, 502, 504), as if it had sent it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from pyngora import log
+from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.protocols.events import RequestHead
+from pyngora.protocols.h1 import Known, known_head
+from pyngora.proxy.session import Session
+from pyngora.proxy.wire import upstream_head
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyngora.proxy.engine import ProxyEngine
+    from pyngora.proxy.fast_path import _Forward
+    from pyngora.services.http_app import Exchange, H1Connection
+    from pyngora.upstreams.connector import UpstreamConnection
+    from pyngora.upstreams.peer import HttpPeer
+
+__all__ = ["Express"]
+
+_GET = b"GET"
+_UNKNOWN = object()
+# Requests learnt (per worker): bounded as the parser's own table, and emptied when full.
+_TABLE_MAX = 512
+
+# What take() needs of a known request: (the parser's entry, a template head -- read-only;
+# a promoted request gets its own --, the route's group, the bytes to send upstream, the
+# group's metrics recorders or None).
+_Entry = tuple[Known, RequestHead, Any, bytes, Any]
+
+
+class Express:
+    """One per ProxyEngine whose proxy is a DeclarativeProxy served by the fast path."""
+
+    __slots__ = ("engine", "fast", "connector", "proxy", "service", "_table")
+
+    @staticmethod
+    def serves(engine: "ProxyEngine") -> bool:
+        """True for the classes ``build_proxy`` assembles (their ``upstream_peer`` is the
+        group's pick, nothing else) when the fast path serves them: no phase to run."""
+        proxy = engine.proxy
+        return (engine.fast is not None and getattr(proxy, "_shared_peers", False) is True
+                and callable(getattr(proxy, "route_to", None)))
+
+    def __init__(self, engine: "ProxyEngine") -> None:
+        assert engine.fast is not None
+        self.engine = engine
+        self.fast = engine.fast
+        self.connector = engine.connector
+        self.proxy: Any = engine.proxy
+        self.service = engine.service
+        self._table: dict[bytes, Optional[_Entry]] = {}
+
+    def take(self, conn: "H1Connection", data: bytes) -> bool:
+        """Offered ``data``, the first read of a request on an idle connection: True when
+        the request was taken (sent upstream), False to have the connection parse it."""
+        entry = self._table.get(data, _UNKNOWN)
+        if entry is _UNKNOWN:
+            self._learn(conn, data)
+            return False
+        fast = self.engine.fast
+        # (the access line needs what the engine builds; and the lane is the fast path's)
+        if entry is None or log._access_on or fast is None:
+            return False
+        seen, head, group, raw, um = entry  # type: ignore[misc]
+        parser = conn.parser
+        known = parser.known(data)
+        if known is not seen:  # not between requests, or other limits, or ...
+            if known is not None:  # ... the parser forgot it and learnt it again: so do we
+                del self._table[data]
+            return False
+        addr = group.next_addr()
+        if addr is None:
+            return False  # no healthy backend: the fast path answers 503
+        peer = group.shared_peer(addr)
+        up = self.connector.get_pooled(peer)
+        if up is None:  # the fast path dials this very peer
+            fast.preset = (data, peer, group.max_retries())
+            return False
+        ride = _Ride(self, up, peer, group, um, seen)
+        try:
+            up.send_and_listen(_GET, raw, ride.on_upstream, peer.options.read_timeout,
+                               ride.whole)
+        except Error:  # closed meanwhile (not yet seen by the pool): the fast path decides
+            self.connector.release(up, False)
+            fast.preset = (data, peer, group.max_retries())
+            return False
+        if not head.keep_alive:
+            parser.took_known()
+        ex = ride.ex = conn.begin_known(head)
+        ex.task = ride  # type: ignore[assignment]  # (the connection cancels it if the client goes)
+        if um is not None:
+            um.pool_reused()
+        return True
+
+    def _learn(self, conn: "H1Connection", data: bytes) -> None:
+        """Note what take() needs of ``data`` once the parser knows it (it parses a request
+        the first time it sees it); None marks a request that is not for the express lane."""
+        seen = conn.parser.known(data)
+        if seen is None:
+            return
+        entry: Optional[_Entry] = None
+        if seen[1] == _GET:
+            head = known_head(seen, data)
+            raw = upstream_head(head)
+            group = self.proxy.route_to(head.headers.get(b"host") or b"",
+                                        head.target.decode("latin-1"))
+            # Hashed groups need the Session (key and retries), h2 ones the engine's h2 path.
+            alpn = group.options.alpn if group is not None else None
+            if raw is not None and group is not None and not group._hashed \
+                    and not (alpn and alpn[0] == "h2"):
+                entry = (seen, head, group, raw, self.engine.umetrics_of(group.name))
+        table = self._table
+        if len(table) >= _TABLE_MAX:
+            table.clear()
+        table[data] = entry
+
+
+class _Ride:
+    """A request taken by the express lane, until its response is written or it is promoted.
+
+    Stands in for the request task in ``Exchange.task`` (``done()`` / ``cancel()``), as the
+    fast path's forwarder does."""
+
+    __slots__ = ("express", "ex", "up", "peer", "group", "um", "seen")
+
+    def __init__(self, express: Express, up: "UpstreamConnection", peer: "HttpPeer",
+                 group: Any, um: Any, seen: Known) -> None:
+        self.express = express
+        self.ex: "Exchange" = None  # type: ignore[assignment]  # (set once the head is sent)
+        self.up = up
+        self.peer = peer
+        self.group = group
+        self.um = um
+        self.seen = seen
+
+    def done(self) -> bool:
+        return False  # (once done, the ride is no longer the exchange's task)
+
+    def cancel(self) -> None:
+        """The client went away before its response: as the fast path does."""
+        self._promote().cancel()
+
+    def whole(self, data: bytes) -> bool:
+        """The response's first bytes (``first_bytes_to``): a whole plain response goes to
+        the client now; anything else is promoted (False: the connection parses ``data``)."""
+        up, ex = self.up, self.ex
+        taken = up.take_whole(data)
+        if taken is None:
+            fwd = self._promote()
+            up.listen(fwd.on_upstream, self.peer.options.read_timeout)
+            return False
+        status, out, length = taken
+        express = self.express
+        express.connector.release(up, True)
+        um = self.um
+        if um is not None:
+            um.request_done(self.peer.backend, status)
+        if ex.conn.closed:  # aborted, its connection_lost still to come: the engine logs it
+            session = self._session()
+            session.upstream_status = status
+            ex.task = None
+            ex.conn.run_task(ex, express.engine.run(ex, session, error=Error(
+                ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
+                "client disconnected")))
+            return True
+        ex.task = None  # (no ex <-> ride cycle left behind)
+        try:
+            ex.write_whole(status, out, length)
+        except Exception as e:  # a bug: the upstream side is done, so no retry; 502
+            log.ERROR.error("express lane failed: %r", e, exc_info=e)
+            if not ex.finished:
+                ex.respond_error(502)
+        return True
+
+    def on_upstream(self, ready: bool) -> None:
+        """The upstream connection's listener before any byte of the response: EOF, an
+        error or close (``ready``), or read_timeout. The fast path's rules apply."""
+        fwd = self._promote()
+        if ready:
+            self.up.listen(fwd.on_upstream, None)  # (its own run listens again, with the timeout)
+        fwd.on_upstream(ready)
+
+    def _session(self) -> Session:
+        """The request's own head and the Session that the fast path would have made."""
+        ex = self.ex
+        ex.head = known_head(self.seen, ex.head.raw)  # type: ignore[arg-type]
+        session = Session(ex, self.express.service)
+        session.peer = self.peer
+        session.max_retries = self.group.max_retries()
+        return session
+
+    def _promote(self) -> "_Forward":
+        """Hand the request to a fast-path forwarder, as if it had sent the head itself."""
+        self.up.first_bytes_to(None)
+        return self.express.fast.adopt(self.ex, self._session(), self.up, self.um)

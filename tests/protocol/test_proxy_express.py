@@ -1,0 +1,325 @@
+"""The express lane (pyngora/proxy/express.py) against the fast path and the phase engine.
+
+Every scenario runs three times in-process: the engine alone (``fast`` and ``express`` None),
+the fast path without the express lane, and both (the default). Requests are repeated so the
+lane is in play (the parser parses a request the first time, the lane learns it the second,
+takes it from the third on), and the lane's takes are counted so a scenario cannot pass by
+never using it. The three runs must give the client the same bytes, the origin the same
+heads, and Prometheus the same samples.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional
+
+import pytest
+
+from pyngora.metrics import multiproc, registry
+from pyngora.proxy.express import Express
+
+from tests.protocol.test_http_app_helpers import run, serving
+from tests.protocol.test_proxy_fast_path import (
+    exchange, proxy_service, proxy_service_with, read_exact_response, start_origin)
+from tests.protocol.test_raw_paths_parity import body_answer, no_stray_upstream, samples, settle
+
+MODES = ("engine", "fast", "express")
+
+
+def set_mode(ctx: Any, mode: str) -> None:
+    """Before the first client connects (a connection reads ``app.express`` when made)."""
+    engine = ctx.state["http_app"]
+    assert engine.fast is not None and engine.express is not None
+    if mode == "engine":
+        engine.fast = None
+    if mode != "express":
+        engine.express = None
+
+
+def count_takes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the requests the express lane takes."""
+    taken = [0]
+    real = Express.take
+
+    def counting(self: Express, conn: Any, data: bytes) -> bool:
+        ok = real(self, conn, data)
+        taken[0] += ok
+        return ok
+    monkeypatch.setattr(Express, "take", counting)
+    return taken
+
+
+def three(scenario: Callable[[str], Any], taken: list[int]) -> tuple[Any, int]:
+    """Run ``scenario`` in each mode; assert the results are equal; return (the result, how
+    many requests the express lane took)."""
+    results = {}
+    counts = {}
+    for mode in MODES:
+        before = taken[0]
+        results[mode] = run(scenario(mode))
+        counts[mode] = taken[0] - before
+    assert counts["engine"] == counts["fast"] == 0
+    assert results["fast"] == results["engine"]
+    assert results["express"] == results["engine"]
+    return results["express"], counts["express"]
+
+
+def client_head(path: bytes, extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
+
+
+async def closing_request(port: int, path: bytes) -> bytes:
+    """One ``Connection: close`` request on a connection of its own: everything until EOF."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(client_head(path, b"Connection: close\r\n"))
+        return await asyncio.wait_for(r.read(), 5)
+    finally:
+        w.close()
+
+
+def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_takes(monkeypatch)
+
+    def script(path: bytes, n: int) -> Optional[bytes]:
+        if path.startswith(b"/k"):
+            return body_answer(int(path[2:]) * 1024)  # 200 KiB: several reads, promoted
+        return None
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            d = str(tmp_path / mode)
+            monkeypatch.setenv(multiproc.ENV_VAR, d)
+            multiproc.prepare_dir(d, fresh=True)
+            registry.reset()
+            server, oport, stats = await start_origin(script)
+            conf, svc = proxy_service(oport)
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    plan = ([(b"GET", b"/len")] * 5 + [(b"GET", b"/k200")] * 4
+                            + [(b"GET", b"/404")] * 4 + [(b"HEAD", b"/len")] * 3
+                            + [(b"GET", b"/chunked")] * 4 + [(b"GET", b"/reason")] * 3
+                            + [(b"GET", b"/len")] * 2)
+                    out = await exchange(port, plan)
+                    for _ in range(4):  # each closes its connection (the parser's took_known)
+                        out.append(await closing_request(port, b"/len"))
+                    # two at once: the second waits for the first's response
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    for _ in range(3):
+                        w.write(client_head(b"/len") * 2)
+                        out.append(await read_exact_response(r))
+                        out.append(await read_exact_response(r))
+                    w.close()
+                    await settle(ctx)
+                    registry.flush()
+                    await no_stray_upstream(ctx, stats)
+                    pool = len(ctx.state["connector"].pool)
+            finally:
+                server.close()
+                registry.reset()
+            return out, samples(d, oport), pool, stats["conns"], stats["heads"]
+        return main()
+
+    (out, metrics, _, _, heads), express = three(scenario, taken)
+    # /len from the 3rd on (5 + 2 - 2), /404 (2), /reason (1), /k200 and /chunked (2 each,
+    # promoted), the closing ones (4 - 2: each connection is new, the table is the worker's)
+    # and the pipelined pairs (the first of each pair: the second waits behind it)
+    assert express >= 5 + 2 + 1 + 2 + 2 + 2 + 2, express
+    assert out[0] == b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    assert out[-8].endswith(b"Connection: close\r\n\r\nhello")
+    assert len(heads) == len(out)
+    assert metrics[("pyngora_requests_total", '{"code": "200", "service": "p"}')] == len(out) - 4
+
+
+def test_failures_after_sending_get_the_fast_paths_answers(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The origin fails a request the lane already sent: it closes the reused connection
+    (retried on a new one), answers garbage (502), stalls (504 after read_seconds), and
+    sends the head and the body apart (streamed)."""
+    taken = count_takes(monkeypatch)
+    phase = {"now": "ok"}
+
+    def script(path: bytes, n: int) -> Optional[bytes]:
+        how = phase["now"]
+        if how == "close" and n > 1:
+            return b"CLOSE"
+        if how == "garbage":
+            return b"SPDY/9 what\r\n\r\n"
+        if how == "stall":
+            return b"STALL"
+        return None
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            d = str(tmp_path / mode)
+            monkeypatch.setenv(multiproc.ENV_VAR, d)
+            multiproc.prepare_dir(d, fresh=True)
+            registry.reset()
+            server, oport, stats = await start_origin(script)
+            conf, svc = proxy_service(oport)
+            out = []
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    for how in ("close", "garbage", "stall"):
+                        phase["now"] = "ok"
+                        out += await exchange(port, [(b"GET", b"/len")] * 3)  # pooled, learnt
+                        phase["now"] = how
+                        r, w = await asyncio.open_connection("127.0.0.1", port)
+                        w.write(client_head(b"/len"))
+                        out.append(await asyncio.wait_for(read_exact_response(r), 5))
+                        w.close()
+                    phase["now"] = "ok"
+                    await settle(ctx)
+                    registry.flush()
+            finally:
+                server.close()
+                registry.reset()
+            return out, samples(d, oport)
+        return main()
+
+    (out, metrics), express = three(scenario, taken)
+    assert express >= 3 + 1 + 1 + 1, express
+    assert out[3].startswith(b"HTTP/1.1 200 ")  # retried on a new connection
+    assert out[7].startswith(b"HTTP/1.1 502 ")
+    assert out[11].startswith(b"HTTP/1.1 504 ")
+    assert metrics[("pyngora_requests_total", '{"code": "504", "service": "p"}')] == 1
+
+
+def test_a_client_gone_before_its_response_closes_the_upstream_and_counts_as_before(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_takes(monkeypatch)
+    phase = {"stall": False}
+
+    def script(path: bytes, n: int) -> Optional[bytes]:
+        return b"STALL" if phase["stall"] else None
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            d = str(tmp_path / mode)
+            monkeypatch.setenv(multiproc.ENV_VAR, d)
+            multiproc.prepare_dir(d, fresh=True)
+            registry.reset()
+            server, oport, stats = await start_origin(script)
+            conf, svc = proxy_service(oport)
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    phase["stall"] = False
+                    out = await exchange(port, [(b"GET", b"/len")] * 3)
+                    phase["stall"] = True
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.write(client_head(b"/len"))
+                    await asyncio.wait_for(_until(lambda: len(stats["heads"]) == 4), 5)
+                    w.close()  # before the (stalled) response
+                    await asyncio.wait_for(_until(lambda: stats["closed"] >= 1), 5)
+                    await settle(ctx)
+                    registry.flush()
+                    pool = len(ctx.state["connector"].pool)
+            finally:
+                server.close()
+                registry.reset()
+            return out, samples(d, oport), pool, stats["closed"]
+        return main()
+
+    (_, metrics, pool, closed), express = three(scenario, taken)
+    assert express >= 2  # the 3rd request (or 2nd: the parser is the process's), the last
+    assert closed == 1 and pool == 0  # the stalled upstream connection was closed, not pooled
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
+
+
+def test_round_robin_asks_the_balancer_once_per_request_even_when_the_lane_declines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backends and an empty pool: the lane picks a backend, finds no pooled connection
+    and hands its pick to the fast path (which dials it). Asking the balancer again would
+    send every dial to the other backend."""
+    taken = count_takes(monkeypatch)
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            a_srv, a_port, a = await start_origin()
+            b_srv, b_port, b = await start_origin()
+            conf, svc = proxy_service_with(f"""      - name: o
+        backends: [{{addr: "127.0.0.1:{a_port}"}}, {{addr: "127.0.0.1:{b_port}"}}]
+""")
+            order = []
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    for _ in range(10):
+                        counts = (len(a["heads"]), len(b["heads"]))
+                        w.write(client_head(b"/len"))
+                        await read_exact_response(r)
+                        order.append("a" if len(a["heads"]) > counts[0] else "b")
+                        if len(order) % 3 == 0:  # empty the pool now and then: dials again
+                            ctx.state["connector"].close_all()
+                    w.close()
+            finally:
+                a_srv.close()
+                b_srv.close()
+            return order
+        return main()
+
+    order, express = three(scenario, taken)
+    assert order == ["a", "b"] * 5
+    assert express >= 1
+
+
+def test_keepalive_requests_and_routes_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 5th response on a connection says Connection: close (keepalive_requests: 5) and
+    the connection ends; requests go to their route's group; an unrouted one is a 404."""
+    taken = count_takes(monkeypatch)
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            a_srv, a_port, a = await start_origin()
+            b_srv, b_port, b = await start_origin()
+            conf, svc = proxy_service_with(f"""      - name: a
+        backends: [{{addr: "127.0.0.1:{a_port}"}}]
+      - name: b
+        backends: [{{addr: "127.0.0.1:{b_port}"}}]
+""", """    routes:
+      - {path_prefix: /len, upstream: a}
+      - {host: other, upstream: b}
+    limits: {keepalive_requests: 5}
+""")
+            out = []
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    for _ in range(2):
+                        r, w = await asyncio.open_connection("127.0.0.1", port)
+                        for _ in range(5):
+                            w.write(client_head(b"/len"))
+                            out.append(await read_exact_response(r))
+                        out.append(await asyncio.wait_for(r.read(), 5))  # b"": closed
+                        w.close()
+                    r, w = await asyncio.open_connection("127.0.0.1", port)
+                    for _ in range(4):
+                        w.write(b"GET /reason HTTP/1.1\r\nHost: other\r\n\r\n")
+                        out.append(await read_exact_response(r))
+                    w.close()
+                    for _ in range(3):  # no route: 404, and the connection closes
+                        r, w = await asyncio.open_connection("127.0.0.1", port)
+                        w.write(b"GET /reason HTTP/1.1\r\nHost: t\r\n\r\n")
+                        out.append(await asyncio.wait_for(r.read(), 5))
+                        w.close()
+            finally:
+                a_srv.close()
+                b_srv.close()
+            return out, len(a["heads"]), len(b["heads"])
+        return main()
+
+    (out, to_a, to_b), express = three(scenario, taken)
+    assert express >= 8 + 3, express
+    assert b"Connection: close" in out[4] and b"Connection: close" not in out[3]
+    assert out[5] == b"" and out[11] == b""
+    assert (to_a, to_b) == (10, 4)
+    assert all(o.startswith(b"HTTP/1.1 200 Fine Thanks") for o in out[12:16])
+    assert all(o.startswith(b"HTTP/1.1 404 ") for o in out[16:])
