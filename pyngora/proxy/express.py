@@ -50,6 +50,7 @@ _GET = b"GET"
 _UNKNOWN = object()
 # Requests learnt (per worker): bounded as the parser's own table, and emptied when full.
 _TABLE_MAX = 512
+_WRITE_AT_ONCE = 16384  # as the fast path's (see there)
 
 # What take() needs of a known request: (the parser's entry, a template head -- read-only;
 # a promoted request gets its own --, the route's group, the bytes to send upstream, the
@@ -60,7 +61,8 @@ _Entry = tuple[Known, RequestHead, Any, bytes, Any]
 class Express:
     """One per ProxyEngine whose proxy is a DeclarativeProxy served by the fast path."""
 
-    __slots__ = ("engine", "fast", "connector", "proxy", "service", "_table")
+    __slots__ = ("engine", "fast", "connector", "proxy", "service", "_table", "_queue",
+                 "_loop")
 
     @staticmethod
     def serves(engine: "ProxyEngine") -> bool:
@@ -78,6 +80,29 @@ class Express:
         self.proxy: Any = engine.proxy
         self.service = engine.service
         self._table: dict[bytes, Optional[_Entry]] = {}
+        self._queue: list[_Ride] = []  # responses to write at the end of this loop iteration
+        self._loop: Any = None
+
+    def later(self, ride: "_Ride") -> None:
+        """Have ``ride`` write its response at the end of this loop iteration."""
+        queue = self._queue
+        if not queue:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = ride.ex.conn.loop
+            loop.call_soon(self._run)
+        queue.append(ride)
+
+    def _run(self) -> None:
+        """Once per loop iteration with work: send the requests taken, write the responses
+        taken (after every read of the iteration: see fast_path's module doc)."""
+        queue, self._queue = self._queue, []
+        for ride in queue:
+            try:
+                ride.run()
+            except Exception as e:  # a bug: this request fails, the batch goes on
+                log.ERROR.error("express lane failed: %r", e, exc_info=e)
+                ride.broken()
 
     def take(self, conn: "H1Connection", data: bytes) -> bool:
         """Offered ``data``, the first read of a request on an idle connection: True when
@@ -105,20 +130,12 @@ class Express:
         if up is None:  # the fast path dials this very peer
             fast.preset = (data, peer, group.max_retries())
             return False
-        ride = _Ride(self, up, peer, group, um, seen)
-        try:
-            up.send_and_listen(_GET, raw, ride.on_upstream, peer.options.read_timeout,
-                               ride.whole)
-        except Error:  # closed meanwhile (not yet seen by the pool): the fast path decides
-            self.connector.release(up, False)
-            fast.preset = (data, peer, group.max_retries())
-            return False
         if not head.keep_alive:
             parser.took_known()
-        ex = ride.ex = conn.begin_known(head)
+        ex = conn.begin_known(head)
+        ride = _Ride(self, ex, up, peer, group, um, seen, raw)
         ex.task = ride  # type: ignore[assignment]  # (the connection cancels it if the client goes)
-        if um is not None:
-            um.pool_reused()
+        self.later(ride)
         return True
 
     def _learn(self, conn: "H1Connection", data: bytes) -> None:
@@ -148,66 +165,117 @@ class _Ride:
     """A request taken by the express lane, until its response is written or it is promoted.
 
     Stands in for the request task in ``Exchange.task`` (``done()`` / ``cancel()``), as the
-    fast path's forwarder does."""
+    fast path's forwarder does. Its request head goes upstream, and its whole response to
+    the client, at the end of the loop iteration (``Express.later``): ``raw`` and ``taken``
+    hold them meanwhile."""
 
-    __slots__ = ("express", "ex", "up", "peer", "group", "um", "seen")
+    __slots__ = ("express", "ex", "up", "peer", "group", "um", "seen", "raw", "taken")
 
-    def __init__(self, express: Express, up: "UpstreamConnection", peer: "HttpPeer",
-                 group: Any, um: Any, seen: Known) -> None:
+    def __init__(self, express: Express, ex: "Exchange", up: "UpstreamConnection",
+                 peer: "HttpPeer", group: Any, um: Any, seen: Known, raw: bytes) -> None:
         self.express = express
-        self.ex: "Exchange" = None  # type: ignore[assignment]  # (set once the head is sent)
-        self.up = up
+        self.ex = ex
+        self.up: Optional[UpstreamConnection] = up  # None once released
         self.peer = peer
         self.group = group
         self.um = um
         self.seen = seen
+        self.raw: Optional[bytes] = raw  # the request head, until sent
+        self.taken: Optional[tuple[int, bytes, int]] = None  # a whole response to write
 
     def done(self) -> bool:
         return False  # (once done, the ride is no longer the exchange's task)
 
     def cancel(self) -> None:
-        """The client went away before its response: as the fast path does."""
-        self._promote().cancel()
+        """The client went away before its response was written: as the fast path does."""
+        taken = self.taken
+        if taken is not None:
+            self.taken = None
+            self._client_gone(taken[0])
+            return
+        sent = self.raw is None
+        self.raw = None
+        self._promote(sent).cancel()
+
+    def run(self) -> None:
+        """``Express._run``'s turn: send the request head, or write the response."""
+        raw = self.raw
+        if raw is not None:
+            self.raw = None
+            up = self.up
+            if not up.untouched():  # type: ignore[union-attr]
+                # The origin closed (or spoke on) the pooled connection in this iteration:
+                # the fast path takes another one, or dials, as it would have.
+                self._promote(False).run()
+                return
+            up.send_and_listen(_GET, raw, self.on_upstream,  # type: ignore[union-attr]
+                               self.peer.options.read_timeout, self.whole)
+            if self.um is not None:
+                self.um.pool_reused()
+            return
+        taken = self.taken
+        if taken is None:
+            return  # the client went meanwhile (cancel)
+        self.taken = None
+        ex = self.ex
+        if ex.conn.closed:  # aborted, its connection_lost still to come
+            self._client_gone(taken[0])
+            return
+        ex.task = None  # (no ex <-> ride cycle left behind)
+        ex.write_whole(*taken)
+
+    def broken(self) -> None:
+        """``run`` raised (a bug): the upstream connection is dropped, the client gets a 502."""
+        self.raw = self.taken = None
+        if self.up is not None:
+            self.express.connector.release(self.up, False)
+            self.up = None
+        ex = self.ex
+        if ex.task is self:
+            ex.task = None
+        if not ex.finished:
+            ex.respond_error(502)
 
     def whole(self, data: bytes) -> bool:
-        """The response's first bytes (``first_bytes_to``): a whole plain response goes to
-        the client now; anything else is promoted (False: the connection parses ``data``)."""
-        up, ex = self.up, self.ex
-        taken = up.take_whole(data)
+        """The response's first bytes (``first_bytes_to``): a whole plain response is taken,
+        to be written at the end of the iteration (at once when large: see fast_path);
+        anything else is promoted (False: the connection parses ``data``)."""
+        up = self.up
+        taken = up.take_whole(data)  # type: ignore[union-attr]
         if taken is None:
-            fwd = self._promote()
-            up.listen(fwd.on_upstream, self.peer.options.read_timeout)
+            fwd = self._promote(True)
+            up.listen(fwd.on_upstream, self.peer.options.read_timeout)  # type: ignore[union-attr]
             return False
-        status, out, length = taken
         express = self.express
-        express.connector.release(up, True)
-        um = self.um
-        if um is not None:
-            um.request_done(self.peer.backend, status)
-        if ex.conn.closed:  # aborted, its connection_lost still to come: the engine logs it
-            session = self._session()
-            session.upstream_status = status
-            ex.task = None
-            ex.conn.run_task(ex, express.engine.run(ex, session, error=Error(
-                ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
-                "client disconnected")))
-            return True
-        ex.task = None  # (no ex <-> ride cycle left behind)
-        try:
-            ex.write_whole(status, out, length)
-        except Exception as e:  # a bug: the upstream side is done, so no retry; 502
-            log.ERROR.error("express lane failed: %r", e, exc_info=e)
-            if not ex.finished:
-                ex.respond_error(502)
+        express.connector.release(up, True)  # type: ignore[arg-type]
+        self.up = None
+        if self.um is not None:
+            self.um.request_done(self.peer.backend, taken[0])
+        self.taken = taken
+        if taken[2] > _WRITE_AT_ONCE:
+            self.run()
+        else:
+            express.later(self)
         return True
 
     def on_upstream(self, ready: bool) -> None:
         """The upstream connection's listener before any byte of the response: EOF, an
         error or close (``ready``), or read_timeout. The fast path's rules apply."""
-        fwd = self._promote()
+        up = self.up
+        fwd = self._promote(True)
         if ready:
-            self.up.listen(fwd.on_upstream, None)  # (its own run listens again, with the timeout)
+            up.listen(fwd.on_upstream, None)  # type: ignore[union-attr]  # (its run listens again)
         fwd.on_upstream(ready)
+
+    def _client_gone(self, status: int) -> None:
+        """The client went after the response was taken (the upstream connection is pooled
+        again): the engine logs and counts the request, as for the fast path."""
+        ex = self.ex
+        session = self._session()
+        session.upstream_status = status
+        ex.task = None
+        ex.conn.run_task(ex, self.express.engine.run(ex, session, error=Error(
+            ErrorType.ConnectionClosed, ErrorSource.Downstream, None, "client disconnected")))
 
     def _session(self) -> Session:
         """The request's own head and the Session that the fast path would have made."""
@@ -218,7 +286,10 @@ class _Ride:
         session.max_retries = self.group.max_retries()
         return session
 
-    def _promote(self) -> "_Forward":
-        """Hand the request to a fast-path forwarder, as if it had sent the head itself."""
-        self.up.first_bytes_to(None)
-        return self.express.fast.adopt(self.ex, self._session(), self.up, self.um)
+    def _promote(self, sent: bool) -> "_Forward":
+        """Hand the request to a fast-path forwarder, as if it had taken it itself: waiting
+        for the response head when ``sent``, else about to send it."""
+        up = self.up
+        self.up = None
+        up.first_bytes_to(None)  # type: ignore[union-attr]
+        return self.express.fast.adopt(self.ex, self._session(), up, self.um, sent)

@@ -129,11 +129,13 @@ class FastPath:
         return None
 
     def adopt(self, ex: Exchange, session: Session, conn: UpstreamConnection,
-              um: Any) -> "_Forward":
-        """A forwarder for a request whose head another already sent on ``conn`` (the express
-        lane, proxy/express.py): it waits for the response head; the caller has it listen."""
+              um: Any, sent: bool) -> "_Forward":
+        """A forwarder for a request that another took (the express lane, proxy/express.py)
+        with ``conn`` from the pool: when ``sent``, the head went on it and the forwarder
+        waits for the response (the caller has it listen); else, its ``run`` sends it."""
         fwd = _Forward(self, ex, session, conn, um)
-        fwd.state = _HEAD
+        if sent:
+            fwd.state = _HEAD
         fwd.queued = False
         ex.task = fwd  # type: ignore[assignment]
         return fwd
