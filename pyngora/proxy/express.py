@@ -125,7 +125,7 @@ class Express:
         addr = group.next_addr()
         if addr is None:
             return False  # no healthy backend: the fast path answers 503
-        peer = group.shared_peer(addr)
+        peer = group._peers.get(addr) or group.shared_peer(addr)
         up = self.connector.get_pooled(peer)
         if up is None:  # the fast path dials this very peer
             fast.preset = (data, peer, group.max_retries())
@@ -135,7 +135,13 @@ class Express:
         ex = conn.begin_known(head)
         ride = _Ride(self, ex, up, peer, group, um, seen, raw)
         ex.task = ride  # type: ignore[assignment]  # (the connection cancels it if the client goes)
-        self.later(ride)
+        queue = self._queue  # (later(), inline: this runs once per request)
+        if not queue:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = conn.loop
+            loop.call_soon(self._run)
+        queue.append(ride)
         return True
 
     def _learn(self, conn: "H1Connection", data: bytes) -> None:
@@ -211,7 +217,7 @@ class _Ride:
             up.send_and_listen(_GET, raw, self.on_upstream,  # type: ignore[union-attr]
                                self.peer.options.read_timeout, self.whole)
             if self.um is not None:
-                self.um.pool_reused()
+                self.um.reused += 1  # (pool_reused(), inline)
             return
         taken = self.taken
         if taken is None:
