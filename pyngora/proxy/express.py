@@ -18,7 +18,7 @@ keep-alive are the connection's and the exchange's own code, so they count the s
 
 Anything else is the fast path's, with nothing lost on the way:
 
-- before sending (an unknown request, no pooled connection, the access log on, ...):
+- before sending (an unknown request, no pooled connection, ...):
   ``take`` returns False and the connection parses the bytes as always; a peer already chosen
   is handed over (``FastPath.preset``) so the balancer is not asked twice;
 - after sending (a response in several reads or not plain, an error, EOF, read_timeout, the
@@ -34,6 +34,7 @@ from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1 import Known, known_head
+from pyngora.proxy import access
 from pyngora.proxy.session import Session
 from pyngora.proxy.wire import upstream_head
 
@@ -112,8 +113,7 @@ class Express:
             self._learn(conn, data)
             return False
         fast = self.engine.fast
-        # (the access line needs what the engine builds; and the lane is the fast path's)
-        if entry is None or log._access_on or fast is None:
+        if entry is None or fast is None:  # (the lane is the fast path's)
             return False
         seen, head, group, raw, um = entry  # type: ignore[misc]
         parser = conn.parser
@@ -229,6 +229,10 @@ class _Ride:
             return
         ex.task = None  # (no ex <-> ride cycle left behind)
         ex.write_whole(*taken)
+        if log._access_on:  # the Session the line is made of, made now (as few need it)
+            session = self._session()
+            session.upstream_status = taken[0]
+            log.ACCESS.info(access.format_line(session, None, self.express.fast.access_format))
 
     def broken(self) -> None:
         """``run`` raised (a bug): the upstream connection is dropped, the client gets a 502."""

@@ -20,7 +20,8 @@ from pyngora.proxy.express import Express
 from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_proxy_fast_path import (
     exchange, proxy_service, proxy_service_with, read_exact_response, start_origin)
-from tests.protocol.test_raw_paths_parity import body_answer, no_stray_upstream, samples, settle
+from tests.protocol.test_raw_paths_parity import (  # noqa: F401 - handler is a fixture
+    Lines, body_answer, handler, no_stray_upstream, samples, settle, untimed)
 
 MODES = ("engine", "fast", "express")
 
@@ -323,3 +324,39 @@ def test_keepalive_requests_and_routes_are_honoured(monkeypatch: pytest.MonkeyPa
     assert (to_a, to_b) == (10, 4)
     assert all(o.startswith(b"HTTP/1.1 200 Fine Thanks") for o in out[12:16])
     assert all(o.startswith(b"HTTP/1.1 404 ") for o in out[16:])
+
+
+@pytest.mark.parametrize("fmt", ["combined", "json"])
+def test_access_log_lines_are_the_same(fmt: str, handler: Lines,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = count_takes(monkeypatch)
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            server, oport, _ = await start_origin(
+                lambda path, n: body_answer(20000) if path == b"/big" else None)
+            conf, svc = proxy_service(oport)
+            async with serving(svc, conf) as (port, ctx):
+                set_mode(ctx, mode)
+                engine = ctx.state["http_app"]
+                engine.access_format = fmt
+                if engine.fast is not None:
+                    engine.fast.access_format = fmt
+                handler.lines.clear()
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                for _ in range(3):
+                    for extra in (b"User-Agent: t/1\r\nReferer: http://r/\"q\"\r\n", b""):
+                        for path in (b"/len", b"/404", b"/big", b"/chunked"):
+                            w.write(client_head(path, extra))
+                            await read_exact_response(r)
+                w.close()
+                for _ in range(3):
+                    await closing_request(port, b"/len")
+                await settle(ctx)
+            server.close()
+            return [untimed(line, fmt, oport) for line in handler.lines]
+        return main()
+
+    lines, express = three(scenario, taken)
+    assert len(lines) == 3 * 2 * 4 + 3
+    assert express >= 2 * 2 * 4, express
