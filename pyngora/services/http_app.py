@@ -165,8 +165,8 @@ class H1Connection(asyncio.Protocol):
         # The express lane: only between requests, with nothing held back (a paused write
         # buffer holds requests back) and nothing but HTTP on the connection.
         if (state == _S_IDLE and self._express is not None and not self._write_paused
-                and not self._upgrade_head and self._tunnel is None and not self._broken
-                and self._express.take(self, data)):
+                and not self._pending and not self._upgrade_head and self._tunnel is None
+                and not self._broken and self._express.take(self, data)):
             return
         if state == _S_CLOSING or self._broken:
             return  # lingering close, or after a malformed request: discard
