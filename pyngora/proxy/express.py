@@ -208,14 +208,12 @@ class _Ride:
         raw = self.raw
         if raw is not None:
             self.raw = None
-            up = self.up
-            if not up.untouched():  # type: ignore[union-attr]
+            if not self.up.send_and_listen(  # type: ignore[union-attr]
+                    _GET, raw, self.on_upstream, self.peer.options.read_timeout, self.whole):
                 # The origin closed (or spoke on) the pooled connection in this iteration:
                 # the fast path takes another one, or dials, as it would have.
                 self._promote(False).run()
                 return
-            up.send_and_listen(_GET, raw, self.on_upstream,  # type: ignore[union-attr]
-                               self.peer.options.read_timeout, self.whole)
             if self.um is not None:
                 self.um.reused += 1  # (pool_reused(), inline)
             return

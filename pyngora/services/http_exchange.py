@@ -328,8 +328,12 @@ class Exchange(RequestBody):
         self.status = status
         self._continue_pending = False
         self.resp_bytes += body_len
-        conn._write(data)
-        self._finish()
+        # conn._write and self._finish, inline: every proxied whole response ends here
+        if not conn.closed and conn.transport is not None:
+            conn.transport.write(data)
+        if not self.finished:
+            self.finished = True
+            conn._exchange_done(self)
 
     def flush_head(self) -> None:
         """Send a head that ``write_head(hold=True)`` kept back, if it still is."""

@@ -10,6 +10,8 @@ heads, and Prometheus the same samples.
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from typing import Any, Callable, Optional
 
 import pytest
@@ -19,7 +21,7 @@ from pyngora.proxy.express import Express
 
 from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_proxy_fast_path import (
-    exchange, proxy_service, proxy_service_with, read_exact_response, start_origin)
+    ThreadOrigin, exchange, proxy_service, proxy_service_with, read_exact_response, start_origin)
 from tests.protocol.test_raw_paths_parity import (  # noqa: F401 - handler is a fixture
     Lines, body_answer, handler, no_stray_upstream, samples, settle, untimed)
 
@@ -360,3 +362,48 @@ def test_access_log_lines_are_the_same(fmt: str, handler: Lines,
     lines, express = three(scenario, taken)
     assert len(lines) == 3 * 2 * 4 + 3
     assert express >= 2 * 2 * 4, express
+
+
+@pytest.mark.parametrize("retries", ["", "0"])
+def test_a_pooled_connection_the_origin_closes_before_the_send_is_not_used(
+        retries: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane takes the request and the pooled connection in one poll phase, and the
+    origin's FIN on that connection arrives in the same phase, before the lane sends at the
+    end of the iteration: the fast path takes over (another connection, here a dial), as it
+    does for its own requests, instead of a 502."""
+    taken = count_takes(monkeypatch)
+
+    def scenario(mode: str) -> Any:
+        async def main() -> bytes:
+            origin = ThreadOrigin()
+            conf, svc = proxy_service(origin.port, f"        retries: {retries}\n"
+                                      if retries else "")
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    await exchange(port, [(b"GET", b"/x")] * 3)  # learnt, pooled
+                    assert len(ctx.state["connector"].pool) == 1
+                    client = socket.create_connection(("127.0.0.1", port))
+                    me = client.getsockname()
+                    await asyncio.wait_for(_until(lambda: any(
+                        c.client_addr == me for c in ctx.connections._conns)), 5)
+                    up = origin.conns[0]
+
+                    def both() -> None:
+                        client.sendall(client_head(b"/x"))
+                        up.shutdown(socket.SHUT_WR)
+                    actor = threading.Thread(target=both)
+                    actor.start()
+                    actor.join()  # blocks the loop: both arrive before its next poll
+                    client.setblocking(False)
+                    r, w = await asyncio.open_connection(sock=client)
+                    response = await asyncio.wait_for(read_exact_response(r), 5)
+                    w.close()
+            finally:
+                origin.close()
+            return response
+        return main()
+
+    response, express = three(scenario, taken)
+    assert response == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert express >= 2, express
