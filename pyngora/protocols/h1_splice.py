@@ -51,6 +51,9 @@ Verdict = tuple[int, bytes, int, bool]
 # head bytes (up to the last field's CRLF) -> (max_header_bytes, max_headers, verdict or None)
 _KNOWN: dict[bytes, tuple[int, int, Optional[Verdict]]] = {}
 _KNOWN_MAX = 512
+# Above this body length, the body is copied behind the head from a memoryview (64 KiB: 1.6
+# instead of 3.3 us); below, the slice and concatenation are cheaper (66 ns against 174).
+_COPY_ONCE = 4096
 _KNOWN_BYTES = 2048  # longer heads are judged each time (what is kept stays ~1 MiB at most)
 
 
@@ -74,6 +77,8 @@ def take_whole(data: bytes, limits: H1Limits) -> Optional[Verdict]:
     if verdict is None or end + 4 + verdict[2] != len(data):
         return None  # not plain; or more to come, or bytes after it: the full parser's case
     status, out, length, keep_alive = verdict
+    if length > _COPY_ONCE:  # one copy of a large body, not two (slice, then concatenation)
+        return status, b"".join((out, memoryview(data)[end + 4:])), length, keep_alive
     return status, out + data[end + 4:], length, keep_alive
 
 
