@@ -162,7 +162,8 @@ class RequestParser:
         self._items: list[tuple[bytes, bytes]] = []
         self._keys: list[bytes] = []
         self._in_head = False       # a request began and its head is not complete yet
-        # A request began and has not ended yet (a timeout then means 408 / abort).
+        # A request began and has not ended yet (a timeout then means 408 / abort); written
+        # by this parser only.
         self.in_message = False
         self._head_size = 0         # exact bytes of the head seen through the callbacks
         self._head_fed = 0          # bytes fed while a head stayed incomplete (see feed)

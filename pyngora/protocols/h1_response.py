@@ -34,7 +34,8 @@ class ResponseParser:
                  "upgraded", "_trailing", "_trailers", "_tkeys", "_head_done", "_stall")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
-        self.limits = limits or _DEFAULT_LIMITS  # (read by the connection's take_whole)
+        # Read by the connection's take_whole; written by this parser only.
+        self.limits = limits or _DEFAULT_LIMITS
         self._p: Optional[httptools.HttpResponseParser] = None
         self._method = b"GET"
         self._state = _IDLE
@@ -53,7 +54,8 @@ class ResponseParser:
         self._error: Optional[ProtocolError] = None
         self._leftover = b""
         self._unsolicited = False
-        # True once any byte of the current response arrived (no safe retry after that)
+        # True once any byte of the current response arrived (no safe retry after that);
+        # written by this parser only.
         self.response_started = False
         self.upgraded = False
         self._trailing = b""

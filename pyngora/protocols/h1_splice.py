@@ -51,10 +51,11 @@ Verdict = tuple[int, bytes, int, bool]
 # head bytes (up to the last field's CRLF) -> (max_header_bytes, max_headers, verdict or None)
 _KNOWN: dict[bytes, tuple[int, int, Optional[Verdict]]] = {}
 _KNOWN_MAX = 512
-# Above this body length, the body is copied behind the head from a memoryview (64 KiB: 1.6
-# instead of 3.3 us); below, the slice and concatenation are cheaper (66 ns against 174).
-_COPY_ONCE = 4096
 _KNOWN_BYTES = 2048  # longer heads are judged each time (what is kept stays ~1 MiB at most)
+# Above this body length, the body is copied behind the head from a memoryview, once, instead
+# of sliced and concatenated, twice (measured: 1.6 against 3.3 us for 64 KiB); for a body of
+# a few hundred bytes the slice and concatenation are the cheaper (66 ns against 174).
+_COPY_ONCE = 4096
 
 
 def take_whole(data: bytes, limits: H1Limits) -> Optional[Verdict]:

@@ -154,6 +154,16 @@ class _Group:
             backend = bal.select(key)
         return None if backend is None else backend.addr
 
+    def plain(self) -> bool:
+        """True when a pick needs no Session (no hash key, no retry memory) and the backends
+        speak HTTP/1: what the express lane serves."""
+        alpn = self.options.alpn
+        return not self._hashed and not (alpn and alpn[0] == "h2")
+
+    def peer_of(self, addr: str) -> HttpPeer:
+        """``shared_peer``, with the prebuilt one found by a dictionary lookup alone."""
+        return self._peers.get(addr) or self.shared_peer(addr)
+
     def shared_peer(self, addr: str) -> HttpPeer:
         """The prebuilt peer of ``addr`` (DeclarativeProxy's own classes only: see _peers)."""
         peer = self._peers.get(addr)

@@ -35,6 +35,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1 import Known, known_head
 from pyngora.proxy import access
+from pyngora.proxy.fast_path import WRITE_AT_ONCE
 from pyngora.proxy.session import Session
 from pyngora.proxy.wire import upstream_head
 
@@ -51,7 +52,6 @@ _GET = b"GET"
 _UNKNOWN = object()
 # Requests learnt (per worker): bounded as the parser's own table, and emptied when full.
 _TABLE_MAX = 512
-_WRITE_AT_ONCE = 16384  # as the fast path's (see there)
 
 # What take() needs of a known request: (the parser's entry, a template head -- read-only;
 # a promoted request gets its own --, the route's group, the bytes to send upstream, the
@@ -99,34 +99,46 @@ class Express:
         taken (after every read of the iteration: see fast_path's module doc)."""
         queue, self._queue = self._queue, []
         for ride in queue:
-            try:
-                ride.run()
-            except Exception as e:  # a bug: this request fails, the batch goes on
-                log.ERROR.error("express lane failed: %r", e, exc_info=e)
-                ride.broken()
+            self.run_one(ride)
+
+    @staticmethod
+    def run_one(ride: "_Ride") -> None:
+        """``ride.run()``, where a bug fails this request only (502), never the caller."""
+        try:
+            ride.run()
+        except Exception as e:
+            log.ERROR.error("express lane failed: %r", e, exc_info=e)
+            ride.broken()
 
     def take(self, conn: "H1Connection", data: bytes) -> bool:
         """Offered ``data``, the first read of a request on an idle connection: True when
         the request was taken (sent upstream), False to have the connection parse it."""
-        entry = self._table.get(data, _UNKNOWN)
-        if entry is _UNKNOWN:
-            self._learn(conn, data)
-            return False
+        # The engine's fast path may be switched off (tests compare the paths): the lane
+        # is part of it.
         fast = self.engine.fast
-        if entry is None or fast is None:  # (the lane is the fast path's)
+        try:
+            entry = self._table.get(data, _UNKNOWN)
+            if entry is _UNKNOWN:
+                self._learn(conn, data)
+                return False
+            if entry is None or fast is None:
+                return False
+            seen, head, group, raw, um = entry  # type: ignore[misc]
+            parser = conn.parser
+            known = parser.known(data)
+            if known is not seen:  # not between requests, or other limits, or ...
+                if known is not None:  # ... the parser forgot it and learnt it again
+                    del self._table[data]
+                return False
+            addr = group.next_addr()
+            if addr is None:
+                return False  # no healthy backend: the fast path answers 503
+            peer = group.peer_of(addr)
+            up = self.connector.get_pooled(peer)
+        except Exception:
+            # Routing, the balancer (a user's hook, perhaps) or the pool raised: the fast
+            # path runs the same code for this request, and answers and logs as it does.
             return False
-        seen, head, group, raw, um = entry  # type: ignore[misc]
-        parser = conn.parser
-        known = parser.known(data)
-        if known is not seen:  # not between requests, or other limits, or ...
-            if known is not None:  # ... the parser forgot it and learnt it again: so do we
-                del self._table[data]
-            return False
-        addr = group.next_addr()
-        if addr is None:
-            return False  # no healthy backend: the fast path answers 503
-        peer = group._peers.get(addr) or group.shared_peer(addr)
-        up = self.connector.get_pooled(peer)
         if up is None:  # the fast path dials this very peer
             fast.preset = (data, peer, group.max_retries())
             return False
@@ -156,10 +168,7 @@ class Express:
             raw = upstream_head(head)
             group = self.proxy.route_to(head.headers.get(b"host") or b"",
                                         head.target.decode("latin-1"))
-            # Hashed groups need the Session (key and retries), h2 ones the engine's h2 path.
-            alpn = group.options.alpn if group is not None else None
-            if raw is not None and group is not None and not group._hashed \
-                    and not (alpn and alpn[0] == "h2"):
+            if raw is not None and group is not None and group.plain():
                 entry = (seen, head, group, raw, self.engine.umetrics_of(group.name))
         table = self._table
         if len(table) >= _TABLE_MAX:
@@ -228,7 +237,7 @@ class _Ride:
         ex.task = None  # (no ex <-> ride cycle left behind)
         ex.write_whole(*taken)
         if log._access_on:  # the Session the line is made of, made now (as few need it)
-            session = self._session()
+            session = self._session(own_head=False)
             session.upstream_status = taken[0]
             log.ACCESS.info(access.format_line(session, None, self.express.fast.access_format))
 
@@ -252,7 +261,9 @@ class _Ride:
         taken = up.take_whole(data)  # type: ignore[union-attr]
         if taken is None:
             fwd = self._promote(True)
-            up.listen(fwd.on_upstream, self.peer.options.read_timeout)  # type: ignore[union-attr]
+            # The wait's deadline stays the one armed at the send: a first read of a few
+            # bytes must not start read_timeout over (a dribbling origin would stretch it).
+            up.relisten(fwd.on_upstream)  # type: ignore[union-attr]
             return False
         express = self.express
         express.connector.release(up, True)  # type: ignore[arg-type]
@@ -260,8 +271,8 @@ class _Ride:
         if self.um is not None:
             self.um.request_done(self.peer.backend, taken[0])
         self.taken = taken
-        if taken[2] > _WRITE_AT_ONCE:
-            self.run()
+        if len(taken[1]) > WRITE_AT_ONCE:
+            express.run_one(self)
         else:
             express.later(self)
         return True
@@ -285,10 +296,12 @@ class _Ride:
         ex.conn.run_task(ex, self.express.engine.run(ex, session, error=Error(
             ErrorType.ConnectionClosed, ErrorSource.Downstream, None, "client disconnected")))
 
-    def _session(self) -> Session:
-        """The request's own head and the Session that the fast path would have made."""
+    def _session(self, own_head: bool = True) -> Session:
+        """The Session that the fast path would have made; with the request's own head, for
+        code that may edit it, unless ``own_head`` is False (the access log only reads)."""
         ex = self.ex
-        ex.head = known_head(self.seen, ex.head.raw)  # type: ignore[arg-type]
+        if own_head:
+            ex.head = known_head(self.seen, ex.head.raw)  # type: ignore[arg-type]
         session = Session(ex, self.express.service)
         session.peer = self.peer
         session.max_retries = self.group.max_retries()
@@ -298,6 +311,7 @@ class _Ride:
         """Hand the request to a fast-path forwarder, as if it had taken it itself: waiting
         for the response head when ``sent``, else about to send it."""
         up = self.up
-        self.up = None
+        fwd = self.express.fast.adopt(self.ex, self._session(), up, self.um, sent)  # type: ignore[arg-type]
+        self.up = None  # (only now: broken() releases it if the lines above raised)
         up.first_bytes_to(None)  # type: ignore[union-attr]
-        return self.express.fast.adopt(self.ex, self._session(), up, self.um, sent)
+        return fwd

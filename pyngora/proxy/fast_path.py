@@ -46,7 +46,7 @@ from pyngora.upstreams.connector import UpstreamConnection
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.proxy.engine import Plan, ProxyEngine
 
-__all__ = ["FastPath"]
+__all__ = ["FastPath", "WRITE_AT_ONCE"]
 
 # Phases the fast path may leave to the engine: fail_to_connect runs only when dialling,
 # which the fast path never does.
@@ -57,7 +57,7 @@ _ALLOWED = frozenset(("upstream_peer", "fail_to_connect"))
 # iteration: measured (tests/bench/RESULTS.md), 64 KiB responses went 0.33 -> 0.43 x nginx
 # written at once (their bytes are still in the CPU cache; fifty of them held to the end of
 # an iteration are not), while small ones went 0.32 -> 0.28 (the batching of the module doc).
-_WRITE_AT_ONCE = 16384
+WRITE_AT_ONCE = 16384
 _WHOLE = -2     # a whole response was taken (the upstream connection is pooled again): it
                 # goes to the client at the end of this loop iteration
 _SEND = -1      # taken: the request head goes upstream at the end of this loop iteration
@@ -291,7 +291,7 @@ class _Forward:
         self.fast.connector.release(self.conn, True)
         if self.um is not None:
             self.um.request_done(session.peer.backend, taken[0])
-        if len(taken[1]) > _WRITE_AT_ONCE:
+        if len(taken[1]) > WRITE_AT_ONCE:
             self.run()
         elif not self.queued:
             self.queued = True

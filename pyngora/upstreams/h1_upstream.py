@@ -59,8 +59,8 @@ class UpstreamConnection(asyncio.Protocol):
     (0.0 for a reused connection); ``pause_count`` how often reading was paused for back-pressure.
     """
 
-    __slots__ = ("peer", "pool_key", "reused", "response_bytes_seen", "stray_response", "connect_duration",
-                 "body_sending", "pause_count",
+    __slots__ = ("peer", "pool_key", "reused", "response_bytes_seen", "stray_response",
+                 "connect_duration", "body_sending", "pause_count",
                  "transport", "_connector", "_loop", "_parser", "_events", "_raw", "_buffered",
                  "_waiter", "_drain_waiter", "_error", "_eof", "_closed", "_reading_paused",
                  "_write_paused", "_idle", "_head_seen", "_tunnel", "alpn",
@@ -216,11 +216,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send_and_listen(self, method: bytes, head: bytes, listener: Callable[[bool], None],
                         timeout: Optional[float], sink: Callable[[bytes], bool]) -> bool:
-        """For the proxy's express lane, four calls in one: when the connection is still
-        ``untouched``, ``send_raw_head``, ``listen`` and ``first_bytes_to``, and True; else
+        """For the proxy's express lane: when the connection is still ``untouched``,
+        ``send_raw_head``, ``listen`` and ``first_bytes_to`` in one call, and True; else
         False, and nothing sent."""
-        if (self._closed or self._eof or self._error is not None
-                or self.response_bytes_seen):
+        if not self.untouched():
             return False
         self._parser.start(method)
         self._acked = False
@@ -228,16 +227,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._listener = listener
         self._sink = sink
         if timeout:
-            # _arm_deadline, inline
-            deadline = self._deadline = self._loop.time() + timeout
-            if self._timer is None or self._timer_when > deadline:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer_when = deadline
-                self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._arm_deadline(self._loop.time() + timeout)
         else:
             self._deadline = None
         return True
+
+    def relisten(self, callback: Callable[[bool], None]) -> None:
+        """Hand the current wait to another listener; its deadline stays as it is."""
+        self._listener = callback
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         """Write a piece of request body (as a chunk when ``chunked``). Raises Error if closed."""
