@@ -93,7 +93,7 @@ class _Group:
     """One upstream group: its backends, peer options and selection, per worker."""
 
     __slots__ = ("name", "conf", "backends", "options", "retries", "key", "balancer",
-                 "_rr", "_hashed", "_peers")
+                 "_rr", "_hashed", "peers")
 
     def __init__(self, conf: UpstreamConf) -> None:
         self.name = conf.name
@@ -120,7 +120,7 @@ class _Group:
         self._rr = itertools.cycle(ring) if ring else None
         # Prebuilt peers of the configured backends, for DeclarativeProxy's own classes only
         # (nothing there mutates a peer; a user's subclass may, so it gets a fresh one).
-        self._peers: dict[str, HttpPeer] = {}
+        self.peers: dict[str, HttpPeer] = {}
 
     def discovered_retries(self) -> int:
         """A DNS group's default retries: one per backend it knows of now (at least one)."""
@@ -160,17 +160,13 @@ class _Group:
         alpn = self.options.alpn
         return not self._hashed and not (alpn and alpn[0] == "h2")
 
-    def peer_of(self, addr: str) -> HttpPeer:
-        """``shared_peer``, with the prebuilt one found by a dictionary lookup alone."""
-        return self._peers.get(addr) or self.shared_peer(addr)
-
     def shared_peer(self, addr: str) -> HttpPeer:
-        """The prebuilt peer of ``addr`` (DeclarativeProxy's own classes only: see _peers)."""
-        peer = self._peers.get(addr)
+        """The prebuilt peer of ``addr`` (DeclarativeProxy's own classes only: see peers)."""
+        peer = self.peers.get(addr)
         if peer is None:
             peer = self.peer(addr)
             if addr in self.backends:  # discovered addresses come and go: not kept
-                self._peers[addr] = peer
+                self.peers[addr] = peer
         return peer
 
     def max_retries(self) -> int:
@@ -216,7 +212,7 @@ class DeclarativeProxy(ProxyHttp):
         self.req_edits = _Edits(conf.request_headers)
         self.resp_edits = _Edits(conf.response_headers)
         self.forwarded = conf.forwarded_headers
-        # True only for the classes build_proxy assembles (see _Group._peers).
+        # True only for the classes build_proxy assembles (see _Group.peers).
         self._shared_peers = type(self) in _CLASSES.values()
 
     async def worker_started(self, ctx: WorkerContext) -> None:

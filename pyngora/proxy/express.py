@@ -99,7 +99,11 @@ class Express:
         taken (after every read of the iteration: see fast_path's module doc)."""
         queue, self._queue = self._queue, []
         for ride in queue:
-            self.run_one(ride)
+            try:  # (run_one, inline: twice per request)
+                ride.run()
+            except Exception as e:
+                log.ERROR.error("express lane failed: %r", e, exc_info=e)
+                ride.broken()
 
     @staticmethod
     def run_one(ride: "_Ride") -> None:
@@ -133,7 +137,7 @@ class Express:
             addr = group.next_addr()
             if addr is None:
                 return False  # no healthy backend: the fast path answers 503
-            peer = group.peer_of(addr)
+            peer = group.peers.get(addr) or group.shared_peer(addr)
             up = self.connector.get_pooled(peer)
         except Exception:
             # Routing, the balancer (a user's hook, perhaps) or the pool raised: the fast
