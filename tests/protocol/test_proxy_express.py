@@ -66,6 +66,33 @@ def three(scenario: Callable[[str], Any], taken: list[int]) -> tuple[Any, int]:
     return results["express"], counts["express"]
 
 
+class HeadOrigin(asyncio.Protocol):
+    """An origin that hands each request head to ``on_head(head, transport)`` to answer."""
+
+    def __init__(self, on_head: Callable[[bytes, Any], None]) -> None:
+        self.on_head = on_head
+        self.buf = b""
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            self.on_head(head, self.transport)
+
+
+def fresh_metrics(tmp_path: Any, mode: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty metrics directory of this mode's own, and the registry reset: its path."""
+    d = str(tmp_path / mode)
+    monkeypatch.setenv(multiproc.ENV_VAR, d)
+    multiproc.prepare_dir(d, fresh=True)
+    registry.reset()
+    return d
+
+
 def client_head(path: bytes, extra: bytes = b"") -> bytes:
     return b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
 
@@ -91,10 +118,7 @@ def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
 
     def scenario(mode: str) -> Any:
         async def main() -> Any:
-            d = str(tmp_path / mode)
-            monkeypatch.setenv(multiproc.ENV_VAR, d)
-            multiproc.prepare_dir(d, fresh=True)
-            registry.reset()
+            d = fresh_metrics(tmp_path, mode, monkeypatch)
             server, oport, stats = await start_origin(script)
             conf, svc = proxy_service(oport)
             try:
@@ -155,10 +179,7 @@ def test_failures_after_sending_get_the_fast_paths_answers(
 
     def scenario(mode: str) -> Any:
         async def main() -> Any:
-            d = str(tmp_path / mode)
-            monkeypatch.setenv(multiproc.ENV_VAR, d)
-            multiproc.prepare_dir(d, fresh=True)
-            registry.reset()
+            d = fresh_metrics(tmp_path, mode, monkeypatch)
             server, oport, stats = await start_origin(script)
             conf, svc = proxy_service(oport)
             out = []
@@ -200,10 +221,7 @@ def test_a_client_gone_before_its_response_closes_the_upstream_and_counts_as_bef
 
     def scenario(mode: str) -> Any:
         async def main() -> Any:
-            d = str(tmp_path / mode)
-            monkeypatch.setenv(multiproc.ENV_VAR, d)
-            multiproc.prepare_dir(d, fresh=True)
-            registry.reset()
+            d = fresh_metrics(tmp_path, mode, monkeypatch)
             server, oport, stats = await start_origin(script)
             conf, svc = proxy_service(oport)
             try:
@@ -418,27 +436,19 @@ def test_a_request_pipelined_behind_one_the_lane_took_waits_its_turn(
 
     heads: list[bytes] = []
 
-    class Slow(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:
-            self.t = transport
-            self.buf = b""
-
-        def data_received(self, data: bytes) -> None:
-            self.buf += data
-            while b"\r\n\r\n" in self.buf:
-                head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-                heads.append(head)
-                path = head.split(b" ")[1]
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
-                if slow["on"] and path == b"/first":
-                    asyncio.get_running_loop().call_later(0.2, self.t.write, answer)
-                else:
-                    self.t.write(answer)
+    def on_head(head: bytes, transport: Any) -> None:
+        heads.append(head)
+        path = head.split(b" ")[1]
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+        if slow["on"] and path == b"/first":
+            asyncio.get_running_loop().call_later(0.2, transport.write, answer)
+        else:
+            transport.write(answer)
 
     def scenario(mode: str) -> Any:
         async def main() -> Any:
             loop = asyncio.get_running_loop()
-            server = await loop.create_server(Slow, "127.0.0.1", 0)
+            server = await loop.create_server(lambda: HeadOrigin(on_head), "127.0.0.1", 0)
             conf, svc = proxy_service(server.sockets[0].getsockname()[1])
             try:
                 async with serving(svc, conf) as (port, ctx):
@@ -474,24 +484,16 @@ def test_read_timeout_counts_from_the_send_even_when_a_first_byte_comes(
     taken = count_takes(monkeypatch)
     drip = {"on": False}
 
-    class Dripping(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:
-            self.t = transport
-            self.buf = b""
-
-        def data_received(self, data: bytes) -> None:
-            self.buf += data
-            while b"\r\n\r\n" in self.buf:
-                _, _, self.buf = self.buf.partition(b"\r\n\r\n")
-                if drip["on"]:
-                    asyncio.get_running_loop().call_later(0.8, self.t.write, b"H")
-                else:
-                    self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    def on_head(head: bytes, transport: Any) -> None:
+        if drip["on"]:
+            asyncio.get_running_loop().call_later(0.8, transport.write, b"H")
+        else:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     def scenario(mode: str) -> Any:
         async def main() -> Any:
             loop = asyncio.get_running_loop()
-            server = await loop.create_server(Dripping, "127.0.0.1", 0)
+            server = await loop.create_server(lambda: HeadOrigin(on_head), "127.0.0.1", 0)
             conf, svc = proxy_service(server.sockets[0].getsockname()[1])  # read_seconds: 1
             try:
                 async with serving(svc, conf) as (port, ctx):
