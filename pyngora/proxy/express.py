@@ -81,11 +81,12 @@ class Express:
         self.proxy: Any = engine.proxy
         self.service = engine.service
         self._table: dict[bytes, Optional[_Entry]] = {}
-        self._queue: list[_Ride] = []  # responses to write at the end of this loop iteration
+        self._queue: list[_Ride] = []  # rides with work for the end of this loop iteration
         self._loop: Any = None
 
     def later(self, ride: "_Ride") -> None:
-        """Have ``ride`` write its response at the end of this loop iteration."""
+        """Have ``ride`` run (send its request, or write its response) at the end of this
+        loop iteration."""
         queue = self._queue
         if not queue:
             loop = self._loop
@@ -315,7 +316,8 @@ class _Ride:
         """Hand the request to a fast-path forwarder, as if it had taken it itself: waiting
         for the response head when ``sent``, else about to send it."""
         up = self.up
-        fwd = self.express.fast.adopt(self.ex, self._session(), up, self.um, sent)  # type: ignore[arg-type]
+        fwd = self.express.fast.adopt(self.ex, self._session(), up,  # type: ignore[arg-type]
+                                      self.um, sent)
         self.up = None  # (only now: broken() releases it if the lines above raised)
         up.first_bytes_to(None)  # type: ignore[union-attr]
         return fwd

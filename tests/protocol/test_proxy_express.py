@@ -153,7 +153,8 @@ def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
     # promoted), the closing ones (4 - 2: each connection is new, the table is the worker's);
     # never the pipelined pairs (two requests in one read are no known request)
     assert express >= 5 + 2 + 1 + 2 + 2 + 2, express
-    assert out[0] == b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    assert out[0] == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+                      b"\r\nhello")
     assert out[-8].endswith(b"Connection: close\r\n\r\nhello")
     assert len(heads) == len(out)
     assert metrics[("pyngora_requests_total", '{"code": "200", "service": "p"}')] == len(out) - 4
