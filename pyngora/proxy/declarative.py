@@ -169,6 +169,11 @@ class _Group:
                 self.peers[addr] = peer
         return peer
 
+    def no_backend(self) -> Error:
+        """What a request gets when the pick found no usable backend (503)."""
+        return Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
+                     f"no healthy backend in upstream {self.name!r}")
+
     def max_retries(self) -> int:
         """``Session.max_retries`` for a request to this group."""
         retries = self.retries
@@ -260,8 +265,7 @@ class DeclarativeProxy(ProxyHttp):
         session.max_retries = group.max_retries()
         addr = group.pick(session)
         if addr is None:
-            raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
-                        f"no healthy backend in upstream {group.name!r}")
+            raise group.no_backend()
         if group._hashed:
             if session.tried is None:
                 session.tried = set()

@@ -135,17 +135,23 @@ class Express:
                 if known is not None:  # ... the parser forgot it and learnt it again
                     del self._table[data]
                 return False
+        except Exception:  # routing raised (learning): the fast path routes, and answers
+            return False
+        # From here the balancer has been asked: whatever it said goes to the fast path with
+        # the request (FastPath.preset), which must not ask again (a balancer of the hook may
+        # answer differently, or count its calls).
+        try:
             addr = group.next_addr()
-            if addr is None:
-                return False  # no healthy backend: the fast path answers 503
+            if addr is None:  # no healthy backend: the fast path answers 503
+                fast.preset = (data, None, group.max_retries(), group.no_backend())
+                return False
             peer = group.peers.get(addr) or group.shared_peer(addr)
             up = self.connector.get_pooled(peer)
-        except Exception:
-            # Routing, the balancer (a user's hook, perhaps) or the pool raised: the fast
-            # path runs the same code for this request, and answers and logs as it does.
+        except Exception as e:  # the balancer (a user's hook, perhaps) or the pool: 500
+            fast.preset = (data, None, group.max_retries(), e)
             return False
         if up is None:  # the fast path dials this very peer
-            fast.preset = (data, peer, group.max_retries())
+            fast.preset = (data, peer, group.max_retries(), None)
             return False
         if not head.keep_alive:
             parser.took_known()

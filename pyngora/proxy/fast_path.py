@@ -89,9 +89,10 @@ class FastPath:
         self.access_format = engine.access_format
         self.loop: Any = None
         self._queue: list[_Forward] = []  # forwarders with work for the end of this iteration
-        # (the request's bytes, its peer, max_retries): what the express lane chose for the
-        # request it declines, so that the balancer is not asked twice (see proxy/express.py)
-        self.preset: Optional[tuple[bytes, Any, Optional[int]]] = None
+        # (the request's bytes, its peer, max_retries, or what picking one raised): what the
+        # express lane's balancer said for the request it declines, so that it is not asked
+        # twice (see proxy/express.py)
+        self.preset: Optional[tuple[bytes, Any, Optional[int], Optional[BaseException]]] = None
 
     def start(self, ex: Exchange) -> Any:
         """Take ``ex`` (returns None: the response will be written by callbacks), or return
@@ -102,19 +103,19 @@ class FastPath:
             return engine.run(ex)
         session = Session(ex, self.service)
         preset = self.preset
-        if preset is not None and preset[0] is head.raw:
-            self.preset = None
-            peer = preset[1]
-            session.max_retries = preset[2]
-        else:
-            self.preset = None
-            try:
+        self.preset = None
+        try:
+            if preset is not None and preset[0] is head.raw:
+                _, peer, session.max_retries, failure = preset
+                if failure is not None:
+                    raise failure
+            else:
                 peer = self.upstream_peer(session, None)
-            except Error as e:  # 404 (no route), 503 (no healthy backend), ...
-                return engine.run(ex, session, error=e)
-            except Exception as e:  # a bug in upstream_peer: the engine answers 500, logs it
-                return engine.run(ex, session, error=Error(
-                    ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
+        except Error as e:  # 404 (no route), 503 (no healthy backend), ...
+            return engine.run(ex, session, error=e)
+        except Exception as e:  # a bug in upstream_peer: the engine answers 500 and logs it
+            return engine.run(ex, session, error=Error(
+                ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
         if peer is None:
             return engine.run(ex, session, error=Error(
                 ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))

@@ -555,3 +555,55 @@ def test_a_balancer_that_raises_gets_the_fast_paths_500(monkeypatch: pytest.Monk
     assert lines == [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 500 Internal Server Error",
                                                  b"HTTP/1.1 200 OK"]
     assert express >= 2, express
+
+
+class Flaky:
+    """A balancer (of the ``balancer_factory`` hook's kind) of one backend that says "no
+    backend" on some calls and raises on others: what it answers depends on how often it is
+    asked, so asking twice for one request shows."""
+
+    class Backend:
+        def __init__(self, addr: str) -> None:
+            self.addr = addr
+
+    def __init__(self, addr: str) -> None:
+        self.backend = self.Backend(addr)
+        self.calls = 0
+
+    def select(self, key: bytes, max_iterations: int = 256) -> Any:
+        self.calls += 1
+        if self.calls in (5, 9):
+            return None
+        if self.calls in (7, 11):
+            raise RuntimeError("balancer hiccup")
+        return self.backend
+
+
+def test_a_balancer_is_asked_once_per_request_whatever_it_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its "no backend" (503) and its exceptions (500) go with the request to the fast path,
+    which does not ask again: the same answers, in the same order, and the same number of
+    calls as on the engine."""
+    taken = count_takes(monkeypatch)
+
+    def scenario(mode: str) -> Any:
+        async def main() -> Any:
+            server, oport, _ = await start_origin()
+            conf, svc = proxy_service(oport)
+            try:
+                async with serving(svc, conf) as (port, ctx):
+                    set_mode(ctx, mode)
+                    group = ctx.state["http_app"].proxy.groups["o"]
+                    flaky = group.balancer = Flaky(f"127.0.0.1:{oport}")
+                    out = [await closing_request(port, b"/len") for _ in range(12)]
+            finally:
+                server.close()
+            return [o.split(b"\r\n")[0] for o in out], flaky.calls
+        return main()
+
+    (lines, calls), express = three(scenario, taken)
+    assert calls == 12
+    assert lines[4] == lines[8] == b"HTTP/1.1 503 Service Unavailable"
+    assert lines[6] == lines[10] == b"HTTP/1.1 500 Internal Server Error"
+    assert lines.count(b"HTTP/1.1 200 OK") == 8
+    assert express >= 4, express
