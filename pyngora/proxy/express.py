@@ -62,8 +62,7 @@ _Entry = tuple[Known, RequestHead, Any, bytes, Any]
 class Express:
     """One per ProxyEngine whose proxy is a DeclarativeProxy served by the fast path."""
 
-    __slots__ = ("engine", "fast", "connector", "proxy", "service", "_table", "_queue",
-                 "_loop")
+    __slots__ = ("engine", "fast", "connector", "proxy", "service", "_table")
 
     @staticmethod
     def serves(engine: "ProxyEngine") -> bool:
@@ -81,39 +80,6 @@ class Express:
         self.proxy: Any = engine.proxy
         self.service = engine.service
         self._table: dict[bytes, Optional[_Entry]] = {}
-        self._queue: list[_Ride] = []  # rides with work for the end of this loop iteration
-        self._loop: Any = None
-
-    def later(self, ride: "_Ride") -> None:
-        """Have ``ride`` run (send its request, or write its response) at the end of this
-        loop iteration."""
-        queue = self._queue
-        if not queue:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = ride.ex.conn.loop
-            loop.call_soon(self._run)
-        queue.append(ride)
-
-    def _run(self) -> None:
-        """Once per loop iteration with work: send the requests taken, write the responses
-        taken (after every read of the iteration: see fast_path's module doc)."""
-        queue, self._queue = self._queue, []
-        for ride in queue:
-            try:  # (run_one, inline: twice per request)
-                ride.run()
-            except Exception as e:
-                log.ERROR.error("express lane failed: %r", e, exc_info=e)
-                ride.broken()
-
-    @staticmethod
-    def run_one(ride: "_Ride") -> None:
-        """``ride.run()``, where a bug fails this request only (502), never the caller."""
-        try:
-            ride.run()
-        except Exception as e:
-            log.ERROR.error("express lane failed: %r", e, exc_info=e)
-            ride.broken()
 
     def take(self, conn: "H1Connection", data: bytes) -> bool:
         """Offered ``data``, the first read of a request on an idle connection: True when
@@ -158,13 +124,7 @@ class Express:
         ex = conn.begin_known(head)
         ride = _Ride(self, ex, up, peer, group, um, seen, raw)
         ex.task = ride  # type: ignore[assignment]  # (the connection cancels it if the client goes)
-        queue = self._queue  # (later(), inline: this runs once per request)
-        if not queue:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = conn.loop
-            loop.call_soon(self._run)
-        queue.append(ride)
+        fast.schedule(ride)  # sent at the end of the loop iteration, with the fast path's
         return True
 
     def _learn(self, conn: "H1Connection", data: bytes) -> None:
@@ -192,7 +152,7 @@ class _Ride:
 
     Stands in for the request task in ``Exchange.task`` (``done()`` / ``cancel()``), as the
     fast path's forwarder does. Its request head goes upstream, and its whole response to
-    the client, at the end of the loop iteration (``Express.later``): ``raw`` and ``taken``
+    the client, at the end of the loop iteration (``FastPath.schedule``): ``raw`` and ``taken``
     hold them meanwhile."""
 
     __slots__ = ("express", "ex", "up", "peer", "group", "um", "seen", "raw", "taken")
@@ -224,7 +184,7 @@ class _Ride:
         self._promote(sent).cancel()
 
     def run(self) -> None:
-        """``Express._run``'s turn: send the request head, or write the response."""
+        """``FastPath._run``'s turn: send the request head, or write the response."""
         raw = self.raw
         if raw is not None:
             self.raw = None
@@ -283,9 +243,13 @@ class _Ride:
             self.um.request_done(self.peer.backend, taken[0])
         self.taken = taken
         if len(taken[1]) > WRITE_AT_ONCE:
-            express.run_one(self)
+            try:
+                self.run()
+            except Exception as e:  # a bug: this request fails (502), not the upstream's read
+                log.ERROR.error("express lane failed: %r", e, exc_info=e)
+                self.broken()
         else:
-            express.later(self)
+            express.fast.schedule(self)
         return True
 
     def on_upstream(self, ready: bool) -> None:

@@ -88,7 +88,8 @@ class FastPath:
         self.upstream_peer = engine.proxy.upstream_peer
         self.access_format = engine.access_format
         self.loop: Any = None
-        self._queue: list[_Forward] = []  # forwarders with work for the end of this iteration
+        # forwarders (and express rides) with work for the end of this iteration
+        self._queue: list[Any] = []
         # (the request's bytes, its peer, max_retries, or what picking one raised): what the
         # express lane's balancer said for the request it declines, so that it is not asked
         # twice (see proxy/express.py)
@@ -141,8 +142,10 @@ class FastPath:
         ex.task = fwd  # type: ignore[assignment]
         return fwd
 
-    def schedule(self, fwd: "_Forward") -> None:
-        """Have ``fwd`` do its writing at the end of this loop iteration (see the module doc)."""
+    def schedule(self, fwd: Any) -> None:
+        """Have ``fwd`` do its writing at the end of this loop iteration (see the module doc).
+        ``fwd`` is a forwarder, or a ride of the express lane: anything with ``ex``,
+        ``run()`` and ``broken()``."""
         queue = self._queue
         if not queue:
             loop = self.loop
@@ -161,10 +164,7 @@ class FastPath:
                 fwd.run()
             except Exception as e:  # a bug in the failure path itself: the batch goes on
                 log.ERROR.error("fast path failed: %r", e, exc_info=e)
-                fwd.state = _DONE
-                fwd.fast.connector.release(fwd.conn, False)
-                if not fwd.ex.finished:
-                    fwd.ex.respond_error(502)
+                fwd.broken()
 
 
 class _Forward:
@@ -186,6 +186,14 @@ class _Forward:
         self.head: Optional[ResponseHead] = None  # a body-less head, until its MessageEnd
         self.queued = True   # in FastPath._queue (the constructor's caller queues it)
         self.whole: Optional[tuple[int, bytes, int]] = None  # see _WHOLE
+
+    def broken(self) -> None:
+        """``run`` raised past its own handling (a bug): the upstream connection is dropped,
+        the client gets a 502."""
+        self.state = _DONE
+        self.fast.connector.release(self.conn, False)
+        if not self.ex.finished:
+            self.ex.respond_error(502)
 
     # -- the request task's interface (H1Connection.connection_lost)
     def done(self) -> bool:
