@@ -167,7 +167,7 @@ class _Ride:
         self.um = um
         self.seen = seen
         self.raw: Optional[bytes] = raw  # the request head, until sent
-        self.taken: Optional[tuple[int, bytes, int]] = None  # a whole response to write
+        self.taken: Optional[tuple[int, bytes, Any]] = None  # a whole response to write
 
     def done(self) -> bool:
         return False  # (once done, the ride is no longer the exchange's task)
@@ -242,7 +242,7 @@ class _Ride:
         if self.um is not None:
             self.um.request_done(self.peer.backend, taken[0])
         self.taken = taken
-        if len(taken[1]) > WRITE_AT_ONCE:
+        if len(taken[1]) + len(taken[2]) > WRITE_AT_ONCE:
             try:
                 self.run()
             except Exception as e:  # a bug: this request fails (502), not the upstream's read

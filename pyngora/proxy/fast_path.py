@@ -185,7 +185,7 @@ class _Forward:
         self.state = _SEND
         self.head: Optional[ResponseHead] = None  # a body-less head, until its MessageEnd
         self.queued = True   # in FastPath._queue (the constructor's caller queues it)
-        self.whole: Optional[tuple[int, bytes, int]] = None  # see _WHOLE
+        self.whole: Optional[tuple[int, bytes, Any]] = None  # see _WHOLE
 
     def broken(self) -> None:
         """``run`` raised past its own handling (a bug): the upstream connection is dropped,
@@ -300,7 +300,7 @@ class _Forward:
         self.fast.connector.release(self.conn, True)
         if self.um is not None:
             self.um.request_done(session.peer.backend, taken[0])
-        if len(taken[1]) > WRITE_AT_ONCE:
+        if len(taken[1]) + len(taken[2]) > WRITE_AT_ONCE:
             self.run()
         elif not self.queued:
             self.queued = True
@@ -340,12 +340,12 @@ class _Forward:
         if ex.conn.closed:  # the client went away meanwhile
             self._client_gone()
             return
-        status, out, length = self.whole  # type: ignore[misc]
+        status, head, body = self.whole  # type: ignore[misc]
         self.whole = None
         self.state = _DONE
         ex.task = None  # (no ex <-> self cycle left behind)
         try:
-            ex.write_whole(status, out, length)
+            ex.write_whole(status, head, body)
             if log._access_on:
                 log.ACCESS.info(access.format_line(session, None, self.fast.access_format))
         except Exception as e:  # a bug: the upstream side is done, so no engine retry; 502

@@ -8,7 +8,7 @@ import asyncio
 import http
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, Union
 
 from pyngora import log
 from pyngora.config.schema import LimitsConf
@@ -314,23 +314,27 @@ class Exchange(RequestBody):
         head = self.head
         return not self.head_sent and head.method == b"GET" and head.version == "1.1"
 
-    def write_whole(self, status: int, data: bytes, body_len: int) -> None:
-        """Send a complete response (head with its Content-Length and no hop-by-hop field,
-        and body) and end the exchange; only after ``may_write_whole`` said True. As
-        ``write_head``, adds ``Connection: close`` when this connection ends with it."""
+    def write_whole(self, status: int, head: bytes, body: Union[bytes, memoryview]) -> None:
+        """Send a complete response -- ``head``, with its Content-Length and no hop-by-hop
+        field, ending in the blank line; and ``body`` -- and end the exchange; only after
+        ``may_write_whole`` said True. As ``write_head``, adds ``Connection: close`` when this
+        connection ends with it. A memoryview body (a large one, left in the upstream's read)
+        goes out behind the head in one writev, uncopied."""
         conn = self.conn
         keep_alive = self.keep_alive and conn._may_keep_alive() and not conn._upgrade_head
         if not keep_alive:
-            end = data.find(_CRLF + _CRLF) + 2
-            data = data[:end] + _CLOSE_FIELD + data[end:]
+            head = head[:-2] + _CLOSE_FIELD + _CRLF
             self.keep_alive = False
         self.head_sent = True
         self.status = status
         self._continue_pending = False
-        self.resp_bytes += body_len
+        self.resp_bytes += len(body)
         # conn._write and self._finish, inline: every proxied whole response ends here
         if not conn.closed and conn.transport is not None:
-            conn.transport.write(data)
+            if body.__class__ is bytes:
+                conn.transport.write(head + body)  # type: ignore[operator]
+            else:
+                conn.transport.writelines((head, body))
         if not self.finished:
             self.finished = True
             conn._exchange_done(self)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
@@ -356,10 +356,10 @@ class UpstreamConnection(asyncio.Protocol):
         Offered once; ``Connector.release`` withdraws the offer."""
         self._sink = sink
 
-    def take_whole(self, data: bytes) -> Optional[tuple[int, bytes, int]]:
+    def take_whole(self, data: bytes) -> Optional[tuple[int, bytes, Union[bytes, memoryview]]]:
         """For a sink (see first_bytes_to), on the response to a GET: when ``data`` is the
-        whole of a plain response (``h1_splice``), end it here and give (status, the bytes to
-        send downstream with the hop-by-hop fields cut, body length); None otherwise, and
+        whole of a plain response (``h1_splice``), end it here and give (status, the head to
+        send downstream with the hop-by-hop fields cut, the body); None otherwise, and
         nothing changed."""
         parser = self._parser
         if self.response_bytes_seen or self._error is not None or parser.response_started:
@@ -367,10 +367,10 @@ class UpstreamConnection(asyncio.Protocol):
         taken = take_whole(data, parser.limits)
         if taken is None:
             return None
-        status, out, length, keep_alive = taken
+        status, head, body, keep_alive = taken
         self.response_bytes_seen = True
         parser.taken_whole(keep_alive)
-        return status, out, length
+        return status, head, body
 
     def untouched(self) -> bool:
         """True while nothing (no byte, EOF, error or close) has happened on a connection taken

@@ -127,7 +127,10 @@ def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
                     plan = ([(b"GET", b"/len")] * 5 + [(b"GET", b"/k200")] * 4
                             + [(b"GET", b"/404")] * 4 + [(b"HEAD", b"/len")] * 3
                             + [(b"GET", b"/chunked")] * 4 + [(b"GET", b"/reason")] * 3
-                            + [(b"GET", b"/len")] * 2)
+                            + [(b"GET", b"/len")] * 2
+                            # whole in one read, over VIEW_ABOVE (a view of the read, written
+                            # behind its head), and over WRITE_AT_ONCE
+                            + [(b"GET", b"/k8")] * 3 + [(b"GET", b"/k40")] * 3)
                     out = await exchange(port, plan)
                     for _ in range(4):  # each closes its connection (the parser's took_known)
                         out.append(await closing_request(port, b"/len"))
@@ -138,6 +141,8 @@ def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
                         out.append(await read_exact_response(r))
                         out.append(await read_exact_response(r))
                     w.close()
+                    for path in (b"/k8", b"/k40"):  # Connection: close added to a view's head
+                        out.append(await closing_request(port, path))
                     await settle(ctx)
                     registry.flush()
                     await no_stray_upstream(ctx, stats)
@@ -151,11 +156,15 @@ def test_repeated_requests_go_express_with_the_same_bytes_metrics_and_pooling(
     (out, metrics, _, _, heads), express = three(scenario, taken)
     # /len from the 3rd on (5 + 2 - 2), /404 (2), /reason (1), /k200 and /chunked (2 each,
     # promoted), the closing ones (4 - 2: each connection is new, the table is the worker's);
-    # never the pipelined pairs (two requests in one read are no known request)
-    assert express >= 5 + 2 + 1 + 2 + 2 + 2, express
+    # never the pipelined pairs (two requests in one read are no known request); /k8, /k40
+    assert express >= 5 + 2 + 1 + 2 + 2 + 2 + 1 + 1, express
     assert out[0] == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
                       b"\r\nhello")
-    assert out[-8].endswith(b"Connection: close\r\n\r\nhello")
+    assert out[-10].endswith(b"Connection: close\r\n\r\nhello")
+    for sent, size in ((out[-2], 8 * 1024), (out[-1], 40 * 1024)):
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert head.endswith(b"\r\nConnection: close")
+        assert body == body_answer(size).partition(b"\r\n\r\n")[2]
     assert len(heads) == len(out)
     assert metrics[("pyngora_requests_total", '{"code": "200", "service": "p"}')] == len(out) - 4
 

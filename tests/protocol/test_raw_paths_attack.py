@@ -76,7 +76,8 @@ def check_take_whole(data: bytes, limits: H1Limits = LIMITS) -> Optional[tuple]:
         return None
     ref = full_response(data, limits)
     assert ref[0] != "err", ("take_whole took what ResponseParser refuses", data, cold)
-    status, out, length, keep_alive = cold
+    status, head, body, keep_alive = cold
+    out, length = head + bytes(body), len(body)
     # What take_whole sends is itself a valid response, parsed the same as the original.
     sent = full_response(out, limits)
     assert sent[0] == ref[0] == status, (data, out, ref, sent)
