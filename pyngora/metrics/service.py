@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from pyngora.headers import Headers
 from pyngora.metrics import multiproc
 from pyngora.services.base import WorkerContext
-from pyngora.services.http_app import Exchange, HttpApp, HttpService
+from pyngora.services.http_app import Exchange, HttpApp
+from pyngora.services.http_service import HttpService
 
 __all__ = ["PrometheusApp", "PrometheusService", "prometheus_http_service"]
 

@@ -14,7 +14,8 @@ from pyngora.proxy.engine import ProxyEngine
 from pyngora.proxy.phases import ProxyHttp
 from pyngora.proxy.session import Session
 from pyngora.services.base import WorkerContext
-from pyngora.services.http_app import HttpApp, HttpService
+from pyngora.services.http_app import HttpApp
+from pyngora.services.http_service import HttpService
 from pyngora.upstreams.connector import Connector
 
 try:

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from pyngora.config.schema import StaticConf
 from pyngora.services.base import WorkerContext
-from pyngora.services.http_app import Exchange, HttpApp, HttpService, status_line
+from pyngora.services.http_app import Exchange, HttpApp, status_line
+from pyngora.services.http_service import HttpService
 
 __all__ = ["StaticApp", "StaticService"]
 
