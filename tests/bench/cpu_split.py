@@ -1,12 +1,12 @@
 """Where a proxied request's CPU goes, kernel included: nginx and pyngora, same run, same cores.
 
-    .venv/bin/python -m tests.bench.cpu_split [--scenarios small,large,churn] [--runs 3]
+    .venv/bin/python -m tests.bench.cpu_split [--scenarios small,large,churn,h2] [--runs 3]
         [--duration 4]
 
 py-spy (``tests.bench.run``'s profile) sees Python frames only; a request's system calls, the
 kernel's TCP work and uvloop's C show there as one opaque ``_serve``. This samples the proxy's
-core with ``perf record -C`` (every process and the kernel, 1 kHz default) while ``wrk`` runs
-the bench's layout (``tests.bench.run``: proxy on core 0, origin and load on core 1), and
+core with ``perf record -C`` (every process and the kernel, 1 kHz default) while the bench's
+load command (``wrk``; ``h2load`` for h2) runs in the bench's layout (``tests.bench.run``: proxy on core 0, origin and load on core 1), and
 splits each server's CPU seconds per request by where the samples fell:
 
 - ``kernel``: system calls, TCP/IP over loopback, wake-ups, the epoll wait;
@@ -14,7 +14,7 @@ splits each server's CPU seconds per request by where the samples fell:
 - ``uvloop`` / ``httptools``: their compiled extensions (libuv is linked into uvloop);
 - ``nginx``: nginx's own binary; ``libc``: memcpy, malloc; ``other``: the rest.
 
-A server's CPU per request is its processes' CPU time (``/proc``) over wrk's request count;
+A server's CPU per request is its processes' CPU time (``/proc``) over the requests done;
 each category is that times its share of the server's samples. Each run alternates the
 servers; the median run (by CPU per request) is reported. The last columns answer the
 question a target asks: at the target ratio, how much CPU per request is left for pyngora's
@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Optional
 
 from tests.bench import configs
-from tests.bench.report import SCENARIOS
-from tests.bench.run import (Ports, free_port, raise_nofile, start_nginx, start_pyngora,
-                             wait_answers)
-from tests.bench.tools import Procs, children, cpu_seconds, pin
+from tests.bench.report import SCENARIOS, Scenario
+from tests.bench.run import (Ports, free_port, load_command, raise_nofile, start_nginx,
+                             start_pyngora, wait_answers)
+from tests.bench.tools import Procs, children, cpu_seconds
 
 CATEGORIES = ("kernel", "python", "uvloop", "httptools", "nginx", "libc", "other")
 # perf's comm is the first 15 bytes of the process title (setproctitle's for pyngora).
@@ -87,14 +87,12 @@ class Split:
     us: dict[str, float] = field(default_factory=dict)
 
 
-def measure(procs: Procs, server: str, port: int, root_pid: int, path: str, close: bool,
+def measure(procs: Procs, server: str, port: int, root_pid: int, s: Scenario,
             seconds: int, proxy_cpu: str, load_cpu: str, tmp: Path) -> Split:
-    """One wrk run of ``seconds`` with perf sampling ``proxy_cpu`` for its middle part."""
+    """One load run of ``seconds`` (the bench's command for ``s``: wrk, or h2load for h2) with
+    perf sampling ``proxy_cpu`` for its middle part."""
     pids = [root_pid] + children(root_pid)
-    argv = ["wrk", "-c", "50", "-t", "1", "-d", f"{seconds}s"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    argv = pin(load_cpu, argv + [f"http://127.0.0.1:{port}{path}"])
+    argv = load_command(s, port, seconds, 50, load_cpu, tmp / "h2load.log")
     data = tmp / f"perf-{server}.data"
     c0 = cpu_seconds(pids)
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -102,10 +100,17 @@ def measure(procs: Procs, server: str, port: int, root_pid: int, path: str, clos
                            "sleep", str(max(1, seconds - 2))], capture_output=True, text=True)
     out, _ = load.communicate(timeout=seconds + 60)
     c1 = cpu_seconds(pids)
-    m = re.search(r"(\d+) requests in ([\d.]+)s", out)
-    if m is None or perf.returncode != 0:
-        raise RuntimeError(f"wrk or perf failed:\n{out[-800:]}\n{perf.stderr[-800:]}")
-    n, wall = int(m.group(1)), float(m.group(2))
+    m = re.search(r"(\d+) requests in ([\d.]+)s", out)  # wrk
+    h2 = (re.search(r"finished in ([\d.]+)s,", out),  # h2load
+          re.search(r"requests: \d+ total, \d+ started, (\d+) done", out))
+    if m is not None:
+        n, wall = int(m.group(1)), float(m.group(2))
+    elif h2[0] is not None and h2[1] is not None:
+        n, wall = int(h2[1].group(1)), float(h2[0].group(1))
+    else:
+        n = 0
+    if not n or perf.returncode != 0:
+        raise RuntimeError(f"the load or perf failed:\n{out[-800:]}\n{perf.stderr[-800:]}")
     report = subprocess.run(["perf", "report", "-i", str(data), "--sort", "comm,dso",
                              "--stdio", "-g", "none"], capture_output=True, text=True).stdout
     per = (c1 - c0) / n * 1e6
@@ -142,9 +147,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     names = a.scenarios.split(",")
     for name in names:
-        if name not in SCENARIOS or SCENARIOS[name].target != "proxy":
-            p.error(f"{name}: one of the proxy scenarios (small, large, churn)")
-    missing = [t for t in ("perf", "wrk", "nginx") if shutil.which(t) is None]
+        if name not in SCENARIOS or SCENARIOS[name].target not in ("proxy", "h2"):
+            p.error(f"{name}: one of the proxy scenarios (small, large, churn, h2)")
+    want_h2 = "h2" in names
+    missing = [t for t in ("perf", "wrk", "nginx") + (("h2load",) if want_h2 else ())
+               if shutil.which(t) is None]
     if missing:
         print(f"cpu_split: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -160,23 +167,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         op = free_port()
         origin = start_nginx(procs, "origin", configs.origin_conf(tmp / "origin", op, www, nofile),
                              tmp / "origin", a.load_cpu)
-        ng = Ports(free_port(), free_port(), None)
+        ng = Ports(free_port(), free_port(), free_port() if want_h2 else None)
         nginx = start_nginx(procs, "nginx", configs.nginx_conf(
-            tmp / "nginx", ng.static, ng.proxy, None, op, nofile), tmp / "nginx", a.proxy_cpu)
+            tmp / "nginx", ng.static, ng.proxy, ng.h2, op, nofile), tmp / "nginx", a.proxy_cpu)
         for port, proc in ((op, origin), (ng.proxy, nginx)):
             why = wait_answers(port, "/", configs.SMALL_BODY.encode(), proc)
             if why:
                 raise RuntimeError(f"nginx did not start: {why}")
-        master, py, why_not = start_pyngora(procs, tmp, op, True, False, a.proxy_cpu)
-        if "proxy" in why_not:
-            raise RuntimeError(why_not["proxy"])
-        servers = {"nginx": (ng.proxy, nginx.pid), "pyngora": (py.proxy, master.pid)}
+        master, py, why_not = start_pyngora(procs, tmp, op, True, want_h2, a.proxy_cpu)
+        for target in ("proxy", "h2") if want_h2 else ("proxy",):
+            if target in why_not:
+                raise RuntimeError(why_not[target])
+        servers = {"nginx": ({"proxy": ng.proxy, "h2": ng.h2}, nginx.pid),
+                   "pyngora": ({"proxy": py.proxy, "h2": py.h2}, master.pid)}
         for name in names:
             s = SCENARIOS[name]
             runs: dict[str, list[Split]] = {"nginx": [], "pyngora": []}
             for i in range(a.runs + 1):  # the first round warms up and is dropped
                 for server, (port, pid) in servers.items():
-                    split = measure(procs, server, port, pid, s.path, s.close, a.duration,
+                    split = measure(procs, server, port[s.target], pid, s, a.duration,
                                     a.proxy_cpu, a.load_cpu, tmp)
                     print(f"cpu_split: {name} {server} run {i}: {split.rps:.0f} req/s, "
                           f"{split.us_per_request:.1f} us/req, kernel "
