@@ -51,9 +51,10 @@ class WorkerSpec:
 
 # pyngora's own modules that code imports inside functions (to keep one-way doors or the
 # master small), loaded with the service's room: parent -> what it imports on first use.
-_LAZY_OWN = {"pyngora.services.http_app": ("pyngora.services.h2_dispatch",
-                                           "pyngora.protocols.tls"),
+_LAZY_OWN = {"pyngora.services.http_service": ("pyngora.services.h2_dispatch",
+                                               "pyngora.protocols.tls"),
              "pyngora.protocols.h1": ("pyngora.protocols.h1_response",),
+             "pyngora.proxy": ("pyngora.proxy.declarative",),
              "pyngora.upstreams": ("pyngora.upstreams.connector",),
              "pyngora.lb.backend": ("pyngora.lb.discovery",),
              "pyngora.metrics.service": ("pyngora.metrics.exporter", "pyngora.lb.health_table")}

@@ -59,7 +59,7 @@ class HttpService(Service):
         app = ctx.state.get("http_app")
         if app is None:
             app = ctx.state["http_app"] = self.new_app(ctx)
-        from pyngora.services.h2_dispatch import protocol_factory  # h2_dispatch imports us
+        from pyngora.services.h2_dispatch import protocol_factory  # (it imports http_app, which imports us)
         return protocol_factory(app, HttpSettings(self.limits), listener, ctx.connections,
                                 ctx.state.get("service_metrics"), ctx.loop)
 

@@ -5,9 +5,10 @@
 
 py-spy (``tests.bench.run``'s profile) sees Python frames only; a request's system calls, the
 kernel's TCP work and uvloop's C show there as one opaque ``_serve``. This samples the proxy's
-core with ``perf record -C`` (every process and the kernel, 1 kHz default) while the bench's
-load command (``wrk``; ``h2load`` for h2) runs in the bench's layout (``tests.bench.run``: proxy on core 0, origin and load on core 1), and
-splits each server's CPU seconds per request by where the samples fell:
+core with ``perf record -C`` (every process and the kernel, at perf's default rate) while the
+bench's load command (``wrk``; ``h2load`` for h2) runs in the bench's layout
+(``tests.bench.run``: proxy on core 0, origin and load on core 1), and splits each server's
+CPU seconds per request by where the samples fell:
 
 - ``kernel``: system calls, TCP/IP over loopback, wake-ups, the epoll wait;
 - ``python``: the interpreter (libpython), pyngora's code and the standard library;
@@ -16,9 +17,10 @@ splits each server's CPU seconds per request by where the samples fell:
 
 A server's CPU per request is its processes' CPU time (``/proc``) over the requests done;
 each category is that times its share of the server's samples. Each run alternates the
-servers; the median run (by CPU per request) is reported. The last columns answer the
-question a target asks: at the target ratio, how much CPU per request is left for pyngora's
-user space once its kernel time is paid (kernel time is the same system calls as nginx's).
+servers; the median run (by CPU per request; the upper middle one for an even ``--runs``) is
+reported. The last column answers the question a target asks: one core serving the target
+ratio of nginx's req/s has ``1e6 / (target x nginx req/s)`` us per request; what is left of
+that for pyngora's user space once its kernel time is paid (the same system calls as nginx's).
 
 Needs ``perf`` (Debian: ``linux-perf``) with ``perf_event_paranoid`` allowing CPU-wide
 sampling (root does). Figures go to stdout as a markdown table, for tests/bench/RESULTS.md.
@@ -41,7 +43,7 @@ from tests.bench import configs
 from tests.bench.report import SCENARIOS, Scenario
 from tests.bench.run import (Ports, free_port, load_command, raise_nofile, start_nginx,
                              start_pyngora, wait_answers)
-from tests.bench.tools import Procs, children, cpu_seconds
+from tests.bench.tools import Procs, children, cpu_seconds, parse_h2load, parse_wrk
 
 CATEGORIES = ("kernel", "python", "uvloop", "httptools", "nginx", "libc", "other")
 # perf's comm is the first 15 bytes of the process title (setproctitle's for pyngora).
@@ -51,8 +53,8 @@ _LINE = re.compile(r"^\s*([\d.]+)%\s+(.+?)\s{2,}(\S.*?)\s*$")
 
 def category(dso: str) -> str:
     """The CATEGORIES entry of a perf DSO name."""
-    if dso.startswith("[kernel"):
-        return "kernel"
+    if dso.startswith("[") and dso not in ("[vdso]", "[unknown]"):
+        return "kernel"  # the kernel and its modules ([nf_conntrack], ...)
     if "libpython" in dso or dso.startswith("python"):
         return "python"
     if dso.startswith("loop.cpython"):
@@ -90,31 +92,29 @@ class Split:
 def measure(procs: Procs, server: str, port: int, root_pid: int, s: Scenario,
             seconds: int, proxy_cpu: str, load_cpu: str, tmp: Path) -> Split:
     """One load run of ``seconds`` (the bench's command for ``s``: wrk, or h2load for h2) with
-    perf sampling ``proxy_cpu`` for its middle part."""
+    perf sampling ``proxy_cpu`` from its first second to its last (connection set-up and
+    wind-down left out). Raises RuntimeError when a request failed or a tool did."""
     pids = [root_pid] + children(root_pid)
-    argv = load_command(s, port, seconds, 50, load_cpu, tmp / "h2load.log")
+    log = tmp / "h2load.log"
+    argv = load_command(s, port, seconds, 50, load_cpu, log)
     data = tmp / f"perf-{server}.data"
     c0 = cpu_seconds(pids)
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    perf = subprocess.run(["perf", "record", "-q", "-C", proxy_cpu, "-o", str(data), "--",
-                           "sleep", str(max(1, seconds - 2))], capture_output=True, text=True)
+    perf = subprocess.run(["perf", "record", "-q", "-C", proxy_cpu, "-o", str(data),
+                           "--delay", "1000", "--", "sleep", str(max(2, seconds - 1))],
+                          capture_output=True, text=True)
     out, _ = load.communicate(timeout=seconds + 60)
     c1 = cpu_seconds(pids)
-    m = re.search(r"(\d+) requests in ([\d.]+)s", out)  # wrk
-    h2 = (re.search(r"finished in ([\d.]+)s,", out),  # h2load
-          re.search(r"requests: \d+ total, \d+ started, (\d+) done", out))
-    if m is not None:
-        n, wall = int(m.group(1)), float(m.group(2))
-    elif h2[0] is not None and h2[1] is not None:
-        n, wall = int(h2[1].group(1)), float(h2[0].group(1))
-    else:
-        n = 0
-    if not n or perf.returncode != 0:
-        raise RuntimeError(f"the load or perf failed:\n{out[-800:]}\n{perf.stderr[-800:]}")
+    if perf.returncode != 0:
+        raise RuntimeError(f"perf record failed:\n{perf.stderr[-800:]}")
+    result = parse_h2load(out, log) if s.target == "h2" else parse_wrk(out)
+    if result.errors or not result.requests:
+        # Fast failures would look like cheap requests.
+        raise RuntimeError(f"{server}: {result.errors} failed requests ({result.error_detail})")
     report = subprocess.run(["perf", "report", "-i", str(data), "--sort", "comm,dso",
                              "--stdio", "-g", "none"], capture_output=True, text=True).stdout
-    per = (c1 - c0) / n * 1e6
-    return Split(server, n / wall, per,
+    per = (c1 - c0) / result.requests * 1e6
+    return Split(server, result.rps, per,
                  {k: v * per for k, v in shares(report, COMMS[server]).items()})
 
 
@@ -128,8 +128,9 @@ def table(rows: dict[str, dict[str, Split]], targets: dict[str, Optional[float]]
         target = targets[name]
         left = ""
         if target:
-            left = f"{ng.us_per_request / target - py.us['kernel']:.1f} (now " \
-                   f"{py.us_per_request - py.us['kernel']:.1f})"
+            # One core doing target x nginx's req/s has 1e6 / that us per request.
+            budget = 1e6 / (target * ng.rps)
+            left = f"{budget - py.us['kernel']:.1f} (now {py.us_per_request - py.us['kernel']:.1f})"
         for s in (ng, py):
             cells = " | ".join(f"{s.us[c]:.1f}" for c in CATEGORIES)
             lines.append(f"| {name} | {s.server} | {s.rps:.0f} | {s.us_per_request:.1f} | "
@@ -145,6 +146,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--proxy-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     a = p.parse_args(argv)
+    if a.runs < 1 or a.duration < 3:
+        p.error("--runs must be >= 1 and --duration >= 3 (perf skips the first second)")
     names = a.scenarios.split(",")
     for name in names:
         if name not in SCENARIOS or SCENARIOS[name].target not in ("proxy", "h2"):

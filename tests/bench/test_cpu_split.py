@@ -38,7 +38,8 @@ def test_no_samples_of_a_server_give_zero_shares_not_an_error() -> None:
 @pytest.mark.parametrize("dso, cat", [
     ("[kernel.kallsyms]", "kernel"), ("libpython3.11.so.1.0", "python"),
     ("python3.11", "python"), ("loop.cpython-311-x86_64-linux-gnu.so", "uvloop"),
-    ("nginx", "nginx"), ("libc.so.6", "libc"), ("[vdso]", "other"),
+    ("nginx", "nginx"), ("libc.so.6", "libc"), ("[vdso]", "other"), ("[unknown]", "other"),
+    ("[nf_conntrack]", "kernel"),
 ])
 def test_categories(dso: str, cat: str) -> None:
     assert category(dso) == cat

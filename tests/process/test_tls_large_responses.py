@@ -5,6 +5,10 @@ written behind its head in one ``writelines`` (``Exchange.write_whole``). A TLS 
 writes such a list its own way (it encrypts, then writes), so the bytes a TLS client gets are
 checked here, byte for byte, on one kept-alive connection (the lane takes a request from its
 third sighting), and over plain HTTP for comparison.
+
+The origin writes each response in one write, so the proxy reads it whole and takes that path
+(this test failed when ``write_whole`` dropped a view's first byte); which path a response
+took is counted in-process, in tests/protocol/test_proxy_express.py.
 """
 from __future__ import annotations
 
