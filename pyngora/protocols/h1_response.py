@@ -18,6 +18,19 @@ from pyngora.protocols.h1 import (_BODY, _CL, _DEFAULT_LIMITS, _DONE, _FORBIDDEN
 _SPLIT_METHODS = frozenset((b"HEAD", b"CONNECT"))
 
 
+def _llhttp(target: "ResponseParser") -> httptools.HttpResponseParser:
+    """A new llhttp response parser calling back ``target``.
+
+    Whitespace between a chunk size and its extension (``5 ;ext``) is accepted: RFC 9112
+    allows it (``chunk-ext = *( BWS ";" ... )``) and nginx takes it, where strict llhttp calls
+    it an invalid chunk size (a 502 for a well-formed response). A size is still one hex
+    number: ``5 5`` stays an error. Only upstream responses are parsed this way; requests keep
+    llhttp's strict reading."""
+    p = httptools.HttpResponseParser(target)
+    p.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+    return p
+
+
 class ResponseParser:
     """Parses the responses of one upstream connection, one per ``start()``.
 
@@ -77,7 +90,7 @@ class ResponseParser:
         self._leftover = b""
         self.response_started = bool(self._buf)
         if self._p is None:
-            self._p = httptools.HttpResponseParser(self)
+            self._p = _llhttp(self)
 
     def taken_whole(self, keep_alive: bool) -> None:
         """The response was read whole elsewhere (``h1_splice.WholeResponses``, after
@@ -186,13 +199,13 @@ class ResponseParser:
             if self._state == _HEAD:   # a 1xx came: the real head follows
                 # A fresh llhttp for it: one that saw "Connection: close" on the 1xx would
                 # refuse the final response (only the final one's Connection counts).
-                self._p = httptools.HttpResponseParser(self)
+                self._p = _llhttp(self)
                 continue
             if self.upgraded:
                 self._trailing = buf[pos:]
             elif self._state == _DONE:
                 if self._skip_body:
-                    self._p = httptools.HttpResponseParser(self)  # llhttp still waits for a body
+                    self._p = _llhttp(self)  # llhttp still waits for a body
                 if pos < len(buf):
                     self._unsolicited = True
                     self._leftover = buf[pos:]

@@ -118,6 +118,15 @@ def test_chunked_with_trailers() -> None:
     assert ev[2] == ("end", [(b"X-Sum", b"7")])
 
 
+@pytest.mark.parametrize("size_line", [b"5 ;e=1", b"5\t;e", b"5  ;e", b"5 "])
+def test_whitespace_before_a_chunk_extension_is_accepted(size_line: bytes) -> None:
+    """RFC 9112 7.1.1: ``chunk-ext = *( BWS ";" ... )``; nginx takes it too."""
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + size_line + b"\r\nhello\r\n0\r\n\r\n")
+    ev = every_split(b"GET", raw)
+    assert ev[1:] == [("data", b"hello"), ("end", None)]
+
+
 def test_read_to_eof() -> None:
     raw = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"
     ev = every_split(b"GET", raw, eof=True)
@@ -202,6 +211,8 @@ def test_truncated_at_eof_is_502(raw: bytes) -> None:
     b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZ\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
     b"SSH-2.0-OpenSSH_9.0\r\n\r\n",
 ])
 def test_bad_upstream_framing_is_502(raw: bytes) -> None:
