@@ -93,7 +93,7 @@ class _Group:
     """One upstream group: its backends, peer options and selection, per worker."""
 
     __slots__ = ("name", "conf", "backends", "options", "retries", "key", "balancer",
-                 "_rr", "_hashed", "peers")
+                 "_rr", "_ring_len", "_hashed", "peers")
 
     def __init__(self, conf: UpstreamConf) -> None:
         self.name = conf.name
@@ -118,6 +118,7 @@ class _Group:
         self.balancer: Any = None
         ring = [b.addr for b in conf.backends for _ in range(max(b.weight, 1))]
         self._rr = itertools.cycle(ring) if ring else None
+        self._ring_len = len(ring)
         # Prebuilt peers of the configured backends, for DeclarativeProxy's own classes only
         # (nothing there mutates a peer; a user's subclass may, so it gets a fresh one).
         self.peers: dict[str, HttpPeer] = {}
@@ -136,23 +137,42 @@ class _Group:
         return next(self._rr) if self._rr is not None else None
 
     def pick(self, session: Session) -> Optional[str]:
-        """The address of the backend for this request (None: none available)."""
+        """The address of the backend for this request (None: none available).
+
+        On a retry (``session.tried`` holds the backends of the failed attempts) the next
+        usable backend not tried yet, as nginx's proxy_next_upstream: a hash would give the
+        one that just failed again, and so may round robin (a weighted ring repeats a
+        backend) or random. Once every backend was tried, the balancer's own choice (a
+        pooled connection that died is worth a fresh one to the same backend). A balancer
+        of the hook without select_with keeps its own choice."""
         bal = self.balancer
-        if bal is None or not self._hashed:
-            return self.next_addr()
-        key = self.key(session)
         tried = session.tried
+        if not tried:
+            if bal is None or not self._hashed:
+                return self.next_addr()
+            backend = bal.select(self.key(session))
+            return None if backend is None else backend.addr
+        if bal is None:
+            return self._next_untried(tried)
+        key = self.key(session) if self._hashed else b""
         backend = None
-        if tried:
-            # A retry: the hash would give the backend that just failed again; the next
-            # usable one not tried yet instead (nginx's proxy_next_upstream). A balancer
-            # of the hook without select_with keeps its own choice.
-            select_with = getattr(bal, "select_with", None)
-            if select_with is not None:
-                backend = select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
+        select_with = getattr(bal, "select_with", None)
+        if select_with is not None:
+            backend = select_with(key, 256, lambda b, ok: ok and b.addr not in tried)
         if backend is None:
             backend = bal.select(key)
         return None if backend is None else backend.addr
+
+    def _next_untried(self, tried: set[str]) -> Optional[str]:
+        """The ring's next address not in ``tried`` (a group without a balancer), else its
+        next one."""
+        if self._rr is None:
+            return None
+        for _ in range(self._ring_len):
+            addr = next(self._rr)
+            if addr not in tried:
+                return addr
+        return next(self._rr)
 
     def plain(self) -> bool:
         """True when a pick needs no Session (no hash key, no retry memory) and the backends
@@ -263,13 +283,15 @@ class DeclarativeProxy(ProxyHttp):
             raise Error(ErrorType.HTTPStatus, ErrorSource.Downstream, None,
                         "no route matches", status=404)
         session.max_retries = group.max_retries()
+        failed = session.peer
+        if failed is not None:  # a retry: the attempt before went to this one
+            tried = session.tried
+            if tried is None:
+                tried = session.tried = set()
+            tried.add(failed.address)
         addr = group.pick(session)
         if addr is None:
             raise group.no_backend()
-        if group._hashed:
-            if session.tried is None:
-                session.tried = set()
-            session.tried.add(addr)
         if self._shared_peers:
             return group.shared_peer(addr)
         return group.peer(addr)

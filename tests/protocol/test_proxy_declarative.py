@@ -279,3 +279,45 @@ def test_discovered_backends_are_talked_to_as_the_group_s_template_says() -> Non
     peer = DeclarativeProxy(sc.spec).groups["dyn"].peer("10.0.0.7:443")
     assert (peer.tls, peer.sni, peer.options.verify_cert) == (True, "api.test", False)
     assert discovery_from_conf(up).ext == {"tls": True, "sni": "api.test", "verify": False}
+
+
+def test_a_retry_skips_the_backends_tried_with_or_without_a_balancer() -> None:
+    """``_peer`` remembers each failed attempt's backend (the Session's peer when it is asked
+    again) and the pick avoids them while one is left: with the group's balancer, and with
+    the bare weighted ring of a DeclarativeProxy built without a balancer factory."""
+    from pyngora.lb import Backend, LoadBalancer
+    from pyngora.proxy.declarative import DeclarativeProxy
+    from pyngora.proxy.session import Session
+    _, sc = proxy_conf("""
+  - name: gw
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - {name: o, backends: [{addr: "127.0.0.1:1", weight: 5}, {addr: "127.0.0.1:2"},
+                             {addr: "127.0.0.1:3"}]}
+""")
+
+    class _Head:
+        body = "none"
+
+    class _Ex:  # what a Session reads of its exchange here
+        head = _Head()
+        client_addr = server_addr = None
+        scheme = "http"
+
+    for with_balancer in (False, True):
+        proxy = DeclarativeProxy(sc.spec)
+        if with_balancer:
+            proxy.groups["o"].balancer = LoadBalancer(
+                [Backend("127.0.0.1:1", 5), Backend("127.0.0.1:2"), Backend("127.0.0.1:3")])
+        for start in range(8):  # every place in the ring
+            session = Session(_Ex(), None)  # type: ignore[arg-type]
+            for _ in range(start):
+                proxy.groups["o"].pick(session)  # move the ring on
+            seen = []
+            for attempt in range(4):
+                peer = proxy._peer(session)
+                seen.append(peer.address)
+                session.peer = peer  # as the engine does before the attempt fails
+            assert sorted(seen[:3]) == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], (
+                with_balancer, start, seen)

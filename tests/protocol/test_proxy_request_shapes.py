@@ -327,3 +327,32 @@ def test_a_hashed_group_retries_on_the_backends_not_tried_yet(fast: bool, select
         tries = [len(seen) for _, _, seen in resets]
         assert sum(tries) == 4 and min(tries) >= 1, tries  # every backend was tried
     run(main())
+
+
+@pytest.mark.parametrize("selection", ["round_robin", "random"])
+def test_a_retry_in_a_weighted_group_goes_to_a_backend_not_tried_yet(
+        fast: bool, selection: str) -> None:
+    """A weighted ring (or a random pick) repeats a backend: a request lost by one is retried
+    on another (nginx's proxy_next_upstream), never again on the one that lost it while an
+    untried one is up. Here the heavy backend loses every request it reads."""
+    async def main() -> None:
+        lost: list[bytes] = []
+
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            lost.append(await r.readuntil(b"\r\n\r\n"))
+            w.close()  # no response byte: retryable
+        bad = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        good, gport, gseen = await _origin()
+        bport = bad.sockets[0].getsockname()[1]
+        conf, svc = proxy_service_with(
+            f'      - {{name: o, selection: {selection}, backends: [{{addr: "127.0.0.1:{bport}", '
+            f'weight: 3}}, {{addr: "127.0.0.1:{gport}"}}]}}\n')
+        async with _serve(svc, conf, fast) as (port, _):
+            answers = [await _first(port, b"GET /q%d HTTP/1.1\r\nHost: a\r\n\r\n" % (i % 3))
+                       for i in range(12)]  # repeated bytes: the express lane takes some
+        bad.close()
+        good.close()
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
+        assert len(gseen) == 12 and len(lost) <= 12, (len(gseen), len(lost))
+        assert lost, "the weighted backend was never picked: the test proves nothing"
+    run(main())
