@@ -91,6 +91,12 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
 
     A proxy whose upstreams have health checks or DNS discovery gets a prober process and
     depends on it, so it accepts no connection before the first round of checks has run."""
+    if not conf.services:
+        # An empty or truncated file would otherwise start (or reload into) a server with no
+        # listener at all: every client refused, nothing logged.
+        raise ConfigError(conf.source, [ConfigIssue(
+            ("services",), "no service to run (an empty or truncated file?)",
+            conf.line_of(("services",)))])
     out: list[Service] = []
     issues: list[ConfigIssue] = []
     tables: list[str] = []

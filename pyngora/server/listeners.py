@@ -115,9 +115,28 @@ class SocketTable:
         if spare:
             sock = spare.pop(0)
         else:
-            sock = bind_listener(service, listener, reuse_port=slot is not None)
+            sock = self._held_for(listener, slot)
+            if sock is None:
+                sock = bind_listener(service, listener, reuse_port=slot is not None)
         self.sockets[key] = sock
         return sock
+
+    def _held_for(self, listener: ListenerConf, slot: Optional[int]) -> Optional[socket.socket]:
+        """A socket already held for this address and slot under another service's name (a
+        service renamed by a reload or an upgrade): shared, as an unchanged key's socket is
+        shared by the old and new generations, instead of a second bind that would fail
+        with "address already in use". Whoever drops the old key must not close it while
+        a key still holds it (see ``holds``)."""
+        tail = socket_key("", listener, slot)  # "/ADDRESS/SLOT"
+        for key, sock in self.sockets.items():
+            name = key[:len(key) - len(tail)]
+            if key.endswith(tail) and name and "/" not in name:
+                return sock
+        return None
+
+    def holds(self, sock: socket.socket) -> bool:
+        """True while ``sock`` is some key's socket."""
+        return any(s is sock for s in self.sockets.values())
 
     def keep_only(self, keys: set[str]) -> list[tuple[str, socket.socket]]:
         """Forget sockets whose keys are not in ``keys``; return (key, socket) pairs for the

@@ -634,7 +634,10 @@ class Master:
 
     def _close_dropped(self, sock: socket.socket) -> None:
         """A listener no generation uses any more: closed, and a Unix socket's file removed
-        unless a listener of the current configuration lives at that path now."""
+        unless a listener of the current configuration lives at that path now. One still
+        held under another key (a renamed service's) stays open."""
+        if self.table.holds(sock):
+            return
         unlink = sock.family == socket.AF_UNIX
         if unlink:
             try:

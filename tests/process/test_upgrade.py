@@ -421,3 +421,40 @@ def test_a_reload_during_a_failed_hand_over_is_applied_after_it(tmp_path, daemon
     wait_for(lambda: "the reload waits for it" in d.log(), 10, "the deferred reload")
     wait_for(lambda: get(port)[2] == b"reloaded", 30, "the reload after the failed hand-over")
     assert "upgrade failed, still serving" in d.log() and d.pid() == master and alive(master)
+
+
+@pytest.mark.parametrize("how", ["reload", "upgrade"])
+def test_a_service_renamed_keeps_its_address(tmp_path, daemons, how: str) -> None:
+    """Renaming a service (or swapping two services' addresses) is a new socket key for an
+    address the master already holds: the held socket is shared, as nginx reuses a listener,
+    instead of a second bind refused with "address already in use"."""
+    port, other = free_port(), free_port()
+    d = daemons(_conf(tmp_path, port, extra_listener=f"127.0.0.1:{other}"))
+    assert d.cmd("-d").returncode == 0
+    old = {d.pid(), *children_of(d.pid())}
+    d.conf.write_text(_conf(tmp_path, port, body="renamed", extra_listener=f"127.0.0.1:{other}")
+                      .replace("name: origin", "name: site"))
+    r = d.cmd("-s", how)
+    assert r.returncode == 0, r.stdout + r.stderr + d.log()
+    wait_for(lambda: get(port)[2] == b"renamed" and get(other)[2] == b"renamed", 30,
+             "the renamed service's answer on both addresses")
+    assert "address already in use" not in d.log()
+    # once the old processes are gone (their keys dropped), the shared sockets still serve
+    wait_for(lambda: not any(alive(p) for p in old - {d.pid()}), 60, "the old generation gone")
+    assert get(port)[2] == b"renamed" and get(other)[2] == b"renamed"
+
+
+def test_a_reload_into_an_empty_file_is_refused(tmp_path, daemons) -> None:
+    """A truncated file (config management, a shell redirect) has no service: the reload is
+    refused and the server keeps every listener, instead of draining them all."""
+    port = free_port()
+    d = daemons(_conf(tmp_path, port))
+    assert d.cmd("-d").returncode == 0
+    master = d.pid()
+    workers = set(children_of(master))
+    d.conf.write_text("")
+    assert d.cmd("-t").returncode == 1
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: "reload refused" in d.log(), 10, "the refusal in the error log")
+    assert "no service to run" in d.log()
+    assert set(children_of(master)) == workers and get(port)[0] == 200
