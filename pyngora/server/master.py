@@ -22,7 +22,8 @@ from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import counters, daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
 from pyngora.server.generation import Generation, Worker, _worker_owner
-from pyngora.server.worker import EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker
+from pyngora.server.worker import (EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker,
+                                   worker_ids)
 
 if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
     from pyngora.services.base import Service
@@ -516,8 +517,34 @@ class Master:
 
     def handle_usr1(self) -> None:
         log.reopen()
+        self._give_logs()
         log.ERROR.info("SIGUSR1: logs reopened")
         self._kill_all(signal.SIGUSR1)
+
+    def _give_logs(self) -> None:
+        """With ``user``/``group``, as nginx's reopen: the master creates each log file the
+        workers write and hands it to that user, so workers that dropped root can open it
+        again after a rotation (the new file would otherwise be root's, or not creatable in
+        a directory only root may write)."""
+        conf = self.conf
+        try:
+            ids = worker_ids(conf)
+        except KeyError:
+            return  # an unknown user: the workers could not have started either
+        if ids is None:
+            return
+        uid, gid = ids
+        for path in (conf.error_log, conf.access_log):
+            if not path or not path.startswith("/"):
+                continue  # off, stdout, or stderr
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                log.ERROR.warning("cannot give %s to the workers' user: %s", path, e)
 
     def handle_hup(self) -> None:
         """Reload in place: a new generation with the re-read config; the old one drains.

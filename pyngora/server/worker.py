@@ -78,10 +78,11 @@ def _preload_modules() -> None:
             pass
 
 
-def _drop_privileges(conf: ServerConf) -> None:
-    """Workers run as ``user``/``group`` (the master keeps its rights to bind on reload)."""
+def worker_ids(conf: ServerConf) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """(uid, gid) the workers drop to (None in either: unchanged), or None when they keep
+    the master's (not root, or no ``user``/``group``). KeyError for an unknown name."""
     if os.getuid() != 0 or not (conf.user or conf.group):
-        return
+        return None
     import grp
     import pwd
     gid = grp.getgrnam(conf.group).gr_gid if conf.group else None
@@ -91,6 +92,15 @@ def _drop_privileges(conf: ServerConf) -> None:
         uid = pw.pw_uid
         if gid is None:
             gid = pw.pw_gid
+    return uid, gid
+
+
+def _drop_privileges(conf: ServerConf) -> None:
+    """Workers run as ``user``/``group`` (the master keeps its rights to bind on reload)."""
+    ids = worker_ids(conf)
+    if ids is None:
+        return
+    uid, gid = ids
     os.setgroups([])
     if gid is not None:
         os.setgid(gid)

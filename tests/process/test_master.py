@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -373,3 +375,43 @@ def test_workers_drop_to_user_and_group(tmp_path, pyngora_factory) -> None:
     assert os.readlink(f"/proc/{p.pid}/cwd") == str(wd)
     # the master keeps its rights (it rebinds on reload and owns the pid file)
     assert open(f"/proc/{p.pid}/status").read().count("Uid:\t0\t0\t0\t0") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_that_dropped_root_follow_a_log_rotation(tmp_path, pyngora_factory) -> None:
+    """logrotate renames the logs and sends SIGUSR1 (``-s reopen``): the master creates the
+    new files and gives them to ``user``, as nginx does, so the workers move to them. They
+    used to keep writing to the rotated files (their reopen was refused: the new error log
+    was root's, and the log directory, like /var/log/nginx, is writable by root only)."""
+    import pwd
+    logs = Path(tempfile.mkdtemp(prefix="pyngora-logs-"))  # 0700 tmp_path: nobody can't enter
+    try:
+        os.chmod(logs, 0o755)
+        origin, port = free_port(), free_port()  # the access log is the proxy's
+        p = pyngora_factory(
+            f"pid_file: {tmp_path}/y.pid\nupgrade_sock: {tmp_path}/yu.sock\n"
+            f"error_log: {logs}/error.log\naccess_log: {logs}/access.log\n"
+            f"user: nobody\ngroup: nogroup\nthreads: 1\n"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: ['127.0.0.1:{origin}']\n    body: hello\n"
+            f"  - name: proxy\n    type: http_proxy\n    listeners: ['127.0.0.1:{port}']\n"
+            f"    upstreams: [{{name: o, backends: [{{addr: '127.0.0.1:{origin}'}}]}}]\n").start()
+        p.wait_serving(port)
+        assert get(port, "/before")[0] == 200
+        wait_for(lambda: b"/before" in (logs / "access.log").read_bytes(), 10, "the access line")
+        (logs / "access.log").rename(logs / "access.log.1")
+        (logs / "error.log").rename(logs / "error.log.1")
+        p.signal(signal.SIGUSR1)
+        wait_for(lambda: b"logs reopened" in (logs / "error.log").read_bytes()
+                 if (logs / "error.log").exists() else False, 10, "the master's new error log")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for name in ("error.log", "access.log"):
+            assert (logs / name).stat().st_uid == nobody, name
+
+        def moved() -> bool:  # the worker reopens when it gets the signal: ask until it did
+            get(port, "/after")
+            return b"/after" in (logs / "access.log").read_bytes()
+        wait_for(moved, 10, "access lines in the new file")
+        assert b"cannot reopen" not in (logs / "error.log.1").read_bytes()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
