@@ -91,12 +91,6 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
 
     A proxy whose upstreams have health checks or DNS discovery gets a prober process and
     depends on it, so it accepts no connection before the first round of checks has run."""
-    if not conf.services:
-        # An empty or truncated file would otherwise start (or reload into) a server with no
-        # listener at all: every client refused, nothing logged.
-        raise ConfigError(conf.source, [ConfigIssue(
-            ("services",), "no service to run (an empty or truncated file?)",
-            conf.line_of(("services",)))])
     out: list[Service] = []
     issues: list[ConfigIssue] = []
     tables: list[str] = []
@@ -129,6 +123,40 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
     return out
 
 
+def _server_issues(conf: ServerConf) -> list[ConfigIssue]:
+    """What would keep this file from serving, beyond its own syntax: no service at all (an
+    empty or truncated file would start, or reload into, a server with no listener), and
+    what the file names that this machine lacks: the user and group, the directories of the
+    log files, the working directory. Checked by ``-t`` and before a start or a reload (as
+    nginx -t looks the user up and opens its logs), not found as a traceback once started;
+    not for ``-s`` (stopping must not depend on them)."""
+    import grp
+    import pwd
+    issues: list[ConfigIssue] = []
+
+    def issue(key: str, message: str) -> None:
+        issues.append(ConfigIssue((key,), message, conf.line_of((key,))))
+    if not conf.services:
+        issue("services", "no service to run (an empty or truncated file?)")
+    if conf.user:
+        try:
+            pwd.getpwnam(conf.user)
+        except KeyError:
+            issue("user", f"no such user {conf.user!r}")
+    if conf.group:
+        try:
+            grp.getgrnam(conf.group)
+        except KeyError:
+            issue("group", f"no such group {conf.group!r}")
+    for key in ("error_log", "access_log"):
+        path = getattr(conf, key)
+        if path and path.startswith("/") and not os.path.isdir(os.path.dirname(path)):
+            issue(key, f"directory {os.path.dirname(path)} does not exist")
+    if conf.working_directory and not os.path.isdir(conf.working_directory):
+        issue("working_directory", f"{conf.working_directory} is not a directory")
+    return issues
+
+
 def _health_tables(conf: ServerConf) -> list[str]:
     return [conf.health_table_path(sc.name) for sc in conf.services
             if sc.type == "http_proxy" and _needs_prober(sc)]
@@ -149,6 +177,9 @@ def plan_services(conf: ServerConf) -> "list[PlannedService]":
 
     Runs in the master at start-up and on SIGHUP; imports none of the service rooms."""
     from pyngora.server.deferred import PlannedService, check_in_child
+    issues = _server_issues(conf)
+    if issues:
+        raise ConfigError(conf.source, issues)
     check_in_child(conf, build_services)
     out: list[PlannedService] = []
     for sc in conf.services:
@@ -206,7 +237,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 # workers import the apps after fork, maybe after -d went to /: "" must
                 # still mean the directory pyngora was started in
                 sys.path[sys.path.index("")] = os.getcwd()
-            services = build_services(conf) if building else plan_services(conf)
+            if opt.test:  # every issue in one run: the file's, then its services'
+                issues = _server_issues(conf)
+                try:
+                    services = build_services(conf)
+                except ConfigError as e:
+                    raise ConfigError(e.source, issues + e.issues) from None
+                if issues:
+                    raise ConfigError(conf.source, issues)
+            else:
+                services = build_services(conf) if building else plan_services(conf)
         except ConfigError as e:
             if opt.test:
                 e = ConfigError(e.source, sorted(e.issues + _second_round(e),

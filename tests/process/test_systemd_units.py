@@ -155,19 +155,33 @@ def test_stop_timeout_covers_the_drain(path: Path) -> None:
         assert prod[key].startswith(("/run/pyngora/", "/var/log/pyngora/")), key
 
 
-def _check_config(path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(path), "-t"],
+def _check_config(path: Path, tmp_path: Path) -> None:
+    """-t as the unit's ExecStartPre runs it, after LogsDirectory= made /var/log/pyngora: a
+    directory of the test's own stands in for it (the file is copied beside it)."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    as_installed = tmp_path / path.name
+    as_installed.write_text(path.read_text().replace("/var/log/pyngora", str(logs)))
+    r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(as_installed), "-t"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "is ok" in r.stdout
 
 
-def test_production_config_is_valid() -> None:
-    _check_config(PROD)
+def test_production_config_is_valid(tmp_path: Path) -> None:
+    """Where /var/log/pyngora is missing, -t on the file as it is says so, and says nothing
+    else (as nginx -t would fail to open its logs)."""
+    _check_config(PROD, tmp_path)
+    if not Path("/var/log/pyngora").is_dir():
+        r = subprocess.run([sys.executable, "-m", "pyngora", "-c", str(PROD), "-t"],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        issues = r.stderr.splitlines()[:-1]
+        assert r.returncode == 1 and issues, r.stderr
+        assert all(i.endswith("directory /var/log/pyngora does not exist") for i in issues), issues
 
 
-def test_e2e_config_is_valid() -> None:
-    _check_config(ROOT / "tests" / "systemd" / "e2e.yaml")
+def test_e2e_config_is_valid(tmp_path: Path) -> None:
+    _check_config(ROOT / "tests" / "systemd" / "e2e.yaml", tmp_path)
 
 
 def test_logrotate_reopens() -> None:
@@ -248,9 +262,10 @@ def test_kubernetes_service_pdb_servicemonitor_line_up() -> None:
 
 
 def test_kubernetes_config_is_valid(tmp_path: Path) -> None:
-    conf = tmp_path / "pyngora.yaml"
+    conf = tmp_path / "configmap" / "pyngora.yaml"
+    conf.parent.mkdir()
     conf.write_text(manifests()["ConfigMap"]["data"]["pyngora.yaml"])
-    _check_config(conf)
+    _check_config(conf, tmp_path)
 
 
 def test_unit_parser_agrees_with_configparser() -> None:

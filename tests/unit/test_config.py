@@ -236,6 +236,38 @@ def test_dash_t_prints_every_error_in_one_run(tmp_path) -> None:
     assert lines[-1] == f"configuration {bad} test failed"
 
 
+def test_dash_t_finds_what_the_machine_lacks_and_a_start_says_it_in_one_line(tmp_path) -> None:
+    """A user or group that does not exist, a log file in a directory that does not, a
+    missing working directory: -t used to say ok, and the start then failed with a
+    traceback (or, for the access log, crash-looped its workers)."""
+    conf = tmp_path / "env.yaml"
+    conf.write_text("user: no_such_user_here\ngroup: no_such_group_here\n"
+                    f"error_log: {tmp_path}/none/e.log\naccess_log: {tmp_path}/none2/a.log\n"
+                    f"working_directory: {tmp_path}/none3\n"
+                    "services:\n  - {name: s, type: static, listeners: ['127.0.0.1:0']}\n")
+    for args in (["-t"], []):
+        ko = subprocess.run([sys.executable, "-m", "pyngora", *args, "-c", str(conf)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert ko.returncode == 1, (args, ko.stderr)
+        lines = ko.stderr.splitlines()
+        assert lines[:5] == [
+            f"{conf}:1: user: no such user 'no_such_user_here'",
+            f"{conf}:2: group: no such group 'no_such_group_here'",
+            f"{conf}:3: error_log: directory {tmp_path}/none does not exist",
+            f"{conf}:4: access_log: directory {tmp_path}/none2 does not exist",
+            f"{conf}:5: working_directory: {tmp_path}/none3 is not a directory"], lines
+        assert "Traceback" not in ko.stderr
+
+
+def test_a_file_with_no_service_is_refused(tmp_path) -> None:
+    for text in ("", "version: 1\n", "services: []\n"):
+        conf = tmp_path / "empty.yaml"
+        conf.write_text(text)
+        ko = subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", str(conf)],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert ko.returncode == 1 and "services: no service to run" in ko.stderr, (text, ko.stderr)
+
+
 # -- what an operator's YAML may hold, found by an attack review --------------------------
 
 def _errors(text: str) -> str:
