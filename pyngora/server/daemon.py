@@ -56,9 +56,15 @@ def is_pyngora(pid: int) -> bool:
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"pyngora" in f.read()
+            raw = f.read()
     except OSError:
         return True  # cannot tell: assume it is, and refuse rather than run twice
+    # Its title ("pyngora: master -c ...", setproctitle), or before it has one, an argument
+    # that is pyngora itself (python -m pyngora, bin/pyngora): not any process that merely
+    # names the word (tail -f pyngora.log, an editor on pyngora.yaml), which -s would signal.
+    if raw.startswith(b"pyngora: "):
+        return True
+    return any(a == b"pyngora" or a.endswith(b"/pyngora") for a in raw.split(b"\0"))
 
 
 def check_pid_file(path: str) -> None:
