@@ -300,12 +300,21 @@ class DeclarativeProxy(ProxyHttp):
                               e: Error) -> Error:
         group = self.groups.get(peer.upstream)
         bal = group.balancer if group is not None else None
+        listed = callable(getattr(bal, "backends", None))
         report = getattr(bal, "report_failure", None)
         if report is not None:
-            for b in bal.backends() if callable(getattr(bal, "backends", None)) else ():
+            for b in bal.backends() if listed else ():
                 if b.addr == peer.address:
                     report(b)
                     break
+        if group is not None and e.retry:
+            # A failed connect is the backend's, not a connection's: once every backend of
+            # the group failed this request, another try at one of them only doubles the
+            # client's wait (nginx tries each server once). The spare retry stays for a dead
+            # pooled connection, which is not this case.
+            addrs = {b.addr for b in bal.backends()} if listed else set(group.backends)
+            if addrs and addrs <= {peer.address, *(session.tried or ())}:
+                e.set_retry(False)
         return e
 
 

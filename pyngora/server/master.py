@@ -21,9 +21,9 @@ from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import counters, daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
+from pyngora.server.master_files import MasterFiles, give_logs
 from pyngora.server.generation import Generation, Worker, _worker_owner
-from pyngora.server.worker import (EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker,
-                                   worker_ids)
+from pyngora.server.worker import EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker
 
 if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master
     from pyngora.services.base import Service
@@ -86,6 +86,7 @@ class Master:
         # master that drains): from then on no crash loop may stop this master (exit 3).
         self._promised = False
         self._reload_after_handover = False  # a SIGHUP came during a hand-over (handle_hup)
+        self.files = MasterFiles(conf)  # its pid file and log, moved by a reload
         self._serving_since = 0.0
         # sockets generation N no longer names: (N, key, socket), closed once every older
         # generation is draining (its workers take what is queued first), or put back when N
@@ -147,6 +148,7 @@ class Master:
             except OSError as e:
                 raise FatalError(f"cannot write pid_file {conf.pid_file}: {e.strerror or e}",
                                  EXIT_CONFIG) from None
+            self.files.pid_path = conf.pid_file
         self._spawn_ready_services(self.gens[0])
 
     def _prepare_metrics(self, fresh: bool) -> None:
@@ -459,6 +461,7 @@ class Master:
                 log.ERROR.info("generation %d serves; draining generation %d", newest.number,
                                gen.number)
                 self._kill_all(signal.SIGTERM, gen.number)
+                self.files.follow(self.conf)
                 self._notify("READY=1", f"STATUS=serving, generation {newest.number}")
         for item in list(self._dropped):
             # Every generation that still used it was told to drain just now or before, and a
@@ -489,6 +492,7 @@ class Master:
                 daemon.wait_launcher_gone()
             self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
             daemon.write_pid_file(self.conf.pid_file)
+            self.files.pid_path = self.conf.pid_file
         else:
             self._notify("READY=1", f"STATUS=serving, {n} workers")
         daemon.report(self.launcher_fd, True)
@@ -517,34 +521,9 @@ class Master:
 
     def handle_usr1(self) -> None:
         log.reopen()
-        self._give_logs()
+        give_logs(self.conf)
         log.ERROR.info("SIGUSR1: logs reopened")
         self._kill_all(signal.SIGUSR1)
-
-    def _give_logs(self) -> None:
-        """With ``user``/``group``, as nginx's reopen: the master creates each log file the
-        workers write and hands it to that user, so workers that dropped root can open it
-        again after a rotation (the new file would otherwise be root's, or not creatable in
-        a directory only root may write)."""
-        conf = self.conf
-        try:
-            ids = worker_ids(conf)
-        except KeyError:
-            return  # an unknown user: the workers could not have started either
-        if ids is None:
-            return
-        uid, gid = ids
-        for path in (conf.error_log, conf.access_log):
-            if not path or not path.startswith("/"):
-                continue  # off, stdout, or stderr
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                log.ERROR.warning("cannot give %s to the workers' user: %s", path, e)
 
     def handle_hup(self) -> None:
         """Reload in place: a new generation with the re-read config; the old one drains.
@@ -687,7 +666,7 @@ class Master:
                 pass
         self.table.close_all(unlink=not self.handed_over and not self.upgrade_mode)
         if not self.handed_over:  # after a hand-over the pid file is the new master's
-            daemon.remove_pid_file(self.conf.pid_file)
+            daemon.remove_pid_file(self.files.pid_path or self.conf.pid_file)
         counters.master_exit()
         for w in self.workers.values():
             if w.fd >= 0:

@@ -458,3 +458,27 @@ def test_a_reload_into_an_empty_file_is_refused(tmp_path, daemons) -> None:
     wait_for(lambda: "reload refused" in d.log(), 10, "the refusal in the error log")
     assert "no service to run" in d.log()
     assert set(children_of(master)) == workers and get(port)[0] == 200
+
+
+def test_a_reload_moves_the_pid_file_and_the_master_s_log(tmp_path, daemons) -> None:
+    """nginx moves its pid file and error log on reload: a new ``pid_file`` is written (and
+    ``-s`` finds the master by it), the old one removed, and the master writes to the new
+    ``error_log``. The new pid file used to be never written, and the old one left behind."""
+    port = free_port()
+    text = _conf(tmp_path, port)
+    d = daemons(text)
+    assert d.cmd("-d").returncode == 0
+    master = d.pid()
+    d.conf.write_text(text.replace(f"{tmp_path}/p.pid", f"{tmp_path}/p2.pid")
+                      .replace(f"{tmp_path}/error.log", f"{tmp_path}/error2.log"))
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: (tmp_path / "p2.pid").exists(), 30, "the new pid file")
+    assert read_pid(str(tmp_path / "p2.pid")) == master
+    assert not (tmp_path / "p.pid").exists()
+    assert d.cmd("-s", "reopen").returncode == 0  # -s finds it by the new pid_file
+    wait_for(lambda: (tmp_path / "error2.log").exists()
+             and b"logs reopened" in (tmp_path / "error2.log").read_bytes(), 10,
+             "the master's line in the new error log")
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), 30, "the master's exit")
+    assert not (tmp_path / "p2.pid").exists()

@@ -169,7 +169,12 @@ def test_balancer_hook_hash_key_and_no_backend_503() -> None:
                 assert r.status == 200 and r.header("x-tag") == "a"
                 assert made["pool"].keys[:2] == [b"alice", b"alice"]
                 assert made["pool"].failed == [f"127.0.0.1:{dport}"]
-                # Its only backend fails, is reported, and the balancer then has none: 503.
+                # Its only backend fails (502: no other to try) and is reported; the balancer
+                # then has none: the next request gets 503.
+                r = await c.request("GET", "/none")
+                assert r.status == 502 and made["gone"].failed == [f"127.0.0.1:{dport}"]
+                c.close()
+                c = await Client.connect(pport)
                 r = await c.request("GET", "/none")
                 assert r.status == 503 and made["gone"].failed == [f"127.0.0.1:{dport}"]
     run(main())
@@ -321,3 +326,41 @@ def test_a_retry_skips_the_backends_tried_with_or_without_a_balancer() -> None:
                 session.peer = peer  # as the engine does before the attempt fails
             assert sorted(seen[:3]) == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], (
                 with_balancer, start, seen)
+
+
+def test_a_failed_connect_is_tried_once_per_backend(monkeypatch: Any) -> None:
+    """nginx tries each server once: after every backend of the group failed to connect for
+    this request, no further attempt (a group of one unreachable backend answered after two
+    connect timeouts). The spare retry is for a dead pooled connection, not this case."""
+    from pyngora.proxy import declarative
+    calls: list[str] = []
+    real = declarative.DeclarativeProxy.fail_to_connect
+
+    async def counting(self: Any, session: Session, peer: HttpPeer, ctx: Any, e: Any) -> Any:
+        calls.append(peer.address)
+        return await real(self, session, peer, ctx, e)
+    monkeypatch.setattr(declarative.DeclarativeProxy, "fail_to_connect", counting)
+
+    async def main() -> None:
+        refused = []
+        for _ in range(2):
+            dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+            refused.append(dead.sockets[0].getsockname()[1])
+            dead.close()
+            await dead.wait_closed()
+        for n in (1, 2):
+            backends = ", ".join(f'{{addr: "127.0.0.1:{p}"}}' for p in refused[:n])
+            conf, sc = proxy_conf(f"""
+  - name: lb
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - {{name: pool, backends: [{backends}]}}
+""")
+            calls.clear()
+            async with serving(build_proxy_service(conf, sc), conf) as (pport, _):
+                c = await Client.connect(pport)
+                assert (await c.request()).status == 502
+                c.close()
+            assert sorted(calls) == sorted(f"127.0.0.1:{p}" for p in refused[:n]), (n, calls)
+    run(main())
