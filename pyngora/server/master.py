@@ -200,7 +200,9 @@ class Master:
                         keys.add(socket_key(svc.name, listener, slot))
         except BindError as e:
             for key in set(self.table.sockets) - before:
-                close_listener(self.table.sockets.pop(key), unlink=False)
+                sock = self.table.sockets.pop(key)
+                if not self.table.holds(sock):  # (a renamed service's shares an old key's)
+                    close_listener(sock, unlink=False)
             raise FatalError(str(e), EXIT_CONFIG) from None
         for key, sock in self.table.keep_only(keys):
             self._dropped.append((gen.number, key, sock))

@@ -482,3 +482,27 @@ def test_a_reload_moves_the_pid_file_and_the_master_s_log(tmp_path, daemons) -> 
     os.kill(master, signal.SIGTERM)
     wait_for(lambda: not alive(master), 30, "the master's exit")
     assert not (tmp_path / "p2.pid").exists()
+
+
+def test_a_refused_rename_leaves_the_shared_socket_open(tmp_path, daemons) -> None:
+    """A reload that renames a service and also names a port another process holds is
+    refused; what it had shared for the renamed service is the running one's socket, which
+    must stay open: the next (good) reload still serves on it."""
+    port = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        d = daemons(_conf(tmp_path, port))
+        assert d.cmd("-d").returncode == 0
+        renamed = _conf(tmp_path, port, body="renamed").replace("name: origin", "name: site")
+        d.conf.write_text(renamed.replace(
+            f"'127.0.0.1:{port}'", f"'127.0.0.1:{port}', '127.0.0.1:{holder.getsockname()[1]}'"))
+        os.kill(d.pid(), signal.SIGHUP)
+        wait_for(lambda: "reload refused" in d.log(), 10, "the refusal")
+        assert get(port)[0] == 200
+        d.conf.write_text(renamed)
+        assert d.cmd("-s", "reload").returncode == 0
+        wait_for(lambda: get(port)[2] == b"renamed", 30, "the renamed service's answer")
+    finally:
+        holder.close()
