@@ -21,7 +21,9 @@ from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import counters, daemon
 from pyngora.server.listeners import SocketTable, close_listener, socket_key
+from pyngora.server.exits import EXIT_CONFIG, EXIT_OK, EXIT_WORKERS, FatalError
 from pyngora.server.master_files import MasterFiles, give_logs
+from pyngora.server.master_upgrade import UpgradeHandover
 from pyngora.server.generation import Generation, Worker, _worker_owner
 from pyngora.server.worker import EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker
 
@@ -33,7 +35,6 @@ try:
 except ImportError:  # pragma: no cover - until the systemd room lands
     sd = None  # type: ignore[assignment]
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_WORKERS = 0, 1, 2, 3
 # A generation not ready after this long: log what waits for what (tests shorten it).
 WAIT_WARN_SECONDS = float(os.environ.get("PYNGORA_WAIT_WARN_SECONDS", "10"))
 MAX_BOOT_FAILURES = 5
@@ -48,13 +49,7 @@ SIGNALS = {
 }
 
 
-class FatalError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Master:
+class Master(UpgradeHandover):
     """One pyngora master process. `run()` returns the exit code."""
 
     def __init__(self, conf: ServerConf, services: list[Service], *, upgrade: bool = False,
@@ -163,27 +158,6 @@ class Master:
         if socks:
             log.ERROR.info("adopted %d sockets from systemd", len(socks))
             self.table.adopt_by_address(socks)
-
-    def _receive_sockets(self) -> None:
-        from pyngora.upgrade.transfer_fd import TransferError, UpgradeListener
-        try:
-            listener = UpgradeListener(self.conf.upgrade_sock)
-        except (OSError, TransferError) as e:
-            raise FatalError(f"cannot listen on upgrade_sock {self.conf.upgrade_sock}: {e}",
-                             EXIT_CONFIG) from None
-        # with -d the launcher returns now, so a SIGQUIT sent right after cannot miss us
-        daemon.report(self.launcher_fd, True)
-        self.launcher_fd = -1
-        log.ERROR.info("waiting up to %ss on %s for the old master",
-                       self.conf.upgrade_timeout_seconds, self.conf.upgrade_sock)
-        try:
-            self.upgrade_conn, adopted = listener.accept_sockets(self.conf.upgrade_timeout_seconds)
-        except TransferError as e:
-            raise FatalError(f"upgrade failed: {e}", EXIT_CONFIG) from None
-        finally:
-            listener.close()
-        log.ERROR.info("received %d listening sockets from the old master", len(adopted))
-        self.table.adopt(adopted)
 
     def _bind(self, gen: Generation) -> None:
         """Make sure every socket of ``gen`` exists; drop the ones no longer named. On a bind
@@ -566,50 +540,6 @@ class Master:
         self._count_event("reload")
         log.ERROR.info("reloading: starting generation %d", gen.number)
         self._spawn_ready_services(gen)
-
-    def handle_quit(self) -> None:
-        """Graceful upgrade: hand the sockets to a new master, drain only once it is ready."""
-        if self.stopping or self.handover is not None:
-            return
-        from pyngora.upgrade.transfer_fd import send_sockets
-        sockets = dict(self.table.sockets)
-        timeout = self.conf.upgrade_timeout_seconds
-        path = self.conf.upgrade_sock
-        log.ERROR.info("SIGQUIT: handing %d sockets to the new master on %s", len(sockets), path)
-
-        def work() -> None:
-            result = send_sockets(path, sockets, timeout)
-            self._handover_reason = result.reason
-            self.events.append("handover_ok" if result.ok else "handover_failed")
-            os.write(self._wake_w, b"!")
-
-        self._handover_reason = ""
-        self.handover = threading.Thread(target=work, name="upgrade", daemon=True)
-        self.handover.start()
-
-    def handle_handover_ok(self) -> None:
-        self.handover = None
-        self.handed_over = True
-        if self.stopping:  # a stop came during the hand-over: the sockets were left for it
-            self.table.close_all(unlink=False)
-        self._count_event("upgrade")
-        log.ERROR.info("the new master is ready; draining")
-        try:
-            import setproctitle
-            setproctitle.setproctitle("pyngora: old master (draining)")
-        except Exception:
-            pass
-        self._begin_stop("graceful")
-
-    def handle_handover_failed(self) -> None:
-        self.handover = None
-        if self.stopping:
-            self.table.close_all(unlink=True)
-        log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
-        self._count_event("upgrade_failed")
-        if self._reload_after_handover:
-            self._reload_after_handover = False
-            self.handle_hup()
 
     def _count_event(self, name: str) -> None:
         counters.event(name)
