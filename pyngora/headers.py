@@ -250,11 +250,18 @@ class RequestHeader(_Head):
         self.headers = _as_headers(headers)
 
     def set_uri(self, uri: str) -> None:
-        """Replace the request-target (path and query, usually) sent upstream."""
+        """Replace the request-target (path and query, usually) sent upstream. ValueError for
+        one that would not stay one token on the request line (empty, a space, CR, LF or
+        another control character); the engine checks a target assigned directly too."""
+        if not uri or any(c <= " " or c == "\x7f" for c in uri):
+            raise ValueError(f"invalid request target {uri!r}: empty, or a space or control "
+                             "character")
         self.uri = uri
 
     def set_method(self, method: str) -> None:
-        """Replace the method sent upstream."""
+        """Replace the method sent upstream. ValueError unless it is an RFC 9110 token."""
+        if not method or not method.isascii() or method.encode().translate(None, _TOKEN_CHARS):
+            raise ValueError(f"invalid method {method!r}")
         self.method = method
 
     @property

@@ -100,6 +100,38 @@ def _ascii(method: bytes) -> str:
     return text
 
 
+def _framing(fields: Any, head: Any, chunked: bool) -> None:
+    """Set the upstream request's framing fields from the parsed ``head`` (chunked when the
+    body is re-framed, as by a request_body_filter)."""
+    fields.remove(b"content-length")
+    fields.remove(b"transfer-encoding")
+    if chunked:
+        fields.add(b"Transfer-Encoding", b"chunked")
+    elif head.body == "length":
+        fields.add(b"Content-Length", b"%d" % head.content_length)
+
+
+def _token(method: str) -> bytes:
+    """A method a phase set, as bytes; Error (500) unless it is an RFC 9110 token."""
+    b = method.encode("latin-1") if method.isascii() else b""
+    if not b or b.translate(None, _TCHAR):
+        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                    f"invalid method set by a phase: {method!r}")
+    return b
+
+
+def _check_target(target: bytes) -> None:
+    """Error (500) unless ``target`` (set by a phase) stays one token on the request line:
+    no space, CR, LF or other control byte (bytes above 0x7f pass, as from clients)."""
+    if not target or target.translate(None, _VCHAR):
+        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                    f"invalid request target set by a phase: {target!r}")
+
+
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VCHAR = bytes(range(0x21, 0x7f)) + bytes(range(0x80, 0x100))
+
+
 def _no_event() -> None:
     """poll_event of a connection that has none (HTTP/2 streams): always wait."""
     return None
@@ -388,12 +420,17 @@ class ProxyEngine(HttpApp):
                 up_headers.add(b"Connection", b"upgrade")
                 up_headers.add(b"Upgrade", value)
         has_body = head.body != "none"
+        if has_body and session._ahead_size < 0:
+            raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                        "a phase read more of the request body than is kept to send "
+                        f"upstream ({session.READ_AHEAD_LIMIT} bytes) and then proxied it")
         chunked = has_body and (head.body == "chunked" or plan.request_body_filter is not None)
-        if chunked:
-            up_headers.remove(b"content-length")
-            up_headers.add(b"Transfer-Encoding", b"chunked")
+        # The framing that goes up is the parsed head's, whatever a phase did to the client's
+        # fields (request_filter may edit req_header): a Content-Length that disagreed with
+        # the bytes sent would leave some of them on the pooled connection, read there as the
+        # next client's request, or have the origin read the next client's as this body.
+        _framing(up_headers, head, chunked)
         if plan.upstream_request_filter is not None:
-            length = up_headers.get(b"content-length")
             up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
             r = proxy.upstream_request_filter(session, up_req, ctx)
             if plan.upstream_request_filter:
@@ -403,17 +440,18 @@ class ProxyEngine(HttpApp):
             # Content-Length that disagreed with the bytes sent would leave some of them on
             # the pooled connection, read there as the next client's request (SPEC 7: what
             # goes up is what pyngora parsed and frames itself).
-            up_headers.remove(b"content-length")
-            up_headers.remove(b"transfer-encoding")
-            if chunked:
-                up_headers.add(b"Transfer-Encoding", b"chunked")
-            elif length is not None:
-                up_headers.add(b"Content-Length", length)
+            _framing(up_headers, head, chunked)
         else:  # nobody edits the upstream head: no RequestHeader to build
             method, uri = req.method, req.uri
-        # The client's own bytes when the phases kept its method and target (no re-encoding).
-        method_b = head.method if method == _ascii(head.method) else method.encode("latin-1")
-        uri_b = uri.encode("latin-1")
+        # The client's own bytes when the phases kept its method and target (no re-encoding);
+        # else what a phase set, checked: a CR, LF or space would split the request line.
+        method_b = head.method if method == _ascii(head.method) else _token(method)
+        try:
+            uri_b = uri.encode("latin-1")
+        except UnicodeEncodeError:
+            uri_b = b""
+        if uri_b != head.target:
+            _check_target(uri_b)
         if conn.__class__ is H2UpstreamStream:
             # gRPC: "te: trailers" is hop-by-hop for HTTP/1 (removed above) but must reach an
             # HTTP/2 upstream when the client sent it (RFC 9113 8.2.2 allows that value only).
@@ -579,18 +617,34 @@ class ProxyEngine(HttpApp):
                 conn.send_body(data, chunked)
                 await conn.drain()
         filt = plan.request_body_filter
-        while not session._body_finished:
-            data = await ex.read_body()
+        ahead = session._read_ahead
+        while True:
+            # First what a phase read (or an attempt took and did not send), then the client.
+            if ahead:
+                data = ahead.popleft()
+            elif session._body_finished:
+                break
+            else:
+                data = await ex.read_body()
+                if data is None:
+                    session._body_finished = True
             end = data is None
-            if end:
-                session._body_finished = True
+            piece = data
             if filt is not None:
-                r = proxy.request_body_filter(session, data, end, ctx)
-                data = (await r) if filt else r
-            if data:
-                session._remember_body(data)
-                conn.send_body(data, chunked)
+                try:
+                    r = proxy.request_body_filter(session, data, end, ctx)
+                    piece = (await r) if filt else r
+                except asyncio.CancelledError:
+                    # The attempt ended while the filter held this piece: the next one
+                    # sends it (it is in neither the retry buffer nor the upstream stream).
+                    session._unread(data)
+                    raise
+            if piece:
+                session._remember_body(piece)
+                conn.send_body(piece, chunked)
                 await conn.drain()
+            if end:
+                break
         conn.send_end(chunked, ex.trailers if chunked else None)
 
 

@@ -6,6 +6,7 @@ response writers, with Pingora's names.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Optional
 
 from pyngora.headers import Headers, RequestHeader, ResponseHeader
@@ -29,10 +30,13 @@ class Session:
     __slots__ = ("exchange", "_req_header", "client_addr", "server_addr", "scheme",
                  "peer", "upstream_status", "retries", "body_bytes_sent_upstream",
                  "_retry_buf", "_retry_size", "_retry_truncated", "_body_finished",
-                 "service", "max_retries", "tried")
+                 "service", "max_retries", "tried", "_read_ahead", "_ahead_size")
 
     # Request body bytes kept so that a failed attempt can be retried with the same body.
     RETRY_BUFFER_LIMIT = 64 * 1024
+    # Request body bytes a phase read before the request was proxied, kept to be sent
+    # upstream first; a phase that read more and then proxies gets a 500.
+    READ_AHEAD_LIMIT = 1024 * 1024
 
     def __init__(self, exchange: Exchange, service: str = "") -> None:
         head = exchange.head
@@ -53,6 +57,10 @@ class Session:
         self._retry_size = 0
         self._retry_truncated = False
         self._body_finished = head.body == "none"
+        # What phases read of the body and no attempt sent yet (None last: its end); the
+        # size kept, or -1 once over READ_AHEAD_LIMIT (dropped).
+        self._read_ahead: Optional[deque[Optional[bytes]]] = None
+        self._ahead_size = 0
 
     # ------------------------------------------------------------------ the request
     @property
@@ -103,11 +111,25 @@ class Session:
 
     async def read_request_body(self) -> Optional[bytes]:
         """The next piece of the request body, None at its end. Raises Error (Downstream) for
-        a malformed or too-large body (status 400/413) or a client that went away. Bodies read
-        here are not sent upstream: a phase that reads them answers the request itself."""
+        a malformed or too-large body (status 400/413) or a client that went away.
+
+        A phase that reads the body and then lets the request be proxied does not lose it:
+        what it read goes upstream first (through ``request_body_filter``), then the rest, in
+        the client's framing. Up to ``READ_AHEAD_LIMIT`` (1 MiB) is kept for that; a phase
+        that read more and then proxies gets a 500 (one that answers itself loses nothing)."""
         data = await self.exchange.read_body()
         if data is None:
             self._body_finished = True
+        size = self._ahead_size
+        if size >= 0:
+            if data is not None:
+                size += len(data)
+            if size > self.READ_AHEAD_LIMIT:
+                self._read_ahead = None
+                size = -1
+            else:
+                self._unread(data, last=True)
+            self._ahead_size = size
         return data
 
     @property
@@ -194,6 +216,18 @@ class Session:
             self._retry_buf.clear()
         else:
             self._retry_buf.append(data)
+
+    def _unread(self, data: Optional[bytes], last: bool = False) -> None:
+        """Keep a piece of body (None: its end) for the next attempt to send: after what is
+        kept (``last``: read by a phase), or before it (a piece an attempt took but did not
+        send)."""
+        ahead = self._read_ahead
+        if ahead is None:
+            ahead = self._read_ahead = deque()
+        if last:
+            ahead.append(data)
+        else:
+            ahead.appendleft(data)
 
     def _body_replayable(self) -> bool:
         """True when a new attempt can send the same body (nothing sent, or all kept)."""

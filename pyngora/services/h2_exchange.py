@@ -202,8 +202,9 @@ class H2Exchange(RequestBody):
             raise RuntimeError("response head already sent")
         if self._gone():
             raise closed_error()
-        if status == 101 or status < 200:
-            raise RuntimeError("HTTP/2 has no upgrades; use write_informational for 1xx")
+        if status == 101 or status < 200 or status > 999:
+            raise RuntimeError(f"{status} is no final HTTP/2 response status (no upgrades; "
+                               "1xx through write_informational)")
         self.head_sent = True
         self.status = status
         self._continue_pending = False
@@ -220,6 +221,8 @@ class H2Exchange(RequestBody):
         stream or the connection is gone, so pumps stop."""
         if self.finished:
             raise RuntimeError("response already finished")
+        if not self.head_sent:
+            raise RuntimeError("response body before its head: write the head first")
         if not data or self._no_body:
             return
         if self._gone():

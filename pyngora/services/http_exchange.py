@@ -120,6 +120,29 @@ def _length(value: bytes) -> Optional[int]:
     return int(value)
 
 
+def _declared_length(headers: Headers) -> Optional[bytes]:
+    """The response's Content-Length value, one field left: repeats of the same value are
+    merged; different values (a filter added one) give b"" (not a length: dropped)."""
+    value = headers.get(b"content-length")
+    if value is None or headers._keys.count(b"content-length") < 2:  # (keys: lowercased)
+        return value
+    values = headers.get_all(b"content-length")
+    first = values[0].strip(b" \t")
+    if any(v.strip(b" \t") != first for v in values):
+        return b""
+    headers.set(b"Content-Length", first)
+    return first
+
+
+def _chunked_last(headers: Headers) -> None:
+    """An app's own Transfer-Encoding, with chunked as its last coding: the body is framed
+    chunked, and a client reads a response whose last coding is not chunked until the
+    connection closes (RFC 9112 6.3), the next response included."""
+    codings = b", ".join(headers.get_all(b"transfer-encoding"))
+    if codings.rpartition(b",")[2].strip(b" \t").lower() != b"chunked":
+        headers.set(b"Transfer-Encoding", codings + b", chunked")
+
+
 class HttpSettings:
     """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
 
@@ -235,9 +258,12 @@ class Exchange(RequestBody):
         the head waits for them without a scheduled flush (the fast path's single send)."""
         if self.head_sent:
             raise RuntimeError("response head already sent")
-        if status < 200 and status != 101:
+        if status < 200 and status != 101 or status > 999:
             # A 1xx as the final head would make the next response answer this request.
-            raise RuntimeError(f"{status} is no final response; use write_informational")
+            raise RuntimeError(f"{status} is no final response status")
+        if status == 101 and not self.head.upgrade:
+            # Only an upgrade request may be switched (the connection then becomes a tunnel).
+            raise RuntimeError("101 to a request that asked for no upgrade")
         conn = self.conn
         if conn.closed:
             raise _closed_error()
@@ -257,7 +283,7 @@ class Exchange(RequestBody):
             # The client may not send (or may be about to send) a body we would have to parse,
             # or the parser stopped at an upgrade that did not happen.
             keep_alive = False
-        declared = None if no_body else headers.get(b"content-length")
+        declared = None if no_body else _declared_length(headers)
         length = _length(declared) if declared is not None else None
         if declared is not None and length is None:
             log.ERROR.warning("response Content-Length %r is not a length: dropped", declared)
@@ -281,7 +307,8 @@ class Exchange(RequestBody):
             headers.add(b"Transfer-Encoding", b"chunked")
             self._chunked = True
         elif head.version == "1.1":
-            self._chunked = True  # the app asked for chunked itself
+            self._chunked = True  # the app set Transfer-Encoding itself: chunked goes last
+            _chunked_last(headers)
         else:
             # HTTP/1.0 client and no length: the body ends when the connection closes.
             headers.remove(b"transfer-encoding")
@@ -354,6 +381,8 @@ class Exchange(RequestBody):
         (Downstream, ConnectionClosed) when the client is gone, so pumps stop."""
         if self.finished:
             raise RuntimeError("response already finished")
+        if not self.head_sent:
+            raise RuntimeError("response body before its head: write the head first")
         conn = self.conn
         if conn.closed:
             raise _closed_error()

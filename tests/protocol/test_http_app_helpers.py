@@ -113,7 +113,7 @@ class Client:
             return Response(status, h, b"", raw)
         te = h.get("transfer-encoding")
         cl = h.get("content-length")
-        if te is not None and te.lower() == b"chunked":
+        if te is not None and te.rpartition(b",")[2].strip().lower() == b"chunked":
             body = bytearray()
             while True:
                 line = await self.reader.readuntil(b"\r\n")
