@@ -4,7 +4,10 @@
     curl -i localhost:6188/api/v1/users      # -> first upstream, as /users
 
 - ``/api/v1/...`` goes to the first upstream with the prefix stripped, everything else to the
-  last one;
+  last one. The choice is made on the normalised path (``%XX`` decoded, dot-segments and
+  ``//`` resolved: ``proxy.route_path``), as nginx's ``location`` is, so ``/x/../api/v1/a``
+  is an API request and ``/api/v1/../../admin`` is not; an API request goes up with that
+  normalised path, re-escaped, less the prefix (as nginx's ``proxy_pass`` with a URI does);
 - every request gets an ``X-Request-Id`` (kept if the client sent one) and loses ``Cookie``
   on its way to ``/api``;
 - every response gets ``X-Request-Id`` and ``Server: pyngora-gateway`` and loses the
@@ -15,20 +18,23 @@ from __future__ import annotations
 import itertools
 import os
 from typing import Any, Optional, Sequence
+from urllib.parse import quote
 
 from pyngora.examples._common import parse, serve
 from pyngora.proxy import ProxyHttp, Session
+from pyngora.proxy.route_path import route_path
 from pyngora.upstreams.peer import HttpPeer
 
 API_PREFIX = "/api/v1"
 
 
 class GatewayCtx:
-    __slots__ = ("request_id", "api")
+    __slots__ = ("request_id", "api", "path")
 
     def __init__(self) -> None:
         self.request_id = ""
         self.api = False
+        self.path = "/"  # the normalised path (route_path)
 
 
 class Gateway(ProxyHttp):
@@ -44,9 +50,8 @@ class Gateway(ProxyHttp):
     async def request_filter(self, session: Session, ctx: GatewayCtx) -> bool:
         rid = session.get_header("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else f"{self._prefix}{next(self._ids)}"
-        uri = session.req_header.uri
-        ctx.api = uri == API_PREFIX or uri.startswith(API_PREFIX + "/") \
-            or uri.startswith(API_PREFIX + "?")
+        path = ctx.path = route_path(session.req_header.uri)
+        ctx.api = path == API_PREFIX or path.startswith(API_PREFIX + "/")
         return False
 
     async def upstream_peer(self, session: Session, ctx: GatewayCtx) -> HttpPeer:
@@ -56,8 +61,9 @@ class Gateway(ProxyHttp):
                                       ctx: GatewayCtx) -> None:
         upstream_request.insert_header("X-Request-Id", ctx.request_id)
         if ctx.api:
-            rest = upstream_request.uri[len(API_PREFIX):]
-            upstream_request.set_uri(rest if rest.startswith("/") else "/" + rest)
+            rest = quote(ctx.path[len(API_PREFIX):] or "/", safe="/:@!$&'()*+,;=~")
+            query = upstream_request.uri.partition("?")[2]
+            upstream_request.set_uri(rest + "?" + query if query else rest)
             upstream_request.remove_header("Cookie")
 
     async def response_filter(self, session: Session, upstream_response: Any,

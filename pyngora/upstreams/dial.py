@@ -71,12 +71,17 @@ async def dial(peer: HttpPeer, factory: Callable[[], Any],
     except (OSError, TimeoutError) as exc:
         raise _connect_error(exc, False, peer) from None
     if ssl_ctx is not None:
-        remaining = None if total is None else max(total - (loop.time() - started), 0.001)
+        if total is not None:
+            remaining = max(total - (loop.time() - started), 0.001)
+        else:
+            # No total: the handshake gets connection_timeout of its own, as nginx's
+            # proxy_connect_timeout bounds its SSL handshake (asyncio's default is 60 s, and
+            # a peer that never answers the ClientHello held each attempt that long).
+            remaining = opts.connection_timeout
         try:
             async with asyncio.timeout(remaining):
                 tls_transport = await loop.start_tls(
                     transport, proto, ssl_ctx, server_hostname=peer.server_name or None,
-                    # asyncio's own handshake limit (60 s) unless the total is shorter.
                     ssl_handshake_timeout=remaining)
         except (OSError, TimeoutError, ValueError) as exc:
             # ValueError: e.g. hostname checking without a server name (a Unix peer).

@@ -761,6 +761,30 @@ def test_tls_to_plaintext_origin_fails(run: Any) -> None:
     run(main())
 
 
+def test_tls_handshake_without_a_total_timeout_is_bounded_by_connection_timeout(
+        run: Any) -> None:
+    """A peer that accepts TCP and never answers the ClientHello: with no
+    total_connection_timeout the handshake gets connection_timeout (nginx's
+    proxy_connect_timeout covers its SSL handshake too), not asyncio's 60 s per attempt."""
+    async def main() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connector = Connector()
+        try:
+            peer = HttpPeer(f"127.0.0.1:{port}", tls=True,
+                            options=opts(verify_cert=False, connection_timeout=0.3))
+            assert peer.options.total_connection_timeout is None
+            with pytest.raises(Error) as info:
+                await asyncio.wait_for(connector.get(peer), 10)
+            assert info.value.etype is ErrorType.TLSHandshakeTimedout, info.value
+        finally:
+            server.close()
+    run(main())
+
+
 def test_reuse_key() -> None:
     a = HttpPeer("127.0.0.1:80")
     assert a.reuse_key == HttpPeer("127.0.0.1:80").reuse_key

@@ -58,6 +58,28 @@ def test_gateway_rewrites_headers_and_paths() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("target,tag,seen", [
+    ("/x/../api/v1/secret", "api", b"GET /secret\n"),  # an API request: Cookie stripped
+    ("/api/v1/../../admin", "web", None),  # not one: never to the API upstream
+    ("/api//v1/%75sers/./a%20b", "api", b"GET /users/a%20b\n"),
+    ("/api/v1", "api", b"GET /\n"),
+])
+def test_gateway_routes_on_the_normalised_path(target: str, tag: str, seen: object) -> None:
+    """The example chose the upstream (and stripped Cookie) on the raw target, so dot-segments
+    moved requests between upstreams behind its back."""
+    async def main() -> None:
+        async with serving(AppService(HeaderEcho("api"))) as (pa, _), \
+                serving(AppService(HeaderEcho("web"))) as (pw, _):
+            gw = Gateway([f"127.0.0.1:{pa}", f"127.0.0.1:{pw}"])
+            async with serving(http_proxy_service(None, gw)) as (pport, _):
+                c = await Client.connect(pport)
+                r = await c.request("GET", target, headers=(("Cookie", "s=1"),))
+                assert r.header("x-tag") == tag, r.body
+                if tag == "api":
+                    assert r.body.startswith(seen) and "cookie" not in heads(r.body), r.body
+    run(main())
+
+
 def test_auth_filter_refuses_without_reaching_upstream() -> None:
     async def main() -> None:
         origin_conns: list[int] = []
