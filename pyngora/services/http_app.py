@@ -59,6 +59,10 @@ from pyngora.services.send_timeout import SendWatch
 __all__ = ["HttpApp", "HttpSettings", "Exchange", "Tunnel", "H1Connection", "HttpService",
            "error_status_of"]
 
+# Pipelined requests started in one turn of the loop before the connection yields to the
+# others (reading paused meanwhile): one client's pipeline cannot hold the worker.
+PIPELINE_BATCH = 16
+
 
 class H1Connection(asyncio.Protocol):
     """An HTTP/1.x server connection. Created by ``HttpService.protocol_factory`` per socket."""
@@ -256,6 +260,7 @@ class H1Connection(asyncio.Protocol):
             return
         self._pumping = True
         pending = self._pending
+        started = 0
         try:
             while pending and not self.closed:
                 ex = self._exchange
@@ -286,8 +291,19 @@ class H1Connection(asyncio.Protocol):
                 if self._write_paused:
                     self._pause(_P_WRITE)
                     break
+                if started:  # pipelined requests answered in this turn
+                    if self.transport.is_closing():
+                        # The client is gone (its reset made the transport drop our
+                        # writes, so back-pressure never comes): answer no more.
+                        pending.clear()
+                        break
+                    if started >= PIPELINE_BATCH:
+                        self._pause(_P_PIPELINE)
+                        self.loop.call_soon(self._pump)
+                        break
                 ev = pending.popleft()
                 if ev.__class__ is RequestHead:
+                    started += 1
                     self._start(ev)
                 elif isinstance(ev, h1.ProtocolError):
                     pending.clear()
