@@ -77,9 +77,11 @@ _DEFS = (
     MetricDef("pyngora_connections_accepted_total", "counter",
               "Downstream connections accepted.", ("service",)),
     MetricDef("pyngora_request_bytes_total", "counter",
-              "Bytes received from downstream clients (request heads and bodies).", ("service",)),
+              "Request body bytes received from downstream clients (heads not counted).",
+              ("service",)),
     MetricDef("pyngora_response_bytes_total", "counter",
-              "Bytes sent to downstream clients (response heads and bodies).", ("service",)),
+              "Response body bytes sent to downstream clients (heads not counted).",
+              ("service",)),
     MetricDef("pyngora_workers", "gauge",
               "Worker processes running now, per service (old and new master together during "
               "an upgrade).",

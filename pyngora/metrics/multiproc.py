@@ -43,7 +43,7 @@ __all__ = [
     "ENV_VAR", "LOCK_NAME", "OWNER_NAME", "SUFFIX", "ARCHIVE", "FILE_RE",
     "MetricDef", "REQUEST_BUCKETS", "CONNECT_BUCKETS", "METRICS", "float_to_go", "series_key",
     "sample_key", "encode", "decode", "read_file", "write_file", "own_path",
-    "metrics_dir", "MetricsDirInUse", "prepare_dir", "dir_lock", "mark_process_dead",
+    "metrics_dir", "MetricsDirInUse", "prepare_dir", "claim_dir", "dir_lock", "mark_process_dead",
     "prune_dead_live_gauges", "ProcessFiles", "workers", "worker_restart", "upgrade",
     "upgrade_failed", "reload", "build_info", "record_master_event", "master_exit",
 ]
@@ -89,9 +89,11 @@ def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) ->
 
     Runs in the master before it forks anything. ``fresh`` (a cold start): delete every metrics
     file and leftover temporary file in it (other files are left alone). Not fresh (an upgrade:
-    the old master's workers still write here): keep everything. Either way this master becomes
-    the directory's owner. ``owner`` (uid, gid) chowns the directory and its lock file, for a
-    master that starts as root and runs workers as ``user``.
+    the old master's workers still write here): keep everything. A fresh start makes this
+    master the directory's owner; an upgrading one becomes it only once the old master took
+    its hand-over (:func:`claim_dir`): a failed upgrade must leave the serving master the
+    owner. ``owner`` (uid, gid) chowns the directory and its lock file, for a master that
+    starts as root and runs workers as ``user``.
 
     Raises MetricsDirInUse on a fresh start while another live pyngora master owns ``path``
     (two servers sharing one ``metrics_dir`` would wipe and mix each other's counts).
@@ -109,14 +111,21 @@ def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) ->
     lock = os.path.join(path, LOCK_NAME)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     os.close(fd)
-    write_owner = os.path.join(path, f".{OWNER_NAME}.{os.getpid()}.tmp")
-    with open(write_owner, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(write_owner, os.path.join(path, OWNER_NAME))
+    if fresh:
+        claim_dir(path)
     if owner is not None:
         for p in (path, lock):
             os.chown(p, owner[0], owner[1])
     os.environ[ENV_VAR] = path
+
+
+def claim_dir(path: str) -> None:
+    """Record this master as the directory's owner (a fresh start, or an upgrade whose old
+    master took the hand-over)."""
+    write_owner = os.path.join(path, f".{OWNER_NAME}.{os.getpid()}.tmp")
+    with open(write_owner, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(write_owner, os.path.join(path, OWNER_NAME))
 
 
 @contextlib.contextmanager

@@ -12,8 +12,14 @@ from pyngora import log
 from pyngora.config.schema import ServerConf
 
 
+class MetricsDirTaken(Exception):
+    """Another live pyngora master owns the metrics directory: this server cannot start (its
+    fresh start would wipe the other's figures, and each exporter would serve both)."""
+
+
 def prepare(conf: ServerConf, fresh: bool, owner: object) -> None:
-    """At start-up: make (``fresh``: empty) the metrics directory, publish build info."""
+    """At start-up: make (``fresh``: empty) the metrics directory, publish build info.
+    Raises MetricsDirTaken when another live master owns it; any other trouble is logged."""
     path = conf.metrics_path
     try:
         from pyngora.metrics import multiproc
@@ -23,8 +29,21 @@ def prepare(conf: ServerConf, fresh: bool, owner: object) -> None:
         multiproc.prepare_dir(path, fresh=fresh, owner=owner)
         from pyngora.version import __version__
         multiproc.build_info(__version__)
+    except multiproc.MetricsDirInUse as e:
+        raise MetricsDirTaken(str(e)) from None
     except Exception as e:  # metrics must never stop the proxy
         log.ERROR.warning("metrics directory %s unusable: %s", path, e)
+
+
+def claim(conf: ServerConf) -> None:
+    """An upgrade's new master serves (the old one took its hand-over): it now owns the
+    metrics directory."""
+    try:
+        from pyngora.metrics import multiproc
+        multiproc.claim_dir(conf.metrics_path)
+    except Exception as e:
+        log.ERROR.warning("metrics directory %s: cannot record this master as its owner: %s",
+                          conf.metrics_path, e)
 
 
 def mark_dead(pid: int) -> None:

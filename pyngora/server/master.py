@@ -147,7 +147,10 @@ class Master(UpgradeHandover):
         self._spawn_ready_services(self.gens[0])
 
     def _prepare_metrics(self, fresh: bool) -> None:
-        counters.prepare(self.conf, fresh, _worker_owner(self.conf))
+        try:
+            counters.prepare(self.conf, fresh, _worker_owner(self.conf))
+        except counters.MetricsDirTaken as e:
+            raise FatalError(str(e), EXIT_CONFIG) from None
 
     def _adopt_systemd(self) -> None:
         try:
@@ -462,6 +465,7 @@ class Master(UpgradeHandover):
                                  EXIT_CONFIG) from None
             finally:
                 conn.close()
+            counters.claim(self.conf)  # (only now: a failed upgrade leaves it the old master's)
             # systemd must know the new MAINPID before the old master can exit, and -s upgrade
             # returns as soon as it sees pid_file change: notify first, then write it.
             if os.environ.get("NOTIFY_SOCKET"):

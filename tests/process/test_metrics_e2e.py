@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -187,3 +188,49 @@ def test_endpoint_survives_upgrade_and_counters_never_go_back(server, tmp_path) 
     assert scrape(metrics)["pyngora_upgrades_total"] >= 0
     wait_for(lambda: not alive(p.pid), 20, "the old master")
     assert get(metrics, "/metrics")[0] == 200
+
+
+def _owner(tmp_path) -> str:
+    return (tmp_path / "metrics" / ".pyngora.owner").read_text().strip()
+
+
+def test_a_second_server_on_the_same_metrics_dir_is_refused(server, tmp_path,
+                                                            pyngora_factory) -> None:
+    """It started with a warning, wiped nothing but counted nothing of its own, and its
+    exporter served the first server's figures: now it does not start (exit 1, why)."""
+    p, origin, metrics = server
+    for _ in range(5):
+        get(origin)
+    wait_for(lambda: requests_total(metrics) == 5, 10, "5 counted")
+    other = tmp_path / "other"
+    other.mkdir()
+    conf = _conf(other, free_port(), free_port()).replace(
+        f"metrics_dir: {other}/metrics", f"metrics_dir: {tmp_path}/metrics")
+    second = pyngora_factory(conf, name="other.yaml")
+    r = second.run(timeout=30)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert f"metrics_dir {tmp_path}/metrics is in use by the pyngora master pid {p.pid}" \
+        in r.stderr, r.stderr
+    assert requests_total(metrics) == 5 and _owner(tmp_path) == str(p.pid)
+
+
+def test_a_failed_upgrade_leaves_the_metrics_dir_to_the_serving_master(server, tmp_path,
+                                                                      pyngora_factory) -> None:
+    """The new master wrote itself in as the owner before the hand-over, and removed the
+    file when it failed: the next server given the same directory wiped the serving one's
+    counters."""
+    p, origin, metrics = server
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:  # the new configuration cannot bind: the upgrade fails, the old master serves on
+        p.conf_path.write_text(p.conf_path.read_text() + (
+            f"  - name: clash\n    type: static\n"
+            f"    listeners: ['127.0.0.1:{taken.getsockname()[1]}']\n"))
+        r = p.run("-s", "upgrade")
+        assert r.returncode != 0, r.stdout
+    finally:
+        taken.close()
+    assert alive(p.pid) and get(origin)[0] == 200
+    assert _owner(tmp_path) == str(p.pid)
+    wait_for(lambda: requests_total(metrics) == 1, 10, "the old master's count")

@@ -280,7 +280,13 @@ def test_fresh_start_refuses_a_directory_of_another_live_master(tmp_path, monkey
             f.write(str(other.pid))
         with pytest.raises(multiproc.MetricsDirInUse):
             multiproc.prepare_dir(d, fresh=True)
-        multiproc.prepare_dir(d, fresh=False)  # an upgrade takes the directory over
+        multiproc.prepare_dir(d, fresh=False)  # an upgrade: not the owner until it serves
+        with open(os.path.join(d, multiproc.OWNER_NAME)) as f:
+            assert f.read().strip() == str(other.pid)
+        multiproc.master_exit()  # a failed upgrade's master leaves the owner as it was
+        with open(os.path.join(d, multiproc.OWNER_NAME)) as f:
+            assert f.read().strip() == str(other.pid)
+        multiproc.claim_dir(d)  # the old master took the hand-over
         with open(os.path.join(d, multiproc.OWNER_NAME)) as f:
             assert f.read().strip() == str(os.getpid())
     finally:
