@@ -119,6 +119,13 @@ def float_to_go(value: float) -> str:
     return s
 
 
+# The label value standing for every name past the bound, and the bound: distinct services,
+# upstreams, and backends per upstream, per process (registry) and in the archive of dead
+# processes (multiproc), so that workers restarted again and again add no series.
+OTHER = "other"
+MAX_NAMES = 256
+
+
 def series_key(metric_name: str, sample_name: str, labels: dict[str, str], help_text: str) -> str:
     """The key of one sample in a multiprocess file, byte-identical to prometheus-client's."""
     return json.dumps([metric_name, sample_name, labels, help_text], sort_keys=True)

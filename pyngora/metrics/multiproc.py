@@ -28,14 +28,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import sys
 import time
 from typing import Iterator
 
 # Re-exported: these lived here before the definitions and the file format got their modules.
-from pyngora.metrics.metric_defs import (CONNECT_BUCKETS, METRICS, REQUEST_BUCKETS, MetricDef,
-                                        float_to_go, sample_key, series_key)
+from pyngora.metrics.metric_defs import (CONNECT_BUCKETS, MAX_NAMES, METRICS, OTHER,
+                                        REQUEST_BUCKETS, MetricDef, float_to_go, sample_key,
+                                        series_key)
 from pyngora.metrics.multiproc_format import (ARCHIVE, FILE_RE, SUFFIX, TMP_RE, decode, encode,
                                              own_path, read_file, write_file)
 
@@ -237,11 +239,34 @@ def _archive(directory: str, pid: int) -> None:
         for src in sources:
             for key, value, _ts in read_file(src):
                 totals[key] = totals.get(key, 0.0) + value
-        write_file(archive, ((k, v, 0.0) for k, v in totals.items()))
+        write_file(archive, ((k, v, 0.0) for k, v in _bounded_backends(totals).items()))
         # Only now remove the sources: a reader holds the shared lock, so it saw neither step.
         for src in sources:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(src)
+
+
+def _bounded_backends(totals: dict[str, float]) -> dict[str, float]:
+    """``totals`` with at most MAX_NAMES backend values per metric and upstream, the rest
+    counted as ``other`` (sums stay exact). Each worker bounds its own labels; without this,
+    every restarted worker of a proxy whose backends vary (a forward proxy) would add its own
+    MAX_NAMES to the archive, for ever. Keys come in insertion order: the archive's first."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    out: dict[str, float] = {}
+    for key, value in totals.items():
+        if '"backend"' in key:
+            metric, sample, labels, help_text = json.loads(key)
+            backend = labels.get("backend")
+            if backend is not None and backend != OTHER:
+                names = seen.setdefault((metric, labels.get("upstream", "")), set())
+                if backend not in names:
+                    if len(names) >= MAX_NAMES:
+                        labels["backend"] = OTHER
+                        key = series_key(metric, sample, labels, help_text)
+                    else:
+                        names.add(backend)
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def prune_dead_live_gauges(directory: str) -> int:

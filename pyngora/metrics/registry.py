@@ -33,10 +33,9 @@ from bisect import bisect_left
 from typing import Any, Callable
 
 from pyngora.metrics import multiproc
+from pyngora.metrics.metric_defs import MAX_NAMES, OTHER  # noqa: F401 - (re-exported)
 from pyngora.metrics.multiproc import CONNECT_BUCKETS, METRICS, REQUEST_BUCKETS, MetricDef
 
-OTHER = "other"
-MAX_NAMES = 256  # distinct services / upstreams / backends per upstream
 MAX_KINDS = 48  # distinct error kinds (ErrorType has 28)
 FLUSH_INTERVAL = 1.0  # seconds; the worker's timer, see start_flusher
 

@@ -245,6 +245,30 @@ def test_reused_pid_continues_from_unarchived_file(mdir: str) -> None:
     assert total(scrape(mdir), "pyngora_requests_total") == 10
 
 
+def test_the_archive_bounds_backend_labels_across_dead_workers(mdir: str) -> None:
+    """Each worker bounds its own backend labels (MAX_NAMES); workers restarted one after
+    another, each meeting other backends (a forward proxy), grew the archive by MAX_NAMES
+    series each. Past the bound, the archive counts them as "other"; totals stay exact."""
+    d = multiproc.METRICS["pyngora_upstream_errors_total"]
+    cap = multiproc.MAX_NAMES
+    for n, pid in enumerate((999_999_1, 999_999_2, 999_999_3)):
+        pf = multiproc.ProcessFiles(mdir, pid=pid)
+        for i in range(cap):  # each worker: MAX_NAMES backends of its own, 2 errors each
+            pf.add(d.prefix, multiproc.sample_key(d, ("up", f"10.0.{n}.{i}:80", "ConnectRefused")),
+                   2)
+        pf.add(d.prefix, multiproc.sample_key(d, ("other-up", "10.9.9.9:80", "ReadError")), 1)
+        pf.write()
+        assert multiproc.mark_process_dead(pid) is True
+    got = scrape(mdir)
+    backends = {dict(labels)["backend"] for (name, labels) in got
+                if name == "pyngora_upstream_errors_total" and dict(labels)["upstream"] == "up"}
+    assert len(backends) == cap + 1 and multiproc.OTHER in backends
+    assert backends - {multiproc.OTHER} == {f"10.0.0.{i}:80" for i in range(cap)}  # the first
+    assert total(got, "pyngora_upstream_errors_total") == 3 * (cap * 2 + 1)
+    assert {dict(labels)["backend"] for (name, labels) in got
+            if dict(labels).get("upstream") == "other-up"} == {"10.9.9.9:80"}
+
+
 def test_prepare_dir_fresh_and_upgrade(tmp_path, monkeypatch) -> None:
     d = str(tmp_path / "m")
     monkeypatch.setenv(multiproc.ENV_VAR, "unused")
