@@ -205,7 +205,7 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
         _REOPEN_MISSED.clear()
         log.reopen()
     watch = loop.create_task(_watch_master(spec.master_pid, ctx))
-    metrics = _start_metrics(service.name, ctx, loop)
+    metrics = _start_metrics(service.name, ctx, loop, http=not service.is_background)
 
     try:
         if service.is_background:
@@ -293,15 +293,19 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
                 pass
 
 
-def _start_metrics(service: str, ctx: "WorkerContext", loop: object) -> Optional[object]:
+def _start_metrics(service: str, ctx: "WorkerContext", loop: object,
+                   http: bool = True) -> Optional[object]:
     """Per-worker metrics: plain counters flushed to the multiprocess files every second.
-    Metrics must never stop a worker, so any failure here only logs."""
+    ``http``: the service serves requests, so its request series start at zero (a background
+    service, such as a health prober, has none). Metrics must never stop a worker, so any
+    failure here only logs."""
     if os.environ.get("PYNGORA_METRICS") == "off":  # the benchmark's metrics-off arm
         return None
     try:
         from pyngora.metrics import registry
-        registry.init_worker(service)
-        ctx.state["service_metrics"] = registry.service_metrics(service)
+        registry.init_worker(service if http else None)
+        if http:
+            ctx.state["service_metrics"] = registry.service_metrics(service)
         registry.start_flusher(loop, on_error=lambda e: log.ERROR.warning(
             "metrics flush failed: %s", e))
         return registry

@@ -370,3 +370,25 @@ def test_master_side_module_imports_no_prometheus_client() -> None:
             "print(any(m.startswith('prometheus_client') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_background_service_starts_no_request_series(mdir: str) -> None:
+    """A health prober published a request histogram, byte counters and a live connections
+    gauge, all 0 for ever; an HTTP service still gets its series at zero."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pyngora.server import worker
+
+    def start(name: str, http: bool) -> Callable[[], None]:
+        def body() -> None:
+            loop = asyncio.new_event_loop()
+            ctx = SimpleNamespace(state={})
+            assert worker._start_metrics(name, ctx, loop, http=http) is registry
+            assert ("service_metrics" in ctx.state) is http
+        return body
+
+    pids = [fork(start("health-proxy", False)), fork(start("web", True))]
+    assert [reap(p) for p in pids] == [0, 0]
+    services = {dict(labels).get("service") for (_, labels) in scrape(mdir)}
+    assert "web" in services and "health-proxy" not in services
