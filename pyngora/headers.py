@@ -8,6 +8,8 @@ accepts ``str``, encoded latin-1, because users of ProxyHttp write Python string
 """
 from __future__ import annotations
 
+import re
+
 from typing import Iterable, Iterator, Optional, Union
 
 NameT = Union[bytes, str]
@@ -40,6 +42,10 @@ def _check_name(name: bytes) -> bytes:
         raise ValueError(f"invalid header name {name!r}")
     return name
 
+
+# What a request-target set by user code may not contain: it would end the request line's
+# token (a space, CR, LF: request smuggling) or not be one byte on the wire.
+_BAD_TARGET = re.compile("[\x00-\x20\x7f\u0100-\U0010ffff]")
 
 # RFC 9110 tchar: what a field name may contain. translate(None, delete) leaves the bad bytes.
 _TOKEN_CHARS = (b"!#$%&'*+-.^_`|~0123456789"
@@ -253,9 +259,9 @@ class RequestHeader(_Head):
         """Replace the request-target (path and query, usually) sent upstream. ValueError for
         one that would not stay one token on the request line (empty, a space, CR, LF or
         another control character); the engine checks a target assigned directly too."""
-        if not uri or any(c <= " " or c == "\x7f" for c in uri):
-            raise ValueError(f"invalid request target {uri!r}: empty, or a space or control "
-                             "character")
+        if not uri or _BAD_TARGET.search(uri):
+            raise ValueError(f"invalid request target {uri!r}: empty, or a space, a control "
+                             "character or one above U+00FF (percent-encode it)")
         self.uri = uri
 
     def set_method(self, method: str) -> None:

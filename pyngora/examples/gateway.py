@@ -61,7 +61,9 @@ class Gateway(ProxyHttp):
                                       ctx: GatewayCtx) -> None:
         upstream_request.insert_header("X-Request-Id", ctx.request_id)
         if ctx.api:
-            rest = quote(ctx.path[len(API_PREFIX):] or "/", safe="/:@!$&'()*+,;=~")
+            # (route_path decoded %XX to one latin-1 character per byte: the same bytes back)
+            rest = quote(ctx.path[len(API_PREFIX):] or "/", safe="/:@!$&'()*+,;=~",
+                         encoding="latin-1")
             query = upstream_request.uri.partition("?")[2]
             upstream_request.set_uri(rest + "?" + query if query else rest)
             upstream_request.remove_header("Cookie")

@@ -75,15 +75,21 @@ def _owner_pid(path: str) -> int | None:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         return None
-    if pid <= 0 or pid == os.getpid() or not _pid_exists(pid):
+    # Our own -d launcher is no owner (a recycled pid may now be it).
+    if pid <= 0 or pid == os.getpid() or pid == os.getppid() or not _pid_exists(pid):
         return None
     try:  # a recycled pid of some other program is not an owner
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"pyngora" not in f.read():
-                return None
+            raw = f.read()
     except OSError:
-        pass  # no /proc: trust the pid
-    return pid
+        return pid  # no /proc: trust the pid
+    # A master's title ("pyngora: master ..."), or pyngora itself as an argument (python -m
+    # pyngora): not any process naming the word (tail -F /var/log/pyngora/error.log), as
+    # server.daemon.is_pyngora decides for -s.
+    if raw.startswith(b"pyngora: ") or any(
+            a == b"pyngora" or a.endswith(b"/pyngora") for a in raw.split(b"\0")):
+        return pid
+    return None
 
 
 def prepare_dir(path: str, fresh: bool, owner: tuple[int, int] | None = None) -> None:

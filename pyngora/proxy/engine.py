@@ -32,7 +32,8 @@ from pyngora.proxy.fast_path import FastPath
 from pyngora.proxy.phases import PHASES, ProxyHttp
 from pyngora.proxy.session import Session
 from pyngora.proxy.tunnel import tunnel
-from pyngora.proxy.wire import informational_fields, reason_for, upstream_fields
+from pyngora.proxy.wire import (check_target, informational_fields, method_token, reason_for,
+                                set_framing, upstream_fields)
 from pyngora.services.http_app import Exchange, HttpApp
 from pyngora.upstreams.connector import Connector, UpstreamConnection
 from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
@@ -98,38 +99,6 @@ def _ascii(method: bytes) -> str:
         if len(_METHODS) < 64:
             _METHODS[method] = text
     return text
-
-
-def _framing(fields: Any, head: Any, chunked: bool) -> None:
-    """Set the upstream request's framing fields from the parsed ``head`` (chunked when the
-    body is re-framed, as by a request_body_filter)."""
-    fields.remove(b"content-length")
-    fields.remove(b"transfer-encoding")
-    if chunked:
-        fields.add(b"Transfer-Encoding", b"chunked")
-    elif head.body == "length":
-        fields.add(b"Content-Length", b"%d" % head.content_length)
-
-
-def _token(method: str) -> bytes:
-    """A method a phase set, as bytes; Error (500) unless it is an RFC 9110 token."""
-    b = method.encode("latin-1") if method.isascii() else b""
-    if not b or b.translate(None, _TCHAR):
-        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
-                    f"invalid method set by a phase: {method!r}")
-    return b
-
-
-def _check_target(target: bytes) -> None:
-    """Error (500) unless ``target`` (set by a phase) stays one token on the request line:
-    no space, CR, LF or other control byte (bytes above 0x7f pass, as from clients)."""
-    if not target or target.translate(None, _VCHAR):
-        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
-                    f"invalid request target set by a phase: {target!r}")
-
-
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_VCHAR = bytes(range(0x21, 0x7f)) + bytes(range(0x80, 0x100))
 
 
 def _no_event() -> None:
@@ -420,16 +389,12 @@ class ProxyEngine(HttpApp):
                 up_headers.add(b"Connection", b"upgrade")
                 up_headers.add(b"Upgrade", value)
         has_body = head.body != "none"
-        if has_body and session._ahead_size < 0:
-            raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
-                        "a phase read more of the request body than is kept to send "
-                        f"upstream ({session.READ_AHEAD_LIMIT} bytes) and then proxied it")
         chunked = has_body and (head.body == "chunked" or plan.request_body_filter is not None)
         # The framing that goes up is the parsed head's, whatever a phase did to the client's
         # fields (request_filter may edit req_header): a Content-Length that disagreed with
         # the bytes sent would leave some of them on the pooled connection, read there as the
         # next client's request, or have the origin read the next client's as this body.
-        _framing(up_headers, head, chunked)
+        set_framing(up_headers, head, chunked)
         if plan.upstream_request_filter is not None:
             up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
             r = proxy.upstream_request_filter(session, up_req, ctx)
@@ -440,18 +405,22 @@ class ProxyEngine(HttpApp):
             # Content-Length that disagreed with the bytes sent would leave some of them on
             # the pooled connection, read there as the next client's request (SPEC 7: what
             # goes up is what pyngora parsed and frames itself).
-            _framing(up_headers, head, chunked)
+            set_framing(up_headers, head, chunked)
         else:  # nobody edits the upstream head: no RequestHeader to build
             method, uri = req.method, req.uri
         # The client's own bytes when the phases kept its method and target (no re-encoding);
         # else what a phase set, checked: a CR, LF or space would split the request line.
-        method_b = head.method if method == _ascii(head.method) else _token(method)
+        method_b = head.method if method == _ascii(head.method) else method_token(method)
         try:
             uri_b = uri.encode("latin-1")
         except UnicodeEncodeError:
             uri_b = b""
         if uri_b != head.target:
-            _check_target(uri_b)
+            check_target(uri_b)
+        if has_body and session._ahead_size < 0:  # (after every phase that may read it)
+            raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                        "a phase read more of the request body than is kept to send "
+                        f"upstream ({session.READ_AHEAD_LIMIT} bytes) and then proxied it")
         if conn.__class__ is H2UpstreamStream:
             # gRPC: "te: trailers" is hop-by-hop for HTTP/1 (removed above) but must reach an
             # HTTP/2 upstream when the client sent it (RFC 9113 8.2.2 allows that value only).

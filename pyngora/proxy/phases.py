@@ -88,7 +88,9 @@ class ProxyHttp:
                                   end_of_stream: bool, ctx: Any) -> Optional[bytes]:
         """Runs for each piece of the request body on its way up (``body`` None with
         ``end_of_stream`` at the end). Returns the bytes to send instead (None = nothing).
-        When overridden, the body goes upstream chunked (its length may change)."""
+        When overridden, the body goes upstream chunked (its length may change). A piece it
+        was given by an attempt that then failed is given again to the retry's attempt (what
+        it returned for a piece already sent is sent again as it was)."""
         return body
 
     async def upstream_response_filter(self, session: "Session",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1_wire import HOP_BY_HOP, remove_hop_by_hop, without_hop_by_hop
@@ -12,6 +13,7 @@ from pyngora.services.http_exchange import status_line
 from pyngora.upstreams.peer import HttpPeer
 
 __all__ = ["upstream_fields", "upstream_head", "reason_for", "informational_fields",
+           "set_framing", "method_token", "check_target",
            "NOT_SENT_ON"]
 
 _ALSO_DROP = frozenset((b"expect",))
@@ -92,3 +94,37 @@ def reason_for(status: int, reason: bytes) -> Optional[bytes]:
     if len(_REASON_CACHE) < 256:
         _REASON_CACHE[key] = value
     return value
+
+
+def set_framing(fields: Headers, head: RequestHead, chunked: bool) -> None:
+    """Set the upstream request's framing fields from the parsed ``head``, whatever a phase
+    did to them (chunked when the body is re-framed, as by a request_body_filter): a
+    Content-Length that disagreed with the bytes sent would leave some on the pooled
+    connection, read there as the next client's request."""
+    fields.remove_names(_FRAMING)
+    if chunked:
+        fields.add(b"Transfer-Encoding", b"chunked")
+    elif head.content_length is not None:  # a body, or an explicit 0 (an empty HTTP/2 POST)
+        fields.add(b"Content-Length", b"%d" % head.content_length)
+
+
+def method_token(method: str) -> bytes:
+    """A method a phase set, as bytes; Error (500) unless it is an RFC 9110 token."""
+    b = method.encode("latin-1") if method.isascii() else b""
+    if not b or b.translate(None, _TCHAR):
+        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                    f"invalid method set by a phase: {method!r}")
+    return b
+
+
+def check_target(target: bytes) -> None:
+    """Error (500) unless ``target`` (set by a phase) stays one token on the request line:
+    no space, CR, LF or other control byte (bytes above 0x7f pass, as from clients)."""
+    if not target or target.translate(None, _VCHAR):
+        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                    f"invalid request target set by a phase: {target!r}")
+
+
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VCHAR = bytes(range(0x21, 0x7f)) + bytes(range(0x80, 0x100))

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 from pyngora import log
 from pyngora.config.schema import ConfigError, ServerConf
 from pyngora.server import counters, daemon
-from pyngora.server.listeners import SocketTable, close_listener, socket_key
 from pyngora.server.exits import EXIT_CONFIG, EXIT_OK, EXIT_WORKERS, FatalError
+from pyngora.server.generation import Generation, Worker, _worker_owner
+from pyngora.server.listeners import SocketTable, close_listener, socket_key
 from pyngora.server.master_files import MasterFiles, give_logs
 from pyngora.server.master_upgrade import UpgradeHandover
-from pyngora.server.generation import Generation, Worker, _worker_owner
 from pyngora.server.worker import EXIT_BOOT_FAILED, EXIT_FINISHED, WorkerSpec, run_worker
 
 if TYPE_CHECKING:  # pragma: no cover - services.base imports asyncio: not in the master

@@ -40,9 +40,14 @@ class UpgradeHandover:
     _reload_after_handover: bool
     _handover_reason: str
 
-    def _begin_stop(self, how: str) -> None: ...  # pragma: no cover - Master's
-    def _count_event(self, name: str) -> None: ...  # pragma: no cover - Master's
-    def handle_hup(self) -> None: ...  # pragma: no cover - Master's
+    def _begin_stop(self, how: str) -> None:  # pragma: no cover - Master's
+        raise NotImplementedError
+
+    def _count_event(self, name: str) -> None:  # pragma: no cover - Master's
+        raise NotImplementedError
+
+    def handle_hup(self) -> None:  # pragma: no cover - Master's
+        raise NotImplementedError
 
     def _receive_sockets(self) -> None:
         """At a -u start: wait on upgrade_sock for the old master's listening sockets."""

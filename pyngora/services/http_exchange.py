@@ -138,9 +138,12 @@ def _chunked_last(headers: Headers) -> None:
     """An app's own Transfer-Encoding, with chunked as its last coding: the body is framed
     chunked, and a client reads a response whose last coding is not chunked until the
     connection closes (RFC 9112 6.3), the next response included."""
-    codings = b", ".join(headers.get_all(b"transfer-encoding"))
-    if codings.rpartition(b",")[2].strip(b" \t").lower() != b"chunked":
-        headers.set(b"Transfer-Encoding", codings + b", chunked")
+    codings = [c.strip(b" \t") for v in headers.get_all(b"transfer-encoding")
+               for c in v.split(b",")]
+    # identity is no coding at all; chunked is applied once, by this exchange, last
+    codings = [c for c in codings if c and c.lower() not in (b"identity", b"chunked")]
+    codings.append(b"chunked")
+    headers.set(b"Transfer-Encoding", b", ".join(codings))
 
 
 class HttpSettings:
@@ -258,12 +261,13 @@ class Exchange(RequestBody):
         the head waits for them without a scheduled flush (the fast path's single send)."""
         if self.head_sent:
             raise RuntimeError("response head already sent")
-        if status < 200 and status != 101 or status > 999:
-            # A 1xx as the final head would make the next response answer this request.
-            raise RuntimeError(f"{status} is no final response status")
-        if status == 101 and not self.head.upgrade:
-            # Only an upgrade request may be switched (the connection then becomes a tunnel).
-            raise RuntimeError("101 to a request that asked for no upgrade")
+        if status < 200 or status > 999:
+            # A 1xx as the final head would make the next response answer this request; only
+            # an upgrade request may be switched (101: the connection becomes a tunnel).
+            if status != 101:
+                raise RuntimeError(f"{status} is no final response status")
+            if not self.head.upgrade:
+                raise RuntimeError("101 to a request that asked for no upgrade")
         conn = self.conn
         if conn.closed:
             raise _closed_error()

@@ -14,7 +14,8 @@ from typing import Hashable, Optional
 class PeerOptions:
     """Timeouts (seconds; None = none) and TLS settings of one peer.
 
-    ``connection_timeout`` bounds the TCP connect, ``total_connection_timeout`` TCP + TLS;
+    ``connection_timeout`` bounds the TCP connect (and the TLS handshake, when there is no
+    ``total_connection_timeout``), ``total_connection_timeout`` TCP + TLS;
     ``read_timeout`` the wait for each piece of the response, ``write_timeout`` a blocked
     write; ``idle_timeout`` how long a connection may wait in the pool (0 = never pool it).
     """

@@ -63,6 +63,7 @@ def test_gateway_rewrites_headers_and_paths() -> None:
     ("/api/v1/../../admin", "web", None),  # not one: never to the API upstream
     ("/api//v1/%75sers/./a%20b", "api", b"GET /users/a%20b\n"),
     ("/api/v1", "api", b"GET /\n"),
+    ("/api/v1/caf%C3%A9", "api", b"GET /caf%C3%A9\n"),  # the same bytes, not re-encoded
 ])
 def test_gateway_routes_on_the_normalised_path(target: str, tag: str, seen: object) -> None:
     """The example chose the upstream (and stripped Cookie) on the raw target, so dot-segments

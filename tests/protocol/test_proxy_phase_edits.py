@@ -48,6 +48,11 @@ class EditsInRequestFilter(ToPort):
             await session.read_request_body()
         return False
 
+    async def upstream_request_filter(self, session: Session, up: Any, ctx: Any) -> None:
+        if up.uri.startswith("/urf-read-all"):  # the last phase before the head goes up
+            while await session.read_request_body() is not None:
+                pass
+
 
 def _service(oport: int) -> Any:
     return http_proxy_service(None, EditsInRequestFilter(oport))
@@ -160,8 +165,34 @@ def test_a_phase_that_read_more_than_is_kept_and_proxies_gets_500(
                 r = await c.request("POST", "/read-all", b"x" * 100)  # at the limit: kept
                 assert (r.status, r.body) == (200, b"x" * 100)
                 c.close()
-        assert [ex.head.target for ex in origin.exchanges] == [b"/read-all"]
+                c = await Client.connect(pport)
+                r = await c.request("POST", "/urf-read-all", b"x" * 101)  # read up there
+                assert r.status == 500
+                c.close()
+                c = await Client.connect(pport)
+                r = await c.request("POST", "/urf-read-all", b"y" * 100)
+                assert (r.status, r.body) == (200, b"y" * 100)
+                c.close()
+        assert [ex.head.target for ex in origin.exchanges] == [b"/read-all", b"/urf-read-all"]
     run(main())
+
+
+@pytest.mark.parametrize("body,length,chunked,sent", [
+    ("none", None, False, []),
+    ("none", 0, False, [b"0"]),  # an empty HTTP/2 POST (END_STREAM, content-length: 0)
+    ("length", 5, False, [b"5"]),
+    ("length", 5, True, []),  # re-framed chunked by a request_body_filter
+    ("chunked", None, True, []),
+])
+def test_upstream_framing_comes_from_the_parsed_head(body: str, length: Any, chunked: bool,
+                                                     sent: list[bytes]) -> None:
+    from pyngora.headers import Headers
+    from pyngora.protocols.events import RequestHead
+    from pyngora.proxy.wire import set_framing
+    fields = Headers([("Host", "t"), ("Content-Length", "40"), ("Transfer-Encoding", "gzip")])
+    set_framing(fields, RequestHead(b"POST", b"/", "2", Headers(), True, body, length), chunked)
+    assert fields.get_all("content-length") == sent
+    assert fields.get_all("transfer-encoding") == ([b"chunked"] if chunked else [])
 
 
 class HoldsSecondPiece(ToPort):
@@ -236,6 +267,9 @@ class EditsResponse(ToPort):
         elif target.startswith("/te-gzip"):
             resp.remove_header("Content-Length")
             resp.insert_header("Transfer-Encoding", "gzip")
+        elif target.startswith("/te-odd"):
+            resp.remove_header("Content-Length")
+            resp.insert_header("Transfer-Encoding", "chunked, , identity, gzip")
         elif target.startswith("/status-101"):
             resp.status = 101
         elif target.startswith("/status-1000"):
@@ -246,6 +280,7 @@ class EditsResponse(ToPort):
     ("/cl-other", 200, "transfer-encoding: chunked"),  # differing lengths: dropped, chunked
     ("/cl-same", 200, "content-length: 8"),  # repeats of one value: merged (len("/cl-same"))
     ("/te-gzip", 200, "transfer-encoding: gzip, chunked"),  # chunked goes last
+    ("/te-odd", 200, "transfer-encoding: gzip, chunked"),  # once, last; identity is none
     ("/status-101", 500, None),  # no upgrade was asked for
     ("/status-1000", 500, None),  # no three-digit status
     ("/body-first", 500, None),  # a body before the head

@@ -321,6 +321,18 @@ def test_fresh_start_refuses_a_directory_of_another_live_master(tmp_path, monkey
     multiproc.prepare_dir(d, fresh=True)
     multiproc.master_exit()
     assert multiproc.OWNER_NAME not in os.listdir(d)
+    # A recycled pid now held by a process that merely names pyngora is no owner.
+    tail = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "/var/log/pyngora/error.log"])
+    try:
+        wait_for(lambda: b"error.log" in open(f"/proc/{tail.pid}/cmdline", "rb").read(), 10,
+                 "the stand-in to exec")
+        with open(os.path.join(d, multiproc.OWNER_NAME), "w") as f:
+            f.write(str(tail.pid))
+        multiproc.prepare_dir(d, fresh=True)
+    finally:
+        tail.kill()
+        tail.wait()
 
 
 def test_master_metrics_and_master_exit(mdir: str) -> None:
