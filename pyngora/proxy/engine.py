@@ -30,6 +30,7 @@ from pyngora.proxy import access
 from pyngora.proxy.express import Express
 from pyngora.proxy.fast_path import FastPath
 from pyngora.proxy.phases import PHASES, ProxyHttp
+from pyngora.proxy.request_body_up import send_request_body
 from pyngora.proxy.session import Session
 from pyngora.proxy.tunnel import tunnel
 from pyngora.proxy.wire import (check_target, informational_fields, method_token, reason_for,
@@ -433,7 +434,8 @@ class ProxyEngine(HttpApp):
         # upstream that answers (or streams) before it has read the whole body cannot
         # deadlock against a proxy that only reads once it has written everything.
         conn.body_sending = True  # read_timeout starts once the body is up (body_done)
-        sender = asyncio.ensure_future(self._send_body_task(session, conn, chunked, ctx))
+        sender = asyncio.ensure_future(
+            send_request_body(self.proxy, self.plan, session, conn, chunked, ctx))
         # Its error is reported through the response reader (or the client is already gone
         # and answered): mark it retrieved whatever path we leave by, cancellation included.
         sender.add_done_callback(_retrieved)
@@ -552,18 +554,6 @@ class ProxyEngine(HttpApp):
                 raise Error(ErrorType.InvalidHTTPHeader, ErrorSource.Upstream, None,
                             f"unexpected {ev.__class__.__name__} in a response body")
 
-    async def _send_body_task(self, session: Session, conn: UpstreamConnection, chunked: bool,
-                              ctx: Any) -> None:
-        try:
-            await self._send_body(session, conn, chunked, ctx)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            conn.close()  # wakes the response reader, which then reports our error
-            raise
-        finally:
-            conn.body_done()
-
     async def _body_filters(self, session: Session, data: Optional[bytes], end: bool,
                             ctx: Any) -> Optional[bytes]:
         proxy, plan = self.proxy, self.plan
@@ -574,48 +564,6 @@ class ProxyEngine(HttpApp):
             r = proxy.response_body_filter(session, data, end, ctx)
             data = (await r) if plan.response_body_filter else r
         return data
-
-    async def _send_body(self, session: Session, conn: UpstreamConnection, chunked: bool,
-                         ctx: Any) -> None:
-        """Stream the request body up: first what a failed attempt already sent (the retry
-        buffer), then the rest from the client, with back-pressure on both sides."""
-        proxy, plan = self.proxy, self.plan
-        ex = session.exchange
-        if session.body_bytes_sent_upstream:
-            for data in session._retry_buf:
-                conn.send_body(data, chunked)
-                await conn.drain()
-        filt = plan.request_body_filter
-        ahead = session._read_ahead
-        while True:
-            # First what a phase read (or an attempt took and did not send), then the client.
-            if ahead:
-                data = ahead.popleft()
-            elif session._body_finished:
-                break
-            else:
-                data = await ex.read_body()
-                if data is None:
-                    session._body_finished = True
-            end = data is None
-            piece = data
-            if filt is not None:
-                try:
-                    r = proxy.request_body_filter(session, data, end, ctx)
-                    piece = (await r) if filt else r
-                except asyncio.CancelledError:
-                    # The attempt ended while the filter held this piece: the next one
-                    # sends it (it is in neither the retry buffer nor the upstream stream).
-                    session._unread(data)
-                    raise
-            if piece:
-                session._remember_body(piece)
-                conn.send_body(piece, chunked)
-                await conn.drain()
-            if end:
-                break
-        conn.send_end(chunked, ex.trailers if chunked else None)
-
 
 def _retrieved(task: "asyncio.Future[None]") -> None:
     """Done callback: consume a task's exception so asyncio never logs it as lost."""
