@@ -20,6 +20,7 @@ import httptools
 
 from pyngora.protocols.h1 import H1Limits
 from pyngora.protocols.h1_splice import take_whole
+from tests.bench import lean_raw
 from tests.bench.lean import PooledUp, forward, serve
 from tests.bench.lean_raw import strip_hop
 
@@ -66,15 +67,8 @@ class Up(PooledUp):
         down.busy = False
 
 
-class Down(asyncio.Protocol):
-    __slots__ = ("parser", "transport", "busy", "data")
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
-        self.busy = False
-
-    def connection_made(self, t) -> None:
-        self.transport = t
+class Down(lean_raw.Down):
+    """lean_raw's downstream side, with the table of requests read before."""
 
     def data_received(self, data: bytes) -> None:
         out = KNOWN.get(data)
@@ -82,11 +76,7 @@ class Down(asyncio.Protocol):
             self.busy = True
             forward(self, out, POOL, Up)
             return
-        self.data = data
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.transport.close()
+        super().data_received(data)  # llhttp, then on_message_complete
 
     def on_message_complete(self) -> None:
         out = strip_hop(self.data)

@@ -738,48 +738,37 @@ def test_tls_wrong_sni_and_unknown_ca_fail(run: Any, cert: tuple[str, str]) -> N
     run(main())
 
 
-def test_tls_to_plaintext_origin_fails(run: Any) -> None:
-    async def main() -> None:
-        async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-            writer.close()
+async def _answers_400(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
 
-        server = await asyncio.start_server(plain, "127.0.0.1", 0)
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()
+
+
+@pytest.mark.parametrize("origin,options,etype", [
+    # a plaintext origin: the handshake fails (retryable)
+    (_answers_400, {"total_connection_timeout": 5}, ErrorType.TLSHandshakeFailure),
+    # one that never answers the ClientHello, with no total_connection_timeout: the handshake
+    # gets connection_timeout (nginx's proxy_connect_timeout covers its SSL handshake too),
+    # not asyncio's 60 s per attempt
+    (_silent, {"connection_timeout": 0.3}, ErrorType.TLSHandshakeTimedout),
+])
+def test_tls_to_an_origin_that_speaks_no_tls_fails(run: Any, origin: Any, options: dict,
+                                                   etype: ErrorType) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(origin, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         connector = Connector()
         try:
             peer = HttpPeer(f"127.0.0.1:{port}", tls=True,
-                            options=opts(verify_cert=False, total_connection_timeout=5))
-            with pytest.raises(Error) as info:
-                await connector.get(peer)
-            assert info.value.etype is ErrorType.TLSHandshakeFailure, info.value
-            assert info.value.retry
-        finally:
-            server.close()
-            await server.wait_closed()
-    run(main())
-
-
-def test_tls_handshake_without_a_total_timeout_is_bounded_by_connection_timeout(
-        run: Any) -> None:
-    """A peer that accepts TCP and never answers the ClientHello: with no
-    total_connection_timeout the handshake gets connection_timeout (nginx's
-    proxy_connect_timeout covers its SSL handshake too), not asyncio's 60 s per attempt."""
-    async def main() -> None:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read()
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        connector = Connector()
-        try:
-            peer = HttpPeer(f"127.0.0.1:{port}", tls=True,
-                            options=opts(verify_cert=False, connection_timeout=0.3))
-            assert peer.options.total_connection_timeout is None
+                            options=opts(verify_cert=False, **options))
             with pytest.raises(Error) as info:
                 await asyncio.wait_for(connector.get(peer), 10)
-            assert info.value.etype is ErrorType.TLSHandshakeTimedout, info.value
+            assert info.value.etype is etype, info.value
+            assert info.value.retry
         finally:
             server.close()
     run(main())

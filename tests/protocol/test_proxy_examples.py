@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import AsyncIterator
 
 import pytest
 
@@ -39,22 +41,31 @@ def test_load_balancer_round_robin_and_skips_dead_backend() -> None:
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def gateway() -> AsyncIterator[Client]:
+    """The gateway example before an "api" and a "web" origin (HeaderEcho: they answer with
+    the request head they got); yields a client connected to it."""
+    async with serving(AppService(HeaderEcho("api"))) as (pa, _), \
+            serving(AppService(HeaderEcho("web"))) as (pw, _):
+        gw = Gateway([f"127.0.0.1:{pa}", f"127.0.0.1:{pw}"])
+        async with serving(http_proxy_service(None, gw)) as (pport, _):
+            c = await Client.connect(pport)
+            yield c
+            c.close()
+
+
 def test_gateway_rewrites_headers_and_paths() -> None:
     async def main() -> None:
-        async with serving(AppService(HeaderEcho("api"))) as (pa, _), \
-                serving(AppService(HeaderEcho("web"))) as (pw, _):
-            gw = Gateway([f"127.0.0.1:{pa}", f"127.0.0.1:{pw}"])
-            async with serving(http_proxy_service(None, gw)) as (pport, _):
-                c = await Client.connect(pport)
-                r = await c.request("GET", "/api/v1/users?x=1", headers=(("Cookie", "s=1"),))
-                assert r.header("x-tag") == "api" and r.body.startswith(b"GET /users?x=1")
-                assert "cookie" not in heads(r.body)
-                rid = r.header("x-request-id")
-                assert rid and heads(r.body)["x-request-id"] == rid
-                assert r.header("server") == "pyngora-gateway"
-                r = await c.request("GET", "/index.html", headers=(("X-Request-Id", "abc"),))
-                assert r.header("x-tag") == "web" and r.header("x-request-id") == "abc"
-                assert r.body.startswith(b"GET /index.html")
+        async with gateway() as c:
+            r = await c.request("GET", "/api/v1/users?x=1", headers=(("Cookie", "s=1"),))
+            assert r.header("x-tag") == "api" and r.body.startswith(b"GET /users?x=1")
+            assert "cookie" not in heads(r.body)
+            rid = r.header("x-request-id")
+            assert rid and heads(r.body)["x-request-id"] == rid
+            assert r.header("server") == "pyngora-gateway"
+            r = await c.request("GET", "/index.html", headers=(("X-Request-Id", "abc"),))
+            assert r.header("x-tag") == "web" and r.header("x-request-id") == "abc"
+            assert r.body.startswith(b"GET /index.html")
     run(main())
 
 
@@ -69,15 +80,11 @@ def test_gateway_routes_on_the_normalised_path(target: str, tag: str, seen: obje
     """The example chose the upstream (and stripped Cookie) on the raw target, so dot-segments
     moved requests between upstreams behind its back."""
     async def main() -> None:
-        async with serving(AppService(HeaderEcho("api"))) as (pa, _), \
-                serving(AppService(HeaderEcho("web"))) as (pw, _):
-            gw = Gateway([f"127.0.0.1:{pa}", f"127.0.0.1:{pw}"])
-            async with serving(http_proxy_service(None, gw)) as (pport, _):
-                c = await Client.connect(pport)
-                r = await c.request("GET", target, headers=(("Cookie", "s=1"),))
-                assert r.header("x-tag") == tag, r.body
-                if tag == "api":
-                    assert r.body.startswith(seen) and "cookie" not in heads(r.body), r.body
+        async with gateway() as c:
+            r = await c.request("GET", target, headers=(("Cookie", "s=1"),))
+            assert r.header("x-tag") == tag, r.body
+            if tag == "api":
+                assert r.body.startswith(seen) and "cookie" not in heads(r.body), r.body
     run(main())
 
 
