@@ -206,11 +206,23 @@ def check_trailers(fields: Iterable[tuple[bytes, bytes]]) -> Headers:
 def response_fields(headers: Iterable[tuple[bytes, bytes]], drop_length: bool = False
                     ) -> list[tuple[bytes, bytes]]:
     """HTTP/1-style response fields -> HTTP/2 ones: names lower-cased, connection-specific
-    fields (and ``Content-Length`` when ``drop_length``) left out."""
+    fields (and ``Content-Length`` when ``drop_length``) left out. Repeats of one
+    Content-Length are sent once; differing ones (a filter added one) not at all: a client
+    fails the stream on them (RFC 9113 8.1.1)."""
     out = []
+    lengths = 0
     for name, value in headers:
         lname = name.lower()
-        if lname in CONNECTION_SPECIFIC or (drop_length and lname == b"content-length"):
+        if lname in CONNECTION_SPECIFIC:
             continue
+        if lname == b"content-length":
+            if drop_length:
+                continue
+            lengths += 1
         out.append((lname, value))
+    if lengths > 1:
+        values = {v.strip(b" \t") for n, v in out if n == b"content-length"}
+        out = [f for f in out if f[0] != b"content-length"]
+        if len(values) == 1:
+            out.append((b"content-length", values.pop()))
     return out

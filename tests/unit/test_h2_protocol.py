@@ -542,3 +542,14 @@ def test_raw_rst_for_unknown_stream_is_harmless() -> None:
     f.error_code = 8
     p.events += p.server.feed(f.serialize())
     assert p.server.closed  # RST on an idle stream is a connection error (RFC 9113 6.4)
+
+
+def test_response_fields_send_one_content_length_or_none() -> None:
+    """A filter that added a second Content-Length: equal values go once, differing ones not
+    at all (a client fails a stream on two lengths, RFC 9113 8.1.1)."""
+    same = response_fields([(b"Content-Length", b"5"), (b"X", b"1"), (b"content-length", b"5 ")])
+    assert same == [(b"x", b"1"), (b"content-length", b"5")]
+    other = response_fields([(b"Content-Length", b"5"), (b"content-length", b"3")])
+    assert other == []
+    assert response_fields([(b"Content-Length", b"5")]) == [(b"content-length", b"5")]
+    assert response_fields([(b"Content-Length", b"5")], drop_length=True) == []
