@@ -253,18 +253,19 @@ def _archive(directory: str, pid: int) -> None:
 
 
 def _bounded_backends(totals: dict[str, float]) -> dict[str, float]:
-    """``totals`` with at most MAX_NAMES backend values per metric and upstream, the rest
-    counted as ``other`` (sums stay exact). Each worker bounds its own labels; without this,
-    every restarted worker of a proxy whose backends vary (a forward proxy) would add its own
-    MAX_NAMES to the archive, for ever. Keys come in insertion order: the archive's first."""
-    seen: dict[tuple[str, str], set[str]] = {}
+    """``totals`` with at most MAX_NAMES backend values per upstream, the rest counted as
+    ``other`` (sums stay exact). Each worker bounds its own labels; without this, every
+    restarted worker of a proxy whose backends vary (a forward proxy) would add its own
+    MAX_NAMES to the archive, for ever. Keys come in insertion order: the archive's first; a
+    backend kept is kept in every family of the file (per-backend ratios stay whole)."""
+    seen: dict[str, set[str]] = {}
     out: dict[str, float] = {}
     for key, value in totals.items():
         if '"backend"' in key:
             metric, sample, labels, help_text = json.loads(key)
             backend = labels.get("backend")
             if backend is not None and backend != OTHER:
-                names = seen.setdefault((metric, labels.get("upstream", "")), set())
+                names = seen.setdefault(labels.get("upstream", ""), set())
                 if backend not in names:
                     if len(names) >= MAX_NAMES:
                         labels["backend"] = OTHER

@@ -250,12 +250,15 @@ def test_the_archive_bounds_backend_labels_across_dead_workers(mdir: str) -> Non
     another, each meeting other backends (a forward proxy), grew the archive by MAX_NAMES
     series each. Past the bound, the archive counts them as "other"; totals stay exact."""
     d = multiproc.METRICS["pyngora_upstream_errors_total"]
+    r = multiproc.METRICS["pyngora_upstream_requests_total"]
     cap = multiproc.MAX_NAMES
     for n, pid in enumerate((999_999_1, 999_999_2, 999_999_3)):
         pf = multiproc.ProcessFiles(mdir, pid=pid)
         for i in range(cap):  # each worker: MAX_NAMES backends of its own, 2 errors each
             pf.add(d.prefix, multiproc.sample_key(d, ("up", f"10.0.{n}.{i}:80", "ConnectRefused")),
                    2)
+        # answers from backends met last: named in both families, or in neither
+        pf.add(r.prefix, multiproc.sample_key(r, ("up", f"10.0.{n}.0:80", "200")), 1)
         pf.add(d.prefix, multiproc.sample_key(d, ("other-up", "10.9.9.9:80", "ReadError")), 1)
         pf.write()
         assert multiproc.mark_process_dead(pid) is True
@@ -265,6 +268,10 @@ def test_the_archive_bounds_backend_labels_across_dead_workers(mdir: str) -> Non
     assert len(backends) == cap + 1 and multiproc.OTHER in backends
     assert backends - {multiproc.OTHER} == {f"10.0.0.{i}:80" for i in range(cap)}  # the first
     assert total(got, "pyngora_upstream_errors_total") == 3 * (cap * 2 + 1)
+    answered = {dict(labels)["backend"] for (name, labels) in got
+                if name == "pyngora_upstream_requests_total"}
+    assert answered == {"10.0.0.0:80", multiproc.OTHER}  # as in the errors family
+    assert total(got, "pyngora_upstream_requests_total") == 3
     assert {dict(labels)["backend"] for (name, labels) in got
             if dict(labels).get("upstream") == "other-up"} == {"10.9.9.9:80"}
 
