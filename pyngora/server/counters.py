@@ -7,6 +7,7 @@ prometheus_client in the master.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 from pyngora import log
@@ -34,6 +35,21 @@ def prepare(conf: ServerConf, fresh: bool, owner: object) -> None:
         raise MetricsDirTaken(str(e)) from None
     except Exception as e:  # metrics must never stop the proxy
         log.ERROR.warning("metrics directory %s unusable: %s", path, e)
+
+
+def recreate(conf: ServerConf, owner: object) -> None:
+    """A reload: the metrics directory in use went away (an operator's rm, a tmp cleaner), and
+    the exporter answers 503: make it again, as this master's (the counts start over)."""
+    try:
+        from pyngora.metrics import multiproc
+        path = multiproc.metrics_dir()
+        if path is None or path != conf.metrics_path or os.path.isdir(path):
+            return  # (a new metrics_dir needs a restart, as before)
+        multiproc.prepare_dir(path, fresh=False, owner=owner)  # type: ignore[arg-type]
+        multiproc.claim_dir(path)
+        log.ERROR.warning("metrics directory %s was gone: made again (counts start over)", path)
+    except Exception as e:
+        log.ERROR.warning("metrics directory %s: cannot make it again: %s", conf.metrics_path, e)
 
 
 def claim(conf: ServerConf) -> None:

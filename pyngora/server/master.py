@@ -540,6 +540,7 @@ class Master(UpgradeHandover):
             self._notify("READY=1")
             return
         self.conf = conf
+        counters.recreate(conf, _worker_owner(conf))
         self.gens.append(gen)
         self._count_event("reload")
         log.ERROR.info("reloading: starting generation %d", gen.number)

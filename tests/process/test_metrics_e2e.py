@@ -234,3 +234,17 @@ def test_a_failed_upgrade_leaves_the_metrics_dir_to_the_serving_master(server, t
     assert alive(p.pid) and get(origin)[0] == 200
     assert _owner(tmp_path) == str(p.pid)
     wait_for(lambda: requests_total(metrics) == 1, 10, "the old master's count")
+
+
+def test_a_reload_makes_a_deleted_metrics_dir_again(server, tmp_path) -> None:
+    """rm -rf of the metrics directory: the exporter answered 503 until an upgrade; now a
+    reload makes it again (the counts start over)."""
+    p, origin, metrics = server
+    shutil.rmtree(tmp_path / "metrics")
+    assert get(metrics, "/metrics")[0] == 503
+    assert p.run("-s", "reload").returncode == 0
+    wait_for(lambda: get(metrics, "/metrics")[0] == 200, 20, "the exporter to answer again")
+    assert (tmp_path / "metrics" / ".pyngora.owner").read_text().strip() == str(p.pid)
+    for _ in range(3):
+        get(origin)
+    wait_for(lambda: requests_total(metrics) == 3, 10, "3 new requests counted")
