@@ -9,7 +9,6 @@ accepts ``str``, encoded latin-1, because users of ProxyHttp write Python string
 from __future__ import annotations
 
 import re
-
 from typing import Iterable, Iterator, Optional, Union
 
 NameT = Union[bytes, str]

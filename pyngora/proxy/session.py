@@ -115,8 +115,9 @@ class Session:
 
         A phase that reads the body and then lets the request be proxied does not lose it:
         what it read goes upstream first (through ``request_body_filter``), then the rest, as
-        the request's framing says (the client's, or chunked under a request_body_filter). Up to ``READ_AHEAD_LIMIT`` (1 MiB) is kept for that; a phase
-        that read more and then proxies gets a 500 (one that answers itself loses nothing)."""
+        the request's framing says (the client's, or chunked under a request_body_filter).
+        Up to ``READ_AHEAD_LIMIT`` (1 MiB) is kept for that; a phase that read more and then
+        proxies gets a 500 (one that answers itself loses nothing)."""
         data = await self.exchange.read_body()
         if data is None:
             self._body_finished = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from pyngora.errors import Error, ErrorSource, ErrorType
-from pyngora.headers import Headers
+from pyngora.headers import _TOKEN_CHARS, Headers
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1_wire import HOP_BY_HOP, remove_hop_by_hop, without_hop_by_hop
 from pyngora.services.http_exchange import status_line
@@ -111,7 +111,7 @@ def set_framing(fields: Headers, head: RequestHead, chunked: bool) -> None:
 def method_token(method: str) -> bytes:
     """A method a phase set, as bytes; Error (500) unless it is an RFC 9110 token."""
     b = method.encode("latin-1") if method.isascii() else b""
-    if not b or b.translate(None, _TCHAR):
+    if not b or b.translate(None, _TOKEN_CHARS):
         raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
                     f"invalid method set by a phase: {method!r}")
     return b
@@ -126,5 +126,4 @@ def check_target(target: bytes) -> None:
 
 
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _VCHAR = bytes(range(0x21, 0x7f)) + bytes(range(0x80, 0x100))

@@ -2,8 +2,8 @@
 
 Runs in the master only. Metrics must never stop the proxy, so every call here swallows its
 errors (`prepare` logs them), but one: a metrics directory another live master owns stops the
-start (MetricsDirTaken), as two servers on one directory mix and wipe each other's figures. ``pyngora.metrics.multiproc`` is stdlib-only: no
-prometheus_client in the master.
+start (MetricsDirTaken), as two servers on one directory mix and wipe each other's figures.
+``pyngora.metrics.multiproc`` is stdlib-only: no prometheus_client in the master.
 """
 from __future__ import annotations
 
