@@ -53,8 +53,9 @@ async def dial(peer: HttpPeer, factory: Callable[[], Any],
                ssl_ctx: Optional[ssl.SSLContext]) -> tuple[Any, float, Optional[float]]:
     """TCP (or Unix) within ``connection_timeout``, then TLS (``ssl_ctx``) within what is left
     of ``total_connection_timeout`` (without one: within ``connection_timeout`` again). The
-    protocol ``factory`` builds gets ``transport`` (the TLS one) and ``alpn`` set. Returns (protocol, start time, the TCP timeout used); raises Error
-    (retryable) for every connect failure. Shared by the HTTP/1 and HTTP/2 connectors."""
+    protocol ``factory`` builds gets ``transport`` (the TLS one) and ``alpn`` set. Returns
+    (protocol, start time, the TCP timeout used); raises Error (retryable) for every connect
+    failure. Shared by the HTTP/1 and HTTP/2 connectors."""
     loop = asyncio.get_running_loop()
     opts = peer.options
     started = loop.time()
