@@ -152,7 +152,7 @@ class H2Server:
 
     __slots__ = ("limits", "conn", "streams", "active", "closed", "error_code", "_out",
                  "_goaway_last", "_shutdown", "_streams_opened", "_premature", "_overhead",
-                 "_overhead_at")
+                 "_overhead_at", "_last_sid")
 
     def __init__(self, limits: Optional[H2Limits] = None) -> None:
         self.limits = limits = limits or H2Limits()
@@ -176,6 +176,9 @@ class H2Server:
         self.error_code: Optional[int] = None
         self._out = bytearray()
         self._goaway_last: Optional[int] = None  # the final GOAWAY's last stream id, once sent
+        # The highest stream whose request we took up (h2's highest_inbound_stream_id may
+        # already count one later in the batch being handled).
+        self._last_sid = 0
         self._shutdown = False                   # the first (2^31-1) GOAWAY was sent
         self._streams_opened = 0
         self._premature = 0
@@ -236,16 +239,20 @@ class H2Server:
         p.opaque_data = _SHUTDOWN_PING
         self._out += p.serialize()
 
-    def goaway(self, code: int = NO_ERROR) -> None:
+    def goaway(self, code: int = NO_ERROR, settle: bool = True) -> None:
         """Graceful stop, step 2 (also the fallback when the PING is not answered): the final
-        GOAWAY; streams up to the last one seen finish, later ones are refused."""
+        GOAWAY; streams up to the last one taken up finish, later ones are refused
+        (REFUSED_STREAM: the client may send them again). ``settle``: end the connection now
+        if nothing is in flight (False while a batch of frames is being handled: its later
+        requests still get their refusal, and the batch's end settles)."""
         if self._goaway_last is not None or self.closed:
             return
         self._shutdown = True
-        last = self.conn.highest_inbound_stream_id
+        last = self._last_sid
         self._goaway_last = last
         self._goaway(last, code)
-        self._check_done()
+        if settle:
+            self._check_done()
 
     def _fatal(self, code: int) -> None:
         """End the connection now (abuse): GOAWAY ``code``; nothing more is processed."""
@@ -337,7 +344,8 @@ class H2Server:
                 self._flush_all()
             elif cls is h2.events.PingAckReceived:
                 if ev.ping_data == _SHUTDOWN_PING:
-                    self.goaway()
+                    # (HEADERS after the ACK in the same read come after this GOAWAY's last)
+                    self.goaway(settle=False)
             elif cls is h2.events.ConnectionTerminated:
                 self._on_goaway(ev, out)
             if self.closed:
@@ -352,6 +360,7 @@ class H2Server:
         if self._goaway_last is not None and sid > self._goaway_last:
             self._refuse(sid, REFUSED_STREAM, "stream opened after GOAWAY", out, premature=False)
             return
+        self._last_sid = sid
         if self.active >= self.limits.max_concurrent_streams:
             self._refuse(sid, REFUSED_STREAM, "too many concurrent streams", out)
             return

@@ -553,3 +553,30 @@ def test_response_fields_send_one_content_length_or_none() -> None:
     assert other == []
     assert response_fields([(b"Content-Length", b"5")]) == [(b"content-length", b"5")]
     assert response_fields([(b"Content-Length", b"5")], drop_length=True) == []
+
+
+def test_headers_right_after_the_shutdown_ping_ack_are_refused_not_dropped() -> None:
+    """A client that sends the PING ACK and a new HEADERS in one write: the final GOAWAY's
+    last stream id counted that stream (h2 had parsed it), then the connection closed before
+    the stream was taken up: no response and no RST, so the client could not know whether
+    it was processed. Now it is refused (REFUSED_STREAM, safe to retry)."""
+    p = Pair()
+    p.client.send_headers(1, GET, end_stream=True)
+    p.pump()
+    p.take()
+    _resp(p, 1)
+    p.ctake()
+    p.server.begin_shutdown()
+    data = p.server.data_to_send()  # GOAWAY(2^31-1) and the PING, not yet answered
+    p._client_feed(data)
+    p.ctake()
+    p.client.send_headers(3, GET, end_stream=True)  # after the PING ACK, in the same write
+    p.events += p.server.feed(p.client.data_to_send())
+    assert [(type(e), getattr(e, "error_code", None)) for e in p.take()] == [
+        (RequestRejected, REFUSED_STREAM)]
+    p._client_feed(p.server.data_to_send())
+    evs = p.ctake()
+    goaways = [e.last_stream_id for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+    resets = [(e.stream_id, e.error_code) for e in evs if isinstance(e, h2.events.StreamReset)]
+    assert goaways == [1] and resets == [(3, REFUSED_STREAM)]
+    assert p.server.closed
