@@ -240,7 +240,11 @@ def test_a_reload_makes_a_deleted_metrics_dir_again(server, tmp_path) -> None:
     """rm -rf of the metrics directory: the exporter answered 503 until an upgrade; now a
     reload makes it again (the counts start over)."""
     p, origin, metrics = server
-    shutil.rmtree(tmp_path / "metrics")
+
+    def removed() -> bool:  # (a worker's flush may land in it while rmtree empties it)
+        shutil.rmtree(tmp_path / "metrics", ignore_errors=True)
+        return not (tmp_path / "metrics").exists()
+    wait_for(removed, 10, "the metrics directory removed")
     assert get(metrics, "/metrics")[0] == 503
     assert p.run("-s", "reload").returncode == 0
     wait_for(lambda: get(metrics, "/metrics")[0] == 200, 20, "the exporter to answer again")
