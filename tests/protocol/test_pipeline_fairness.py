@@ -84,7 +84,7 @@ def test_another_client_is_answered_while_a_pipeline_is() -> None:
         async with serving(AppService(app)) as (port, _):
             await _client(BESIDE, port)
     run(main(), timeout=60)
-    # /b came after the pipeline's first answers: it waited for a few batches at most, not
-    # for the 2,000 requests before it.
+    # /b came after the pipeline's first answers: it waited for some batches (how many
+    # depends on when its client process ran), not for the 2,000 requests before it.
     position = app.handled.index(b"/b")
-    assert position < 20 * PIPELINE_BATCH, position
+    assert PIPELINE_BATCH <= position < N // 2, position
