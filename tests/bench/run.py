@@ -412,14 +412,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             procs, tmp, origin_port, bool(want & {"proxy", "h2"}), want_h2, a.proxy_cpu)
         servers = ["nginx", "pyngora"]
         pid_of = {"nginx": nginx.pid, "pyngora": master.pid}
-        fl_ports = Ports(free_port(), free_port(), None)
+        fl_ports = Ports(free_port(), free_port(), free_port() if want_h2 else None)
         if a.floor:
+            # A floor module may serve h2c too (tests.bench.h2_lean), on the port this names.
+            env = dict(os.environ)
+            if fl_ports.h2:
+                env["PYNGORA_FLOOR_H2_PORT"] = str(fl_ports.h2)
             floor = procs.start("floor", pin(a.proxy_cpu, [
                 PY, "-m", a.floor_module, str(fl_ports.static), str(fl_ports.proxy),
-                str(origin_port), configs.SMALL_BODY]), signal.SIGKILL, cwd=ROOT)
+                str(origin_port), configs.SMALL_BODY]), signal.SIGKILL, env=env, cwd=ROOT)
             why = wait_answers(fl_ports.proxy, "/", configs.SMALL_BODY.encode(), floor)
             if why:
                 raise RuntimeError(f"floor: {why}\n{procs.log_tail('floor')}")
+            if fl_ports.h2 and answers_h2(fl_ports.h2):
+                fl_ports.h2 = None  # (this floor module serves no h2c)
             servers.append("floor")
             pid_of["floor"] = floor.pid
         if "h2" in want and not want_h2:

@@ -5,6 +5,7 @@ errors. Never a timing assertion: the figures themselves live in tests/bench/RES
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,23 @@ def test_h2_floor_reports_both_columns() -> None:
     assert [line.split()[0] for line in lines] == ["h2", "H2Server"], proc.stdout
     for line in lines:
         assert float(line.split()[1]) > 0, line
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
+@pytest.mark.parametrize("variant", ["frames", "library"])
+def test_h2_lean_floor_answers_h2load(tmp_path: Path, variant: str) -> None:
+    """The h2 floor column (``tests.bench.h2_lean``, its own frame code or the h2 library)
+    serves h2load's streams through the proxy with no failed request, beside pyngora."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYNGORA_FLOOR_H2=variant)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--quick", "--no-record", "--idle-conns", "0",
+         "--scenarios", "h2", "--floor", "--floor-module", "tests.bench.h2_lean",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert not row["skipped"], row["skipped"]
+    for server in ("nginx", "pyngora", "floor"):
+        (run,) = row["runs"][server]
+        assert run["requests"] > 0 and run["errors"] == 0, (server, run)
