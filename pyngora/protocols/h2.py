@@ -50,6 +50,7 @@ import h2.settings
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame, PingFrame
 
+from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
 # Re-exported: this module was the home of the field rules before they got their own.
 from pyngora.protocols.h2_fields import (CONNECTION_SPECIFIC, UNKNOWN_LENGTH_BODY, Reject,
@@ -161,6 +162,7 @@ class H2Server:
             normalize_inbound_headers=False, validate_outbound_headers=False,
             normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(config=config)
+        hpack_cache.install(self.conn)  # (repeated header blocks: see the module)
         # MAX_CONCURRENT_STREAMS is left out of the first SETTINGS frame and sent by
         # ``initiate`` in a second one: h2 enforces initial values at once (a connection
         # error), but a client cannot know the limit before it reads our SETTINGS; until it

@@ -33,6 +33,7 @@ import h2.exceptions
 import h2.settings
 
 from pyngora.headers import Headers
+from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
 from pyngora.protocols.h2_send import send_queued
@@ -174,6 +175,7 @@ class H2ClientConn:
             normalize_inbound_headers=False, validate_outbound_headers=True,
             normalize_outbound_headers=False)
         self.conn = _Connection(config=config)
+        hpack_cache.install(self.conn)
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
