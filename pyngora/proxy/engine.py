@@ -35,6 +35,7 @@ from pyngora.proxy.session import Session
 from pyngora.proxy.tunnel import tunnel
 from pyngora.proxy.wire import (check_target, informational_fields, method_token, reason_for,
                                 set_framing, upstream_fields)
+from pyngora.services.h2_exchange import H2Exchange
 from pyngora.services.http_app import Exchange, HttpApp
 from pyngora.upstreams.connector import Connector, UpstreamConnection
 from pyngora.upstreams.h2_connector import H2Connector, H2UpstreamStream, Unprocessed
@@ -149,7 +150,8 @@ class ProxyEngine(HttpApp):
 
     def handle(self, exchange: Exchange) -> Any:
         fast = self.fast
-        if fast is not None and exchange.__class__ is Exchange:
+        if fast is not None and (exchange.__class__ is Exchange
+                                 or exchange.__class__ is H2Exchange):
             return fast.start(exchange)  # None when it took the request, else run()'s coroutine
         return self.run(exchange)
 

@@ -215,8 +215,10 @@ class H2Connection(asyncio.Protocol):
             task = self.loop.create_task(result)  # type: ignore[arg-type]
             ex.task = task
             task.add_done_callback(lambda t, ex=ex: self._task_done(ex, t))
-        else:
+        elif ex.task is None:
             self._release(ex)  # answered synchronously (the static service)
+        # else a callback-level app took the stream (the proxy's fast path, whose forwarder
+        # is ex.task): its end (_exchange_done) or the task it hands over to releases it
 
     def _app_failed(self, ex: H2Exchange, exc: BaseException) -> None:
         if not (isinstance(exc, Error) and exc.source is ErrorSource.Downstream):
@@ -250,9 +252,13 @@ class H2Connection(asyncio.Protocol):
         self._maybe_close()
 
     def _exchange_done(self, ex: H2Exchange) -> None:
+        """The stream's response is complete (or given up)."""
         if self.metrics is not None:
             self.metrics.request_done(ex.status, request_clock() - ex.start_time,
                                       ex.req_bytes, ex.resp_bytes)
+        if ex.task is None:
+            # No request task will end: a synchronous answer, or a callback-level app's.
+            self._release(ex)
 
     def _stream_gone(self, ex: H2Exchange, err: Error) -> None:
         """The client reset the stream or the connection closed: fail reads and drains, and

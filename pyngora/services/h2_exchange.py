@@ -10,7 +10,7 @@ flow-control window back to the client; writing queues frames on the connection'
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
@@ -63,7 +63,9 @@ def _parse_prebuilt(head: bytes) -> list[tuple[bytes, bytes]]:
 
 class StreamHandle:
     """What ``exchange.conn`` offers for one stream: ``loop``, ``closed`` and ``abort()``
-    (which resets this stream only, not the connection its neighbours share)."""
+    (which resets this stream only, not the connection its neighbours share), and what a
+    callback-level app (the proxy's fast path) asks of an HTTP/1 connection: ``run_task``,
+    ``_write_paused`` and ``on_drained``, for this stream."""
 
     __slots__ = ("connection", "exchange", "loop")
 
@@ -78,6 +80,53 @@ class StreamHandle:
 
     def abort(self) -> None:
         self.connection._reset_stream(self.exchange.stream_id, h2p.INTERNAL_ERROR)
+
+    def run_task(self, ex: "H2Exchange", coro: Any) -> None:
+        """Run ``coro`` as the stream's request task (as ``H1Connection.run_task``): the
+        connection answers its failure and releases the stream when it is done."""
+        connection = self.connection
+        task = connection.loop.create_task(coro)
+        ex.task = task
+        task.add_done_callback(lambda t, ex=ex: connection._task_done(ex, t))
+
+    @property
+    def _write_paused(self) -> bool:
+        """True while ``drain()`` would wait: more than STREAM_HIGH_WATER bytes queued on the
+        stream (its window is shut), or the socket's write buffer full."""
+        connection = self.connection
+        return connection._write_paused or \
+            connection.proto.pending(self.exchange.stream_id) > STREAM_HIGH_WATER
+
+    def on_drained(self, callback: Callable[[Optional[BaseException]], None]) -> None:
+        """``drain()`` for a callback-level app: ``callback(None)`` once the stream may take
+        more (at once when it may), ``callback(error)`` when it is gone first or, as in
+        ``drain()``, when no byte could go out for ``send_timeout`` (the stream is reset)."""
+        ex, connection = self.exchange, self.connection
+        if ex._gone():
+            callback(closed_error())
+            return
+        if not self._write_paused:
+            callback(None)
+            return
+        loop = connection.loop
+        w = ex._drain_waiter = loop.create_future()
+        connection._drain_waiting.add(ex)
+        timeout = connection.settings.send_timeout
+        timer = loop.call_later(timeout, _expire, w) if timeout and timeout > 0 else None
+
+        def woke(f: "asyncio.Future[Any]") -> None:
+            if ex._drain_waiter is w:
+                ex._drain_waiter = None
+            connection._drain_waiting.discard(ex)
+            if timer is not None:
+                timer.cancel()
+            err = closed_error() if f.cancelled() else f.exception()
+            if err is None and f.result() is False:
+                connection._reset_stream(ex.stream_id, h2p.CANCEL)
+                err = Error(ErrorType.WriteTimedout, ErrorSource.Downstream, None,
+                            f"the client took nothing for {timeout}s")
+            callback(err)
+        w.add_done_callback(woke)
 
 
 class H2Exchange(RequestBody):
@@ -195,9 +244,11 @@ class H2Exchange(RequestBody):
         self.h2conn._schedule_flush()
 
     def write_head(self, status: int, headers: Headers, reason: Optional[bytes | str] = None,
-                   end: bool = False) -> None:
+                   end: bool = False, hold: bool = False) -> None:
         """Send the response head (``reason`` has no place in HTTP/2 and is ignored).
-        Connection-specific fields are dropped, names lower-cased. ``end``: no body."""
+        Connection-specific fields are dropped, names lower-cased. ``end``: no body.
+        ``hold`` (HTTP/1's: keep the head for the body's first write) changes nothing here:
+        every frame of a loop iteration goes out in one write anyway."""
         if self.head_sent:
             raise RuntimeError("response head already sent")
         if self._gone():
@@ -305,6 +356,23 @@ class H2Exchange(RequestBody):
             proto.send_head(self.stream_id, status, fields, True)
         self.h2conn._schedule_flush()
         self._finish()
+
+    def flush_head(self) -> None:
+        """(HTTP/1's ``write_head(hold=True)`` counterpart: nothing is held here.)"""
+
+    def may_write_whole(self) -> bool:
+        """True when a whole upstream response may go out through ``write_whole``: the
+        answer to a GET, no head sent yet (as ``http_app.Exchange.may_write_whole``)."""
+        return not self.head_sent and self.head.method == b"GET"
+
+    def write_whole(self, status: int, head: bytes, body: Union[bytes, memoryview]) -> None:
+        """Send a complete upstream response -- ``head``, an HTTP/1 status line and fields
+        with its Content-Length and no hop-by-hop field (``h1_splice.take_whole``'s), and
+        ``body`` -- and end the exchange; only after ``may_write_whole`` said True."""
+        if self._gone():
+            self._finish()  # (nothing can go out; the books are closed as for any end)
+            return
+        self.respond_prebuilt(status, head, body if body.__class__ is bytes else bytes(body))
 
     def respond_error(self, status: int) -> None:
         """An empty-bodied error (``Cache-Control: private, no-store``), or a stream reset

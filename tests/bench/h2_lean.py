@@ -40,6 +40,7 @@ import h2.settings
 import uvloop
 from hpack import Decoder, Encoder
 
+from pyngora.protocols import hpack_cache
 from pyngora.protocols.h1 import H1Limits
 from pyngora.protocols.h1_splice import take_whole
 from tests.bench import lean
@@ -344,6 +345,8 @@ class H2LibDown(asyncio.Protocol):
             client_side=False, header_encoding=None, validate_inbound_headers=False,
             normalize_inbound_headers=False, validate_outbound_headers=False,
             normalize_outbound_headers=False))
+        if os.environ.get("PYNGORA_FLOOR_HPACK") != "plain":
+            hpack_cache.install(self.conn)  # (as pyngora's H2Server)
         self.live: set[int] = set()
         self.held: dict[int, bytes] = {}
         self.flushing = False
