@@ -10,13 +10,19 @@ That saves the request task, four coroutine frames and their wake-ups per reques
 
 Everything else goes to the phase engine, which stays the one place of SPEC sections 6-7:
 
-- a request with a body or an upgrade, an HTTP/2 peer, a peer without a pooled connection
-  (the dial is awaited): ``engine.run`` with the session and peer already chosen (the balancer
-  is not asked twice);
+- a request with a body or an upgrade, or an HTTP/2 peer: ``engine.run`` with the session
+  and peer already chosen (the balancer is not asked twice);
 - ``upstream_peer`` raising, or an attempt that fails: the engine's own rules decide
   (``_mark_retryable``, ``_may_retry``); a retry continues in ``engine.run`` with a new peer,
   anything else is answered and logged by ``engine.run(error=...)`` (502, 504, or the abort of
   a response already started).
+
+A peer without a pooled connection is dialled from here too (the dial is the one task such a
+request gets; HTTP/2 clients with many streams need it for most of theirs, as the pool holds
+fewer idle connections than they have streams in flight). A dial that fails is handled as the
+engine handles one of its own: counted, given to ``fail_to_connect`` (the YAML proxy's tells
+the balancer), then retried on a new pick while ``max_retries`` allows, else answered (502,
+504) -- by a coroutine, as that path is rare and ``fail_to_connect`` may await.
 
 So the client sees the same bytes, statuses and retries either way, and the metrics and the
 access log line are the same.
@@ -30,6 +36,7 @@ gets its events one or two at a time instead of in batches.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Optional
 
 from pyngora import log
@@ -48,11 +55,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FastPath", "WRITE_AT_ONCE"]
 
-# Phases the fast path may leave to the engine: fail_to_connect runs only when dialling,
-# which the fast path never does.
+# Phases the fast path serves: upstream_peer, and fail_to_connect after a dial that failed.
 _ALLOWED = frozenset(("upstream_peer", "fail_to_connect"))
 
 # _Forward states
+_DIAL = -3      # a new connection is being dialled (the forwarder's ``dial`` task)
 # A whole response longer than this is written at once rather than at the end of the loop
 # iteration: measured (tests/bench/RESULTS.md), 64 KiB responses went 0.33 -> 0.43 x nginx
 # written at once (their bytes are still in the CPU cache; fifty of them held to the end of
@@ -121,12 +128,18 @@ class FastPath:
             return engine.run(ex, session, error=Error(
                 ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))
         alpn = peer.options.alpn
-        conn = None if alpn and alpn[0] == "h2" else self.connector.get_pooled(peer)
-        if conn is None:
+        if alpn and alpn[0] == "h2":
             return engine.run(ex, session, peer)
+        conn = self.connector.get_pooled(peer)
         session.peer = peer
         fwd = _Forward(self, ex, session, conn, engine._umetrics(peer))
         ex.task = fwd  # type: ignore[assignment]  # the connection cancels it if the client goes
+        if conn is None:
+            fwd.state = _DIAL
+            fwd.queued = False
+            fwd.dial = ex.conn.loop.create_task(self.connector.get(peer))
+            fwd.dial.add_done_callback(fwd._dialled)
+            return None
         self.schedule(fwd)
         return None
 
@@ -173,15 +186,17 @@ class _Forward:
     Stands in for the request task in ``Exchange.task`` (``done()`` / ``cancel()``), so a
     client that disconnects stops it as it would stop the engine's task."""
 
-    __slots__ = ("fast", "ex", "session", "conn", "um", "state", "queued", "head", "whole")
+    __slots__ = ("fast", "ex", "session", "conn", "um", "state", "queued", "head", "whole",
+                 "dial")
 
     def __init__(self, fast: FastPath, ex: Exchange, session: Session,
-                 conn: UpstreamConnection, um: Any) -> None:
+                 conn: Optional[UpstreamConnection], um: Any) -> None:
         self.fast = fast
         self.ex = ex
         self.session = session
-        self.conn = conn
+        self.conn: UpstreamConnection = conn  # type: ignore[assignment]  # (None while _DIAL)
         self.um = um
+        self.dial: Optional[asyncio.Task[UpstreamConnection]] = None
         self.state = _SEND
         self.head: Optional[ResponseHead] = None  # a body-less head, until its MessageEnd
         self.queued = True   # in FastPath._queue (the constructor's caller queues it)
@@ -191,7 +206,8 @@ class _Forward:
         """``run`` raised past its own handling (a bug): the upstream connection is dropped,
         the client gets a 502."""
         self.state = _DONE
-        self.fast.connector.release(self.conn, False)
+        if self.conn is not None:
+            self.fast.connector.release(self.conn, False)
         if not self.ex.finished:
             self.ex.respond_error(502)
 
@@ -200,7 +216,11 @@ class _Forward:
         return self.state == _DONE
 
     def cancel(self) -> None:
-        """The client went away: close the upstream connection, answer nothing more."""
+        """The client went away: close the upstream connection (or stop dialling it),
+        answer nothing more."""
+        if self.state == _DIAL and self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
         if self.state == _WHOLE:
             self._client_gone()
         elif self.state != _DONE:
@@ -219,6 +239,50 @@ class _Forward:
         ex.conn.run_task(ex, self.fast.engine.run(ex, self.session, error=Error(
             ErrorType.ConnectionClosed, ErrorSource.Downstream, None, "client disconnected")))
 
+    # -- the dial
+    def _dialled(self, task: "asyncio.Task[UpstreamConnection]") -> None:
+        """The dial task ended: send on the new connection, or let the engine handle the
+        failure as it handles its own dials' (counted, retried or answered)."""
+        if task.cancelled() or self.state != _DIAL:
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()  # (the client went as it connected)
+            return
+        self.dial = None
+        exc = task.exception()
+        if exc is None:
+            conn = self.conn = task.result()
+            if self.um is not None:
+                self.um.connect_duration(conn.connect_duration)
+            self.state = _SEND
+            self.queued = True
+            self.fast.schedule(self)
+            return
+        e = exc if isinstance(exc, Error) else Error(ErrorType.InternalError,
+                                                     ErrorSource.Internal, exc, repr(exc))
+        self.state = _DONE
+        ex = self.ex
+        if ex.task is self:
+            ex.task = None  # (run_task below sets the engine's own task)
+        if self.um is not None:
+            self.um.error(self.session.peer.backend, e.etype)  # type: ignore[union-attr]
+        ex.conn.run_task(ex, self._dial_failed(e))
+
+    async def _dial_failed(self, e: Error) -> None:
+        """As the engine's own loop after a failed dial: ``fail_to_connect``, then a retry
+        on a new pick or the answer (the fast path runs its phases with ctx None)."""
+        engine, session = self.fast.engine, self.session
+        proxy, plan = engine.proxy, engine.plan
+        if plan.fail_to_connect is not None:
+            try:
+                r = proxy.fail_to_connect(session, session.peer, None, e)
+                e = (await r) if plan.fail_to_connect else r
+            except Exception as x:  # a phase's bug: answered as the engine answers one (500)
+                e = Error(ErrorType.InternalError, ErrorSource.Internal, x, repr(x))
+        if engine._may_retry(session, e):
+            await engine.run(self.ex, session)
+        else:
+            await engine.run(self.ex, session, error=e)
+
     # -- upstream events
     def on_upstream(self, ready: bool) -> None:
         """UpstreamConnection's listener: events (or EOF/error) arrived, or, with ``ready``
@@ -235,7 +299,7 @@ class _Forward:
         """FastPath._run's turn: send the request head, or forward the queued events."""
         self.queued = False
         state = self.state
-        if state >= _DRAIN:
+        if state >= _DRAIN or state == _DIAL:
             return
         try:
             if state == _WHOLE:
@@ -262,7 +326,7 @@ class _Forward:
                 self._hand_over(self.fast.engine.run(self.ex, self.session, peer))
                 return
             self.conn = conn
-        if self.um is not None:
+        if self.um is not None and conn.reused:  # (a new one's dial was counted)
             self.um.pool_reused()
         self.state = _HEAD
         req = self.session._req_header
@@ -427,6 +491,9 @@ class _Forward:
         if ex.task is self:
             ex.task = None  # (run_task below sets the engine's own task)
         engine = fast.engine
+        if conn is None:  # the client went while the connection was being dialled
+            ex.conn.run_task(ex, engine.run(ex, session, error=e))
+            return
         fast.connector.release(conn, unused)
         if e.source is not ErrorSource.Downstream:
             if self.um is not None:

@@ -22,6 +22,7 @@ import pytest
 from pyngora import log
 from pyngora.metrics import multiproc, registry
 from pyngora.metrics.multiproc_format import read_file
+from pyngora.upstreams.h1_upstream import UpstreamConnection
 
 from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_proxy_fast_path import (
@@ -226,7 +227,7 @@ def test_access_log_lines_are_the_same_on_both_paths(fmt: str, handler: "Lines",
                 engine.access_format = fmt
                 if engine.fast is not None:
                     engine.fast.access_format = fmt
-                await exchange(port, [(b"GET", LEN)])  # dials: the engine's on both
+                await exchange(port, [(b"GET", LEN)])  # dials
                 handler.lines.clear()
                 r, w = await asyncio.open_connection("127.0.0.1", port)
                 for extra in (b"User-Agent: t/1\r\nReferer: http://r/\"q\"\r\n", b"",
@@ -245,7 +246,8 @@ def test_access_log_lines_are_the_same_on_both_paths(fmt: str, handler: "Lines",
     before = taken[0]
     engine = run(scenario(False))
     fast = run(scenario(True))
-    assert taken[0] - before == 7  # /len, /404, /big twice each, the closing /len
+    # The warm-up /len (dialled on the fast path), /len, /404, /big twice each, the closing /len
+    assert taken[0] - before == 8
     assert len(engine) == 9, engine
     assert engine == fast
 
@@ -360,7 +362,7 @@ def test_draining_during_a_whole_response_closes_as_the_engine_does(
     before = taken[0]
     engine = run(scenario(False))
     fast = run(scenario(True))
-    assert taken[0] - before == 1
+    assert taken[0] - before == 2  # the warm-up (dialled on the fast path) and /hold
     assert engine == fast, (engine, fast)
     assert b"\r\nConnection: close\r\n" in engine[0] and len(engine[0]) > size
 
@@ -443,7 +445,8 @@ def test_an_origin_that_hangs_up_after_a_whole_answer_is_not_reused(
     fast = run(scenario(True))
     assert engine == fast, (engine, fast)
     assert engine[1:] == (0, 3, 2)  # no retry needed: the dead connection was never used
-    assert taken[0] - before == 2  # the fast path took /bye both times whole
+    # The fast path took /bye both times whole, and each /len, which dialled a new connection
+    assert taken[0] - before == 5
 
 
 def test_client_gone_right_after_its_request_pools_and_closes_as_the_engine_does() -> None:
@@ -579,19 +582,34 @@ def test_sizes_around_the_write_at_once_threshold_arrive_intact(
         size: int, pieces: int, monkeypatch: pytest.MonkeyPatch) -> None:
     taken = count_whole(monkeypatch)
     answer = body_answer(size, bytes(range(251)))
+    # Set each time the proxy's upstream side reads: the next piece is written only then,
+    # so each piece is a read of its own however late the loop runs.
+    proxy_read: list[Optional[asyncio.Event]] = [None]
+    real_read = UpstreamConnection.data_received
+
+    def reading(self: UpstreamConnection, data: bytes) -> None:
+        real_read(self, data)
+        if proxy_read[0] is not None:
+            proxy_read[0].set()
+    monkeypatch.setattr(UpstreamConnection, "data_received", reading)
 
     class Pieces(Origin):
-        """Sends the answer in ``pieces`` writes, one loop iteration apart."""
+        """Sends the answer in ``pieces`` writes, each once the proxy read the one before."""
 
         def data_received(self, data: bytes) -> None:
             if b"/sized" not in data:
                 super().data_received(data)
                 return
+            asyncio.ensure_future(self._pieces())
+
+        async def _pieces(self) -> None:
             step = len(answer) // pieces + 1
-            loop = asyncio.get_running_loop()
+            read = proxy_read[0] = asyncio.Event()
             for i in range(pieces):
-                part = answer[i * step:(i + 1) * step]
-                loop.call_later(0.01 * i, self.transport.write, part)
+                read.clear()
+                self.transport.write(answer[i * step:(i + 1) * step])
+                if i < pieces - 1:
+                    await asyncio.wait_for(read.wait(), 5)
 
     def scenario(fast: bool) -> Any:
         async def main() -> Any:
@@ -621,6 +639,6 @@ def test_sizes_around_the_write_at_once_threshold_arrive_intact(
     assert engine[0][0] == answer and engine[0][1] == answer
     assert engine[1:] == (1, 1)
     if pieces == 1 and size <= 16386:
-        assert taken[0] - before == 3  # both went whole (and /len)
+        assert taken[0] - before == 4  # both went whole (and /len, and the dialled warm-up)
     if pieces > 1:
-        assert taken[0] - before == 1  # only /len: the others came in pieces
+        assert taken[0] - before == 2  # /len and the warm-up: the others came in pieces
