@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 from pyngora.headers import Headers
 from pyngora.protocols.events import RequestHead
+from pyngora.protocols.h1_wire import serialize_request_head
 
 __all__ = ["CONNECTION_SPECIFIC", "UNKNOWN_LENGTH_BODY", "Reject", "check_field",
            "translate_request", "check_trailers", "response_fields"]
@@ -53,6 +54,16 @@ _PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
 # with MessageEnd, and re-serialised as HTTP/1 it must be chunked (the proxy engine does so
 # for "chunked" only: "stream" would reach the origin unframed, a request-smuggling hazard).
 UNKNOWN_LENGTH_BODY = "chunked"
+
+# Header lists judged before (clients repeat theirs, and the HPACK decoder hands the same field
+# objects back for a repeated block): (fields, end_stream, max_body_bytes) -> what
+# ``translate_request`` made of them, with the positions of the fields kept, so that a repeat
+# skips the checks and keeps its own field objects. Bounded as h1_splice's table.
+_Judged = tuple[bytes, bytes, bytes, tuple[int, ...], Optional[bytes], tuple[bytes, ...], str,
+                Optional[int], bool, Optional[bytes]]
+_JUDGED: dict[tuple, _Judged] = {}
+_JUDGED_MAX = 512
+_JUDGED_BYTES = 2048  # larger lists are judged each time
 
 
 class Reject(Exception):
@@ -83,17 +94,55 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
     ``:method`` -> method, ``:path`` -> target, ``:authority`` -> Host (first field), version
     "2", body "none" (END_STREAM on HEADERS), "length" (Content-Length) or
     UNKNOWN_LENGTH_BODY ("chunked": see there). Cookie
-    fields are joined with "; " (RFC 9113 8.2.3). Raises Reject: status 0 for a malformed
-    request (reset the stream), else the status to answer."""
+    fields are joined with "; " (RFC 9113 8.2.3). A body-less request gets ``raw``: the
+    HTTP/1.1 head it makes, as the HTTP/1 parser gives for a request read whole (the proxy's
+    fast path sends it upstream when no field must go). Raises Reject: status 0 for a
+    malformed request (reset the stream), else the status to answer."""
+    key = None
+    if fields.__class__ is list and len(fields) <= 64:
+        key = (tuple(fields), end_stream, max_body_bytes)
+        judged = _JUDGED.get(key)
+        if judged is not None:
+            method, path, host, keep, cookie, keys, body, length, expect, raw = judged
+            items = [(b"host", host)]
+            items += [fields[i] for i in keep]  # (this request's own field objects)
+            if cookie is not None:
+                items.append((b"cookie", cookie))
+            head = RequestHead(method, path, "2", Headers._from_parser(items, list(keys)),
+                               True, body, length, expect, False, stream_id)
+            head.raw = raw
+            return head
+    head, keep = _translate(fields, stream_id, end_stream, max_body_bytes)
+    if key is not None:
+        items = head.headers._items
+        if sum(len(n) + len(v) for n, v in items) <= _JUDGED_BYTES:
+            cookie = items[-1][1] if head.headers._keys[-1] == b"cookie" and \
+                len(keep) + 1 < len(items) else None
+            raw = None
+            if head.body == "none":
+                raw = head.raw = serialize_request_head(head.method, head.target, head.headers)
+            if len(_JUDGED) >= _JUDGED_MAX:
+                _JUDGED.clear()
+            _JUDGED[key] = (head.method, head.target, items[0][1], keep, cookie,
+                            tuple(head.headers._keys), head.body, head.content_length,
+                            head.expect_continue, raw)
+    return head
+
+
+def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream: bool,
+               max_body_bytes: Optional[int]) -> tuple[RequestHead, tuple[int, ...]]:
+    """translate_request's checks and translation; also the positions of the fields kept."""
     method = path = authority = None
     scheme = False
     regular = False
     items: list[tuple[bytes, bytes]] = []
     keys: list[bytes] = []
+    kept: list[int] = []
     cookies: list[bytes] = []
     hosts: list[bytes] = []
     expect = False
-    for name, value in fields:
+    for i, field in enumerate(fields):
+        name, value = field
         if name[:1] == b":":
             if regular:
                 raise Reject(0, "pseudo-header after a regular field")
@@ -135,8 +184,9 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
             continue
         elif name == b"expect":
             expect = value.lower() == b"100-continue"
-        items.append((name, value))
+        items.append(field)
         keys.append(name)
+        kept.append(i)
     if not method or method.translate(None, _NAME_CHARS.upper() + _NAME_CHARS):
         raise Reject(0, "missing or invalid :method")
     if method.translate(None, _METHOD_CHARS):
@@ -183,8 +233,9 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
         body = "length"
     else:
         body = UNKNOWN_LENGTH_BODY
-    return RequestHead(method, path, "2", Headers._from_parser(items, keys), True, body,
-                       content_length, expect and body != "none", False, stream_id)
+    return (RequestHead(method, path, "2", Headers._from_parser(items, keys), True, body,
+                        content_length, expect and body != "none", False, stream_id),
+            tuple(kept))
 
 
 def check_trailers(fields: Iterable[tuple[bytes, bytes]]) -> Headers:
