@@ -7,35 +7,22 @@ should close."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
-from pyngora.config.schema import ServerConf, parse_address
 from pyngora.services.base import WorkerContext
 
 from tests.protocol.test_h2_helpers import H2Client, StreamResult
-from tests.protocol.test_http_app_helpers import run
+from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_proxy_fast_path import (ANSWERS, BIG, count_engine_runs, proxy_service,
                                                  start_origin)
 
 CANCEL = 0x8
 
 
-@contextlib.asynccontextmanager
-async def serving_h2c(svc: Any, conf: Any) -> AsyncIterator[tuple[int, WorkerContext]]:
+def serving_h2c(svc: Any, conf: Any) -> Any:
     """``svc`` as one worker runs it, on an h2c (prior knowledge) listener on 127.0.0.1:0."""
-    loop = asyncio.get_running_loop()
-    ctx = WorkerContext(svc, 0, 0, conf or ServerConf(), loop)
-    await svc.start_worker(ctx)
-    server = await loop.create_server(
-        svc.protocol_factory(ctx, parse_address("127.0.0.1:0", h2c=True)), "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], ctx
-    finally:
-        server.close()
-        ctx.connections.abort_all()
-        await svc.stop_worker(ctx)
+    return serving(svc, conf, h2c=True)
 
 
 def _h2_conns(ctx: WorkerContext) -> list[Any]:

@@ -39,14 +39,15 @@ async def serving_unix(svc: Service, server_conf: Optional[ServerConf], path: st
 
 @contextlib.asynccontextmanager
 async def serving(svc: Service, server_conf: Optional[ServerConf] = None,
-                  accepted: Optional[list[int]] = None
+                  accepted: Optional[list[int]] = None, h2c: bool = False
                   ) -> AsyncIterator[tuple[int, WorkerContext]]:
     """Start ``svc`` as one worker would, on 127.0.0.1:0; yields (port, ctx). ``accepted``
-    (a list) gets one item per accepted connection."""
+    (a list) gets one item per accepted connection; ``h2c``: the listener also speaks
+    HTTP/2 with prior knowledge."""
     loop = asyncio.get_running_loop()
     ctx = WorkerContext(svc, 0, 0, server_conf or ServerConf(), loop)
     await svc.start_worker(ctx)
-    factory = svc.protocol_factory(ctx, parse_address("127.0.0.1:0"))
+    factory = svc.protocol_factory(ctx, parse_address("127.0.0.1:0", h2c=h2c))
     if accepted is not None:
         inner = factory
 
