@@ -14,8 +14,8 @@ from pyngora.services.base import WorkerContext
 
 from tests.protocol.test_h2_helpers import H2Client, StreamResult
 from tests.protocol.test_http_app_helpers import run, serving
-from tests.protocol.test_proxy_fast_path import (ANSWERS, BIG, count_engine_runs, proxy_service,
-                                                 start_origin)
+from tests.protocol.test_proxy_fast_path import (ANSWERS, BIG, Origin, count_engine_runs,
+                                                 proxy_service, start_origin)
 
 CANCEL = 0x8
 
@@ -202,4 +202,51 @@ def test_garbage_is_502_silence_is_504_and_a_closed_pooled_connection_is_retried
         # The origin closed the pooled connection as the request came: a new one answers it.
         assert retried.status == 200 and bytes(retried.body) == b"hello"
         assert idle == 1  # the broken and the timed-out connections were closed, not pooled
+    run(main())
+
+
+class HoldOrigin(Origin):
+    """The scripted origin, except that it holds every ``/hold`` request unanswered (in
+    ``stats["held"]``) until the test answers it."""
+
+    def data_received(self, data: bytes) -> None:
+        if b" /hold " in data:
+            self.stats["held"].append(self)
+            return
+        super().data_received(data)
+
+
+def test_a_drain_lets_in_flight_fast_path_streams_finish_then_closes() -> None:
+    async def main() -> None:
+        stats: dict[str, Any] = {"conns": 0, "closed": 0, "heads": [], "held": [],
+                                 "closed_event": asyncio.Event()}
+        server = await asyncio.get_running_loop().create_server(
+            lambda: HoldOrigin(stats), "127.0.0.1", 0)
+        conf, svc = proxy_service(server.sockets[0].getsockname()[1])
+        async with serving_h2c(svc, conf) as (port, ctx):
+            c = await H2Client.connect(port)
+            await c.request("GET", "/len")
+            runs = count_engine_runs(ctx.state["http_app"])
+            sids = [c.start("GET", "/hold") for _ in range(3)]
+            for _ in range(500):  # until the origin holds all three requests
+                if len(stats["held"]) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(stats["held"]) == 3
+            ctx.connections.drain()  # a graceful shutdown / upgrade begins
+            await asyncio.wait_for(c.goaway_event.wait(), 10)
+            for _ in range(1000):  # the final GOAWAY follows the PING's ACK
+                if len(c.goaways) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert [g.last_stream_id for g in c.goaways] == [2 ** 31 - 1, sids[-1]]
+            assert not c.closed.is_set()
+            for origin in stats["held"]:  # the origin answers now
+                origin.transport.write(ANSWERS[b"/len"])
+            results = [await c.wait(sid) for sid in sids]
+            await asyncio.wait_for(c.closed.wait(), 10)  # then the server closes
+            await c.close()
+        server.close()
+        assert all(r.status == 200 and bytes(r.body) == b"hello" and r.ended for r in results)
+        assert runs[0] == 0  # they stayed on the fast path throughout
     run(main())
