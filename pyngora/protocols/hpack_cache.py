@@ -98,11 +98,13 @@ class CachingEncoder(Encoder):
             if type(field) is not tuple or len(field) != 2 or type(field[0]) is not bytes \
                     or type(field[1]) is not bytes:
                 return super().encode(headers, huffman)
-        key = tuple(headers)
         table = self.header_table
+        if table.resized:  # a size update to announce goes first, once: no answer to keep
+            return super().encode(headers, huffman)
+        key = tuple(headers)
         changes = table.changes
         hit = self._seen.get(key)
-        if hit is not None and hit[0] == changes and not table.resized:
+        if hit is not None and hit[0] == changes:
             return hit[1]
         block = super().encode(headers, huffman)
         if table.changes == changes and len(block) <= KEEP_BYTES:

@@ -61,6 +61,20 @@ def test_never_indexed_fields_encode_as_hpack_encodes_them() -> None:
     assert [caching.encode(x) for x in seq] == [plain.encode(x) for x in seq]
 
 
+def test_a_table_size_update_is_sent_once() -> None:
+    """A list encoded right after a size change carries the update; a repeat must not."""
+    plain, caching = Encoder(), CachingEncoder()
+    seq: list = [[(b"x-b", b"1")], 64, [(b"x-b", b"1")], [(b"x-b", b"1")]]
+    out = []
+    for step in seq:
+        if isinstance(step, int):
+            plain.header_table_size = caching.header_table_size = step
+            continue
+        out.append((caching.encode(list(step)), plain.encode(list(step))))
+    assert [a for a, _ in out] == [b for _, b in out]
+    assert out[2][0] == b"\xbe"
+
+
 def test_the_caches_stay_small() -> None:
     enc, dec = CachingEncoder(), CachingDecoder()
     for i in range(3 * KEEP):
@@ -71,7 +85,7 @@ def test_the_caches_stay_small() -> None:
     assert len(enc._seen) <= KEEP and len(dec._seen) <= KEEP
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(STEP, min_size=1, max_size=40))
 def test_same_bytes_and_fields_as_hpack(steps: list) -> None:
     """Random lists and table size changes (evictions included): the caching encoder writes
