@@ -6,6 +6,8 @@ table changed, or for a field of another type, shows up as a difference.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple, OversizedHeaderListError
 from hypothesis import given, settings
@@ -85,7 +87,8 @@ def test_the_caches_stay_small() -> None:
     assert len(enc._seen) <= KEEP and len(dec._seen) <= KEEP
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=int(os.environ.get("HPACK_EXAMPLES", "1000")), deadline=None,
+          derandomize=True, database=None)
 @given(st.lists(STEP, min_size=1, max_size=40))
 def test_same_bytes_and_fields_as_hpack(steps: list) -> None:
     """Random lists and table size changes (evictions included): the caching encoder writes
