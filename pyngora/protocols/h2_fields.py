@@ -63,7 +63,7 @@ _Judged = tuple[bytes, bytes, bytes, tuple[int, ...], Optional[bytes], tuple[byt
                 Optional[int], bool, Optional[bytes]]
 _JUDGED: dict[tuple, _Judged] = {}
 _JUDGED_MAX = 512
-_JUDGED_BYTES = 2048  # larger lists are judged each time
+_JUDGED_BYTES = 2048  # larger lists (all their fields) are judged each time
 
 
 class Reject(Exception):
@@ -115,7 +115,8 @@ def translate_request(fields: Iterable[tuple[bytes, bytes]], stream_id: int,
     head, keep = _translate(fields, stream_id, end_stream, max_body_bytes)
     if key is not None:
         items = head.headers._items
-        if sum(len(n) + len(v) for n, v in items) <= _JUDGED_BYTES:
+        # (the key holds every field, the path twice more with raw: all of them count)
+        if sum(len(n) + len(v) for n, v in key[0]) <= _JUDGED_BYTES:
             cookie = items[-1][1] if head.headers._keys[-1] == b"cookie" and \
                 len(keep) + 1 < len(items) else None
             raw = None
@@ -225,6 +226,11 @@ def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream
         if keys.count(b"content-length") > 1:
             raise Reject(400, "duplicate Content-Length")
         content_length = int(items[keys.index(b"content-length")][1])
+        if end_stream and content_length:
+            # RFC 9113 8.1.1: the DATA (none) must add up to it. The h2 library checks DATA
+            # frames only; sent on as it stands, the origin would read the next request on
+            # the pooled connection as this one's body.
+            raise Reject(0, "content-length on a request that ended with its headers")
         if max_body_bytes is not None and content_length > max_body_bytes:
             raise Reject(413, "Content-Length above max_body_bytes")
     if end_stream:

@@ -18,8 +18,10 @@ adds to the table is decoded or encoded each time, as before.
 
 Used through h2's own attributes: ``H2Connection.decoder`` and ``.encoder`` are replaced
 right after the connection is made (``install``). Each table is per connection, as HPACK
-state is, and small (:data:`KEEP` entries of at most :data:`KEEP_BYTES` each, emptied when
-full), so an idle connection holds nothing and a busy one at most a few KiB more.
+state is, and small (:data:`KEEP` entries, emptied when full, each of at most
+:data:`KEEP_BYTES` encoded, :data:`KEEP_FIELDS` fields and :data:`KEEP_DECODED` bytes of
+names and values), so an idle connection holds nothing and a busy one at most ~130 KiB more
+(a few KiB for a client that repeats a few requests).
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ from typing import Any, Iterable
 from hpack import Decoder, Encoder
 from hpack.table import HeaderTable
 
-__all__ = ["CountedTable", "CachingDecoder", "CachingEncoder", "install", "KEEP", "KEEP_BYTES"]
+__all__ = ["CountedTable", "CachingDecoder", "CachingEncoder", "install", "KEEP", "KEEP_BYTES",
+           "KEEP_FIELDS", "KEEP_DECODED"]
 
 KEEP = 16
-KEEP_BYTES = 1024
+KEEP_BYTES = 1024     # an encoded block kept is at most this long ...
+KEEP_FIELDS = 64      # ... of at most this many fields ...
+KEEP_DECODED = 4096   # ... of at most this many bytes of names and values
 
 
 class CountedTable(HeaderTable):
@@ -73,7 +78,10 @@ class CachingDecoder(Decoder):
         if hit is not None and hit[0] == stamp:
             return list(hit[1])
         headers = super().decode(data, raw=True)
-        if table.changes == stamp[0]:  # (an error above keeps nothing)
+        # (an error above keeps nothing; a small block may stand for up to the header list
+        # limit of fields: what is kept is bounded by its decoded size too)
+        if table.changes == stamp[0] and len(headers) <= KEEP_FIELDS \
+                and sum(len(n) + len(v) for n, v in headers) <= KEEP_DECODED:
             seen = self._seen
             if len(seen) >= KEEP:
                 seen.clear()
@@ -107,7 +115,9 @@ class CachingEncoder(Encoder):
         if hit is not None and hit[0] == changes:
             return hit[1]
         block = super().encode(headers, huffman)
-        if table.changes == changes and len(block) <= KEEP_BYTES:
+        if table.changes == changes and len(block) <= KEEP_BYTES \
+                and len(headers) <= KEEP_FIELDS \
+                and sum(len(n) + len(v) for n, v in headers) <= KEEP_DECODED:
             seen = self._seen
             if len(seen) >= KEEP:
                 seen.clear()

@@ -2,11 +2,12 @@
 
 When a ProxyHttp overrides no phase but a synchronous ``upstream_peer`` (and perhaps
 ``fail_to_connect``, which only a dial can call) -- the declarative ``http_proxy`` without
-header edits, or a minimal load balancer in Python -- a body-less, non-upgrade request on an
-HTTP/1 connection whose peer has a pooled HTTP/1 connection is proxied with no Task, coroutine
-or await: the upstream request is written from the client connection's ``data_received``, and
-the response events are forwarded from the upstream connection's (``UpstreamConnection.listen``).
-That saves the request task, four coroutine frames and their wake-ups per request.
+header edits, or a minimal load balancer in Python -- a body-less, non-upgrade request (on an
+HTTP/1 connection, or an HTTP/2 stream) to an HTTP/1 peer is proxied with no Task, coroutine
+or await once it has a connection (a pooled one, or one dialled for it: see below): the
+upstream request is written from the client connection's ``data_received``, and the response
+events are forwarded from the upstream connection's (``UpstreamConnection.listen``). That
+saves the request task, four coroutine frames and their wake-ups per request.
 
 Everything else goes to the phase engine, which stays the one place of SPEC sections 6-7:
 
@@ -208,8 +209,11 @@ class _Forward:
         self.state = _DONE
         if self.conn is not None:
             self.fast.connector.release(self.conn, False)
-        if not self.ex.finished:
-            self.ex.respond_error(502)
+        ex = self.ex
+        if ex.task is self:
+            ex.task = None  # (an HTTP/2 stream is released when its exchange ends task-less)
+        if not ex.finished:
+            ex.respond_error(502)
 
     # -- the request task's interface (H1Connection.connection_lost)
     def done(self) -> bool:
@@ -251,8 +255,8 @@ class _Forward:
         exc = task.exception()
         if exc is None:
             conn = self.conn = task.result()
-            if self.um is not None:
-                self.um.connect_duration(conn.connect_duration)
+            if self.um is not None and not conn.reused:  # (get() may find one pooled meanwhile:
+                self.um.connect_duration(conn.connect_duration)  # _send counts that one)
             self.state = _SEND
             self.queued = True
             self.fast.schedule(self)
@@ -272,13 +276,21 @@ class _Forward:
         on a new pick or the answer (the fast path runs its phases with ctx None)."""
         engine, session = self.fast.engine, self.session
         proxy, plan = engine.proxy, engine.plan
+        retry = True
         if plan.fail_to_connect is not None:
+            # What escapes fail_to_connect ends the request as it would in the engine's loop:
+            # an Error with its own status, a cancel as the client gone, a bug as a 500.
             try:
                 r = proxy.fail_to_connect(session, session.peer, None, e)
                 e = (await r) if plan.fail_to_connect else r
-            except Exception as x:  # a phase's bug: answered as the engine answers one (500)
-                e = Error(ErrorType.InternalError, ErrorSource.Internal, x, repr(x))
-        if engine._may_retry(session, e):
+            except Error as x:
+                e, retry = x, False
+            except asyncio.CancelledError:
+                e, retry = Error(ErrorType.ConnectionClosed, ErrorSource.Downstream, None,
+                                 "client disconnected"), False
+            except Exception as x:
+                e, retry = Error(ErrorType.InternalError, ErrorSource.Internal, x, repr(x)), False
+        if retry and engine._may_retry(session, e):
             await engine.run(self.ex, session)
         else:
             await engine.run(self.ex, session, error=e)

@@ -69,13 +69,16 @@ async def _within(loop: asyncio.AbstractEventLoop, delay: Optional[float], aw: A
     expired: list[bool] = []
     handle = loop.call_later(delay, _expire, task, expired)
     try:
-        return await aw
+        result = await aw
     except asyncio.CancelledError:
         if expired and task.uncancel() <= base:
             raise TimeoutError from None
         raise
     finally:
         handle.cancel()
+    if expired:  # the timer fired but ``aw`` finished all the same: its cancel is taken back
+        task.uncancel()
+    return result
 
 
 async def dial(peer: HttpPeer, factory: Callable[[], Any],

@@ -10,11 +10,18 @@ import asyncio
 import socket
 from typing import Any
 
+import pytest
+
+from pyngora.config.schema import LimitsConf
+from pyngora.errors import Error, ErrorType
+from pyngora.proxy import http_proxy_service
+from pyngora.upstreams.connector import Connector
+
 from tests.protocol.test_h2_fast_path import serving_h2c
 from tests.protocol.test_h2_helpers import H2Client
 from tests.protocol.test_http_app_helpers import run, serving
-from tests.protocol.test_proxy_fast_path import (count_engine_runs, exchange, proxy_service_with,
-                                                 start_origin)
+from tests.protocol.test_proxy_fast_path import (SyncPeer, count_engine_runs, exchange,
+                                                 proxy_service_with, start_origin)
 from tests.support import free_port
 
 
@@ -128,3 +135,70 @@ def test_a_client_that_goes_while_its_connection_is_dialled_stops_the_dial() -> 
         for s in filler:
             s.close()
         hole.close()
+
+
+class _Recorder:
+    """An upstream group's metrics recorders, counting what the fast path records."""
+
+    def __init__(self) -> None:
+        self.dialled = 0
+        self.reused = 0
+
+    def connect_duration(self, seconds: float) -> None:
+        self.dialled += 1
+
+    def pool_reused(self) -> None:
+        self.reused += 1
+
+    def request_done(self, backend: Any, status: int) -> None:
+        pass
+
+    def error(self, backend: Any, etype: Any) -> None:
+        pass
+
+
+def test_a_dial_that_finds_a_pooled_connection_counts_it_once_as_reused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dial task asks the pool again (get()): a connection pooled meanwhile is taken, and
+    recorded as a reuse only, as the engine records it."""
+    async def main() -> None:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service_with(f"""      - name: o
+        backends: [{{addr: "127.0.0.1:{oport}"}}]
+""")
+        async with serving(svc, conf) as (port, ctx):
+            engine = ctx.state["http_app"]
+            await exchange(port, [(b"GET", b"/len")])  # one connection, pooled after
+            rec = _Recorder()
+            engine._umetrics = lambda peer: rec  # type: ignore[method-assign]
+            real = Connector.get_pooled
+            calls = [0]
+
+            def none_at_first(self: Connector, peer: Any) -> Any:  # as if it had been taken
+                calls[0] += 1                                       # when the request came
+                return None if calls[0] == 1 else real(self, peer)
+            monkeypatch.setattr(Connector, "get_pooled", none_at_first)
+            out = await exchange(port, [(b"GET", b"/len")])
+        server.close()
+        assert out[0].endswith(b"hello")
+        assert stats["conns"] == 1  # the dial took the pooled connection
+        assert (rec.dialled, rec.reused) == (0, 1)
+    run(main())
+
+
+def test_an_error_from_fail_to_connect_answers_with_its_status() -> None:
+    dead = free_port()
+
+    class Failing(SyncPeer):
+        async def fail_to_connect(self, session: Any, peer: Any, ctx: Any, e: Any) -> Any:
+            raise Error(ErrorType.HTTPStatus, status=503, context="no dice")
+
+    async def main() -> None:
+        proxy = Failing(dead)
+        svc = http_proxy_service(None, proxy, limits=LimitsConf())
+        async with serving(svc) as (port, ctx):
+            engine = ctx.state["http_app"]
+            assert engine.fast is not None
+            out = (await exchange(port, [(b"GET", b"/len")]))[0]
+        assert out.startswith(b"HTTP/1.1 503 "), out
+    run(main())

@@ -10,6 +10,8 @@ import asyncio
 import hashlib
 from typing import Any, Optional
 
+import pytest
+
 from pyngora.services.base import WorkerContext
 
 from tests.protocol.test_h2_helpers import H2Client, StreamResult
@@ -249,4 +251,52 @@ def test_a_drain_lets_in_flight_fast_path_streams_finish_then_closes() -> None:
         server.close()
         assert all(r.status == 200 and bytes(r.body) == b"hello" and r.ended for r in results)
         assert runs[0] == 0  # they stayed on the fast path throughout
+    run(main())
+
+
+def test_a_content_length_on_a_request_that_ended_with_its_headers_is_malformed() -> None:
+    """RFC 9113 8.1.1: its DATA (none) cannot add up to it. Sent on, the origin would take the
+    next request on the pooled connection for this one's body."""
+    async def main() -> None:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving_h2c(svc, conf) as (port, ctx):
+            c = await H2Client.connect(port)
+            await c.request("GET", "/len")
+            heads = len(stats["heads"])
+            bad = await c.request("GET", "/len", headers=(("content-length", "10"),))
+            zero = await c.request("GET", "/len", headers=(("content-length", "0"),))
+            await c.close()
+        server.close()
+        assert bad.reset == 0x1 and not bad.headers  # RST_STREAM PROTOCOL_ERROR
+        assert zero.status == 200 and bytes(zero.body) == b"hello"
+        assert len(stats["heads"]) == heads + 1  # only the second went upstream
+    run(main())
+
+
+def test_a_bug_in_the_forwarder_answers_502_and_still_releases_the_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyngora.proxy import fast_path
+    real = fast_path._Forward.run
+    broken = [0]
+
+    def run_once_broken(self: Any) -> None:
+        if not broken[0]:
+            broken[0] = 1
+            raise RuntimeError("a bug")
+        real(self)
+    monkeypatch.setattr(fast_path._Forward, "run", run_once_broken)
+
+    async def main() -> None:
+        server, oport, stats = await start_origin()
+        conf, svc = proxy_service(oport)
+        async with serving_h2c(svc, conf) as (port, ctx):
+            c = await H2Client.connect(port)
+            first = await c.request("GET", "/len")
+            second = await c.request("GET", "/len")
+            h2conn = _h2_conns(ctx)[0]
+            assert not h2conn._streams and h2conn.proto.active == 0
+            await c.close()
+        server.close()
+        assert first.status == 502 and second.status == 200
     run(main())

@@ -50,3 +50,19 @@ def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
         with pytest.raises(asyncio.CancelledError):
             await both
     run(main())
+
+
+def test_an_awaitable_that_finishes_despite_the_timer_leaves_no_cancel_behind() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def stubborn() -> int:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return 5  # swallows the timer's cancel
+            return 0
+        assert await _within(loop, 0.01, stubborn()) == 5
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+    run(main())

@@ -53,7 +53,12 @@ def test_a_repeat_keeps_its_own_field_objects() -> None:
 
 def test_end_stream_and_the_body_limit_are_part_of_the_judgement() -> None:
     post = [(b":method", b"POST")] + GET[1:] + [(b"content-length", b"10")]
-    assert translate_request(list(post), 1, True).body == "none"
+    empty = post[:-1] + [(b"content-length", b"0")]
+    assert translate_request(list(empty), 1, True).body == "none"
+    for sid in (1, 3):  # a length its DATA (none) cannot add up to: malformed, each time
+        with pytest.raises(Reject) as e:
+            translate_request(list(post), sid, True)
+        assert e.value.status == 0
     head = translate_request(list(post), 3, False)
     assert head.body == "length" and head.content_length == 10 and head.raw is None
     with pytest.raises(Reject) as e:
@@ -73,4 +78,6 @@ def test_a_refused_list_is_refused_every_time() -> None:
 def test_large_lists_are_judged_each_time() -> None:
     big = GET + [(b"x-big", b"v" * 4096)]
     _same(translate_request(list(big), 1, True), translate_request(list(big), 3, True))
+    long_path = [(b":path", b"/" + b"p" * 4096) if n == b":path" else (n, v) for n, v in GET]
+    translate_request(list(long_path), 5, True)  # (the path counts, and raw repeats it)
     assert not h2_fields._JUDGED

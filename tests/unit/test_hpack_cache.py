@@ -77,6 +77,22 @@ def test_a_table_size_update_is_sent_once() -> None:
     assert out[2][0] == b"\xbe"
 
 
+def test_a_small_block_that_decodes_to_much_is_not_kept() -> None:
+    """One byte per field (a static index) can stand for many fields: what is kept is bounded
+    by the decoded list, not by the block."""
+    dec = CachingDecoder()
+    many = b"\x82" * 200  # :method GET, 200 times
+    assert dec.decode(many, raw=True) == [(b":method", b"GET")] * 200
+    dec.decode(Encoder().encode([(b"x-big", b"v" * 3000)]), raw=True)
+    twice = b"\xbe\xbe"  # the 3,000-byte entry, twice
+    assert dec.decode(twice, raw=True) == [(b"x-big", b"v" * 3000)] * 2
+    assert not dec._seen
+    caching = CachingEncoder()
+    for _ in range(2):
+        caching.encode([(b"x-big", b"v" * 3000)] * 2)
+    assert not caching._seen
+
+
 def test_the_caches_stay_small() -> None:
     enc, dec = CachingEncoder(), CachingDecoder()
     for i in range(3 * KEEP):
