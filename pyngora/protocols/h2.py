@@ -129,7 +129,7 @@ class _Stream:
     """Our bookkeeping for one stream (the h2 library keeps the protocol state)."""
 
     __slots__ = ("out", "out_bytes", "end", "trailers", "ended", "remote_done", "body_bytes",
-                 "rejected", "reset")
+                 "rejected", "reset", "length")
 
     def __init__(self) -> None:
         self.out: deque[bytes] = deque()
@@ -141,6 +141,7 @@ class _Stream:
         self.body_bytes = 0
         self.rejected = False     # body refused (413): further DATA is acknowledged and dropped
         self.reset = False
+        self.length: Optional[int] = None  # the request's content-length, when it has one
 
 
 class H2Server:
@@ -371,6 +372,7 @@ class H2Server:
         self.streams[sid] = s
         try:
             head = translate_request(ev.headers, sid, end, self.limits.max_body_bytes)
+            s.length = head.content_length
         except Reject as rej:
             if rej.status == 0:
                 del self.streams[sid]
@@ -442,6 +444,11 @@ class H2Server:
             self._maybe_forget(sid, s)
             return
         try:
+            if s.length is not None and s.body_bytes != s.length:
+                # RFC 9113 8.1.1, whatever ends the stream: the h2 library compares the length
+                # with the DATA only when a DATA frame ends it. Passed on, the origin would
+                # read the next request on the pooled connection as the rest of this body.
+                raise Reject(0, f"{s.body_bytes} body bytes for a content-length of {s.length}")
             trailers = check_trailers(ev.headers)
         except Reject as rej:
             s.rejected = True

@@ -300,3 +300,29 @@ def test_a_bug_in_the_forwarder_answers_502_and_still_releases_the_stream(
         server.close()
         assert first.status == 502 and second.status == 200
     run(main())
+
+
+def test_trailers_that_end_a_body_short_of_its_content_length_are_malformed() -> None:
+    """RFC 9113 8.1.1 holds whatever ends the stream: a body cut short by trailers must not
+    reach the origin as complete (it would read the next request as the rest of it)."""
+    async def main() -> None:
+        server, oport, stats = await start_origin(
+            lambda path, n: b"STALL" if path == b"/trl" else None)
+        conf, svc = proxy_service(oport)
+        async with serving_h2c(svc, conf) as (port, ctx):
+            c = await H2Client.connect(port)
+            await c.request("GET", "/len")
+            for body in (b"", b"he"):
+                sid = c.start("POST", "/trl", (("content-length", "5"),), end=False)
+                if body:
+                    await c.send_body(sid, body, end=False)
+                c.conn.send_headers(sid, [(b"x-trailer", b"1")], end_stream=True)
+                c.flush()
+                r = await c.wait(sid, timeout=5)
+                assert r.reset == 0x1 and not r.headers, (body, r.reset, r.headers)
+            # Whatever the origin got of those requests, their connections were not pooled.
+            r = await c.request("GET", "/len")
+            assert r.status == 200 and bytes(r.body) == b"hello"
+            await c.close()
+        server.close()
+    run(main())
