@@ -52,6 +52,7 @@ from hyperframe.frame import GoAwayFrame, PingFrame
 
 from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
+from pyngora.protocols.h2_conn import H2Conn
 # Re-exported: this module was the home of the field rules before they got their own.
 from pyngora.protocols.h2_fields import (CONNECTION_SPECIFIC, UNKNOWN_LENGTH_BODY, Reject,
                                          check_trailers, response_fields,
@@ -162,7 +163,7 @@ class H2Server:
             client_side=False, header_encoding=None, validate_inbound_headers=False,
             normalize_inbound_headers=False, validate_outbound_headers=False,
             normalize_outbound_headers=False)
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = H2Conn(config=config)
         hpack_cache.install(self.conn)  # (repeated header blocks: see the module)
         # MAX_CONCURRENT_STREAMS is left out of the first SETTINGS frame and sent by
         # ``initiate`` in a second one: h2 enforces initial values at once (a connection

@@ -36,6 +36,7 @@ from pyngora.headers import Headers
 from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
+from pyngora.protocols.h2_conn import H2Conn
 from pyngora.protocols.h2_send import send_queued
 
 __all__ = ["H2ClientConn", "GoAway", "SettingsChanged", "request_fields", "H2ClientError",
@@ -82,7 +83,7 @@ class SettingsChanged:
         self.max_concurrent_streams = max_concurrent_streams
 
 
-class _Connection(h2.connection.H2Connection):
+class _Connection(H2Conn):
     """h2's connection, except that a graceful GOAWAY does not close it for the streams
     already open (h2 issue #1181; RFC 9113 6.8 lets them finish)."""
 

@@ -319,7 +319,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          "minimal pooled proxies, see their docs)")
     ap.add_argument("--syscalls-scenario", default="small", choices=("small", "churn"),
                     help="which proxied scenario the syscall count traces")
-    ap.add_argument("--profile-scenario", default="small", choices=("small", "static", "h2"),
+    ap.add_argument("--profile-scenario", default="small", choices=("small", "large", "static", "h2"),
                     help="which scenario the profile samples")
     ap.add_argument("--metrics", action="store_true",
                     help="also run the small scenario against pyngora with metrics on vs a "
@@ -487,7 +487,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not a.no_profile:
             service = "static" if a.profile_scenario == "static" else target
             pid = worker_for(master.pid, service)
-            s = SCENARIOS["small" if service == "proxy" else "static"]
+            s = SCENARIOS[a.profile_scenario if a.profile_scenario in ("small", "large")
+                          and service == "proxy" else "small" if service == "proxy" else "static"]
             port = getattr(py_ports, service)
             prof_what = f"the {s.name} scenario (wrk -c {a.connections}, keep-alive)"
             if a.profile_scenario == "h2" and py_ports.h2:
