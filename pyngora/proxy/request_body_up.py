@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from pyngora.errors import Error, ErrorSource, ErrorType
+
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.proxy.engine import Plan
     from pyngora.proxy.phases import ProxyHttp
@@ -38,9 +40,11 @@ async def _send(proxy: "ProxyHttp", plan: "Plan", session: "Session",
     buffer), then what a phase read, then the rest from the client, with back-pressure on
     both sides."""
     ex = session.exchange
+    sent = 0
     if session.body_bytes_sent_upstream:
         for data in session._retry_buf:
             conn.send_body(data, chunked)
+            sent += len(data)
             await conn.drain()
     filt = plan.request_body_filter
     ahead = session._read_ahead
@@ -68,7 +72,16 @@ async def _send(proxy: "ProxyHttp", plan: "Plan", session: "Session",
         if piece:
             session._remember_body(piece)
             conn.send_body(piece, chunked)
+            sent += len(piece)
             await conn.drain()
         if end:
             break
+    if not chunked and sent != ex.head.content_length:
+        # Never expected (both parsers end a body at its length or fail the request), and
+        # checked because a body short of its Content-Length on a connection that is then
+        # pooled makes the next client's request the rest of this one (the desync of
+        # request smuggling): the connection is closed instead, and the request fails.
+        raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                    f"the request body sent upstream was {sent} bytes, its Content-Length "
+                    f"{ex.head.content_length}: the upstream connection is closed")
     conn.send_end(chunked, ex.trailers if chunked else None)
