@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 from pyngora.lb.backend import Backend, Backends, BackendLike
 from pyngora.lb.health_table import (DEFAULT_CAPACITY, UNHEALTHY, HealthTable, health_key)
+from pyngora.upstreams.dial import connected_to_itself, self_connect_error
 
 log = logging.getLogger("pyngora.lb")
 
@@ -62,8 +63,13 @@ class HealthCheck:
         if backend.is_unix:
             return await asyncio.open_unix_connection(backend.host, ssl=tls,
                                                       server_hostname=server_hostname)
-        return await asyncio.open_connection(backend.host, port or backend.port, ssl=tls,
-                                             server_hostname=server_hostname)
+        reader, writer = await asyncio.open_connection(
+            backend.host, port or backend.port, ssl=tls, server_hostname=server_hostname)
+        if connected_to_itself(writer.transport):
+            # A TCP check would call a dead backend healthy (see connected_to_itself).
+            writer.transport.abort()
+            raise self_connect_error()
+        return reader, writer
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
