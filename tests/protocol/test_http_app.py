@@ -248,6 +248,36 @@ def test_close_when_idle_drains() -> None:
     run(main())
 
 
+def test_drain_answers_requests_on_their_way_on_idle_connections() -> None:
+    """Keep-alive clients whose next request is on its way when the worker starts draining
+    (in the kernel, in part read, or sent a moment later) get it answered, with Connection:
+    close, not reset; a connection that stays idle is closed."""
+    async def main() -> None:
+        async with serving(static()) as (port, ctx):
+            clients = [await Client.connect(port) for _ in range(4)]
+            kernel, partial, later, idle = clients
+            for c in clients:
+                assert (await c.request()).status == 200
+            await partial.send(b"GET /half HTTP/1.1\r\nHost: t\r\n")
+            conn = next(x for x in ctx.connections._conns if x.client_addr ==
+                        partial.writer.get_extra_info("sockname"))
+            while not conn.parser.in_message:  # the loop has read the half head
+                await asyncio.sleep(0.001)
+            # No await from here to the drain: the loop cannot read what is written.
+            kernel.writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert kernel.writer.transport.get_write_buffer_size() == 0  # in the kernel
+            ctx.connections.drain()
+            await later.send(b"GET /later HTTP/1.1\r\nHost: t\r\n\r\n")
+            await partial.send(b"\r\n")  # the rest of the head that was in part read
+            for c in (kernel, partial, later):
+                r = await c.read_response()
+                assert (r.status, r.body, r.header("connection")) == (200, b"hello", "close")
+                assert await c.at_eof()
+            assert await idle.at_eof()
+            await asyncio.wait_for(ctx.connections.wait_empty(), 5)
+    run(main())
+
+
 def test_app_exception_gives_500() -> None:
     class Boom(HttpApp):
         async def _run(self, ex: Exchange) -> None:
