@@ -242,10 +242,9 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         if self._requests == 0 and not self._pending:
             return
         if self._exchange is None and not self._pending and self._tunnel is None:
-            state = self._state
-            if state == _S_HEAD:
+            if self.parser.in_message:
                 return  # a request in part read: answered (the header timeout bounds it)
-            if state == _S_IDLE:
+            if self._state in (_S_IDLE, _S_HEAD):  # (_S_HEAD: only a stray CRLF came)
                 # A busy keep-alive client sends its next request within a moment of the
                 # last response: closing now would answer it with EOF or a reset (an attack
                 # helper counted 100-280 of 300 clients per upgrade). Wait that moment; a

@@ -278,6 +278,25 @@ def test_drain_answers_requests_on_their_way_on_idle_connections() -> None:
     run(main())
 
 
+def test_drain_closes_a_connection_that_sent_only_a_stray_crlf() -> None:
+    """A CRLF after a request (some clients send one after a body) starts no request: the
+    draining worker closes the connection after its grace, without a 408."""
+    async def main() -> None:
+        async with serving(static()) as (port, ctx):
+            c = await Client.connect(port)
+            assert (await c.request()).status == 200
+            await c.send(b"\r\n")
+            conn = next(iter(ctx.connections._conns))
+            while conn._state != http_app._S_HEAD:  # the loop has read the CRLF
+                await asyncio.sleep(0.001)
+            assert not conn.parser.in_message
+            ctx.connections.drain()
+            # The header timeout (10 s) would answer 408 first; the drain grace closes at 1 s.
+            assert await asyncio.wait_for(c.reader.read(), 5) == b""
+            await asyncio.wait_for(ctx.connections.wait_empty(), 5)
+    run(main())
+
+
 def test_app_exception_gives_500() -> None:
     class Boom(HttpApp):
         async def _run(self, ex: Exchange) -> None:
