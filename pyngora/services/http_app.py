@@ -134,7 +134,6 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         # full collections are latency spikes under connection churn.
         self.transport = None
         self.parser.release()
-        self._timer_cb = None  # a bound method of this connection
         self._drop_timer()
         if self._send_watch is not None:
             self._send_watch.resumed()

@@ -58,9 +58,10 @@ class LazyTimer:
         self._deadline = None
 
     def _drop_timer(self) -> None:
-        """Cancel the loop timer itself: the connection is gone, and a pending timer would
-        keep it alive until it fired."""
+        """Cancel the loop timer itself and forget the callback: the connection is gone, and a
+        pending timer (or the callback, a bound method) would keep it alive."""
         self._deadline = None
+        self._timer_cb = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
