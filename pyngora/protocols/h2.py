@@ -211,6 +211,7 @@ class H2Server(H2Wire):
         self.closed = True
         self.error_code = code
         self.wire_error = code  # (the wire stops reading)
+        self._drop_streams()
 
     def _check_done(self) -> None:
         if self._goaway_last is not None and not self.streams and self.active == 0:
@@ -267,7 +268,14 @@ class H2Server(H2Wire):
     def _on_connection_error(self, code: int, reason: str) -> None:
         self.closed = True
         self.error_code = code
+        self._drop_streams()
         self._events.append(ConnectionClosed(self.highest_inbound))
+
+    def _drop_streams(self) -> None:
+        """The connection ended (our GOAWAY with an error is queued): nothing more may be
+        sent on any stream, so every ``send_*`` is a no-op from now on."""
+        self.streams.clear()
+        self.wire_streams.clear()
 
     def _on_headers(self, sid: int, fields: list, end: bool, trailers: bool) -> None:
         if trailers:
@@ -404,6 +412,7 @@ class H2Server(H2Wire):
             self.closed = True
             self.error_code = code
             self.wire_error = code  # (nothing more is read)
+            self._drop_streams()
         elif self._goaway_last is None:
             # A graceful GOAWAY from the client: our in-flight responses still go out.
             self._shutdown = True
