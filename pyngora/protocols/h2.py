@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import partial
 from typing import Iterable, Optional
 
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
@@ -49,11 +50,12 @@ from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamR
 from pyngora.protocols.h2_fields import (CONNECTION_SPECIFIC, UNKNOWN_LENGTH_BODY, Reject,
                                          check_trailers, response_fields,
                                          translate_request)
+from pyngora.protocols.h2_send import send_queued
 from pyngora.protocols.h2_wire import (CANCEL, ENHANCE_YOUR_CALM, INTERNAL_ERROR, NO_ERROR,
                                        PREFACE, PROTOCOL_ERROR, REFUSED_STREAM,
                                        S_INITIAL_WINDOW_SIZE, S_MAX_CONCURRENT_STREAMS,
                                        S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE,
-                                       ConnectionError_, H2Wire)
+                                       ConnectionError_, H2Wire, WireStream)
 
 __all__ = ["H2Limits", "H2Server", "RequestRejected", "PREFACE", "translate_request",
            "CONNECTION_SPECIFIC", "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "CANCEL",
@@ -109,7 +111,7 @@ class RequestRejected:
 
 
 class _Stream:
-    """Our bookkeeping for one stream (the h2 library keeps the protocol state)."""
+    """Our bookkeeping for one stream (``h2_wire.WireStream`` keeps the protocol state)."""
 
     __slots__ = ("out", "out_bytes", "end", "trailers", "ended", "remote_done", "body_bytes",
                  "rejected", "reset", "length")
@@ -341,7 +343,7 @@ class H2Server(H2Wire):
         got = s.body_bytes = s.body_bytes + n
         length = s.length
         if length is not None and (got > length or end and got != length):
-            # RFC 9113 8.1.1: malformed. A connection error, as the h2 library made it: a
+            # RFC 9113 8.1.1: malformed. A connection error (as the h2 library made it): a
             # client lying about lengths does not deserve its other streams.
             raise ConnectionError_(PROTOCOL_ERROR, f"{got} body bytes for a content-length "
                                                    f"of {length}")
@@ -494,39 +496,21 @@ class H2Server(H2Wire):
         self._check_done()
 
     def _flush(self, sid: int, s: _Stream) -> None:
-        """Send what ``sid`` has queued as far as the windows allow, then its end (END_STREAM
-        on the last DATA frame, or the trailers) once nothing is left."""
+        """Send what ``sid`` has queued as far as the windows allow, then its end."""
         if s.ended:
             return
         ws = self.wire_streams.get(sid)
         if ws is None:
             return  # reset meanwhile
-        out = s.out
-        while out:
-            window = self.window(ws)
-            if window <= 0:
-                return  # the client's WINDOW_UPDATE calls us again
-            chunk = out[0]
-            n = len(chunk)
-            if n <= window:
-                out.popleft()
-                s.out_bytes -= n
-                last = not out and s.end and s.trailers is None
-                self.send_data(sid, ws, chunk, last)
-                if last:
-                    self._ended(sid, s)
-                    return
-            else:
-                out[0] = chunk[window:]
-                s.out_bytes -= window
-                self.send_data(sid, ws, chunk[:window], False)
-        if not s.end:
-            return
-        if s.trailers is not None:
-            self.send_headers(sid, ws, s.trailers, True)
+        if send_queued(s, partial(self.window, ws), partial(self.send_data, sid, ws),
+                       partial(self._finish, sid, ws)):
+            self._ended(sid, s)
+
+    def _finish(self, sid: int, ws: WireStream, trailers: Optional[list]) -> None:
+        if trailers is not None:
+            self.send_headers(sid, ws, trailers, True)
         else:
             self.send_data(sid, ws, b"", True)
-        self._ended(sid, s)
 
     def _ended(self, sid: int, s: _Stream) -> None:
         s.ended = True

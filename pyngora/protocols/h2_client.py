@@ -306,8 +306,13 @@ class H2ClientConn:
     def _flush(self, sid: int, s: _Stream) -> None:
         if s.local_done or self.closed:
             return
+        conn = self.conn
         try:
-            if send_queued(self.conn, sid, s):
+            if send_queued(s, lambda: min(conn.local_flow_control_window(sid),
+                                          conn.max_outbound_frame_size),
+                           lambda chunk, end: conn.send_data(sid, chunk, end_stream=end),
+                           lambda trailers: conn.send_headers(sid, trailers, end_stream=True)
+                           if trailers is not None else conn.end_stream(sid)):
                 s.local_done = True
         except h2.exceptions.StreamClosedError:
             # The upstream reset or finished the stream: nothing more goes out on it.

@@ -227,7 +227,7 @@ def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream
             raise Reject(400, "duplicate Content-Length")
         content_length = int(items[keys.index(b"content-length")][1])
         if end_stream and content_length:
-            # RFC 9113 8.1.1: the DATA (none) must add up to it. The h2 library checks DATA
+            # RFC 9113 8.1.1: the DATA (none) must add up to it. ``H2Server`` checks DATA
             # frames only; sent on as it stands, the origin would read the next request on
             # the pooled connection as this one's body.
             raise Reject(0, "content-length on a request that ended with its headers")

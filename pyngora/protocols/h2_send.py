@@ -1,44 +1,42 @@
 """A stream's queued output under HTTP/2 flow control, for both sides (``protocols.h2``'s
-server and ``protocols.h2_client``): sans-IO, it only drives an ``h2`` connection."""
+server over ``protocols.h2_wire``, and ``protocols.h2_client`` over the h2 library): sans-IO,
+it only decides what goes out when; the callers' frame layers write it."""
 from __future__ import annotations
 
-from typing import Any
-
-import h2.connection
+from typing import Any, Callable, Optional
 
 __all__ = ["send_queued"]
 
 
-def send_queued(conn: h2.connection.H2Connection, sid: int, s: Any) -> bool:
-    """Send what stream ``sid`` has queued, as far as the flow-control windows allow, then its
-    end once nothing is left: END_STREAM on the last DATA frame, or the trailers.
+def send_queued(s: Any, window: Callable[[], int], data: Callable[[bytes, bool], None],
+                finish: Callable[[Optional[list]], None]) -> bool:
+    """Send what stream record ``s`` has queued, as far as the flow-control windows allow,
+    then its end once nothing is left: END_STREAM on the last DATA frame, or the trailers.
 
-    ``s`` is the caller's stream record: ``out`` (a deque of bytes, consumed here),
-    ``out_bytes`` (their total, kept up to date), ``end`` (the body is complete) and
-    ``trailers`` (None, or the fields to end with). Returns True once the end went out: nothing
-    more may be sent on the stream. Raises what h2 raises (StreamClosedError after a reset)."""
+    ``s``: ``out`` (a deque of bytes, consumed here), ``out_bytes`` (their total, kept up to
+    date), ``end`` (the body is complete) and ``trailers`` (None, or the fields to end with).
+    ``window()``: how many bytes the next DATA frame may carry; ``data(chunk, end)`` sends
+    one; ``finish(trailers)`` ends the stream when the last DATA frame could not (trailers,
+    or an empty body end). Returns True once the end went out: nothing more may be sent."""
     out = s.out
     while out:
-        window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-        if window <= 0:
+        w = window()
+        if w <= 0:
             return False  # the peer's WINDOW_UPDATE calls the caller's flush again
         chunk = out[0]
         n = len(chunk)
-        if n <= window:
+        if n <= w:
             out.popleft()
             s.out_bytes -= n
             last = not out and s.end and s.trailers is None
-            conn.send_data(sid, chunk, end_stream=last)
+            data(chunk, last)
             if last:
                 return True
         else:
-            out[0] = chunk[window:]
-            s.out_bytes -= window
-            conn.send_data(sid, chunk[:window])
+            out[0] = chunk[w:]
+            s.out_bytes -= w
+            data(chunk[:w], False)
     if not s.end:
         return False
-    if s.trailers is not None:
-        conn.send_headers(sid, s.trailers, end_stream=True)
-    else:
-        conn.end_stream(sid)
+    finish(s.trailers)
     return True

@@ -16,8 +16,9 @@ entry added, its size set), and an answer is kept only when producing it changed
 it is given again only while the count, and so the table, is the same: a block or list that
 adds to the table is decoded or encoded each time, as before.
 
-Used through h2's own attributes: ``H2Connection.decoder`` and ``.encoder`` are replaced
-right after the connection is made (``install``). Each table is per connection, as HPACK
+Used by ``protocols/h2_wire.py`` (the downstream server) directly, and by the upstream client
+through h2's own attributes: ``H2Connection.decoder`` and ``.encoder`` are replaced right after
+the connection is made (``install``). Each table is per connection, as HPACK
 state is, and small (:data:`KEEP` entries, emptied when full, each of at most
 :data:`KEEP_BYTES` encoded, :data:`KEEP_FIELDS` fields and :data:`KEEP_DECODED` bytes of
 names and values), so an idle connection holds nothing and a busy one at most ~130 KiB more

@@ -9,7 +9,7 @@ decision written down here, not an accident.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import h2.config
 import h2.connection
@@ -317,31 +317,29 @@ def test_data_on_a_stream_we_reset_is_dropped_and_its_window_comes_back() -> Non
     assert not srv.closed
 
 
+def _after_many_streams(n: int) -> H2Server:
+    """A server that answered (and so closed) streams 1, 3, ... ``n``."""
+    srv = H2Server()
+    srv.initiate()
+    client = Client()
+    srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK)
+    for sid in range(1, n + 1, 2):
+        srv.feed(client.headers(sid))
+        srv.send_head(sid, 200, [], True)
+        srv.release(sid)
+    srv.data_to_send()
+    return srv
+
+
 def test_a_stream_closed_long_ago_counts_as_never_opened() -> None:
     """Closed streams are remembered (RESET_MEMORY of them) to tell STREAM_CLOSED from
     PROTOCOL_ERROR: memory per connection stays bounded."""
-    srv = H2Server()
-    srv.initiate()
-    client = Client()
-    srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK)
     last = 1 + 2 * (RESET_MEMORY + 1)
-    for sid in range(1, last + 1, 2):
-        srv.feed(client.headers(sid))
-        srv.send_head(sid, 200, [], True)
-        srv.release(sid)
+    srv = _after_many_streams(last)
     assert len(srv._recent) == RESET_MEMORY and not srv.wire_streams
-    srv.data_to_send()
     srv.feed(frame(DATA, 0, last, b"x"))
     assert outcome_of(srv.data_to_send())[0] == STREAM_CLOSED
-    srv = H2Server()
-    srv.initiate()
-    client = Client()
-    srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK)
-    for sid in range(1, last + 1, 2):
-        srv.feed(client.headers(sid))
-        srv.send_head(sid, 200, [], True)
-        srv.release(sid)
-    srv.data_to_send()
+    srv = _after_many_streams(last)
     srv.feed(frame(DATA, 0, 1, b"x"))
     assert outcome_of(srv.data_to_send())[0] == PROTOCOL_ERROR
 
@@ -391,18 +389,23 @@ def test_a_client_without_a_dynamic_table_still_decodes_every_response() -> None
     assert p.server.encoder.header_table_size == 0 and not p.server.closed
 
 
-def test_a_window_shrunk_by_settings_holds_data_until_it_opens_again() -> None:
-    """The client lowers INITIAL_WINDOW_SIZE below what was sent (RFC 9113 6.9.2: the window
-    may go negative): nothing more goes out until its WINDOW_UPDATEs bring it above 0."""
+def _download(size: int, client_settings: Optional[dict] = None) -> tuple[Any, int]:
+    """An h2 client's GET answered with ``size`` bytes: (the pair, bytes the client got)."""
     from tests.unit.test_h2_protocol import GET as FULL_GET, Pair
-    p = Pair()
+    p = Pair(client_settings=client_settings)
     p.client.send_headers(1, FULL_GET, end_stream=True)
     p.pump()
     p.server.send_head(1, 200, [])
-    p.server.send_body(1, b"a" * 70000, end=True)  # 65,535 go, 4,465 wait
+    p.server.send_body(1, b"a" * size, end=True)
     p.server.release(1)
     p.pump()
-    got = sum(len(e.data) for e in p.ctake() if isinstance(e, h2.events.DataReceived))
+    return p, sum(len(e.data) for e in p.ctake() if isinstance(e, h2.events.DataReceived))
+
+
+def test_a_window_shrunk_by_settings_holds_data_until_it_opens_again() -> None:
+    """The client lowers INITIAL_WINDOW_SIZE below what was sent (RFC 9113 6.9.2: the window
+    may go negative): nothing more goes out until its WINDOW_UPDATEs bring it above 0."""
+    p, got = _download(70000)  # 65,535 go, 4,465 wait
     assert got == 65535 and p.server.pending(1) == 4465
     p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
     p.pump()
@@ -420,15 +423,7 @@ def test_a_window_shrunk_by_settings_holds_data_until_it_opens_again() -> None:
 def test_a_window_raised_by_settings_sends_what_waited() -> None:
     """INITIAL_WINDOW_SIZE raised mid-response opens every stream's window (RFC 9113 6.9.2):
     what waited goes out without a WINDOW_UPDATE."""
-    from tests.unit.test_h2_protocol import GET as FULL_GET, Pair
-    p = Pair(client_settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
-    p.client.send_headers(1, FULL_GET, end_stream=True)
-    p.pump()
-    p.server.send_head(1, 200, [])
-    p.server.send_body(1, b"a" * 1000, end=True)
-    p.server.release(1)
-    p.pump()
-    got = sum(len(e.data) for e in p.ctake() if isinstance(e, h2.events.DataReceived))
+    p, got = _download(1000, {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
     assert got == 100 and p.server.pending(1) == 900
     p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
     p.pump()
