@@ -221,11 +221,15 @@ def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream
         keys.append(b"cookie")
     content_length: Optional[int] = None
     if b"content-length" in keys:
-        # h2 already refused non-digit or conflicting values (a connection error); it lets
-        # equal repeats through, which HTTP/1 refuses and an origin may read otherwise.
+        # Repeats, even equal, are refused as HTTP/1 refuses them (an origin may read them
+        # otherwise); a value other than plain digits is malformed (RFC 9110 8.6: "-1",
+        # "+5" or "5_0" would each be read differently by someone downstream).
         if keys.count(b"content-length") > 1:
             raise Reject(400, "duplicate Content-Length")
-        content_length = int(items[keys.index(b"content-length")][1])
+        value = items[keys.index(b"content-length")][1]
+        if not value.isdigit() or len(value) > 18:
+            raise Reject(0, "invalid content-length")
+        content_length = int(value)
         if end_stream and content_length:
             # RFC 9113 8.1.1: the DATA (none) must add up to it. ``H2Server`` checks DATA
             # frames only; sent on as it stands, the origin would read the next request on

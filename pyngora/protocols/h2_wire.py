@@ -21,9 +21,12 @@ Decisions where the RFC leaves a choice:
   for any stream error).
 - Frames on a stream we reset are ignored (its DATA still counts against, and is returned to,
   the connection window): the client may not have seen our RST_STREAM yet (RFC 9113 5.1).
-  DATA or HEADERS on a stream closed otherwise is a connection error STREAM_CLOSED, on one
-  never opened PROTOCOL_ERROR. The last :data:`RESET_MEMORY` closed streams are remembered;
-  an older one counts as never opened.
+  DATA or HEADERS on a stream closed otherwise is a connection error STREAM_CLOSED. The last
+  :data:`RESET_MEMORY` closed streams are remembered; frames on an older one are ignored
+  too (telling would take memory per stream for the connection's life; they are counted
+  as overhead). An id the client jumped over is closed (RFC 9113 5.1.1): HEADERS on it is
+  PROTOCOL_ERROR, DATA STREAM_CLOSED; the last :data:`SKIPPED_MEMORY` jumps are remembered,
+  as ranges.
 - A header block spread over more than :data:`MAX_CONTINUATIONS` CONTINUATION frames, or
   larger than twice the header list limit before decoding, ends the connection
   (PROTOCOL_ERROR): the CONTINUATION flood.
@@ -40,78 +43,33 @@ from typing import Optional
 
 from hpack.exceptions import HPACKError
 
+from pyngora.protocols.h2_frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA,
+                                         DEFAULT_WINDOW, END_HEADERS, END_STREAM,
+                                         ENHANCE_YOUR_CALM, FLOW_CONTROL_ERROR,
+                                         FRAME_SIZE_ERROR, GOAWAY, HEADERS, INTERNAL_ERROR,
+                                         MAX_WINDOW, NO_ERROR, PADDED, PING, PREFACE, PRIORITY,
+                                         PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE,
+                                         REFUSED_STREAM, RST_STREAM, S_ENABLE_PUSH,
+                                         S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
+                                         S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE,
+                                         S_MAX_HEADER_LIST_SIZE, SETTINGS, SETTINGS_ACK,
+                                         STREAM_CLOSED, WINDOW_UPDATE, ConnectionError_,
+                                         WireStream, frame, head, u32)
 from pyngora.protocols.hpack_cache import CachingDecoder, CachingEncoder
 
+# (error codes, SETTINGS identifiers and ``frame`` re-exported for the server and tests)
 __all__ = ["H2Wire", "WireStream", "ConnectionError_", "PREFACE", "MAX_CONTINUATIONS",
-           "RESET_MEMORY", "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR",
-           "FLOW_CONTROL_ERROR", "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM",
-           "CANCEL", "COMPRESSION_ERROR", "ENHANCE_YOUR_CALM"]
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
-FLOW_CONTROL_ERROR = 0x3
-STREAM_CLOSED = 0x5
-FRAME_SIZE_ERROR = 0x6
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-COMPRESSION_ERROR = 0x9
-ENHANCE_YOUR_CALM = 0xB
+           "RESET_MEMORY", "SKIPPED_MEMORY", "ENCODER_TABLE_MAX", "NO_ERROR", "PROTOCOL_ERROR",
+           "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "STREAM_CLOSED", "FRAME_SIZE_ERROR",
+           "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR", "ENHANCE_YOUR_CALM",
+           "S_HEADER_TABLE_SIZE", "S_ENABLE_PUSH", "S_MAX_CONCURRENT_STREAMS",
+           "S_INITIAL_WINDOW_SIZE", "S_MAX_FRAME_SIZE", "S_MAX_HEADER_LIST_SIZE", "frame"]
 
 MAX_CONTINUATIONS = 64
 RESET_MEMORY = 256
-_MAX_WINDOW = 2 ** 31 - 1
-_DEFAULT_WINDOW = 65535
+SKIPPED_MEMORY = 16
+ENCODER_TABLE_MAX = 4096
 _SMALL_WINDOW_UPDATE = 1024  # smaller increments count as overhead (clients send 32 KiB+)
-# Frame types and flags (RFC 9113 6).
-_DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CONT = range(10)
-_END_STREAM = 0x1
-_ACK = 0x1
-_END_HEADERS = 0x4
-_PADDED = 0x8
-_PRIORITY_FLAG = 0x20
-# SETTINGS identifiers.
-S_HEADER_TABLE_SIZE = 0x1
-S_ENABLE_PUSH = 0x2
-S_MAX_CONCURRENT_STREAMS = 0x3
-S_INITIAL_WINDOW_SIZE = 0x4
-S_MAX_FRAME_SIZE = 0x5
-S_MAX_HEADER_LIST_SIZE = 0x6
-
-_head = struct.Struct(">BHBBI").pack  # a frame header: length (24 bits), type, flags, stream
-_u32 = struct.Struct(">I").pack
-_SETTINGS_ACK = _head(0, 0, _SETTINGS, _ACK, 0)
-
-
-def frame(typ: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    """One frame, whole."""
-    n = len(payload)
-    return _head(n >> 16, n & 0xFFFF, typ, flags, sid) + payload
-
-
-class ConnectionError_(Exception):
-    """A connection error (RFC 9113 5.4.1): GOAWAY with ``code``, then nothing more."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class WireStream:
-    """One stream's protocol state: which ends are closed, and its two windows."""
-
-    __slots__ = ("send_window", "recv_window", "recv_max", "recv_read", "remote_closed",
-                 "local_closed")
-
-    def __init__(self, send_window: int, recv_window: int) -> None:
-        self.send_window = send_window  # what we may still send (the client's window)
-        self.recv_window = recv_window  # what the client may still send us
-        self.recv_max = recv_window     # our SETTINGS_INITIAL_WINDOW_SIZE for it
-        self.recv_read = 0              # bytes read and not yet returned by WINDOW_UPDATE
-        self.remote_closed = False      # the client's END_STREAM came
-        self.local_closed = False       # our END_STREAM went out
 
 
 class H2Wire:
@@ -128,7 +86,7 @@ class H2Wire:
                  "_recv_window", "_recv_max", "_recv_read", "_local_initial",
                  "_local_max_streams", "_max_inbound_frame", "_pending_settings",
                  "peer_initial", "peer_max_frame", "_block", "_block_sid", "_block_flags",
-                 "_block_frames", "_block_limit", "_recent", "_fresh_overhead")
+                 "_block_frames", "_block_limit", "_recent", "_skipped", "_fresh_overhead")
 
     def __init__(self, header_list_size: int) -> None:
         self._out = bytearray()
@@ -140,16 +98,16 @@ class H2Wire:
         self.wire_streams: dict[int, WireStream] = {}
         self.highest_inbound = 0
         self.wire_error: Optional[int] = None
-        self.send_window = _DEFAULT_WINDOW        # the connection's, as the client allows
-        self._recv_window = _DEFAULT_WINDOW       # the connection's, as we allow
-        self._recv_max = _DEFAULT_WINDOW
+        self.send_window = DEFAULT_WINDOW        # the connection's, as the client allows
+        self._recv_window = DEFAULT_WINDOW       # the connection's, as we allow
+        self._recv_max = DEFAULT_WINDOW
         self._recv_read = 0
         # Our settings take effect when the client acknowledges them (RFC 9113 6.5.3).
-        self._local_initial = _DEFAULT_WINDOW
+        self._local_initial = DEFAULT_WINDOW
         self._local_max_streams: Optional[int] = None
         self._max_inbound_frame = 16384
         self._pending_settings: deque[dict[int, int]] = deque()
-        self.peer_initial = _DEFAULT_WINDOW
+        self.peer_initial = DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self._block: Optional[bytearray] = None  # a header block awaiting CONTINUATION
         self._block_sid = 0
@@ -157,13 +115,14 @@ class H2Wire:
         self._block_frames = 0
         self._block_limit = 2 * header_list_size
         self._recent: dict[int, bool] = {}  # closed streams: sid -> we reset it
+        self._skipped: list[tuple[int, int]] = []  # ids the client jumped over (ranges)
         self._fresh_overhead = 0  # frames that carried no request, since the caller looked
 
     # ------------------------------------------------------------------ sending
     def send_settings(self, settings: dict[int, int]) -> None:
         """Queue a SETTINGS frame; its values apply to us once the client ACKs it."""
         payload = b"".join(struct.pack(">HI", k, v) for k, v in settings.items())
-        self._out += frame(_SETTINGS, 0, 0, payload)
+        self._out += frame(SETTINGS, 0, 0, payload)
         self._pending_settings.append(dict(settings))
 
     def open_connection_window(self, size: int) -> None:
@@ -172,23 +131,23 @@ class H2Wire:
         if extra > 0:
             self._recv_max = size
             self._recv_window += extra
-            self._out += frame(_WINDOW, 0, 0, _u32(extra))
+            self._out += frame(WINDOW_UPDATE, 0, 0, u32(extra))
 
     def send_headers(self, sid: int, ws: WireStream, fields: list, end: bool) -> None:
         """A header block (split into CONTINUATION frames past the client's frame size)."""
         block = self.encoder.encode(fields)
-        flags = _END_STREAM if end else 0
+        flags = END_STREAM if end else 0
         limit = self.peer_max_frame
         out = self._out
         n = len(block)
         if n <= limit:
-            out += _head(n >> 16, n & 0xFFFF, _HEADERS, flags | _END_HEADERS, sid)
+            out += head(n >> 16, n & 0xFFFF, HEADERS, flags | END_HEADERS, sid)
             out += block
         else:
-            out += frame(_HEADERS, flags, sid, block[:limit])
+            out += frame(HEADERS, flags, sid, block[:limit])
             for i in range(limit, n, limit):
                 part = block[i:i + limit]
-                out += frame(_CONT, _END_HEADERS if i + limit >= n else 0, sid, part)
+                out += frame(CONTINUATION, END_HEADERS if i + limit >= n else 0, sid, part)
         if end:
             self._local_end(sid, ws)
 
@@ -198,7 +157,7 @@ class H2Wire:
         self.send_window -= n
         ws.send_window -= n
         out = self._out
-        out += _head(n >> 16, n & 0xFFFF, _DATA, _END_STREAM if end else 0, sid)
+        out += head(n >> 16, n & 0xFFFF, DATA, END_STREAM if end else 0, sid)
         if n:
             out += data
         if end:
@@ -221,13 +180,13 @@ class H2Wire:
         if sid not in self.wire_streams:
             return
         self._forget(sid, True)
-        self._out += frame(_RST, 0, sid, _u32(code))
+        self._out += frame(RST_STREAM, 0, sid, u32(code))
 
     def send_goaway(self, last: int, code: int) -> None:
-        self._out += frame(_GOAWAY, 0, 0, _u32(last) + _u32(code))
+        self._out += frame(GOAWAY, 0, 0, u32(last) + u32(code))
 
     def send_ping(self, data: bytes) -> None:
-        self._out += frame(_PING, 0, 0, data)
+        self._out += frame(PING, 0, 0, data)
 
     def data_read(self, sid: int, n: int) -> None:
         """``n`` flow-controlled bytes of ``sid`` were read (or dropped): both windows may
@@ -237,19 +196,24 @@ class H2Wire:
         if read >= self._recv_max // 2 or (window == 0 and read > 1024):
             self._recv_read = 0
             self._recv_window = window + read
-            self._out += frame(_WINDOW, 0, 0, _u32(read))
+            self._out += frame(WINDOW_UPDATE, 0, 0, u32(read))
         else:
             self._recv_read = read
         ws = self.wire_streams.get(sid)
         if ws is None or ws.remote_closed:
             return  # nothing more will come on it: its window does not matter
-        read = ws.recv_read + n
-        if read >= ws.recv_max // 2 or (ws.recv_window == 0 and read > 1024):
+        ws.recv_read += n
+        self._return_window(sid, ws)
+
+    def _return_window(self, sid: int, ws: WireStream) -> None:
+        """WINDOW_UPDATE for what ``ws`` read, once it is half its window, or over 1 KiB
+        while the window is shut. Called again when our INITIAL_WINDOW_SIZE takes effect:
+        a smaller one shuts the window (even below 0) with nothing more to read."""
+        read = ws.recv_read
+        if read >= ws.recv_max // 2 or (ws.recv_window <= 0 and read > 1024):
             ws.recv_read = 0
             ws.recv_window += read
-            self._out += frame(_WINDOW, 0, sid, _u32(read))
-        else:
-            ws.recv_read = read
+            self._out += frame(WINDOW_UPDATE, 0, sid, u32(read))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data: bytes) -> None:
@@ -294,37 +258,37 @@ class H2Wire:
                 & 0x7FFFFFFF
             payload = buf[i + 9:end]
             i = end
-            if self._block is not None and (typ != _CONT or sid != self._block_sid):
+            if self._block is not None and (typ != CONTINUATION or sid != self._block_sid):
                 raise ConnectionError_(PROTOCOL_ERROR, "a header block cut by another frame")
             if not self._settings_seen:
-                if typ != _SETTINGS or flags & _ACK:
+                if typ != SETTINGS or flags & ACK:
                     raise ConnectionError_(PROTOCOL_ERROR, "the preface's SETTINGS missing")
                 self._settings_seen = True
-            if typ == _DATA:
+            if typ == DATA:
                 self._data(sid, flags, payload)
-            elif typ == _HEADERS:
+            elif typ == HEADERS:
                 self._headers(sid, flags, payload)
-            elif typ == _WINDOW:
+            elif typ == WINDOW_UPDATE:
                 self._window_update(sid, payload)
-            elif typ == _CONT:
+            elif typ == CONTINUATION:
                 self._continuation(sid, flags, payload)
-            elif typ == _RST:
+            elif typ == RST_STREAM:
                 self._rst(sid, payload)
-            elif typ == _SETTINGS:
+            elif typ == SETTINGS:
                 self._settings(sid, flags, payload)
                 limit = self._max_inbound_frame
-            elif typ == _PING:
+            elif typ == PING:
                 self._ping(sid, flags, payload)
-            elif typ == _PRIORITY:
+            elif typ == PRIORITY:
                 self._priority(sid, payload)
-            elif typ == _GOAWAY:
+            elif typ == GOAWAY:
                 if sid:
                     raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
                 if length < 8:
                     raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
                 self._on_goaway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
                                 int.from_bytes(payload[4:8], "big"))
-            elif typ == _PUSH:
+            elif typ == PUSH_PROMISE:
                 raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             else:
                 self._fresh_overhead += 1  # an unknown type: ignored (RFC 9113 5.5)
@@ -333,16 +297,20 @@ class H2Wire:
         self._buf = buf[i:] if i < n else b""
 
     def _closed_stream(self, sid: int, what: str) -> None:
-        """A DATA or HEADERS frame on a stream not open: ignored if we reset the stream; else
-        a connection error: STREAM_CLOSED for a stream that closed lately, PROTOCOL_ERROR for
-        one never opened (or closed too long ago to tell)."""
-        if sid <= self.highest_inbound:
-            by_us = self._recent.get(sid)
-            if by_us:
-                return
-            if by_us is not None:
-                raise ConnectionError_(STREAM_CLOSED, f"{what} on closed stream {sid}")
-        raise ConnectionError_(PROTOCOL_ERROR, f"{what} on stream {sid}, never opened")
+        """A DATA or HEADERS frame on a stream not open. Ignored (counted as overhead) if we
+        reset the stream, or if it closed too long ago to tell how; a connection error
+        STREAM_CLOSED if it closed lately at both ends, PROTOCOL_ERROR if it is idle."""
+        if sid > self.highest_inbound or not sid & 1:
+            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on idle stream {sid}")
+        by_us = self._recent.get(sid)
+        if by_us is False:
+            raise ConnectionError_(STREAM_CLOSED, f"{what} on closed stream {sid}")
+        if by_us is None:
+            for low, high in self._skipped:
+                if low <= sid <= high:  # closed by RFC 9113 5.1.1; opening it: PROTOCOL_ERROR
+                    raise ConnectionError_(PROTOCOL_ERROR if what == "HEADERS" else STREAM_CLOSED,
+                                           f"{what} on skipped stream {sid}")
+        self._fresh_overhead += 1
 
     def _forget(self, sid: int, by_us: bool) -> None:
         """``sid`` is closed: remember for a while how (see ``_closed_stream``)."""
@@ -359,7 +327,7 @@ class H2Wire:
         if flow > self._recv_window:
             raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA past the connection window")
         self._recv_window -= flow
-        if flags & _PADDED:
+        if flags & PADDED:
             if not flow or payload[0] >= flow:
                 raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
             payload = payload[1:flow - payload[0]]
@@ -375,7 +343,7 @@ class H2Wire:
         if flow > ws.recv_window:
             raise ConnectionError_(FLOW_CONTROL_ERROR, f"DATA past stream {sid}'s window")
         ws.recv_window -= flow
-        end = flags & _END_STREAM
+        end = flags & END_STREAM
         if end:
             ws.remote_closed = True
             if ws.local_closed:
@@ -387,22 +355,22 @@ class H2Wire:
     def _headers(self, sid: int, flags: int, payload: bytes) -> None:
         if not sid or not sid & 1:
             raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
-        if flags & (_PADDED | _PRIORITY_FLAG):
+        if flags & (PADDED | PRIORITY_FLAG):
             start = 0
             stop = len(payload)
-            if flags & _PADDED:
+            if flags & PADDED:
                 if not stop or payload[0] >= stop:
                     raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
                 stop -= payload[0]
                 start = 1
-            if flags & _PRIORITY_FLAG:
+            if flags & PRIORITY_FLAG:
                 if stop - start < 5:
                     raise ConnectionError_(FRAME_SIZE_ERROR, "HEADERS too short for priority")
                 if int.from_bytes(payload[start:start + 4], "big") & 0x7FFFFFFF == sid:
                     raise ConnectionError_(PROTOCOL_ERROR, "a stream depending on itself")
                 start += 5
             payload = payload[start:stop]
-        if not flags & _END_HEADERS:
+        if not flags & END_HEADERS:
             self._block = bytearray(payload)
             self._block_sid = sid
             self._block_flags = flags
@@ -419,7 +387,7 @@ class H2Wire:
         if self._block_frames > MAX_CONTINUATIONS or len(block) > self._block_limit:
             raise ConnectionError_(PROTOCOL_ERROR, "a header block too long or in too many "
                                                    "CONTINUATION frames")
-        if flags & _END_HEADERS:
+        if flags & END_HEADERS:
             self._block = None
             self._header_block(sid, self._block_flags, bytes(block))
 
@@ -429,7 +397,7 @@ class H2Wire:
             fields = self.decoder.decode(block, raw=True)
         except HPACKError as exc:
             raise ConnectionError_(COMPRESSION_ERROR, f"header block: {exc}") from exc
-        end = bool(flags & _END_STREAM)
+        end = bool(flags & END_STREAM)
         ws = self.wire_streams.get(sid)
         if ws is not None:  # trailers
             if ws.remote_closed:
@@ -445,10 +413,16 @@ class H2Wire:
         if sid <= self.highest_inbound:
             self._closed_stream(sid, "HEADERS")
             return
-        self.highest_inbound = sid
         most = self._local_max_streams
         if most is not None and len(self.wire_streams) >= most:
+            # (before it counts as the highest: the GOAWAY says it was not processed)
             raise ConnectionError_(PROTOCOL_ERROR, "more streams than SETTINGS allowed")
+        if sid > self.highest_inbound + 2:
+            skipped = self._skipped
+            skipped.append((self.highest_inbound + 2, sid - 2))
+            if len(skipped) > SKIPPED_MEMORY:
+                del skipped[0]
+        self.highest_inbound = sid
         ws = self.wire_streams[sid] = WireStream(self.peer_initial, self._local_initial)
         if end:
             ws.remote_closed = True
@@ -463,11 +437,13 @@ class H2Wire:
             raise ConnectionError_(FRAME_SIZE_ERROR, "RST_STREAM not 4 bytes")
         if not sid:
             raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on stream 0")
-        if sid > self.highest_inbound:
+        if sid > self.highest_inbound or not sid & 1:
             raise ConnectionError_(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
         if sid in self.wire_streams:
             self._forget(sid, False)
             self._on_rst(sid, int.from_bytes(payload, "big"))
+        else:
+            self._fresh_overhead += 1  # closed already: it may cross ours, or be a flood
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -479,21 +455,23 @@ class H2Wire:
             if not inc:
                 raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             w = self.send_window + inc
-            if w > _MAX_WINDOW:
+            if w > MAX_WINDOW:
                 raise ConnectionError_(FLOW_CONTROL_ERROR, "the connection window past 2^31-1")
             self.send_window = w
             self._on_window(0)
             return
         ws = self.wire_streams.get(sid)
         if ws is None:
-            if sid > self.highest_inbound:
+            if sid > self.highest_inbound or not sid & 1:
                 raise ConnectionError_(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            if inc >= _SMALL_WINDOW_UPDATE:
+                self._fresh_overhead += 1  # (small ones were counted above)
             return  # closed: it may cross our END_STREAM or RST_STREAM (RFC 9113 6.9)
         if not inc:
             self._stream_error(sid, PROTOCOL_ERROR)
             return
         w = ws.send_window + inc
-        if w > _MAX_WINDOW:
+        if w > MAX_WINDOW:
             self._stream_error(sid, FLOW_CONTROL_ERROR)
             return
         ws.send_window = w
@@ -502,11 +480,13 @@ class H2Wire:
     def _settings(self, sid: int, flags: int, payload: bytes) -> None:
         if sid:
             raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & _ACK:
+        if flags & ACK:
             if payload:
                 raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             if self._pending_settings:
                 self._settings_acked(self._pending_settings.popleft())
+            else:
+                self._fresh_overhead += 1  # an ACK of nothing
             return
         if len(payload) % 6:
             raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes")
@@ -516,13 +496,13 @@ class H2Wire:
             ident = payload[j] << 8 | payload[j + 1]
             value = int.from_bytes(payload[j + 2:j + 6], "big")
             if ident == S_INITIAL_WINDOW_SIZE:
-                if value > _MAX_WINDOW:
+                if value > MAX_WINDOW:
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE past 2^31-1")
                 delta = value - self.peer_initial
                 self.peer_initial = value
                 for ws in self.wire_streams.values():
                     ws.send_window += delta
-                    if ws.send_window > _MAX_WINDOW:
+                    if ws.send_window > MAX_WINDOW:
                         raise ConnectionError_(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
                 opened = opened or delta > 0
             elif ident == S_MAX_FRAME_SIZE:
@@ -531,11 +511,14 @@ class H2Wire:
                 self.peer_max_frame = value
                 opened = True
             elif ident == S_HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = value
+                # The client's decoder may hold that much; our encoder keeps to the default
+                # at most (RFC 7541 4.2 lets it use less): a bigger table would be memory
+                # per connection, and hpack searches it field by field on every response.
+                self.encoder.header_table_size = min(value, ENCODER_TABLE_MAX)
             elif ident == S_ENABLE_PUSH:
                 if value > 1:
                     raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
-        self._out += _SETTINGS_ACK
+        self._out += SETTINGS_ACK
         if opened:
             self._on_window(0)
 
@@ -544,9 +527,11 @@ class H2Wire:
             if ident == S_INITIAL_WINDOW_SIZE:
                 delta = value - self._local_initial
                 self._local_initial = value
-                for ws in self.wire_streams.values():
+                for sid, ws in self.wire_streams.items():
                     ws.recv_window += delta
                     ws.recv_max = value
+                    if not ws.remote_closed:
+                        self._return_window(sid, ws)
             elif ident == S_MAX_CONCURRENT_STREAMS:
                 self._local_max_streams = value
             elif ident == S_MAX_FRAME_SIZE:
@@ -557,11 +542,12 @@ class H2Wire:
             raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
         if len(payload) != 8:
             raise ConnectionError_(FRAME_SIZE_ERROR, "PING not 8 bytes")
-        if flags & _ACK:
+        if flags & ACK:
+            self._fresh_overhead += 1  # (we send one PING per connection, at shutdown)
             self._on_ping_ack(payload)
         else:
             self._fresh_overhead += 1
-            self._out += frame(_PING, _ACK, 0, payload)
+            self._out += frame(PING, ACK, 0, payload)
 
     def _priority(self, sid: int, payload: bytes) -> None:
         if not sid:

@@ -20,7 +20,8 @@ import pytest
 
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h2 import H2Limits, H2Server
-from pyngora.protocols.h2_wire import (COMPRESSION_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
+from pyngora.protocols.h2_wire import (COMPRESSION_ERROR, ENCODER_TABLE_MAX,
+                                       ENHANCE_YOUR_CALM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
                                        PREFACE, PROTOCOL_ERROR, RESET_MEMORY, STREAM_CLOSED,
                                        frame)
 
@@ -99,6 +100,9 @@ def _cases() -> list[tuple[str, Callable[[Client], bytes], Outcome, tuple[int, .
         ("HEADERS on stream 0", lambda k: k.headers(0), conn(PROTOCOL_ERROR), ()),
         ("HEADERS below the highest stream",
          lambda k: k.headers(5) + k.headers(3), conn(PROTOCOL_ERROR), ()),
+        ("DATA on a stream id the client jumped over",
+         lambda k: k.headers(1) + k.headers(7) + frame(DATA, 0, 5, b"x"),
+         conn(STREAM_CLOSED), ()),
         ("a frame past MAX_FRAME_SIZE",
          lambda k: k.headers(1, POST, end=False) + frame(DATA, 0, 1, b"x" * 16385),
          conn(FRAME_SIZE_ERROR), ()),
@@ -171,7 +175,14 @@ def _cases() -> list[tuple[str, Callable[[Client], bytes], Outcome, tuple[int, .
          + frame(DATA, END_STREAM, 1, b"abc"), conn(PROTOCOL_ERROR), ()),
         ("a first request that depends on itself", lambda k: k.headers(1, prio=u32(1) + b"\x10"),
          conn(PROTOCOL_ERROR), ()),
+        ("RST_STREAM on an even stream below the highest",
+         lambda k: k.headers(3) + frame(RST, 0, 2, u32(8)), conn(PROTOCOL_ERROR), ()),
+        ("WINDOW_UPDATE on an even stream below the highest",
+         lambda k: k.headers(3) + frame(WINDOW, 0, 2, u32(100)), conn(PROTOCOL_ERROR), ()),
         # stream errors: the connection goes on
+        ("a content-length that is not digits",
+         lambda k: k.headers(1, POST + [(b"content-length", b"+5")], end=False),
+         rst((1, PROTOCOL_ERROR)), ()),
         ("DATA after END_STREAM", lambda k: k.headers(1) + frame(DATA, 0, 1, b"x"),
          rst((1, STREAM_CLOSED)), ()),
         ("WINDOW_UPDATE 0 on a stream", lambda k: k.headers(1) + frame(WINDOW, 0, 1, u32(0)),
@@ -210,7 +221,7 @@ CASES = _cases()
 H2_DIFFERS = {
     # h2 resets the stream (a stream error); we end the connection (RFC 9113 5.4.1 allows it
     # for any stream error, and DATA after END_STREAM both ways means the client is lost).
-    "DATA on a stream closed at both ends",
+    "DATA on a stream closed at both ends", "DATA on a stream id the client jumped over",
     # h2 says PROTOCOL_ERROR; RFC 9113 6.5 says FRAME_SIZE_ERROR.
     "SETTINGS ACK with a payload",
     # h2 says PROTOCOL_ERROR; RFC 9113 4.3 says COMPRESSION_ERROR.
@@ -219,6 +230,10 @@ H2_DIFFERS = {
     "WINDOW_UPDATE 0 on a stream",
     # h2 skips priority information; RFC 9113 5.3.1 makes it a stream error.
     "PRIORITY on an open stream that depends on itself",
+    # h2 ignores it; even ids are ours to open (we push none): idle, RFC 9113 5.1.
+    "RST_STREAM on an even stream below the highest",
+    # h2 ends the connection; RFC 9113 8.1.1 makes a malformed request a stream error.
+    "a content-length that is not digits",
 }
 
 
@@ -331,17 +346,112 @@ def _after_many_streams(n: int) -> H2Server:
     return srv
 
 
-def test_a_stream_closed_long_ago_counts_as_never_opened() -> None:
-    """Closed streams are remembered (RESET_MEMORY of them) to tell STREAM_CLOSED from
-    PROTOCOL_ERROR: memory per connection stays bounded."""
+def test_a_stream_closed_long_ago_is_ignored_and_a_recent_one_is_an_error() -> None:
+    """Closed streams are remembered (RESET_MEMORY of them) to tell a client that is lost
+    (DATA after both ends closed: STREAM_CLOSED) from one whose frames crossed ours; frames
+    on an older one are ignored and their window returned: memory stays bounded."""
     last = 1 + 2 * (RESET_MEMORY + 1)
     srv = _after_many_streams(last)
     assert len(srv._recent) == RESET_MEMORY and not srv.wire_streams
     srv.feed(frame(DATA, 0, last, b"x"))
     assert outcome_of(srv.data_to_send())[0] == STREAM_CLOSED
     srv = _after_many_streams(last)
-    srv.feed(frame(DATA, 0, 1, b"x"))
-    assert outcome_of(srv.data_to_send())[0] == PROTOCOL_ERROR
+    assert srv.feed(b"".join(frame(DATA, 0, 1, b"x" * 16000) for _ in range(40))) == []
+    out = srv.data_to_send()
+    assert outcome_of(out) == (None, frozenset()) and _windows(out)[0] >= 16000 * 40 // 2
+
+
+def test_late_body_of_an_early_answered_upload_never_ends_the_connection() -> None:
+    """An upload answered before its body ended (RST_STREAM NO_ERROR), then many quick
+    requests close, then the rest of the body arrives: ignored, however many streams
+    closed meanwhile (found by the review helper: it ended the connection past 256)."""
+    srv = H2Server()
+    srv.initiate()
+    client = Client()
+    srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK
+             + client.headers(1, POST, end=False) + frame(DATA, 0, 1, b"part"))
+    srv.send_head(1, 413, [], True)
+    srv.release(1)
+    for sid in range(3, 3 + 2 * (RESET_MEMORY + 10), 2):
+        srv.feed(client.headers(sid))
+        srv.send_head(sid, 200, [], True)
+        srv.release(sid)
+    srv.data_to_send()
+    assert srv.feed(frame(DATA, 0, 1, b"rest") + client.headers(1, [(b"x", b"1")])) == []
+    assert outcome_of(srv.data_to_send()) == (None, frozenset()) and not srv.closed
+
+
+def test_a_client_s_huge_header_table_does_not_grow_ours() -> None:
+    """SETTINGS_HEADER_TABLE_SIZE 2^32-1: our encoder keeps to 4,096 bytes (RFC 7541 4.2),
+    so responses that differ (an ETag each) cannot grow a connection's memory or the cost
+    of encoding (the review helper's run: 40,000 entries and quadratic time)."""
+    from tests.unit.test_h2_protocol import GET as FULL_GET, Pair
+    p = Pair(client_settings={h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2 ** 32 - 1})
+    for i in range(200):
+        sid = 1 + 2 * i
+        p.client.send_headers(sid, FULL_GET, end_stream=True)
+        p.pump()
+        p.server.send_head(sid, 200, [(b"etag", b'"%d"' % i)], end=True)
+        p.server.release(sid)
+        p.pump()
+    table = p.server.encoder.header_table
+    assert table.maxsize == ENCODER_TABLE_MAX and table._current_size <= ENCODER_TABLE_MAX
+    resp = [e for e in p.ctake() if isinstance(e, h2.events.ResponseReceived)]
+    assert [dict(r.headers)[b"etag"] for r in resp] == [b'"%d"' % i for i in range(200)]
+
+
+def test_a_window_shut_by_our_settings_is_returned_once_they_apply() -> None:
+    """The client sends 16 KiB before it has our SETTINGS (65,535 until then); the app reads
+    it all; then the ACK makes our 1,000-byte window apply: the stream's window is below 0
+    with nothing left to read, so the WINDOW_UPDATE must go out then (found by the review
+    helper: the upload stalled for ever)."""
+    srv = H2Server(H2Limits(stream_window=1000))
+    srv.initiate()
+    srv.data_to_send()
+    client = Client()
+    srv.feed(PREFACE + SETTINGS + client.headers(1, POST, end=False)
+             + frame(DATA, 0, 1, bytes(16384)))
+    srv.consumed(1, 16384)
+    srv.data_to_send()
+    srv.feed(SETTINGS_ACK + SETTINGS_ACK)
+    assert _windows(srv.data_to_send()).get(1) == 16384
+    assert srv.wire_streams[1].recv_window == 1000
+
+
+@pytest.mark.parametrize("kind", ["rst", "window_update", "data", "ping_ack", "settings_ack"])
+def test_floods_on_closed_streams_and_acks_of_nothing_get_goaway(kind: str) -> None:
+    """Frames that cost work and ask nothing, though not about an open stream: counted as
+    overhead like the 2019 floods (the review helper: 360,000 of each went through)."""
+    srv = _after_many_streams(1)  # stream 1 closed at both ends
+    one = {"rst": frame(RST, 0, 1, u32(8)), "window_update": frame(WINDOW, 0, 1, u32(4096)),
+           "data": frame(DATA, 0, 1, b"x"), "ping_ack": frame(PING, 1, 0, b"12345678"),
+           "settings_ack": SETTINGS_ACK}[kind]
+    if kind == "data":  # (on a stream we reset: ignored, not an error)
+        srv = H2Server()
+        srv.initiate()
+        srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK
+                 + Client().headers(1, POST, end=False))
+        srv.reset(1)
+    for _ in range(10):
+        srv.feed(one * 500)
+        if srv.closed:
+            break
+    assert srv.closed and srv.error_code == ENHANCE_YOUR_CALM, kind
+
+
+def test_more_streams_than_settings_allow_are_not_counted_as_processed() -> None:
+    """Past the acknowledged MAX_CONCURRENT_STREAMS: GOAWAY(PROTOCOL_ERROR) whose last stream
+    id is the last stream taken, so the client knows the extra one was not processed."""
+    srv = H2Server(H2Limits(max_concurrent_streams=2))
+    srv.initiate()
+    k = Client()
+    srv.feed(PREFACE + SETTINGS + SETTINGS_ACK + SETTINGS_ACK + k.headers(1, end=False)
+             + k.headers(3, end=False))
+    srv.data_to_send()
+    srv.feed(k.headers(5, end=False))
+    out = srv.data_to_send()
+    assert outcome_of(out)[0] == PROTOCOL_ERROR
+    assert b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + u32(3) + u32(PROTOCOL_ERROR) in out
 
 
 def test_a_bad_preface_ends_the_connection_and_a_split_one_does_not() -> None:
