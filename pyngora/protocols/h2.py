@@ -394,15 +394,17 @@ class H2Server(H2Wire):
         # We reset it for the client's error: for the application, as if the client had.
         self._on_rst(sid, code)
 
-    def _on_window(self, sid: int) -> None:
+    def _on_window(self, sid: int) -> bool:
+        before = len(self._out)
         if sid:
             s = self.streams.get(sid)
             if s is not None and (s.out or s.end):
                 self._flush(sid, s)
-            return
-        for sid, s in list(self.streams.items()):
-            if s.out or s.end:
-                self._flush(sid, s)
+        else:
+            for sid, s in list(self.streams.items()):
+                if s.out or s.end:
+                    self._flush(sid, s)
+        return len(self._out) > before
 
     def _on_ping_ack(self, data: bytes) -> None:
         if data == _SHUTDOWN_PING:

@@ -69,7 +69,7 @@ MAX_CONTINUATIONS = 64
 RESET_MEMORY = 256
 SKIPPED_MEMORY = 16
 ENCODER_TABLE_MAX = 4096
-_SMALL_WINDOW_UPDATE = 1024  # smaller increments count as overhead (clients send 32 KiB+)
+_SMALL_WINDOW_UPDATE = 1024  # smaller increments that send nothing count as overhead
 
 
 class H2Wire:
@@ -446,26 +446,30 @@ class H2Wire:
             self._fresh_overhead += 1  # closed already: it may cross ours, or be a flood
 
     def _window_update(self, sid: int, payload: bytes) -> None:
+        """A small increment (under 1 KiB) that sends nothing counts as overhead (the 2019
+        floods); one that lets waiting data go out is a client reading with a small window,
+        which it may choose (nginx serves it too)."""
         if len(payload) != 4:
             raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes")
         inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if inc < _SMALL_WINDOW_UPDATE:
-            self._fresh_overhead += 1
         if not sid:
             if not inc:
                 raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             w = self.send_window + inc
             if w > MAX_WINDOW:
                 raise ConnectionError_(FLOW_CONTROL_ERROR, "the connection window past 2^31-1")
+            was = self.send_window
             self.send_window = w
-            self._on_window(0)
+            # Each flush leaves the connection window at 0 or every waiting stream shut by
+            # its own: if it was open, this update can move nothing (and walks no stream).
+            if (was > 0 or not self._on_window(0)) and inc < _SMALL_WINDOW_UPDATE:
+                self._fresh_overhead += 1
             return
         ws = self.wire_streams.get(sid)
         if ws is None:
             if sid > self.highest_inbound or not sid & 1:
                 raise ConnectionError_(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
-            if inc >= _SMALL_WINDOW_UPDATE:
-                self._fresh_overhead += 1  # (small ones were counted above)
+            self._fresh_overhead += 1
             return  # closed: it may cross our END_STREAM or RST_STREAM (RFC 9113 6.9)
         if not inc:
             self._stream_error(sid, PROTOCOL_ERROR)
@@ -475,7 +479,8 @@ class H2Wire:
             self._stream_error(sid, FLOW_CONTROL_ERROR)
             return
         ws.send_window = w
-        self._on_window(sid)
+        if not self._on_window(sid) and inc < _SMALL_WINDOW_UPDATE:
+            self._fresh_overhead += 1
 
     def _settings(self, sid: int, flags: int, payload: bytes) -> None:
         if sid:
@@ -579,8 +584,9 @@ class H2Wire:
         """We reset ``sid`` (RST_STREAM ``code`` sent) for the client's protocol error."""
         raise NotImplementedError
 
-    def _on_window(self, sid: int) -> None:
-        """The client opened ``sid``'s send window (0: the connection's or every stream's)."""
+    def _on_window(self, sid: int) -> bool:
+        """The client opened ``sid``'s send window (0: the connection's or every stream's).
+        Returns whether that sent anything."""
         raise NotImplementedError
 
     def _on_ping_ack(self, data: bytes) -> None:

@@ -540,3 +540,33 @@ def test_a_window_raised_by_settings_sends_what_waited() -> None:
     evs = p.ctake()
     assert sum(len(e.data) for e in evs if isinstance(e, h2.events.DataReceived)) == 900
     assert any(isinstance(e, h2.events.StreamEnded) for e in evs)
+
+
+@pytest.mark.parametrize("window", [1023, 100])
+def test_a_client_with_a_small_window_gets_its_whole_download(window: int) -> None:
+    """A client may read with a tiny stream window: its WINDOW_UPDATEs are small but each
+    lets waiting data go out, so they are no flood (found by the attack helper: a 1,023-byte
+    window got GOAWAY ENHANCE_YOUR_CALM after ~1 MB; nginx serves it)."""
+    p, got = _download(2_000_000, {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    p.client.acknowledge_received_data(got, 1)  # (h2's own batching, as a client would)
+    for _ in range(30_000):
+        if got == 2_000_000 or p.server.closed:
+            break
+        p.pump()
+        for e in p.ctake():
+            if isinstance(e, h2.events.DataReceived):
+                got += len(e.data)
+                p.client.acknowledge_received_data(e.flow_controlled_length, 1)
+    assert got == 2_000_000 and not p.server.closed
+
+
+def test_tiny_window_updates_that_send_nothing_are_still_a_flood() -> None:
+    """A download held by its stream window (0) while the client floods the connection
+    window with 1-byte increments: data waits, but nothing goes out, so it is overhead."""
+    p, got = _download(100_000, {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    assert got == 0 and p.server.pending(1) == 100_000
+    for _ in range(3000):
+        p.server.feed(frame(WINDOW, 0, 0, u32(1)))
+        if p.server.closed:
+            break
+    assert p.server.closed and p.server.error_code == ENHANCE_YOUR_CALM
