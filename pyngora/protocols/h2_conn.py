@@ -1,10 +1,10 @@
-"""h2's ``H2Connection`` with a cheaper count of open streams (both sides of pyngora use it).
+"""h2's ``H2Connection`` with a cheaper count of open streams (the upstream HTTP/2 client uses
+it; the downstream server has its own frame layer, ``protocols/h2_wire.py``).
 
 Why: h2 counts the open streams of one parity by walking every stream it holds, through two
 properties per stream (``H2Stream.open``, ``H2Stream.closed``), each time a stream begins:
-on the server side for every request HEADERS (``open_inbound_streams``, against our
-MAX_CONCURRENT_STREAMS), on the client side for every request sent upstream
-(``open_outbound_streams``). With h2load's 100 streams per connection that walk was ~11 us of
+on the client side for every request sent upstream (``open_outbound_streams``), on the server
+side for every request HEADERS (``open_inbound_streams``). With h2load's 100 streams per connection that walk was ~11 us of
 every stream's ~130 (python-hyper/h2 issue #1184 reports the same). ``_open_streams`` here
 reads each stream's state once: ~6 us for 100 streams (``tests/unit/test_h2_conn.py``).
 
