@@ -13,10 +13,10 @@ def send_queued(s: Any, window: Callable[[], int], data: Callable[[bytes, bool],
     """Send what stream record ``s`` has queued, as far as the flow-control windows allow,
     then its end once nothing is left: END_STREAM on the last DATA frame, or the trailers.
 
-    ``s``: ``out`` (a deque of bytes, consumed here), ``out_bytes`` (their total, kept up to
+    ``s``: ``out`` (a deque of bytes or memoryviews, consumed here), ``out_bytes`` (their total, kept up to
     date), ``end`` (the body is complete) and ``trailers`` (None, or the fields to end with).
     ``window()``: how many bytes the next DATA frame may carry; ``data(chunk, end)`` sends
-    one; ``finish(trailers)`` ends the stream when the last DATA frame could not (trailers,
+    one (``chunk`` may be a memoryview: the frame layer copies it into its output); ``finish(trailers)`` ends the stream when the last DATA frame could not (trailers,
     or an empty body end). Returns True once the end went out: nothing more may be sent."""
     out = s.out
     while out:
@@ -33,9 +33,12 @@ def send_queued(s: Any, window: Callable[[], int], data: Callable[[bytes, bool],
             if last:
                 return True
         else:
-            out[0] = chunk[w:]
+            # A view, so that a large chunk sent frame by frame is not copied again for
+            # each frame (slicing bytes copies the rest: quadratic in the chunk's size).
+            view = chunk if chunk.__class__ is memoryview else memoryview(chunk)
+            out[0] = view[w:]
             s.out_bytes -= w
-            data(chunk[:w], False)
+            data(view[:w], False)
     if not s.end:
         return False
     finish(s.trailers)
