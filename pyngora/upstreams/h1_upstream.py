@@ -36,9 +36,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["UpstreamConnection", "HIGH_WATER", "LOW_WATER"]
 
-# Unread response bytes above which reading from the upstream pauses, and below which it resumes.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+# Unread response bytes above which reading from the upstream pauses (below LOW_WATER it
+# resumes): about nginx's proxy_buffers. A stalled HTTP/2 stream holds this and ~2 reads: with
+# 256 KiB, 100 of them held ~47 MiB, with 64 KiB ~25 (tests/reliability/test_abuse_h2.py).
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
 
 _UP = ErrorSource.Upstream
 # TCP_QUICKACK exists on Linux only (None elsewhere: the ACK timing is left to the kernel).
