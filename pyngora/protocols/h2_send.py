@@ -35,7 +35,9 @@ def send_queued(s: Any, window: Callable[[], int], data: Callable[[bytes, bool],
         else:
             # A view, so that a large chunk sent frame by frame is not copied again for
             # each frame (slicing bytes copies the rest: quadratic in the chunk's size).
-            view = chunk if chunk.__class__ is memoryview else memoryview(chunk)
+            # (A bytearray is copied once first: its owner may change or resize it later.)
+            view = chunk if chunk.__class__ is memoryview else memoryview(
+                chunk if chunk.__class__ is bytes else bytes(chunk))
             out[0] = view[w:]
             s.out_bytes -= w
             data(view[:w], False)

@@ -59,3 +59,13 @@ def test_a_large_chunk_is_sent_as_views_of_itself_not_copies() -> None:
     assert done and len(sent) == 64
     assert all(isinstance(c, memoryview) and c.obj is chunk for c, _ in sent)
     assert b"".join(bytes(c) for c, _ in sent) == chunk
+
+
+def test_a_bytearray_chunk_is_copied_once_so_its_owner_may_change_it() -> None:
+    buf = bytearray(b"abcdefgh")
+    s = _Stream([buf], end=True)
+    sent, _, done = _drive(s, [3])
+    buf.clear()  # a view of it would refuse (BufferError) or change what is still queued
+    buf += b"XXXXXXXX"
+    sent2, _, done2 = _drive(s, [16])
+    assert [bytes(c) for c, _ in sent + sent2] == [b"abc", b"defgh"] and done2
