@@ -175,9 +175,12 @@ def test_flow_control_10mb_upload_and_download_with_small_windows() -> None:
     assert received == size
     # download: 10 MB queued at once, delivered only as the client reads
     p.server.send_head(1, 200, [(b"content-length", str(size).encode())])
-    p.server.send_body(1, b"\x01" * size, end=True)
+    # (not uniform bytes: the frames are views into it, and their order and offsets count)
+    body = bytes(range(256)) * (size // 256) + b"\x01" * (size % 256)
+    p.server.send_body(1, body, end=True)
     p.pump()
     down = 0
+    got = bytearray()
     ended = False
     rounds = 0
     while not ended:
@@ -188,12 +191,14 @@ def test_flow_control_10mb_upload_and_download_with_small_windows() -> None:
         for ev in p.ctake():
             if isinstance(ev, h2.events.DataReceived):
                 n += len(ev.data)
+                got += ev.data
                 p.client.acknowledge_received_data(ev.flow_controlled_length, 1)
             elif isinstance(ev, h2.events.StreamEnded):
                 ended = True
         down += n
         p.pump()
     assert down == size and p.server.pending(1) == 0
+    assert got == body
 
 
 def test_client_reset_mid_body() -> None:
