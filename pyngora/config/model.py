@@ -122,6 +122,9 @@ class LimitsConf:
     keepalive_requests: Optional[int] = None
     send_timeout_seconds: float = 60.0  # nginx's send_timeout: a client that reads nothing
     body_read_timeout_seconds: float = 60.0  # nginx's client_body_timeout: one that sends none
+    # nginx's http2_max_concurrent_streams (SETTINGS_MAX_CONCURRENT_STREAMS): also what bounds a
+    # client's stalled streams' memory (~270 KiB each, until send_timeout)
+    h2_max_concurrent_streams: int = field(default=100, metadata={"range": (1, 1000)})
 
 
 @dataclass(frozen=True)

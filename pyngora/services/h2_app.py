@@ -46,7 +46,8 @@ def h2_limits(settings: HttpSettings, **overrides: Any) -> h2p.H2Limits:
     """H2Limits from a service's HttpSettings (header and body limits carry over)."""
     pl = settings.parser_limits
     kw: dict[str, Any] = {"max_header_list_size": getattr(pl, "max_header_bytes", 65536),
-                          "max_body_bytes": getattr(pl, "max_body_bytes", None)}
+                          "max_body_bytes": getattr(pl, "max_body_bytes", None),
+                          "max_concurrent_streams": settings.h2_max_concurrent_streams}
     kw.update(overrides)
     return h2p.H2Limits(**kw)
 

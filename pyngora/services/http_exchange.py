@@ -150,7 +150,8 @@ class HttpSettings:
     """Per-service knobs of the downstream connection (from ``limits`` of SPEC section 5)."""
 
     __slots__ = ("parser_limits", "header_read_timeout", "keepalive_timeout",
-                 "keepalive_requests", "send_timeout", "body_read_timeout")
+                 "keepalive_requests", "send_timeout", "body_read_timeout",
+                 "h2_max_concurrent_streams")
 
     def __init__(self, limits: Optional[LimitsConf] = None) -> None:
         limits = limits or LimitsConf()
@@ -161,6 +162,7 @@ class HttpSettings:
         self.keepalive_requests = limits.keepalive_requests
         self.send_timeout = limits.send_timeout_seconds
         self.body_read_timeout = limits.body_read_timeout_seconds
+        self.h2_max_concurrent_streams = limits.h2_max_concurrent_streams
 
 
 class HttpApp:

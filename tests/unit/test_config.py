@@ -64,7 +64,8 @@ services:
     request_headers: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
     response_headers: {remove: [server]}
     limits: {max_header_bytes: 8192, max_body_bytes: 1000000, header_read_timeout_seconds: 5,
-             keepalive_timeout_seconds: 30, keepalive_requests: 100}
+             keepalive_timeout_seconds: 30, keepalive_requests: 100,
+             h2_max_concurrent_streams: 64}
     forwarded_headers: true
     x-note: mine
   - name: origin
@@ -104,6 +105,7 @@ def test_every_key_parses() -> None:
     assert spec.routes[0].path_prefix == "/v1" and spec.routes[1].upstream == "dns"
     assert spec.request_headers.set == (("x-a", "1"),) and spec.request_headers.remove == ("x-c",)
     assert spec.limits.keepalive_requests == 100 and spec.forwarded_headers is True
+    assert spec.limits.h2_max_concurrent_streams == 64
     assert spec.extra == {"x-note": "mine"}
     assert isinstance(origin.spec, StaticConf) and origin.spec.status == 201
     assert bg.spec.app == "mymod:Task" and bg.listeners == ()
@@ -194,6 +196,16 @@ def test_a_static_status_must_be_a_final_one() -> None:
     to answer the request."""
     assert "services[0].status: must be between 200 and 599, got 103" in _errors(
         "services:\n  - {name: s, type: static, listeners: ['127.0.0.1:1'], status: 103}\n")
+
+
+@pytest.mark.parametrize("n", [0, 1001])
+def test_h2_max_concurrent_streams_is_bounded(n: int) -> None:
+    """0 would refuse every stream; above 1,000 a client's stalled streams could hold
+    hundreds of MiB of a worker (~270 KiB each until send_timeout)."""
+    assert (f"c.yaml:3: services[0].limits.h2_max_concurrent_streams: must be between 1 and "
+            f"1000, got {n}") in _errors(
+        "services:\n  - {name: s, type: static, listeners: ['127.0.0.1:1'], body: hi,\n"
+        f"     limits: {{h2_max_concurrent_streams: {n}}}}}\n")
 
 
 def test_request_header_edits_may_not_touch_the_connection_or_the_framing() -> None:
