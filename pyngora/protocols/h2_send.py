@@ -13,11 +13,13 @@ def send_queued(s: Any, window: Callable[[], int], data: Callable[[bytes, bool],
     """Send what stream record ``s`` has queued, as far as the flow-control windows allow,
     then its end once nothing is left: END_STREAM on the last DATA frame, or the trailers.
 
-    ``s``: ``out`` (a deque of bytes or memoryviews, consumed here), ``out_bytes`` (their total, kept up to
-    date), ``end`` (the body is complete) and ``trailers`` (None, or the fields to end with).
-    ``window()``: how many bytes the next DATA frame may carry; ``data(chunk, end)`` sends
-    one (``chunk`` may be a memoryview: the frame layer copies it into its output); ``finish(trailers)`` ends the stream when the last DATA frame could not (trailers,
-    or an empty body end). Returns True once the end went out: nothing more may be sent."""
+    ``s``: ``out`` (a deque of bytes or memoryviews, consumed here), ``out_bytes`` (their
+    total, kept up to date), ``end`` (the body is complete) and ``trailers`` (None, or the
+    fields to end with). ``window()``: how many bytes the next DATA frame may carry;
+    ``data(chunk, end)`` sends one (``chunk`` may be a memoryview: the frame layer copies it
+    into its output); ``finish(trailers)`` ends the stream when the last DATA frame could not
+    (trailers, or an empty body end). Returns True once the end went out: nothing more may
+    be sent."""
     out = s.out
     while out:
         w = window()
