@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+from pyngora.protocols.h2_frames import REFUSED_STREAM
 from tests.protocol.test_h2_helpers import H2Client
 from tests.support import Pyngora, free_port
 
 BODY = 256 * 1024  # over the 64 KiB stream window: a stream stays open until the client reads
-REFUSED_STREAM = 0x7
 
 
 def test_h2_max_concurrent_streams_from_yaml(tmp_path) -> None:

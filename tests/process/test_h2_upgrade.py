@@ -19,6 +19,7 @@ from typing import Optional
 import h2.events
 import pytest
 
+from pyngora.protocols.h2_frames import REFUSED_STREAM
 from tests.process.test_upgrade import Daemon
 from tests.protocol.test_h2_helpers import H2Client
 from tests.support import alive, free_port, wait_for
@@ -92,7 +93,6 @@ def test_goaway_during_upgrade_loses_no_stream(tmp_path, daemon) -> None:
 
 LOAD_CONNECTIONS = 6
 LOAD_STREAMS = 20  # in flight per connection, as h2load -m keeps them
-REFUSED_STREAM = 0x7
 NO_LAST_ID = 2 ** 31 - 1  # the graceful GOAWAY's "no limit yet" (RFC 9113 section 6.8)
 
 
