@@ -92,3 +92,18 @@ def test_h2_lean_floor_answers_h2load(tmp_path: Path, variant: str) -> None:
     for server in ("nginx", "pyngora", "floor"):
         (run,) = row["runs"][server]
         assert run["requests"] > 0 and run["errors"] == 0, (server, run)
+
+
+def test_layers_reports_every_stand_in() -> None:
+    """``python -m tests.bench.layers`` proxies with each stand-in and reports every mode, none
+    of them broken (a stand-in that stopped proxying correctly would be a wrong figure)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.layers", "--rounds", "1",
+                           "--seconds", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| stand-in")]
+    assert rows == ["real", "metrics", "pool", "timers", "all", "lean"], proc.stdout
+    for line in proc.stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| stand-in"):
+            assert float(line.split("|")[2]) > 0, line
