@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pyngora.config.schema import ConfigError, ConfigIssue, ServerConf, ServiceConf
+from pyngora.server.preflight import server_issues
 from pyngora.server.server import Opt, Server
 from pyngora.version import __version__
 
@@ -123,40 +124,6 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
     return out
 
 
-def _server_issues(conf: ServerConf) -> list[ConfigIssue]:
-    """What would keep this file from serving, beyond its own syntax: no service at all (an
-    empty or truncated file would start, or reload into, a server with no listener), and
-    what the file names that this machine lacks: the user and group, the directories of the
-    log files, the working directory. Checked by ``-t`` and before a start or a reload (as
-    nginx -t looks the user up and opens its logs), not found as a traceback once started;
-    not for ``-s`` (stopping must not depend on them)."""
-    import grp
-    import pwd
-    issues: list[ConfigIssue] = []
-
-    def issue(key: str, message: str) -> None:
-        issues.append(ConfigIssue((key,), message, conf.line_of((key,))))
-    if not conf.services:
-        issue("services", "no service to run (an empty or truncated file?)")
-    if conf.user:
-        try:
-            pwd.getpwnam(conf.user)
-        except KeyError:
-            issue("user", f"no such user {conf.user!r}")
-    if conf.group:
-        try:
-            grp.getgrnam(conf.group)
-        except KeyError:
-            issue("group", f"no such group {conf.group!r}")
-    for key in ("error_log", "access_log"):
-        path = getattr(conf, key)
-        if path and path.startswith("/") and not os.path.isdir(os.path.dirname(path)):
-            issue(key, f"directory {os.path.dirname(path)} does not exist")
-    if conf.working_directory and not os.path.isdir(conf.working_directory):
-        issue("working_directory", f"{conf.working_directory} is not a directory")
-    return issues
-
-
 def _health_tables(conf: ServerConf) -> list[str]:
     return [conf.health_table_path(sc.name) for sc in conf.services
             if sc.type == "http_proxy" and _needs_prober(sc)]
@@ -177,7 +144,7 @@ def plan_services(conf: ServerConf) -> "list[PlannedService]":
 
     Runs in the master at start-up and on SIGHUP; imports none of the service rooms."""
     from pyngora.server.deferred import PlannedService, check_in_child
-    issues = _server_issues(conf)
+    issues = server_issues(conf)
     if issues:
         raise ConfigError(conf.source, issues)
     check_in_child(conf, build_services)
@@ -227,26 +194,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
         sys.exit(0)
     conf = ServerConf()
+    services: list[Any] = []
     if opt.conf:
         from pyngora.config.loader import load
         try:
             conf = load(opt.conf)
-            # -t and -s check in this short-lived process; a master builds nothing itself
-            building = opt.test or opt.signal
-            if not building and "" in sys.path:
+            # -t checks in this short-lived process; a master builds nothing itself; -s needs
+            # the file's pid_file only: stopping, reopening or reloading a running master
+            # must not depend on importing its apps or loading its certificates here (-s
+            # reload and -s upgrade have the master, or the new one, check them)
+            if not (opt.test or opt.signal) and "" in sys.path:
                 # workers import the apps after fork, maybe after -d went to /: "" must
                 # still mean the directory pyngora was started in
                 sys.path[sys.path.index("")] = os.getcwd()
             if opt.test:  # every issue in one run: the file's, then its services'
-                issues = _server_issues(conf)
+                issues = server_issues(conf)
                 try:
                     services = build_services(conf)
                 except ConfigError as e:
                     raise ConfigError(e.source, issues + e.issues) from None
                 if issues:
                     raise ConfigError(conf.source, issues)
-            else:
-                services = build_services(conf) if building else plan_services(conf)
+            elif not opt.signal:
+                services = plan_services(conf)
         except ConfigError as e:
             if opt.test:
                 e = ConfigError(e.source, sorted(e.issues + _second_round(e),
@@ -255,8 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if opt.test:
                 sys.stderr.write(f"configuration {opt.conf} test failed\n")
             sys.exit(1)
-    else:
-        services = []
     if opt.test:
         print(f"configuration {opt.conf or '(built-in defaults)'} is ok")
         sys.exit(0)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from pyngora.config.schema import ConfigError, ConfigIssue, Path, ServerConf, build_server_conf
+from pyngora.config.schema import (ConfigError, ConfigIssue, Path, ServerConf, ServiceConf,
+                                   build_server_conf)
 
 
 # Nodes an alias may make the plain data visit: a file of real configuration stays far below;
@@ -124,15 +125,34 @@ def parse_text(text: str, source: str) -> ServerConf:
 
 
 # Paths the server opens itself; relative ones are taken from the configuration file's
-# directory, so that -d (which changes to /) and -s (run from anywhere) agree on them.
+# directory, so that -d (which changes to /) and -s (run from anywhere) agree on them; so are
+# the listeners' TLS certificates and keys. (access_log must be absolute: see the schema.)
 _PATH_KEYS = ("pid_file", "upgrade_sock", "error_log", "metrics_dir", "working_directory",
               "ca_file")
 
 
 def _absolute_paths(conf: ServerConf, base: str) -> ServerConf:
-    changes = {k: os.path.join(base, v) for k in _PATH_KEYS
-               if isinstance(v := getattr(conf, k), str) and v and not os.path.isabs(v)}
+    def absolute(v: Any) -> Any:
+        return os.path.join(base, v) if isinstance(v, str) and v and not os.path.isabs(v) else v
+
+    changes: dict[str, Any] = {k: absolute(v) for k in _PATH_KEYS
+                               if (v := getattr(conf, k)) != absolute(v)}
+    services = tuple(_tls_paths(sc, absolute) for sc in conf.services)
+    if services != conf.services:
+        changes["services"] = services
     return dataclasses.replace(conf, **changes) if changes else conf
+
+
+def _tls_paths(sc: ServiceConf, absolute: Callable[[Any], Any]) -> ServiceConf:
+    """``sc`` with its listeners' certificate and key paths made absolute by ``absolute``."""
+    listeners = tuple(
+        dataclasses.replace(lc, tls=dataclasses.replace(
+            lc.tls, cert=absolute(lc.tls.cert), key=absolute(lc.tls.key),
+            sni=tuple(dataclasses.replace(s, cert=absolute(s.cert), key=absolute(s.key))
+                      for s in lc.tls.sni)))
+        if lc.tls is not None else lc
+        for lc in sc.listeners)
+    return dataclasses.replace(sc, listeners=listeners) if listeners != sc.listeners else sc
 
 
 def load(path: str) -> ServerConf:

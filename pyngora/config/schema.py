@@ -224,6 +224,8 @@ class _Builder:
             body["threads"] = os.cpu_count() or 1
         elif isinstance(threads_raw, int) and not isinstance(threads_raw, bool) and threads_raw < 1:
             self.fail(("threads",), "must be at least 1 (or auto)")
+        if raw.get("access_log") is False:  # YAML 1.1 reads an unquoted off as false
+            body["access_log"] = "off"
         conf = self.dataclass(ServerConf, body, (), skip=("services",))
         if conf is not None and conf.version != 1:
             self.fail(("version",), f"unsupported version {conf.version} (this pyngora reads 1)")

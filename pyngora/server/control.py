@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from pyngora.config.schema import ServerConf
 from pyngora.server.daemon import is_pyngora, pid_alive, read_pid
@@ -14,22 +15,25 @@ SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "quit": signal.SIGQU
            "fast-stop": signal.SIGINT, "reopen": signal.SIGUSR1}
 
 
-def send(conf: ServerConf, conf_path: str, name: str) -> int:
-    """Returns the exit code; prints the reason on failure."""
+def send(conf: ServerConf, conf_path: str, name: str,
+         program: Optional[list[str]] = None) -> int:
+    """Returns the exit code; prints the reason on failure. ``program``: the command that
+    ``upgrade`` starts the new master with (``-u -d`` added); pyngora's own by default."""
     pid = read_pid(conf.pid_file)
     if pid is None or not is_pyngora(pid):
         sys.stderr.write(f"pyngora: no running master (pid_file {conf.pid_file})\n")
         return 1
     if name == "upgrade":
-        return upgrade(conf, conf_path, pid)
+        return upgrade(conf, conf_path, pid, program)
     os.kill(pid, SIGNALS[name])
     return 0
 
 
-def upgrade(conf: ServerConf, conf_path: str, old_pid: int) -> int:
+def upgrade(conf: ServerConf, conf_path: str, old_pid: int,
+            program: Optional[list[str]] = None) -> int:
     """Start a new master with -u -d, SIGQUIT the old one, wait until the new one serves."""
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "pyngora", "-c", conf_path, "-u", "-d"]
+    cmd = [*(program or [sys.executable, "-m", "pyngora", "-c", conf_path]), "-u", "-d"]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(f"pyngora: upgrade failed: the new master did not start: "

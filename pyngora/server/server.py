@@ -64,14 +64,43 @@ class Server:
         self._bootstrapped = False
 
     def bootstrap(self) -> None:
-        """Load the configuration named by ``-c`` (exit 1 with every error when invalid)."""
-        if self.opt.conf:
+        """Load the configuration named by ``-c`` (exit 1 with every error when invalid).
+
+        Also where a program's command line ends early, as Pingora's ``bootstrap`` does for
+        ``-t``: ``--version`` prints it; ``-t`` checks the file and what it names on this
+        machine (the program's services are its own code) and exits 0 or 1; ``-s SIGNAL``
+        talks to the running master named by ``pid_file`` and exits with the answer (``-s
+        upgrade`` starts this same program again with ``-u -d``)."""
+        opt = self.opt
+        if opt.version:
+            from pyngora.version import __version__
+            print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
+            sys.exit(0)
+        if opt.conf:
+            # absolute first, as the command line's: SIGHUP and -s upgrade re-read this path
+            opt.conf = os.path.abspath(opt.conf)
             from pyngora.config.loader import load
             try:
-                self.configuration = load(self.opt.conf)
+                self.configuration = load(opt.conf)
+                if opt.test:
+                    from pyngora.server.preflight import server_issues
+                    issues = server_issues(self.configuration, need_services=False)
+                    if issues:
+                        raise ConfigError(opt.conf, issues)
             except ConfigError as e:
                 sys.stderr.write(f"{e}\n")
+                if opt.test:
+                    sys.stderr.write(f"configuration {opt.conf} test failed\n")
                 sys.exit(1)
+        if opt.test:
+            print(f"configuration {opt.conf or '(built-in defaults)'} is ok")
+            sys.exit(0)
+        if opt.signal:
+            if not opt.conf:
+                sys.stderr.write("pyngora: -s needs -c FILE (to find pid_file)\n")
+                sys.exit(2)
+            from pyngora.server.control import send
+            sys.exit(send(self.configuration, opt.conf, opt.signal, _this_program(opt.conf)))
         self._bootstrapped = True
 
     def add_service(self, svc: Service) -> None:
@@ -106,6 +135,31 @@ class Server:
                         build_services=self.build_services, reload_conf=reload_conf,
                         launcher_fd=launcher_fd, title=title)
         return master.run()
+
+
+def _this_program(conf: str) -> list[str]:
+    """The command that started this process (``python -m pkg.mod ...`` or ``python prog.py
+    ...``) without its ``-s``/``--signal`` and ``-d``, and with ``conf`` (absolute) as its
+    ``-c``: what ``-s upgrade`` starts again, with ``-u -d`` added."""
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    # The program's own arguments follow the interpreter's: the script, or -m and the module
+    # (-X and -W take a value).
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-m":
+        i += 2 if argv[i] in ("-X", "-W") else 1
+    start = min(i + (2 if i < len(argv) and argv[i] == "-m" else 1), len(argv))
+    out, rest = argv[:start], iter(argv[start:])
+    for a in rest:
+        if a in ("-s", "--signal"):
+            next(rest, None)
+        elif a in ("-c", "--conf"):
+            next(rest, None)
+            out += [a, conf]
+        elif a.startswith("--conf="):
+            out.append("--conf=" + conf)
+        elif not (a.startswith("--signal=") or a in ("-d", "--daemon")):
+            out.append(a)
+    return out
 
 
 def _loader(path: str) -> Callable[[], ServerConf]:

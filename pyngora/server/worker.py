@@ -231,10 +231,13 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
         try:
             await service.start_worker(ctx)
             _preload_modules()
+            # Certificates and keys are read before the drop, as nginx's master reads them:
+            # a key is usually readable by root only (/etc/ssl/private, /etc/letsencrypt).
+            ssl_ctxs = [getattr(service, "ssl_context", lambda l: None)(listener)
+                        for listener, _ in spec.sockets]
             _drop_privileges(conf)
-            for listener, sock in spec.sockets:
+            for (listener, sock), ssl_ctx in zip(spec.sockets, ssl_ctxs):
                 factory = service.protocol_factory(ctx, listener)
-                ssl_ctx = getattr(service, "ssl_context", lambda l: None)(listener)
                 handles = AcceptHandles(loop, sock, factory, listener.backlog, ssl_ctx,
                                         spec.sharers)
                 await handles.open(sock)

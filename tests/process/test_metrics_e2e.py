@@ -185,9 +185,15 @@ def test_endpoint_survives_upgrade_and_counters_never_go_back(server, tmp_path) 
         value = requests_total(metrics)
         assert value >= last, (value, last)
         last = value
-    assert scrape(metrics)["pyngora_upgrades_total"] >= 0
+    # the old master counts the upgrade once the new one is ready; it outlives that master
+    wait_for(lambda: scrape(metrics)["pyngora_upgrades_total"] == 1, 10, "the upgrade counted")
     wait_for(lambda: not alive(p.pid), 20, "the old master")
     assert get(metrics, "/metrics")[0] == 200
+    assert scrape(metrics)["pyngora_reloads_total"] == 0
+    assert p.run("-s", "reload").returncode == 0  # (to the new master, by the pid file)
+    wait_for(lambda: scrape(metrics)["pyngora_reloads_total"] == 1, 20, "the reload counted")
+    assert scrape(metrics)["pyngora_upgrades_total"] == 1
+    assert scrape(metrics)["pyngora_upgrade_failures_total"] == 0
 
 
 def _owner(tmp_path) -> str:

@@ -358,3 +358,28 @@ def test_a_backend_weight_of_0_is_refused_by_the_check() -> None:
     out = _errors("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
                   "    upstreams: [{name: o, backends: [{addr: 'a:1', weight: 0}]}]\n")
     assert "c.yaml:5: services[0].upstreams[0].backends[0].weight: must be at least 1" in out
+
+
+def test_unquoted_off_is_access_log_off() -> None:
+    """SPEC and README write ``access_log: off``; YAML 1.1 reads that unquoted as false."""
+    c = parse_text("access_log: off\nservices: []\n", "o.yaml")
+    assert c.access_log == "off"
+    with pytest.raises(ConfigError) as e:
+        parse_text("access_log: on\nservices: []\n", "o.yaml")
+    assert "o.yaml:1: access_log: expected a string, got True" in str(e.value)
+
+
+def test_relative_paths_are_the_config_files_directorys() -> None:
+    """As pid_file and ca_file, a listener's TLS certificate and key (and its SNI ones) are
+    taken from the configuration file's directory: -t, -d (which changes to /) and SIGHUP
+    then read the same files, wherever pyngora was started."""
+    c = parse_text("pid_file: run/p.pid\nca_file: ca.pem\nservices:\n"
+                   "  - name: s\n    type: static\n    listeners:\n"
+                   "      - {address: '127.0.0.1:8443', tls: {cert: c.pem, key: keys/k.pem,"
+                   " sni: [{server_name: a.test, cert: /abs/a.pem, key: a.key}]}}\n"
+                   "      - '127.0.0.1:8080'\n", "/etc/pyngora/p.yaml")
+    assert (c.pid_file, c.ca_file) == ("/etc/pyngora/run/p.pid", "/etc/pyngora/ca.pem")
+    tls = c.services[0].listeners[0].tls
+    assert (tls.cert, tls.key) == ("/etc/pyngora/c.pem", "/etc/pyngora/keys/k.pem")
+    assert [(s.cert, s.key) for s in tls.sni] == [("/abs/a.pem", "/etc/pyngora/a.key")]
+    assert c.services[0].listeners[1].tls is None
