@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from pyngora.config.schema import ConfigError, ConfigIssue, ServerConf, ServiceConf
 from pyngora.server.preflight import server_issues
 from pyngora.server.server import Opt, Server
-from pyngora.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.server.deferred import PlannedService
@@ -184,58 +183,38 @@ def _second_round(e: ConfigError) -> list[ConfigIssue]:
     return []
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    opt = Opt.parse_args(argv)
-    if opt.conf:
-        # absolute before anything changes directory (-d goes to /): SIGHUP re-reads this
-        # path, and -s upgrade hands it to the new master
-        opt.conf = os.path.abspath(opt.conf)
-    if opt.version:
-        print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
-        sys.exit(0)
-    conf = ServerConf()
-    services: list[Any] = []
-    if opt.conf:
-        from pyngora.config.loader import load
+def test_file(path: str) -> ServerConf:
+    """``-t``: the file, what it names on this machine, and its services built here
+    (certificates, app imports); ConfigError with every issue, in the file's order."""
+    from pyngora.config.loader import load
+    try:
+        conf = load(path)
+        issues = server_issues(conf)
         try:
-            conf = load(opt.conf)
-            # -t checks in this short-lived process; a master builds nothing itself; -s needs
-            # the file's pid_file only: stopping, reopening or reloading a running master
-            # must not depend on importing its apps or loading its certificates here (-s
-            # reload and -s upgrade have the master, or the new one, check them)
-            if not (opt.test or opt.signal) and "" in sys.path:
-                # workers import the apps after fork, maybe after -d went to /: "" must
-                # still mean the directory pyngora was started in
-                sys.path[sys.path.index("")] = os.getcwd()
-            if opt.test:  # every issue in one run: the file's, then its services'
-                issues = server_issues(conf)
-                try:
-                    services = build_services(conf)
-                except ConfigError as e:
-                    raise ConfigError(e.source, issues + e.issues) from None
-                if issues:
-                    raise ConfigError(conf.source, issues)
-            elif not opt.signal:
-                services = plan_services(conf)
+            build_services(conf)
         except ConfigError as e:
-            if opt.test:
-                e = ConfigError(e.source, sorted(e.issues + _second_round(e),
-                                                 key=lambda i: i.line or 0))
+            raise ConfigError(e.source, issues + e.issues) from None
+        if issues:
+            raise ConfigError(conf.source, issues)
+        return conf
+    except ConfigError as e:
+        raise ConfigError(e.source, sorted(e.issues + _second_round(e),
+                                           key=lambda i: i.line or 0)) from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m pyngora``: a Server of the YAML file's services (``-t``, ``-s`` and
+    ``--version`` end in ``Server.bootstrap``)."""
+    server = Server(Opt.parse_args(argv), build_services=plan_services, test_file=test_file)
+    server.bootstrap()
+    if "" in sys.path:
+        # workers import the apps after fork, maybe after -d went to /: "" must still mean
+        # the directory pyngora was started in
+        sys.path[sys.path.index("")] = os.getcwd()
+    if server.opt.conf:
+        try:
+            server.add_services(plan_services(server.configuration))
+        except ConfigError as e:
             sys.stderr.write(f"{e}\n")
-            if opt.test:
-                sys.stderr.write(f"configuration {opt.conf} test failed\n")
             sys.exit(1)
-    if opt.test:
-        print(f"configuration {opt.conf or '(built-in defaults)'} is ok")
-        sys.exit(0)
-    if opt.signal:
-        if not opt.conf:
-            sys.stderr.write("pyngora: -s needs -c FILE (to find pid_file)\n")
-            sys.exit(2)
-        from pyngora.server.control import send
-        sys.exit(send(conf, opt.conf, opt.signal))
-    server = Server(opt, build_services=plan_services)
-    server.configuration = conf
-    server._bootstrapped = True
-    server.add_services(services)
     server.run_forever()

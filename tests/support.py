@@ -81,6 +81,22 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def kill_daemon(pid_file: Path) -> None:
+    """SIGKILL the master named by ``pid_file`` and its children (a test's cleanup after a
+    ``-d`` master, which no Popen holds); nothing when the file is gone or stale."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    for child in children_of(pid):
+        os.kill(child, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def title(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

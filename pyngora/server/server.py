@@ -56,11 +56,17 @@ class Server:
     """Holds the configuration and the services; `run_forever()` becomes the master."""
 
     def __init__(self, opt: Optional[Opt] = None,
-                 build_services: Optional[Callable[[ServerConf], list[Service]]] = None) -> None:
+                 build_services: Optional[Callable[[ServerConf], list[Service]]] = None,
+                 test_file: Optional[Callable[[str], ServerConf]] = None) -> None:
+        """``build_services``: the services of a configuration, for SIGHUP (None: a reload
+        keeps this program's services). ``test_file``: what ``-t`` checks, loading the file
+        and raising ConfigError with every issue (None: the file and the machine's side of
+        it, as a program's services are its own code)."""
         self.opt = opt or Opt()
         self.configuration = ServerConf()
         self.services: list[Service] = []
         self.build_services = build_services
+        self.test_file = test_file or _test_file
         self._bootstrapped = False
 
     def bootstrap(self) -> None:
@@ -77,16 +83,15 @@ class Server:
             print(f"pyngora {__version__} (Python {sys.version.split()[0]})")
             sys.exit(0)
         if opt.conf:
-            # absolute first, as the command line's: SIGHUP and -s upgrade re-read this path
+            # absolute before anything changes directory (-d goes to /): SIGHUP re-reads
+            # this path, and -s upgrade hands it to the new master
             opt.conf = os.path.abspath(opt.conf)
             from pyngora.config.loader import load
             try:
-                self.configuration = load(opt.conf)
-                if opt.test:
-                    from pyngora.server.preflight import server_issues
-                    issues = server_issues(self.configuration, need_services=False)
-                    if issues:
-                        raise ConfigError(opt.conf, issues)
+                # -s needs the file's pid_file only: stopping, reopening or reloading a
+                # running master must not depend on importing its apps or loading its
+                # certificates here (-s reload and -s upgrade have a master check them)
+                self.configuration = self.test_file(opt.conf) if opt.test else load(opt.conf)
             except ConfigError as e:
                 sys.stderr.write(f"{e}\n")
                 if opt.test:
@@ -160,6 +165,18 @@ def _this_program(conf: str) -> list[str]:
         elif not (a.startswith("--signal=") or a in ("-d", "--daemon")):
             out.append(a)
     return out
+
+
+def _test_file(path: str) -> ServerConf:
+    """``-t`` of a program whose services are its own code: the file, and what it names on
+    this machine (user, directories, ...)."""
+    from pyngora.config.loader import load
+    from pyngora.server.preflight import server_issues
+    conf = load(path)
+    issues = server_issues(conf, need_services=False)
+    if issues:
+        raise ConfigError(path, issues)
+    return conf
 
 
 def _loader(path: str) -> Callable[[], ServerConf]:

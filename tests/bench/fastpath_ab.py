@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 import uvloop
 
@@ -30,6 +31,7 @@ from pyngora.config.loader import parse_text
 from pyngora.config.schema import parse_address
 from pyngora.proxy.declarative import build_proxy_service
 from pyngora.services.base import WorkerContext
+from tests.bench.tools import free_port
 
 ORIGIN = r'''
 import asyncio, sys, uvloop
@@ -49,12 +51,6 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu() -> tuple[float, float]:
@@ -92,39 +88,64 @@ services:
     return svc, ctx, server, server.sockets[0].getsockname()[1]
 
 
-async def main(a: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def pinned_origin(body: int) -> AsyncIterator[int]:
+    """This process pinned to CPU 0, the ORIGIN on CPU 1 (where wrk runs too): its port."""
     os.sched_setaffinity(0, {0})
-    oport = _free_port()
+    oport = free_port()
     origin = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", ORIGIN, str(oport),
-                               str(a.body)])
+                               str(body)])
     try:
         await _wait_port(oport)
+        yield oport
+    finally:
+        origin.kill()
+        origin.wait()
+
+
+@dataclass
+class WrkRun:
+    """One ``wrk -c 50`` run on CPU 1, and this process's CPU over it."""
+
+    requests: int
+    user_us: float  # per request
+    system_us: float
+    output: bytes
+
+
+async def wrk_run(url: str, seconds: int, extra: tuple[str, ...] = ()) -> WrkRun:
+    """``wrk -c 50 -t 1`` against ``url`` for ``seconds`` (``extra``: more wrk arguments)."""
+    u0, s0 = _cpu()
+    p = await asyncio.create_subprocess_exec(
+        "taskset", "-c", "1", "wrk", "-c", "50", "-t", "1", "-d", f"{seconds}s", *extra, url,
+        stdout=subprocess.PIPE)
+    out, _ = await p.communicate()
+    u1, s1 = _cpu()
+    m = re.search(rb"(\d+) requests in", out)
+    if m is None:
+        raise SystemExit(out.decode())
+    n = int(m.group(1))
+    return WrkRun(n, (u1 - u0) / n * 1e6, (s1 - s0) / n * 1e6, out)
+
+
+async def main(a: argparse.Namespace) -> None:
+    async with pinned_origin(a.body) as oport:
         svc, ctx, server, port = await start_proxy(oport, "<fastpath_ab>")
         engine = ctx.state["http_app"]
         fast = engine.fast
         if fast is None:
             raise SystemExit("this configuration does not take the fast path")
-        wrk = ["taskset", "-c", "1", "wrk", "-c", "50", "-t", "1", "-d", f"{a.seconds}s"]
-        if a.churn:
-            wrk += ["-H", "Connection: close"]
+        extra = ("-H", "Connection: close") if a.churn else ()
         results: dict[str, list[float]] = {"fast path": [], "engine": []}
         for _ in range(a.rounds):
             for mode in ("engine", "fast path"):
                 engine.fast = fast if mode == "fast path" else None
                 collections = [s["collections"] for s in gc.get_stats()]
-                (u0, s0) = _cpu()
-                p = await asyncio.create_subprocess_exec(
-                    *wrk, f"http://127.0.0.1:{port}/", stdout=subprocess.PIPE)
-                out, _ = await p.communicate()
-                (u1, s1) = _cpu()
-                m = re.search(rb"(\d+) requests in", out)
-                if m is None:
-                    raise SystemExit(out.decode())
-                n = int(m.group(1))
-                per = (u1 - u0 + s1 - s0) / n * 1e6
+                r = await wrk_run(f"http://127.0.0.1:{port}/", a.seconds, extra)
+                per = r.user_us + r.system_us
                 results[mode].append(per)
-                line = (f"{mode:9s} {n:7d} requests  {per:5.1f} us CPU per request "
-                        f"(user {(u1 - u0) / n * 1e6:4.1f}, system {(s1 - s0) / n * 1e6:4.1f})")
+                line = (f"{mode:9s} {r.requests:7d} requests  {per:5.1f} us CPU per request "
+                        f"(user {r.user_us:4.1f}, system {r.system_us:4.1f})")
                 if a.gc:
                     after = [s["collections"] for s in gc.get_stats()]
                     line += f"  gc collections {[y - x for x, y in zip(collections, after)]}"
@@ -134,9 +155,6 @@ async def main(a: argparse.Namespace) -> None:
         med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
         print(f"median: fast path {med['fast path']:.1f} us, engine {med['engine']:.1f} us "
               f"({(med['fast path'] / med['engine'] - 1) * 100:+.0f} %)")
-    finally:
-        origin.kill()
-        origin.wait()
 
 
 def parse_args(argv: Any = None) -> argparse.Namespace:

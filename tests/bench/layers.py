@@ -27,10 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
-import sys
 from typing import Any, Callable
 
 import uvloop
@@ -40,7 +36,8 @@ from pyngora.services.lazy_timer import LazyTimer
 from pyngora.upstreams.connector import Connector
 from pyngora.upstreams.h1_upstream import UpstreamConnection
 from tests.bench import lean, lean_cached
-from tests.bench.fastpath_ab import ORIGIN, _cpu, _free_port, _wait_port, start_proxy
+from tests.bench.fastpath_ab import pinned_origin, start_proxy, wrk_run
+from tests.bench.tools import free_port
 
 MODES = ("real", "metrics", "pool", "timers", "all", "lean")
 
@@ -107,44 +104,28 @@ def _set_mode(mode: str) -> None:
 
 
 async def main(a: argparse.Namespace) -> None:
-    os.sched_setaffinity(0, {0})
-    oport = _free_port()
-    origin = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", ORIGIN, str(oport),
-                               str(a.body)])
-    try:
-        await _wait_port(oport)
+    async with pinned_origin(a.body) as oport:
         svc, ctx, server, port = await start_proxy(oport, "<layers>")
         lean.ORIGIN[0] = oport
-        lean_port = _free_port()
+        lean_port = free_port()
         lean_server = await asyncio.get_running_loop().create_server(
             lean_cached.Down, "127.0.0.1", lean_port, backlog=1024)
-        wrk = ["taskset", "-c", "1", "wrk", "-c", "50", "-t", "1", "-d", f"{a.seconds}s"]
         results: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
         broken: set[str] = set()
         for _ in range(a.rounds):
             for mode in MODES:
                 _set_mode(mode)
-                u0, s0 = _cpu()
-                url = f"http://127.0.0.1:{lean_port if mode == 'lean' else port}/"
-                p = await asyncio.create_subprocess_exec(*wrk, url, stdout=subprocess.PIPE)
-                out, _ = await p.communicate()
-                u1, s1 = _cpu()
-                m = re.search(rb"(\d+) requests in", out)
-                if m is None:
-                    raise SystemExit(out.decode())
-                if b"Non-2xx" in out or b"Socket errors" in out:
+                r = await wrk_run(f"http://127.0.0.1:{lean_port if mode == 'lean' else port}/",
+                                  a.seconds)
+                if b"Non-2xx" in r.output or b"Socket errors" in r.output:
                     broken.add(mode)
-                n = int(m.group(1))
-                results[mode].append(((u1 - u0) / n * 1e6, (s1 - s0) / n * 1e6))
-                print(f"{mode:8s} {n / a.seconds:8.0f} req/s  user {(u1 - u0) / n * 1e6:5.1f}"
-                      f"  system {(s1 - s0) / n * 1e6:5.1f} us per request", flush=True)
+                results[mode].append((r.user_us, r.system_us))
+                print(f"{mode:8s} {r.requests / a.seconds:8.0f} req/s  user {r.user_us:5.1f}"
+                      f"  system {r.system_us:5.1f} us per request", flush=True)
         _set_mode("real")
         lean_server.close()
         server.close()
         await svc.stop_worker(ctx)
-    finally:
-        origin.kill()
-        origin.wait()
     base = min(u for u, _ in results["real"])
     print("\n| stand-in | user us/req, min | median | system, median | user saved (min) |")
     print("|---|---:|---:|---:|---:|")

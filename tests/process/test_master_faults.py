@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.support import (ROOT, alive, children_of, free_port, get, port_open, title,
-                           wait_for)
+from tests.support import (ROOT, alive, children_of, free_port, get, kill_daemon, port_open,
+                           title, wait_for)
 
 BOOM = '''
 class Boom:
@@ -76,16 +76,7 @@ class Daemon:
         return "".join(p.read_text() for p in logs)
 
     def kill(self) -> None:
-        try:
-            pid = self.pid
-        except (OSError, ValueError):
-            return
-        for c in children_of(pid):
-            os.kill(c, signal.SIGKILL)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_daemon(self.tmp / "p.pid")
 
 
 def test_reload_whose_workers_cannot_start_keeps_the_old_generation(tmp_path) -> None:

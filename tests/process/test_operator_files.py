@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, alive, children_of, free_port, get, port_open, \
-    self_signed_cert, wait_for
+from tests.support import ROOT, alive, free_port, get, kill_daemon, port_open, self_signed_cert, \
+    wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
                                 reason="openssl and curl are needed")
@@ -48,19 +48,6 @@ def _run(args: list[str], cwd: Path | str, env: dict | None = None,
     return subprocess.run(args, cwd=cwd, env=env or dict(os.environ, PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-
-
-def _kill_master(pid_file: Path) -> None:
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return
-    for child in children_of(pid):
-        os.kill(child, signal.SIGKILL)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
@@ -108,7 +95,7 @@ def test_relative_tls_paths_are_read_from_the_config_files_directory(tmp_path):
         assert s.returncode == 0, s.stderr
         wait_for(lambda: not alive(master), 30, "the master to stop")
     finally:
-        _kill_master(tmp_path / "p.pid")
+        kill_daemon(tmp_path / "p.pid")
 
 
 APP = '''
@@ -144,7 +131,7 @@ def test_signals_do_not_import_the_apps(tmp_path):
         assert s.returncode == 0, s.stderr
         wait_for(lambda: not alive(master), 30, "the master to stop")
     finally:
-        _kill_master(tmp_path / "p.pid")
+        kill_daemon(tmp_path / "p.pid")
 
 
 def test_a_python_program_answers_t_s_and_version(tmp_path):
@@ -188,4 +175,4 @@ def test_a_python_program_answers_t_s_and_version(tmp_path):
         assert s.returncode == 0, s.stderr
         wait_for(lambda: not alive(second), 30, "the program to stop")
     finally:
-        _kill_master(tmp_path / "p.pid")
+        kill_daemon(tmp_path / "p.pid")
