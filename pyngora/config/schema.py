@@ -376,6 +376,11 @@ class _Builder:
             if hk not in ("uri", "path", "client_ip") and not hk.startswith(("header:", "cookie:")):
                 self.fail(path + ("upstreams", i, "hash_key"),
                           "must be uri, path, client_ip, header:NAME or cookie:NAME")
+            elif hk.startswith(("header:", "cookie:")) and not hk[7:].strip():
+                # An empty NAME hashes b"" for every request: all of them on one backend.
+                kind = hk[:6]
+                self.fail(path + ("upstreams", i, "hash_key"),
+                          f"{kind}:NAME needs a NAME (e.g. {kind}:x-user), got {hk!r}")
         for i, r in enumerate(spec.routes):
             if r.upstream not in names:
                 self.fail(path + ("routes", i, "upstream"), f"no upstream group named {r.upstream!r}")

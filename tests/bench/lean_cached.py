@@ -48,7 +48,8 @@ class Up(PooledUp):
                 if keep_alive:
                     self.pool.append(self)
                 down.busy = False
-                down.transport.write(head + body)
+                if not down.transport.is_closing():  # (uvloop raises on a closed one)
+                    down.transport.write(head + body)
                 return
             # not whole or not plain: llhttp from here to the response's end
             self.parser = httptools.HttpResponseParser(self)

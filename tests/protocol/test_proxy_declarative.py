@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
+import pytest
+
 from pyngora.config.loader import parse_text
 from pyngora.config.schema import HttpProxyConf, ServerConf, ServiceConf
 from pyngora.headers import Headers
@@ -177,6 +179,127 @@ def test_balancer_hook_hash_key_and_no_backend_503() -> None:
                 c = await Client.connect(pport)
                 r = await c.request("GET", "/none")
                 assert r.status == 503 and made["gone"].failed == [f"127.0.0.1:{dport}"]
+    run(main())
+
+
+Req = tuple[str, tuple[tuple[str, str], ...]]  # (request-target, header fields) of one GET
+
+
+@pytest.mark.parametrize("hash_key,requests,keys", [
+    # uri: the request-target as sent, path and query
+    ("uri", [("/a/b?x=1&y=2", ()), ("/", ())], [b"/a/b?x=1&y=2", b"/"]),
+    # path: the same targets without their query
+    ("path", [("/a/b?x=1&y=2", ()), ("/c?", ()), ("/", ())], [b"/a/b", b"/c", b"/"]),
+    # client_ip: the peer address of the client's connection (Client dials 127.0.0.1)
+    ("client_ip", [("/", ()), ("/x?q", ())], [b"127.0.0.1", b"127.0.0.1"]),
+    # header:NAME, case-insensitively; b"" when the request has none
+    ("header:X-User", [("/", (("x-USER", "bob"),)), ("/", ()), ("/", (("X-Other", "z"),))],
+     [b"bob", b"", b""]),
+    # cookie:NAME: the named cookie's value wherever it sits, over one or several Cookie
+    # fields; names that merely contain NAME do not count; b"" when it is absent
+    ("cookie:sid", [
+        ("/", (("Cookie", "a=1; sid=abc; b=2"),)),
+        ("/", (("Cookie", "a=1"), ("Cookie", "b=2;sid=xyz"))),
+        ("/", (("Cookie", "sid=v=1"),)),
+        ("/", (("Cookie", "xsid=1; sidx=2; SID=3"),)),
+        ("/", (("Cookie", "a=1"), ("Cookie", "b=2"))),
+        ("/?sid=q", ()),
+    ], [b"abc", b"xyz", b"v=1", b"", b"", b""]),
+], ids=["uri", "path", "client_ip", "header", "cookie"])
+def test_each_hash_key_hands_the_balancer_its_key(hash_key: str, requests: list[Req],
+                                                  keys: list[bytes]) -> None:
+    """What ``_key_fn`` extracts for each ``hash_key`` kind is the key the group's balancer
+    gets, request by request, through the real proxy over loopback (the hook's FixedBalancer
+    records it): ``uri``, ``path``, ``client_ip``, ``header:NAME`` and ``cookie:NAME``,
+    present and absent."""
+    async def main() -> None:
+        async with serving(AppService(HeaderEcho("a"))) as (pa, _):
+            conf, sc = proxy_conf(f"""
+  - name: lb
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: pool
+        selection: consistent
+        hash_key: "{hash_key}"
+        backends: [{{addr: "127.0.0.1:{pa}"}}]
+""")
+            made: list[FixedBalancer] = []
+
+            def factory(uconf: Any) -> FixedBalancer:
+                made.append(FixedBalancer([b.addr for b in uconf.backends]))
+                return made[-1]
+
+            async with serving(build_proxy_service(conf, sc, balancer_factory=factory),
+                               conf) as (pport, _):
+                c = await Client.connect(pport)
+                for target, headers in requests:
+                    r = await c.request("GET", target, headers=headers)
+                    # answered by the backend: the key did not break the request
+                    assert (r.status, r.header("x-tag")) == (200, "a"), (target, headers)
+                c.close()
+            # one select per request (a live backend: no retry), in the requests' order
+            assert [bal.keys for bal in made] == [keys]
+    run(main())
+
+
+def test_consistent_cookie_hash_keeps_each_cookie_on_one_backend() -> None:
+    """``selection: consistent`` + ``hash_key: "cookie:sid"`` through the load balancer the
+    CLI builds (lb.balancer.load_balancer_from_conf, a Ketama ring): a sid reaches the same
+    backend on every request, whatever other cookies and connections come with it, and the
+    sids spread over both backends, each to the one the ring assigns it."""
+    from pyngora.lb.balancer import load_balancer_from_conf
+
+    async def main() -> None:
+        async with serving(AppService(HeaderEcho("a"))) as (pa, _), \
+                serving(AppService(HeaderEcho("b"))) as (pb, _):
+            conf, sc = proxy_conf(f"""
+  - name: lb
+    type: http_proxy
+    listeners: ["127.0.0.1:0"]
+    upstreams:
+      - name: pool
+        selection: consistent
+        hash_key: "cookie:sid"
+        backends: [{{addr: "127.0.0.1:{pa}"}}, {{addr: "127.0.0.1:{pb}"}}]
+""")
+            tag_of = {f"127.0.0.1:{pa}": "a", f"127.0.0.1:{pb}": "b"}
+            made: list[Any] = []
+
+            def factory(uconf: Any) -> Any:
+                made.append(load_balancer_from_conf(uconf, None))  # no health table
+                return made[-1]
+
+            async with serving(build_proxy_service(conf, sc, balancer_factory=factory),
+                               conf) as (pport, _):
+                # The ring hashes "ADDR-J" and the ports are new each run, so which sid goes
+                # where is asked of a twin ring over the same backends; 3 sids per backend
+                # out of 200 candidates (a miss would need ~197 draws on one side).
+                assert len(made) == 1  # the group's balancer is the ring, built once
+                twin = load_balancer_from_conf(sc.spec.upstreams[0], None)
+                want: dict[str, str] = {}
+                for i in range(200):
+                    sid = f"s{i:03d}"
+                    tag = tag_of[twin.select(sid.encode()).addr]
+                    if sum(t == tag for t in want.values()) < 3:
+                        want[sid] = tag
+                    if len(want) == 6:
+                        break
+                assert sorted(want.values()) == ["a", "a", "a", "b", "b", "b"], want
+                seen: dict[str, list[str]] = {sid: [] for sid in want}
+                for round_ in range(3):  # a fresh connection per round: no connection affinity
+                    c = await Client.connect(pport)
+                    for n, sid in enumerate(want):
+                        # other cookies around sid, varying per request, and in round 2 a
+                        # second Cookie field: only sid's value may decide
+                        cookies = (("Cookie", f"theme=t{round_}{n}; sid={sid}; lang=x{n}"),)
+                        if round_ == 2:
+                            cookies = (("Cookie", f"theme=t{n}"), ("Cookie", f"sid={sid}"))
+                        r = await c.request("GET", f"/p{round_}{n}?q={n}", headers=cookies)
+                        assert r.status == 200
+                        seen[sid].append(r.header("x-tag"))
+                    c.close()
+                assert seen == {sid: [tag] * 3 for sid, tag in want.items()}
     run(main())
 
 

@@ -1,6 +1,7 @@
 """Configuration: every key, its default, and every kind of error naming file:line:key."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -358,6 +359,45 @@ def test_a_backend_weight_of_0_is_refused_by_the_check() -> None:
     out = _errors("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
                   "    upstreams: [{name: o, backends: [{addr: 'a:1', weight: 0}]}]\n")
     assert "c.yaml:5: services[0].upstreams[0].backends[0].weight: must be at least 1" in out
+
+
+def _hash_key_conf(hash_key: str) -> str:
+    """A proxy whose one upstream group hashes on ``hash_key`` (line 7 of the file)."""
+    return ("services:\n  - name: p\n    type: http_proxy\n    listeners: ['127.0.0.1:1']\n"
+            "    upstreams:\n      - name: o\n"
+            # JSON's string is YAML's double-quoted one: a tab in it is a tab
+            f"        hash_key: {json.dumps(hash_key)}\n        backends: [{{addr: 'a:1'}}]\n")
+
+
+@pytest.mark.parametrize("hash_key", ["header:", "cookie:", "header:   ", "cookie:\t"])
+def test_a_hash_key_header_or_cookie_needs_a_name(hash_key: str) -> None:
+    """``header:`` / ``cookie:`` with an empty (or blank) NAME passed the check, and then
+    hashed b"" for every request: every client on one backend. Now the check refuses it,
+    naming the file, the line and the key, like the other hash_key errors."""
+    kind = hash_key[:6]
+    out = _errors(_hash_key_conf(hash_key))
+    assert (f"c.yaml:7: services[0].upstreams[0].hash_key: {kind}:NAME needs a NAME "
+            f"(e.g. {kind}:x-user), got {hash_key!r}") in out
+
+
+def test_hash_key_names_and_kinds_the_check_accepts_or_refuses() -> None:
+    """The refusal above is for a missing NAME only: named ones (padded too, as _key_fn
+    strips them) and the plain kinds still load, and an unknown kind keeps its message."""
+    for ok in ("uri", "path", "client_ip", "header:x-user", "cookie:sid", "header: X-User "):
+        assert parse_text(_hash_key_conf(ok), "c.yaml").services[0].spec.upstreams[0].hash_key == ok
+    assert ("c.yaml:7: services[0].upstreams[0].hash_key: must be uri, path, client_ip, "
+            "header:NAME or cookie:NAME") in _errors(_hash_key_conf("host"))
+
+
+def test_dash_t_refuses_a_hash_key_without_a_name(tmp_path) -> None:
+    """``pyngora -t`` (what an operator runs before a reload) says so and exits 1."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_hash_key_conf("cookie:"))
+    ko = subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", str(bad)],
+                        capture_output=True, text=True, timeout=60)
+    assert ko.returncode == 1, ko.stdout + ko.stderr
+    assert (f"{bad}:7: services[0].upstreams[0].hash_key: cookie:NAME needs a NAME "
+            f"(e.g. cookie:x-user), got 'cookie:'") in ko.stderr
 
 
 def test_unquoted_off_is_access_log_off() -> None:
