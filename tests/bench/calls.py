@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import subprocess
 import sys
 from typing import Any
 
 import uvloop
 
-from tests.bench.fastpath_ab import ORIGIN, _free_port, _wait_port, start_proxy
+from tests.bench.fastpath_ab import pinned_origin, start_proxy
 
 
 async def _client(port: int, n: int, churn: bool = False) -> None:
@@ -40,10 +39,7 @@ async def _client(port: int, n: int, churn: bool = False) -> None:
 
 
 async def main(a: argparse.Namespace) -> None:
-    oport = _free_port()
-    origin = subprocess.Popen([sys.executable, "-c", ORIGIN, str(oport), str(a.body)])
-    try:
-        await _wait_port(oport)
+    async with pinned_origin(a.body) as oport:
         svc, ctx, server, port = await start_proxy(oport, "<calls>")
         await _client(port, 800)  # warm: pool filled, caches built
         counts: collections.Counter[str] = collections.Counter()
@@ -68,9 +64,6 @@ async def main(a: argparse.Namespace) -> None:
             print(f"{v / n:6.2f}  {k}")
         server.close()
         await svc.stop_worker(ctx)
-    finally:
-        origin.kill()
-        origin.wait()
 
 
 if __name__ == "__main__":

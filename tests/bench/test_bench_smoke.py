@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,18 @@ def test_layers_reports_every_stand_in() -> None:
     for line in proc.stdout.splitlines():
         if line.startswith("| ") and not line.startswith("| stand-in"):
             assert float(line.split("|")[2]) > 0, line
+
+
+@pytest.mark.parametrize("tool", ["calls", "fastpath_ab"])
+def test_in_process_tools_run(tool: str) -> None:
+    """``tests.bench.calls`` counts the lane's calls per request and ``tests.bench.fastpath_ab``
+    compares the fast path with the engine: both run the proxy in their own process over the
+    shared origin helpers, and print their figures."""
+    args = {"calls": ["--requests", "80", "--top", "3"],
+            "fastpath_ab": ["--rounds", "1", "--seconds", "1"]}[tool]
+    proc = subprocess.run([sys.executable, "-m", f"tests.bench.{tool}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want = {"calls": r"80 requests: [\d.]+ pyngora Python calls",
+            "fastpath_ab": r"median: fast path [\d.]+ us, engine [\d.]+ us"}[tool]
+    assert re.search(want, proc.stdout), proc.stdout
