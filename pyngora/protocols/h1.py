@@ -93,10 +93,6 @@ _NOT_OPTIONS = frozenset((_HOST, _CL, _TE))
 _FORBIDDEN_TRAILERS = frozenset((_HOST, _CL, _TE, b"connection", b"keep-alive", b"upgrade",
                                  b"trailer", b"te", b"proxy-connection"))
 _WS = (32, 9)  # SP, HTAB: trailing OWS that llhttp leaves on a value
-# What a Host value may hold (RFC 3986 host [":" port], IP-literals included); translate()
-# deleting these leaves the offending bytes: one C call, no regex.
-_HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-               b"-._~!$&'()*+;=:%[]")
 _new_headers = object.__new__
 _GOOD_HOSTS: set[bytes] = set()  # Host values already validated (per process, bounded)
 # Requests already parsed: the exact bytes of a body-less HTTP/1.1 request that came alone in
@@ -111,6 +107,12 @@ _SEEN_MAX = 512
 _SEEN_BYTES = 2048
 #: The HTTP/2 connection preface: sniff for it before feeding an h2c-capable listener's bytes.
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _asks_h2c(head: RequestHead) -> bool:
+    """True when an upgrade request's Upgrade fields name h2c (alone or among others)."""
+    return any(token.strip().lower() == b"h2c" for value in head.headers.get_all(b"upgrade")
+               for token in value.split(b","))
 
 
 def known_head(seen: Known, data: bytes) -> RequestHead:
@@ -228,11 +230,14 @@ class RequestParser:
                         fresh = False
                         continue
                     return events
-                if head.__class__ is RequestHead and head.version == "1.0":  # type: ignore[union-attr]
+                if head.__class__ is RequestHead and (
+                        head.version == "1.0" or _asks_h2c(head)):  # type: ignore[arg-type]
                     # RFC 9110 7.8: Upgrade in an HTTP/1.0 request is ignored (and no 101
-                    # may go to a 1.0 client): an ordinary request. llhttp stopped as for
-                    # any upgrade, so the bytes after it go to a fresh one, if anything may
-                    # follow at all.
+                    # may go to a 1.0 client): an ordinary request. So is an upgrade to h2c
+                    # (RFC 9113 3.1 deprecates it): tunnelled, it would let a client speak
+                    # HTTP/2 to the origin past this proxy's routing and checks; HTTP/2 is
+                    # served by the h2c listener. llhttp stopped as for any upgrade, so the
+                    # bytes after it go to a fresh one, if anything may follow at all.
                     head.upgrade = False  # type: ignore[union-attr]
                     if not head.keep_alive:  # type: ignore[union-attr]
                         self._closed = self._stopped = True
@@ -277,7 +282,10 @@ class RequestParser:
                 head = events[0]
                 if (head.body == "none" and head.version == "1.1"  # type: ignore[union-attr]
                         and not self._rewritten
-                        and data.startswith(head.method)  # type: ignore[union-attr]
+                        # its request line as re-serialising would write it: llhttp takes
+                        # "GET  /x HTTP/1.1" too, which an origin may split otherwise
+                        and data.startswith(b"%s %s HTTP/1.1\r\n" % (
+                            head.method, head.target))  # type: ignore[union-attr]
                         and data.find(b"\r\n\r\n") + 4 == len(data)):
                     head.raw = data  # type: ignore[union-attr]
                     self._boundary = True
@@ -539,7 +547,7 @@ class RequestParser:
 
     def _check_host(self, host: bytes) -> None:
         """Validate a Host value not seen before; remember it (hosts repeat on a proxy)."""
-        if host.translate(None, _HOST_CHARS):
+        if host.translate(None, HOST_CHARS):
             self._reject(400, "invalid Host")
         if len(_GOOD_HOSTS) >= 4096:
             _GOOD_HOSTS.clear()  # bounded: a client inventing hosts only costs re-checks
@@ -608,8 +616,8 @@ class RequestParser:
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 
 
-from pyngora.protocols.h1_wire import (HOP_BY_HOP, encode_chunk, encode_last_chunk,  # noqa: E402
-                                       origin_form, remove_hop_by_hop,
+from pyngora.protocols.h1_wire import (HOP_BY_HOP, HOST_CHARS, encode_chunk,  # noqa: E402
+                                       encode_last_chunk, origin_form, remove_hop_by_hop,
                                        serialize_request_head, serialize_response_head)
 
 

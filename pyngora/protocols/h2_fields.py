@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 
 from pyngora.headers import Headers
 from pyngora.protocols.events import RequestHead
-from pyngora.protocols.h1_wire import serialize_request_head
+from pyngora.protocols.h1_wire import HOST_CHARS, serialize_request_head
 
 __all__ = ["CONNECTION_SPECIFIC", "UNKNOWN_LENGTH_BODY", "Reject", "check_field",
            "translate_request", "check_trailers", "response_fields"]
@@ -37,7 +37,8 @@ __all__ = ["CONNECTION_SPECIFIC", "UNKNOWN_LENGTH_BODY", "Reject", "check_field"
 CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
                                  b"transfer-encoding", b"upgrade"))
 # Fields a trailer section must not carry (SPEC section 7).
-_TRAILER_FORBIDDEN = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_TRAILER_FORBIDDEN = frozenset((b"content-length", b"transfer-encoding", b"host", b"te",
+                                b"trailer"))
 # What a lower-case HTTP/2 field name may contain: translate(None, this) leaves the bad bytes.
 _NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 # Visible ASCII: anything else in :path is refused (as non-ASCII targets are over HTTP/1).
@@ -205,13 +206,17 @@ def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream
     if len(hosts) > 1:
         raise Reject(400, "duplicate Host")
     if authority is not None:
-        if not authority or b"@" in authority or authority.translate(None, _PATH_CHARS):
+        # As HTTP/1 checks a Host (RFC 3986 host and port: no "/", ",", "@" or space): it
+        # is routed on, and the origin's Host
+        if not authority or authority.translate(None, HOST_CHARS):
             raise Reject(400, "invalid :authority")
         if hosts and hosts[0].lower() != authority.lower():
             raise Reject(400, ":authority and Host disagree")
         host = authority
     elif hosts:
         host = hosts[0]
+        if host.translate(None, HOST_CHARS):
+            raise Reject(400, "invalid Host")
     else:
         raise Reject(400, "no :authority and no Host")
     items.insert(0, (b"host", host))
