@@ -16,6 +16,8 @@ from pyngora.protocols.h1 import (_BODY, _CL, _DEFAULT_LIMITS, _DONE, _FORBIDDEN
 # Request methods whose responses need the head fed to llhttp alone (their body, if any,
 # is not framed by the head: see _head_input).
 _SPLIT_METHODS = frozenset((b"HEAD", b"CONNECT"))
+# 1xx heads accepted before a final response (Go's HTTP client allows 5 as well).
+MAX_INTERIM = 5
 
 
 def _llhttp(target: "ResponseParser") -> httptools.HttpResponseParser:
@@ -44,7 +46,8 @@ class ResponseParser:
     __slots__ = ("limits", "_p", "_method", "_state", "_buf", "_events", "_items", "_keys",
                  "_reason", "_cl", "_te", "_status", "_skip_body", "_tunnel", "_framing",
                  "_keep_alive", "_error", "_leftover", "_unsolicited", "response_started",
-                 "upgraded", "_trailing", "_trailers", "_tkeys", "_head_done", "_stall")
+                 "upgraded", "_trailing", "_trailers", "_tkeys", "_head_done", "_stall",
+                 "_interim", "_tbytes")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         # Read by the connection's take_whole; written by this parser only.
@@ -76,6 +79,8 @@ class ResponseParser:
         self._tkeys: list[bytes] = []
         self._head_done = False
         self._stall = 0
+        self._interim = 0  # 1xx heads before the current response's final one
+        self._tbytes = 0  # bytes of the current response's trailers
 
     def start(self, request_method: bytes) -> None:
         """Expect the response to a request made with ``request_method`` (call before each)."""
@@ -85,7 +90,7 @@ class ResponseParser:
             raise RuntimeError("ResponseParser.start() before the previous response ended")
         self._method = request_method.upper()
         self._state = _HEAD
-        self._stall = 0
+        self._stall = self._interim = 0
         self._buf = self._leftover
         self._leftover = b""
         self.response_started = bool(self._buf)
@@ -282,8 +287,14 @@ class ResponseParser:
         if self._trailers is None:
             self._trailers = []
             self._tkeys = []
+            self._tbytes = 0
         elif len(self._trailers) >= self.limits.max_headers:
             self._reject("too many trailer fields in upstream response")
+        # Bounded as a head, however the trailers arrive (the read that ends the response
+        # escapes the stall count in feed)
+        self._tbytes += len(name) + len(value) + 4
+        if self._tbytes > self.limits.max_header_bytes:
+            self._reject("upstream trailers too large")
         self._trailers.append((name, value))
         self._tkeys.append(key)
 
@@ -302,6 +313,12 @@ class ResponseParser:
             self._reject(f"upstream answered HTTP/{version}")
         headers = Headers._from_parser(self._items, self._keys)
         if status < 200 and status != 101:
+            # Bounded, as Go's client bounds them: each may restart the read timeout and
+            # goes to a client that may not read, so an origin that trickled or flooded
+            # 1xx heads would hold the client, or the worker's memory, without limit.
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                self._reject(f"more than {MAX_INTERIM} interim (1xx) responses from upstream")
             self._events.append(InformationalResponse(status, headers))
             return
         method = self._method

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import httptools
 
 from pyngora.protocols.h1 import H1Limits
+from pyngora.protocols.h1_wire import REASON_CHARS
 
 __all__ = ["VIEW_ABOVE", "Whole", "take_whole"]
 
@@ -99,6 +100,8 @@ def _judge(head: bytes, limits: H1Limits) -> Optional[Verdict]:
     status = int(code)
     if status < 200 or status == 204 or status == 304:
         return None
+    if head[13:head.find(_CRLF)].translate(None, REASON_CHARS):
+        return None  # a reason phrase with control bytes: the full path sends the standard one
     low = head.lower()
     i = low.find(_CL)
     if i < 0:

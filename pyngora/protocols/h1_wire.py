@@ -81,6 +81,9 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 # call, no regex.
 HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
               b"-._~!$&'()*+;=:%[]")
+# What a reason phrase may hold (RFC 9112 4: HTAB, SP, VCHAR, obs-text): an origin's other
+# bytes (NUL, ESC, ...) are not passed on to clients, whose terminals and logs show them.
+REASON_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _CONNECTION = b"connection"
 # Common Connection values (lowercased) -> every field name they make hop-by-hop, prebuilt so
 # that the request path copies no set for them.

@@ -16,6 +16,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import Headers
 from pyngora.protocols import h1
 from pyngora.protocols.events import RequestHead
+from pyngora.protocols.h1_wire import REASON_CHARS
 from pyngora.services.request_body import RequestBody
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +76,7 @@ def status_line(status: int, reason: Optional[bytes | str] = None) -> bytes:
         return line
     if isinstance(reason, str):
         reason = reason.encode("latin-1")
-    if b"\r" in reason or b"\n" in reason:
+    if reason.translate(None, REASON_CHARS):  # CR, LF, NUL, ESC...: the standard phrase
         reason = _reason(status)
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
