@@ -97,11 +97,10 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
     for i, sc in zip(index if index is not None else range(len(conf.services)), conf.services):
         for j, listener in enumerate(sc.listeners):
             if listener.tls is not None:
-                from pyngora.protocols.tls import check_tls
-                path = ("services", i, "listeners", j, "tls")
-                for problem in check_tls(listener.tls, where="tls"):
-                    issues.append(ConfigIssue(path, problem.removeprefix("tls: ").removeprefix("tls"),
-                                              conf.line_of(path)))
+                from pyngora.protocols.tls import tls_problems
+                for sub, message in tls_problems(listener.tls):
+                    path = ("services", i, "listeners", j, "tls") + sub
+                    issues.append(ConfigIssue(path, message, _line(conf, path)))
         try:
             svc = build_service(conf, sc)
             if sc.type == "http_proxy" and _needs_prober(sc):
@@ -113,14 +112,37 @@ def build_services(conf: ServerConf, index: Optional[Sequence[int]] = None) -> l
         except ConfigError as e:
             issues.extend(e.issues)
         except Exception as e:  # an app that does not import, a bad certificate, ...
-            issues.append(ConfigIssue(("services", i), f"service {sc.name!r}: {e}",
-                                      conf.line_of(("services", i))))
+            app = getattr(sc.spec, "app", None)
+            # A service with an app is the app's code (its import, its constructor): the
+            # error is the app's, at its line.
+            path = ("services", i, "app") if app else ("services", i)
+            why = str(e) or type(e).__name__  # (a MemoryError says nothing)
+            message = f"{app}: {why}" if app else f"service {sc.name!r}: {why}"
+            issues.append(ConfigIssue(path, message, _line(conf, path)))
+    if conf.ca_file:
+        import ssl
+        try:
+            ssl.create_default_context(cafile=conf.ca_file)
+        except (OSError, ssl.SSLError) as e:  # every TLS backend's request would get 500
+            issues.append(ConfigIssue(("ca_file",), f"cannot load {conf.ca_file}: {e}",
+                                      conf.line_of(("ca_file",))))
     if issues:
         raise ConfigError(conf.source, issues)
     for svc in out:
         if hasattr(svc, "health_tables") and tables:
             svc.health_tables = tables
     return out
+
+
+def _line(conf: ServerConf, path: tuple) -> Optional[int]:
+    """The line of ``path``, else of the nearest key above it that has one (a key the file
+    does not spell, as a default's, is reported at its parent)."""
+    while path:
+        line = conf.line_of(path)
+        if line is not None:
+            return line
+        path = path[:-1]
+    return None
 
 
 def _health_tables(conf: ServerConf) -> list[str]:

@@ -8,7 +8,9 @@ accepts. :func:`parse_address` turns a listener or backend address into a
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -18,7 +20,8 @@ try:  # CPython's own SHA-1: hashlib would load OpenSSL's libcrypto (~4 MiB) int
 except ImportError:  # pragma: no cover - another interpreter: the same digest from hashlib
     from hashlib import sha1 as _sha1
 
-__all__ = ["Path", "SniCert", "TlsConf", "ListenerConf", "parse_address", "HeaderEdits",
+__all__ = ["Path", "SniCert", "TlsConf", "ListenerConf", "parse_address", "check_host",
+           "UNIX_PATH_MAX", "HeaderEdits",
            "LimitsConf", "TimeoutsConf", "HealthCheckConf", "DiscoveryConf", "BackendConf",
            "UpstreamConf", "RouteConf", "HttpProxyConf", "StaticConf", "PrometheusConf",
            "BackgroundConf", "SERVICE_SPECS", "ServiceConf", "ServerConf"]
@@ -28,8 +31,9 @@ Path = tuple[Union[str, int], ...]
 
 
 # --------------------------------------------------------------------------- listeners
-# Field metadata the schema checks: a value that 0 would turn into a busy loop, a sure
-# failure or a refusal of every request.
+# Field metadata the schema checks: ``above`` (exclusive) for a value that 0 would turn into
+# a busy loop, a sure failure or a refusal of every request; ``range`` (inclusive, None for no
+# upper bound) for a value's meaning; ``at_most`` for a cap past which the value cannot work.
 _ABOVE_0 = {"above": 0}
 _AT_LEAST_1 = {"range": (1, None)}
 
@@ -78,29 +82,66 @@ class ListenerConf:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
 
+# sun_path is 108 bytes with its NUL: a longer path fails only when the socket is bound.
+UNIX_PATH_MAX = 107
+
+# A DNS name's label (RFC 1123; "_" too, which Docker's and Consul's names have).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host(host: str) -> None:
+    """ValueError unless ``host`` is an IPv4 or IPv6 literal or a DNS name. A name whose last
+    label is all digits is an IPv4 address (no top-level domain is numeric), so ``999.1.1.1``
+    and inet_aton's odd spellings (``127.1``, ``127.000.000.001``) are refused as such."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as e:
+            raise ValueError(f"not an IPv6 address: {e}") from None
+        return
+    name = host[:-1] if host.endswith(".") else host  # "example.com." is fully qualified
+    labels = name.split(".")
+    if labels[-1].isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as e:
+            raise ValueError(f"not an IPv4 address: {e}") from None
+        return
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+
+
 def parse_address(addr: str, backlog: int = 1024, mode: Optional[int] = None,
                   tls: Optional[TlsConf] = None, h2c: bool = False) -> ListenerConf:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path`` -> ListenerConf; ValueError when malformed."""
+    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path`` -> ListenerConf; ValueError when malformed.
+    HOST is an IP literal, a DNS name, or empty or ``*`` (every IPv4 address)."""
     if not isinstance(addr, str) or not addr:
         raise ValueError("address must be a non-empty string")
     if addr.startswith("unix:"):
         path = addr[5:]
         if not path.startswith("/"):
             raise ValueError(f"unix socket path must be absolute: {addr!r}")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"unix socket path longer than {UNIX_PATH_MAX} bytes (what AF_UNIX "
+                             f"takes): {addr!r}")
         return ListenerConf(address=addr, family="unix", path=path, mode=mode, backlog=backlog,
                             tls=tls, h2c=h2c)
     if addr.startswith("["):
         host, sep, port = addr[1:].partition("]:")
-        if not sep:
+        if not sep or ":" not in host:
             raise ValueError(f"expected [V6]:PORT, got {addr!r}")
     else:
         host, sep, port = addr.rpartition(":")
         if not sep or ":" in host:
             raise ValueError(f"expected HOST:PORT, got {addr!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad port in {addr!r}")
     if host in ("", "*"):
         host = "0.0.0.0"
+    try:
+        check_host(host)
+    except ValueError as e:
+        raise ValueError(f"bad host in {addr!r}: {e}") from None
     return ListenerConf(address=addr, family="tcp", host=host, port=int(port), backlog=backlog,
                         tls=tls, h2c=h2c)
 
@@ -115,7 +156,9 @@ class HeaderEdits:
 
 @dataclass(frozen=True)
 class LimitsConf:
-    max_header_bytes: int = field(default=65536, metadata=_AT_LEAST_1)
+    # sent to HTTP/2 clients as SETTINGS_MAX_HEADER_LIST_SIZE, a 32-bit value
+    max_header_bytes: int = field(default=65536,
+                                  metadata={"range": (1, None), "at_most": 2**32 - 1})
     max_body_bytes: Optional[int] = None
     header_read_timeout_seconds: float = 10.0
     keepalive_timeout_seconds: float = 60.0
@@ -129,11 +172,13 @@ class LimitsConf:
 
 @dataclass(frozen=True)
 class TimeoutsConf:
-    connect_seconds: float = 5.0
-    total_connect_seconds: Optional[float] = None
-    read_seconds: float = 60.0
-    write_seconds: float = 60.0
-    idle_seconds: float = 60.0
+    # 0 would fail every connect (504), and would mean "no limit" to a read or a write, which
+    # nginx's proxy_*_timeout never does: a stalled origin would hold the request forever.
+    connect_seconds: float = field(default=5.0, metadata=_ABOVE_0)
+    total_connect_seconds: Optional[float] = field(default=None, metadata=_ABOVE_0)
+    read_seconds: float = field(default=60.0, metadata=_ABOVE_0)
+    write_seconds: float = field(default=60.0, metadata=_ABOVE_0)
+    idle_seconds: float = 60.0  # 0: keep no idle connection to the backends (no keep-alive)
 
 
 @dataclass(frozen=True)
@@ -152,7 +197,7 @@ class HealthCheckConf:
 class DiscoveryConf:
     type: str = field(default="static", metadata={"choices": ("static", "dns")})
     name: Optional[str] = None
-    port: int = 80
+    port: int = field(default=80, metadata={"at_most": 65535})  # 0: none (SRV gives them)
     record: str = field(default="A", metadata={"choices": ("A", "AAAA", "SRV")})
     refresh_seconds: float = field(default=30.0, metadata=_ABOVE_0)
     resolver: Optional[str] = None
@@ -161,7 +206,8 @@ class DiscoveryConf:
 @dataclass(frozen=True)
 class BackendConf:
     addr: str
-    weight: int = field(default=1, metadata=_AT_LEAST_1)
+    # as SRV weights; round robin's ring and the hash arrays are capped anyway (lb.selection)
+    weight: int = field(default=1, metadata={"range": (1, None), "at_most": 65535})
     tls: bool = False
     sni: Optional[str] = None
     verify: bool = True

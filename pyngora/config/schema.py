@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
+import re
 import typing
 from typing import Any, Callable, Optional, Union
 
+from pyngora.config import fields
 # Re-exported: the dataclasses lived here before they got their own module.
 from pyngora.config.model import (SERVICE_SPECS, BackendConf, BackgroundConf, DiscoveryConf,
                                   HeaderEdits, HealthCheckConf, HttpProxyConf, LimitsConf,
                                   ListenerConf, Path, PrometheusConf, RouteConf, ServerConf,
                                   ServiceConf, SniCert, StaticConf, TimeoutsConf, TlsConf,
-                                  UpstreamConf, parse_address)
+                                  UpstreamConf, check_host, parse_address)
 
 __all__ = ["ConfigIssue", "ConfigError", "Where", "build_server_conf", "Path", "SniCert",
            "TlsConf", "ListenerConf", "parse_address", "HeaderEdits", "LimitsConf",
@@ -69,6 +72,15 @@ class ConfigError(Exception):
 
 # --------------------------------------------------------------------------- the builder
 Where = Callable[[Path], Optional[int]]
+
+# A float written with an exponent but no dot (1e3): YAML 1.1 reads it as a string.
+_EXPONENT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+# Any number of seconds: more than any timeout needs, and far below what time_t and
+# socket.settimeout take (10**10 s overflows them).
+MAX_SECONDS = 365 * 24 * 3600
+# Worker processes per service, as nginx's NGX_MAX_PROCESSES: past that the master forks
+# (or, pinned, binds sockets) until the machine runs out.
+MAX_THREADS = 1024
 
 
 class _Builder:
@@ -139,11 +151,8 @@ class _Builder:
             return built is not None, built
         if origin is tuple:
             elem = args[0]
-            if typing.get_origin(elem) is tuple:  # (name, value) pairs: a mapping in YAML
-                if not isinstance(raw, dict):
-                    self.fail(path, "expected a mapping of name: value")
-                    return False, None
-                return True, tuple((str(k), str(v)) for k, v in raw.items())
+            if typing.get_origin(elem) is tuple:  # header fields: a mapping in YAML
+                return self.header_fields(raw, path)
             if not isinstance(raw, list):
                 self.fail(path, f"expected a list, got {type(raw).__name__}")
                 return False, None
@@ -169,14 +178,19 @@ class _Builder:
                 return False, None
             return self.bounded(raw, path, meta)
         if tp is float:
+            if isinstance(raw, str) and _EXPONENT.fullmatch(raw):
+                raw = float(raw)  # YAML 1.1 reads 1e3 as a string; YAML 1.2 and JSON: 1000
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 self.fail(path, f"expected a number of seconds, got {raw!r}")
                 return False, None
-            if not math.isfinite(raw):
+            if isinstance(raw, float) and not math.isfinite(raw):  # (an int is finite)
                 self.fail(path, f"expected a finite number of seconds, got {raw!r}")
                 return False, None
             if raw < 0:
                 self.fail(path, f"must not be negative, got {raw}")
+                return False, None
+            if raw > MAX_SECONDS:
+                self.fail(path, f"must be at most {MAX_SECONDS} (a year), got {raw}")
                 return False, None
             return self.bounded(float(raw), path, meta)
         if tp is str:
@@ -194,8 +208,8 @@ class _Builder:
         return False, None
 
     def bounded(self, value: Any, path: Path, meta: Any) -> tuple[bool, Any]:
-        """The bounds a field's metadata sets (model.py): ``above`` (exclusive) and
-        ``range`` (inclusive, None for no upper bound)."""
+        """The bounds a field's metadata sets (model.py): ``above`` (exclusive), ``range``
+        (inclusive, None for no upper bound) and ``at_most``."""
         if meta:
             above = meta.get("above")
             if above is not None and not value > above:
@@ -208,7 +222,36 @@ class _Builder:
                     want = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
                     self.fail(path, f"must be {want}, got {value}")
                     return False, None
+            cap = meta.get("at_most")
+            if cap is not None and value > cap:
+                self.fail(path, f"must be at most {cap}, got {value}")
+                return False, None
         return True, value
+
+    def header_fields(self, raw: Any, path: Path) -> tuple[bool, Any]:
+        """A mapping of header name: value -> ((name, value), ...), each one HTTP can carry."""
+        if not isinstance(raw, dict):
+            self.fail(path, "expected a mapping of name: value")
+            return False, None
+        ok = True
+        for name, value in raw.items():
+            problem = fields.header_name(str(name)) or fields.header_value(value)
+            if problem is not None:
+                self.fail(path + (name,), problem)
+                ok = False
+        return ok, tuple((str(k), str(v)) for k, v in raw.items()) if ok else None
+
+    def threads(self, raw: Any, path: Path) -> Optional[int]:
+        """``threads``: a number of worker processes, or auto (the CPU count)."""
+        if raw == "auto":
+            return os.cpu_count() or 1
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            self.fail(path, f"expected an integer, got {raw!r} (or auto: the CPU count)")
+        elif not 1 <= raw <= MAX_THREADS:
+            self.fail(path, f"must be between 1 and {MAX_THREADS} (or auto), got {raw}")
+        else:
+            return raw
+        return None
 
     # ---- the parts with their own shape
     def server(self, raw: Any, source: str) -> Optional[ServerConf]:
@@ -217,13 +260,12 @@ class _Builder:
         if not isinstance(raw, dict):
             self.fail((), "the configuration must be a mapping of keys")
             return None
-        threads_raw = raw.get("threads", 1)
         body = dict(raw)
         body.pop("services", None)
-        if threads_raw == "auto":
-            body["threads"] = os.cpu_count() or 1
-        elif isinstance(threads_raw, int) and not isinstance(threads_raw, bool) and threads_raw < 1:
-            self.fail(("threads",), "must be at least 1 (or auto)")
+        if "threads" in body:
+            threads = self.threads(body.pop("threads"), ("threads",))
+            if threads is not None:
+                body["threads"] = threads
         if raw.get("access_log") is False:  # YAML 1.1 reads an unquoted off as false
             body["access_log"] = "off"
         conf = self.dataclass(ServerConf, body, (), skip=("services",))
@@ -272,8 +314,12 @@ class _Builder:
         common = ("name", "type", "listeners", "threads", "work_stealing")
         name = raw.get("name")
         stype = raw.get("type")
-        if not isinstance(name, str) or not name or "/" in name:
+        if not isinstance(name, str):
             self.fail(path + ("name",), "required: a service name without '/'")
+            return None
+        problem = fields.service_name(name)
+        if problem is not None:
+            self.fail(path + ("name",), problem)
             return None
         if stype not in SERVICE_SPECS:
             near = difflib.get_close_matches(str(stype), list(SERVICE_SPECS), n=1)
@@ -281,12 +327,8 @@ class _Builder:
             self.fail(path + ("type",), f"must be one of {', '.join(SERVICE_SPECS)}{hint}")
             return None
         threads = raw.get("threads")
-        if threads == "auto":
-            threads = os.cpu_count() or 1
-        elif threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                      or threads < 1):
-            self.fail(path + ("threads",), "must be a positive integer or auto")
-            threads = None
+        if threads is not None:
+            threads = self.threads(threads, path + ("threads",))
         ws = raw.get("work_stealing")
         if ws is not None and not isinstance(ws, bool):
             self.fail(path + ("work_stealing",), "expected true or false")
@@ -297,13 +339,20 @@ class _Builder:
             return None
         if isinstance(spec, HttpProxyConf):
             self.check_proxy(spec, path)
+        if isinstance(spec, PrometheusConf):
+            problem = fields.request_path(spec.path)
+            if problem is not None:
+                self.fail(path + ("path",), problem)
         return ServiceConf(name=name, type=stype, listeners=tuple(listeners), threads=threads,
                            work_stealing=ws, spec=spec)
 
     def listeners(self, raw: Any, path: Path, stype: str) -> list[ListenerConf]:
-        if raw is None:
-            if stype != "background":
-                self.fail(path, f"a {stype} service needs at least one listener")
+        if stype == "background":
+            if raw not in (None, []):  # nothing would bind them
+                self.fail(path, "a background service has no listeners")
+            return []
+        if raw is None or raw == []:
+            self.fail(path, f"a {stype} service needs at least one listener")
             return []
         if not isinstance(raw, list):
             self.fail(path, "expected a list of listeners")
@@ -356,38 +405,34 @@ class _Builder:
         return out
 
     def check_proxy(self, spec: HttpProxyConf, path: Path) -> None:
-        names = [u.name for u in spec.upstreams]
+        names: set[str] = set()
         for i, u in enumerate(spec.upstreams):
+            upath = path + ("upstreams", i)
             if not u.name:
-                self.fail(path + ("upstreams", i, "name"), "every upstream group needs a name")
-            if not u.backends and u.discovery.type == "static":
-                self.fail(path + ("upstreams", i, "backends"), "a static upstream needs backends")
-            if u.discovery.type == "dns" and not u.discovery.name:
-                self.fail(path + ("upstreams", i, "discovery", "name"), "dns discovery needs a name")
-            for j, b in enumerate(u.backends):
-                try:
-                    parse_address(b.addr)
-                except ValueError as e:
-                    self.fail(path + ("upstreams", i, "backends", j, "addr"), str(e))
-            if u.h2 and u.health_check.type == "http":
-                self.fail(path + ("upstreams", i, "health_check", "type"),
-                          "http health checks speak HTTP/1.1; use tcp for an h2 upstream")
-            hk = u.hash_key
-            if hk not in ("uri", "path", "client_ip") and not hk.startswith(("header:", "cookie:")):
-                self.fail(path + ("upstreams", i, "hash_key"),
-                          "must be uri, path, client_ip, header:NAME or cookie:NAME")
-            elif hk.startswith(("header:", "cookie:")) and not hk[7:].strip():
-                # An empty NAME hashes b"" for every request: all of them on one backend.
-                kind = hk[:6]
-                self.fail(path + ("upstreams", i, "hash_key"),
-                          f"{kind}:NAME needs a NAME (e.g. {kind}:x-user), got {hk!r}")
+                self.fail(upath + ("name",), "every upstream group needs a name")
+            elif u.name in names:  # routes name groups: a second one would replace the first
+                self.fail(upath + ("name",), f"duplicate upstream group name {u.name!r}")
+            names.add(u.name)
+            self.check_upstream(u, upath)
         for i, r in enumerate(spec.routes):
+            rpath = path + ("routes", i)
             if r.upstream not in names:
-                self.fail(path + ("routes", i, "upstream"), f"no upstream group named {r.upstream!r}")
+                self.fail(rpath + ("upstream",), f"no upstream group named {r.upstream!r}")
+            for key, problem in (("host", r.host is not None and fields.route_host(r.host)),
+                                 ("path_prefix", r.path_prefix is not None
+                                  and fields.route_prefix(r.path_prefix))):
+                if problem:  # a route that can never match: 404 for what it was meant for
+                    self.fail(rpath + (key,), problem)
         if spec.upstream is not None and spec.upstream not in names:
             self.fail(path + ("upstream",), f"no upstream group named {spec.upstream!r}")
         if not spec.app and not spec.routes and spec.upstream is None and len(names) != 1:
             self.fail(path + ("routes",), "needs routes, an upstream, or exactly one upstream group")
+        for which in ("request_headers", "response_headers"):
+            edits = getattr(spec, which)
+            for j, name in enumerate(edits.remove):
+                problem = fields.header_name(name)
+                if problem is not None:
+                    self.fail(path + (which, "remove", j), problem)
         edits = spec.request_headers
         for kind, names_ in (("set", [n for n, _ in edits.set]), ("add", [n for n, _ in edits.add]),
                              ("remove", list(edits.remove))):
@@ -395,6 +440,67 @@ class _Builder:
                 why = _NOT_EDITABLE.get(name.lower())
                 if why is not None and not (kind == "set" and name.lower() == "host"):
                     self.fail(path + ("request_headers", kind, name), why)
+
+    def check_upstream(self, u: UpstreamConf, upath: Path) -> None:
+        d = u.discovery
+        if not u.backends and d.type == "static":
+            self.fail(upath + ("backends",), "a static upstream needs backends")
+        if d.type == "dns":
+            if not d.name:
+                self.fail(upath + ("discovery", "name"), "dns discovery needs a name")
+            if d.record != "SRV" and not d.port:
+                self.fail(upath + ("discovery", "port"), f"{d.record} records need a port "
+                          "(only SRV records carry theirs)")
+            if d.resolver is not None:
+                problem = _resolver_problem(d.resolver)
+                if problem is not None:
+                    self.fail(upath + ("discovery", "resolver"), problem)
+        for j, b in enumerate(u.backends):
+            try:
+                parse_address(b.addr)
+            except ValueError as e:
+                self.fail(upath + ("backends", j, "addr"), str(e))
+        hc = u.health_check
+        if u.h2 and hc.type == "http":
+            self.fail(upath + ("health_check", "type"),
+                      "http health checks speak HTTP/1.1; use tcp for an h2 upstream")
+        if hc.type == "http":  # it sends "GET PATH HTTP/1.1" and "Host: HOST"
+            for key, problem in (("path", fields.request_path(hc.path)),
+                                 ("host", hc.host is not None and fields.header_value(hc.host))):
+                if problem:
+                    self.fail(upath + ("health_check", key), problem)
+        hk = u.hash_key
+        if hk not in ("uri", "path", "client_ip") and not hk.startswith(("header:", "cookie:")):
+            self.fail(upath + ("hash_key",),
+                      "must be uri, path, client_ip, header:NAME or cookie:NAME")
+        elif hk.startswith(("header:", "cookie:")) and not hk[7:].strip():
+            # An empty NAME hashes b"" for every request: all of them on one backend.
+            kind = hk[:6]
+            self.fail(upath + ("hash_key",),
+                      f"{kind}:NAME needs a NAME (e.g. {kind}:x-user), got {hk!r}")
+
+
+def _resolver_problem(value: str) -> Optional[str]:
+    """What is wrong with a DNS ``resolver``: HOST, HOST:PORT, V6 or [V6]:PORT (as
+    lb.balancer reads it; the port defaults to 53)."""
+    port: Optional[str] = None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return f"expected [V6]:PORT, got {value!r}"
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host = value  # no port, or a bare IPv6 address
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"expected a port from 1 to 65535 in {value!r}"
+    try:
+        check_host(host)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # Request fields a configuration may not edit: pyngora frames the request and speaks the
@@ -413,7 +519,11 @@ def _bind_key(listener: ListenerConf) -> tuple[str, str, Any]:
     if listener.family == "unix":
         return ("unix", listener.path, None)
     family = "tcp6" if ":" in listener.host else "tcp4"  # v6 listeners are IPV6_V6ONLY
-    return (family, listener.host, listener.port)
+    try:  # one address, one key: [::0] is [::]
+        host = str(ipaddress.ip_address(listener.host))
+    except ValueError:
+        host = listener.host.lower()  # a host name
+    return (family, host, listener.port)
 
 
 def _clash(listener: ListenerConf, taken: dict[tuple[str, str, Any], str]) -> Optional[str]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-__all__ = ["server_context", "check_tls", "cert_validity", "CIPHERS"]
+__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "CIPHERS"]
 
 # Mozilla intermediate (TLS 1.2 part; TLS 1.3 suites are always on and already modern).
 CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -138,52 +138,65 @@ def cert_validity(pem_path: str) -> tuple[datetime.datetime, datetime.datetime]:
         raise ValueError(f"cannot read the certificate's validity: {exc}") from None
 
 
-def _check_pair(cert: str, key: str, what: str, now: datetime.datetime) -> list[str]:
-    errors = []
-    for label, path in (("certificate", cert), ("key", key)):
+# A problem with a listener's ``tls``: the key path under ``tls`` (("cert",), ("sni", 0,
+# "key"), ...; () for the pair as a whole) and what is wrong there.
+Problem = tuple[tuple[Union[str, int], ...], str]
+
+
+def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
+    errors: list[Problem] = []
+    for label, field, path in (("certificate", "cert", cert), ("key", "key", key)):
         if not path:
-            errors.append(f"{what}: no {label} file given")
+            errors.append(((field,), f"no {label} file given"))
+        elif os.path.isdir(path):
+            errors.append(((field,), f"{label} file {path} is a directory"))
         elif not os.path.isfile(path):
-            errors.append(f"{what}: {label} file {path} does not exist")
+            errors.append(((field,), f"{label} file {path} does not exist"))
         elif not os.access(path, os.R_OK):
-            errors.append(f"{what}: {label} file {path} is not readable")
+            errors.append(((field,), f"{label} file {path} is not readable"))
     if errors:
         return errors
     try:
         not_before, not_after = cert_validity(cert)
     except (OSError, ValueError) as exc:
-        return [f"{what}: certificate {cert}: {exc}"]
+        return [(("cert",), f"certificate {cert}: {exc}")]
     if not_after < now:
-        errors.append(f"{what}: certificate {cert} expired on {not_after:%Y-%m-%d %H:%M:%S} UTC")
+        errors.append(((), f"certificate {cert} expired on {not_after:%Y-%m-%d %H:%M:%S} UTC"))
     elif not_before > now:
-        errors.append(f"{what}: certificate {cert} is not valid before "
-                      f"{not_before:%Y-%m-%d %H:%M:%S} UTC")
+        errors.append(((), f"certificate {cert} is not valid before "
+                           f"{not_before:%Y-%m-%d %H:%M:%S} UTC"))
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
         reason = str(getattr(exc, "reason", "") or exc)
         if "KEY_VALUES_MISMATCH" in reason.upper() or "mismatch" in reason.lower():
-            errors.append(f"{what}: key {key} does not match certificate {cert}")
+            errors.append(((), f"key {key} does not match certificate {cert}"))
         elif "BAD_DECRYPT" in reason.upper() or "decrypt" in reason.lower():
-            errors.append(f"{what}: key {key} is encrypted (pyngora needs an unencrypted key)")
+            errors.append((("key",), f"key {key} is encrypted (pyngora needs an unencrypted key)"))
         else:
-            errors.append(f"{what}: cannot load {cert} / {key}: {exc}")
+            errors.append(((), f"cannot load {cert} / {key}: {exc}"))
     except OSError as exc:
-        errors.append(f"{what}: cannot load {cert} / {key}: {exc}")
+        errors.append(((), f"cannot load {cert} / {key}: {exc}"))
+    return errors
+
+
+def tls_problems(tls: Any, now: Optional[datetime.datetime] = None) -> list[Problem]:
+    """Every problem with a listener's ``tls`` (empty list = fine), each at its key: missing
+    or unreadable files, a key that does not match its certificate, an expired (or not yet
+    valid) certificate, an unknown ALPN protocol."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    errors = _check_pair(tls.cert, tls.key, now)
+    for i, entry in enumerate(tuple(getattr(tls, "sni", ()) or ())):
+        errors += [(("sni", i) + sub, f"({entry.server_name}) {message}")
+                   for sub, message in _check_pair(entry.cert, entry.key, now)]
+    for proto in tuple(getattr(tls, "alpn", ()) or ()):
+        if proto not in _KNOWN_ALPN:
+            errors.append((("alpn",), f"unknown protocol {proto!r} (use h2, http/1.1)"))
     return errors
 
 
 def check_tls(tls: Any, where: str = "tls", now: Optional[datetime.datetime] = None) -> list[str]:
-    """Every problem with a listener's ``tls`` (empty list = fine): missing or unreadable
-    files, a key that does not match its certificate, an expired (or not yet valid)
-    certificate, an unknown ALPN protocol. ``where`` prefixes each message."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    errors = _check_pair(tls.cert, tls.key, where, now)
-    for i, entry in enumerate(tuple(getattr(tls, "sni", ()) or ())):
-        errors += _check_pair(entry.cert, entry.key,
-                              f"{where}.sni[{i}] ({entry.server_name})", now)
-    for proto in tuple(getattr(tls, "alpn", ()) or ()):
-        if proto not in _KNOWN_ALPN:
-            errors.append(f"{where}.alpn: unknown protocol {proto!r} (use h2, http/1.1)")
-    return errors
+    """``tls_problems`` as lines, each prefixed with ``where`` and its key path."""
+    return [where + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in sub)
+            + f": {message}" for sub, message in tls_problems(tls, now)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import math
 from typing import Any, Callable, Optional
 
 from pyngora.config.schema import (BackendConf, HeaderEdits, HttpProxyConf, ServerConf,
@@ -89,6 +90,23 @@ def _key_fn(hash_key: str) -> Callable[[Session], bytes]:
     return lambda s: s.req_header.uri.encode("latin-1")
 
 
+# Round robin's ring holds about this many entries at most (each backend at least once),
+# whatever the weights, as lb.selection's weighted array: it is built in every worker.
+_RING_CAP = 8192
+
+
+def _ring(backends: tuple[BackendConf, ...]) -> list[str]:
+    """Each backend's address ``weight`` times: weights divided by their gcd, and scaled
+    down (each kept at least once) when their total passes _RING_CAP."""
+    weights = [max(b.weight, 1) for b in backends]
+    g = math.gcd(*weights) if weights else 1
+    weights = [w // g for w in weights]
+    total = sum(weights)
+    if total > _RING_CAP:
+        weights = [max(1, round(w * _RING_CAP / total)) for w in weights]
+    return [b.addr for b, w in zip(backends, weights) for _ in range(w)]
+
+
 class _Group:
     """One upstream group: its backends, peer options and selection, per worker."""
 
@@ -116,7 +134,7 @@ class _Group:
         self.key = _key_fn(conf.hash_key)
         self._hashed = conf.selection in ("fnv", "consistent")
         self.balancer: Any = None
-        ring = [b.addr for b in conf.backends for _ in range(max(b.weight, 1))]
+        ring = _ring(conf.backends)
         self._rr = itertools.cycle(ring) if ring else None
         self._ring_len = len(ring)
         # Prebuilt peers of the configured backends, for DeclarativeProxy's own classes only

@@ -217,6 +217,11 @@ def background_service(name: str, task: Any) -> BackgroundService:
     if isinstance(task, BackgroundService):
         task.name = name
         return task
+    if not (callable(getattr(task, "start", None))
+            or callable(getattr(task, "start_with_ready_notifier", None))):
+        # found when the service is built (-t, a reload), not as a traceback in every worker
+        raise TypeError(f"{type(task).__name__} is no background service: it has neither "
+                        f"start(shutdown) nor start_with_ready_notifier(shutdown, ready)")
     svc = _WrappedBackground(name, task)
     return svc
 

@@ -131,7 +131,7 @@ def test_a_bad_app_still_fails_the_start_with_its_line(tmp_path) -> None:
                      f"  - name: bg\n    type: background\n    app: 'nosuchmodule_xyz:Task'\n")
     out = server.run(timeout=60)
     assert out.returncode == 1, out
-    assert f"{server.conf_path}:8: services[1]: service 'bg'" in out.stderr
+    assert f"{server.conf_path}:10: services[1].app: nosuchmodule_xyz:Task: No module" in out.stderr
     assert "nosuchmodule_xyz" in out.stderr
     assert not port_open(port)
     # the same text as -t, which builds in its own process

@@ -240,10 +240,10 @@ def test_dash_t_prints_every_error_in_one_run(tmp_path) -> None:
                         capture_output=True, text=True, timeout=60)
     assert ko.returncode == 1
     lines = ko.stderr.splitlines()
-    assert f"{bad}:6: services[0].listeners[0].tls: certificate file {tmp_path}/no.crt does not exist" in lines
+    assert f"{bad}:6: services[0].listeners[0].tls.cert: certificate file {tmp_path}/no.crt does not exist" in lines
     assert f"{bad}:10: services[1].upstreams[0].backends[0].weight: must be at least 1, got 0" in lines
-    assert any(ln.startswith(f"{bad}:11: services[2]: service 'bg': No module named "
-                             "'no_such_module_here'") for ln in lines), lines
+    assert any(ln.startswith(f"{bad}:11: services[2].app: no_such_module_here:App: No module "
+                             "named 'no_such_module_here'") for ln in lines), lines
     assert any("bad_key: unknown key" in ln for ln in lines), lines
     assert not any("no_such_module_either" in ln for ln in lines), lines  # not built
     assert lines[-1] == f"configuration {bad} test failed"

@@ -25,6 +25,7 @@ LEAVES = (
     "pyngora.headers",
     "pyngora.config.schema",
     "pyngora.config.model",
+    "pyngora.config.fields",
     "pyngora.pool",
     "pyngora.upgrade",
     "pyngora.metrics.multiproc",
@@ -36,7 +37,7 @@ LEAVES = (
 # A leaf kept in several files is still one leaf: its files may import one another, and
 # nothing else of pyngora. (A leaf package, like `upgrade`, needs no entry: it is one name.)
 LEAF_GROUPS = (
-    ("pyngora.config.schema", "pyngora.config.model"),
+    ("pyngora.config.schema", "pyngora.config.model", "pyngora.config.fields"),
     ("pyngora.metrics.multiproc", "pyngora.metrics.metric_defs",
      "pyngora.metrics.multiproc_format"),
 )

@@ -171,7 +171,7 @@ def test_check_tls_flags_expired_mismatched_missing_and_unknown_alpn(certs, tmp_
     errs = check_tls(TlsConf(cert=cert, key=key, alpn=("h2", "spdy/3"), sni=(
         SniCert("old.test", old_cert, old_key),)))
     assert len(errs) == 2
-    assert "sni[0] (old.test)" in errs[0] and "expired" in errs[0]
+    assert "tls.sni[0]: (old.test)" in errs[0] and "expired" in errs[0]
     assert "spdy/3" in errs[1]
 
 
