@@ -391,11 +391,18 @@ class _Builder:
                 self.fail(lpath + ("backlog",), f"must be an integer from 1 to 65535, got {backlog!r}")
                 backlog = 1024
             tls = None
-            if item.get("tls") is not None:
+            if "tls" in item and item["tls"] is None:
+                # "tls:" left empty: serving plaintext where TLS was asked would be silent
+                self.fail(lpath + ("tls",), "needs cert and key (remove it for plaintext)")
+            elif item.get("tls") is not None:
                 ok, tls = self.value(Optional[TlsConf], item["tls"], lpath + ("tls",))
             h2c = item.get("h2c", False)
             if not isinstance(h2c, bool):
                 self.fail(lpath + ("h2c",), "expected true or false")
+                h2c = False
+            elif h2c and item.get("tls") is not None:
+                self.fail(lpath + ("h2c",), "h2c is HTTP/2 in plaintext: a tls listener "
+                                            "offers HTTP/2 by ALPN")
                 h2c = False
             try:
                 out.append(parse_address(item.get("address"), backlog=backlog, mode=mode,

@@ -430,3 +430,16 @@ def test_dash_t_refuses_a_metrics_dir_that_cannot_be_one(tmp_path) -> None:
     ko, conf = _dash_t(tmp_path, f"metrics_dir: {f}\nservices:\n"
                                  "  - {name: m, type: prometheus, listeners: ['127.0.0.1:0']}\n")
     assert ko.returncode == 1 and f"{conf}:1: metrics_dir:" in ko.stderr, ko.stdout + ko.stderr
+
+
+def test_an_empty_tls_or_h2c_beside_tls_is_refused() -> None:
+    """``tls:`` left empty (YAML null) served plaintext without a word, where the operator
+    asked for TLS; ``h2c: true`` beside ``tls`` was accepted though a TLS listener offers
+    HTTP/2 by ALPN only. Expected: both refused at their key."""
+    out = _errors("services:\n  - name: s\n    type: static\n    listeners:\n"
+                  "      - address: '127.0.0.1:0'\n        tls:\n")
+    assert "c.yaml:6: services[0].listeners[0].tls: needs cert and key" in out, out
+    out = _errors("services:\n  - name: s\n    type: static\n    listeners:\n"
+                  "      - address: '127.0.0.1:0'\n        tls: {cert: a.pem, key: b.pem}\n"
+                  "        h2c: true\n")
+    assert "c.yaml:7: services[0].listeners[0].h2c: h2c is HTTP/2 in plaintext" in out, out
