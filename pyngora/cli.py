@@ -227,7 +227,11 @@ def test_file(path: str) -> ServerConf:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m pyngora``: a Server of the YAML file's services (``-t``, ``-s`` and
     ``--version`` end in ``Server.bootstrap``)."""
-    server = Server(Opt.parse_args(argv), build_services=plan_services, test_file=test_file)
+    # (called with its own argv, by a wrapper or a test, this process's command line is
+    # someone else's: -s upgrade starts pyngora itself)
+    program = None if argv is None else [sys.executable, "-m", "pyngora"]
+    server = Server(Opt.parse_args(argv), build_services=plan_services, test_file=test_file,
+                    program=program)
     server.bootstrap()
     if "" in sys.path:
         # workers import the apps after fork, maybe after -d went to /: "" must still mean

@@ -80,9 +80,21 @@ def route_host(host: str) -> Optional[str]:
                 else f"an IPv6 address is written in brackets, as in a Host: got {host!r}")
     if host.endswith("."):
         return f"the Host is matched without its final dot: write {host[:-1]!r}"
-    if not host or _BAD_TARGET.search(host) or "/" in host:
+    if host == "*":
+        return "'*' matches only a Host of '*': leave host out to match any"
+    if not host.isascii():
+        return (f"a request's Host is ASCII: write {host!r} in its punycode form"
+                f" ({_punycode(host)!r})")
+    if _BAD_TARGET.search(host) or "/" in host:  # ("" is no condition: any host)
         return f"{host!r} is no host name"
     return None
+
+
+def _punycode(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "xn--..."
 
 
 def service_name(name: str) -> Optional[str]:

@@ -100,6 +100,11 @@ def check_host(host: str) -> None:
             raise ValueError(f"not an IPv6 address: {e}") from None
         return
     name = host[:-1] if host.endswith(".") else host  # "example.com." is fully qualified
+    if not name.isascii():  # an internationalised name: getaddrinfo looks up its punycode
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{host!r} is no internationalised host name") from None
     labels = name.split(".")
     if labels[-1].isdigit():
         try:

@@ -16,8 +16,10 @@ from pyngora.protocols.h1 import (_BODY, _CL, _DEFAULT_LIMITS, _DONE, _FORBIDDEN
 # Request methods whose responses need the head fed to llhttp alone (their body, if any,
 # is not framed by the head: see _head_input).
 _SPLIT_METHODS = frozenset((b"HEAD", b"CONNECT"))
-# 1xx heads accepted before a final response (Go's HTTP client allows 5 as well).
-MAX_INTERIM = 5
+# 1xx heads accepted before a final response: in all at most max_header_bytes of them (as
+# Go's client bounds them), and few 100 Continue, which the proxy answers itself and passes
+# on to nobody (a 102 Processing now and then is a long WebDAV request's keep-alive).
+MAX_CONTINUES = 5
 
 
 def _llhttp(target: "ResponseParser") -> httptools.HttpResponseParser:
@@ -47,7 +49,7 @@ class ResponseParser:
                  "_reason", "_cl", "_te", "_status", "_skip_body", "_tunnel", "_framing",
                  "_keep_alive", "_error", "_leftover", "_unsolicited", "response_started",
                  "upgraded", "_trailing", "_trailers", "_tkeys", "_head_done", "_stall",
-                 "_interim", "_tbytes")
+                 "_interim", "_continues", "_tbytes")
 
     def __init__(self, limits: Optional[H1Limits] = None) -> None:
         # Read by the connection's take_whole; written by this parser only.
@@ -79,7 +81,8 @@ class ResponseParser:
         self._tkeys: list[bytes] = []
         self._head_done = False
         self._stall = 0
-        self._interim = 0  # 1xx heads before the current response's final one
+        self._interim = 0  # bytes of 1xx heads before the current response's final one
+        self._continues = 0  # 100 Continue among them
         self._tbytes = 0  # bytes of the current response's trailers
 
     def start(self, request_method: bytes) -> None:
@@ -90,7 +93,7 @@ class ResponseParser:
             raise RuntimeError("ResponseParser.start() before the previous response ended")
         self._method = request_method.upper()
         self._state = _HEAD
-        self._stall = self._interim = 0
+        self._stall = self._interim = self._continues = 0
         self._buf = self._leftover
         self._leftover = b""
         self.response_started = bool(self._buf)
@@ -313,12 +316,17 @@ class ResponseParser:
             self._reject(f"upstream answered HTTP/{version}")
         headers = Headers._from_parser(self._items, self._keys)
         if status < 200 and status != 101:
-            # Bounded, as Go's client bounds them: each may restart the read timeout and
-            # goes to a client that may not read, so an origin that trickled or flooded
-            # 1xx heads would hold the client, or the worker's memory, without limit.
-            self._interim += 1
-            if self._interim > MAX_INTERIM:
-                self._reject(f"more than {MAX_INTERIM} interim (1xx) responses from upstream")
+            # Bounded: each restarts the read timeout, and goes to a client that may not
+            # read, so an origin that flooded 103s would fill the worker's memory, and one
+            # that trickled 100s (passed on to nobody) would hold the client, without limit.
+            self._interim += 32 + sum(len(n) + len(v) + 4 for n, v in self._items)
+            if self._interim > self.limits.max_header_bytes:
+                self._reject("interim (1xx) responses from upstream larger than "
+                             "max_header_bytes in all")
+            if status == 100:
+                self._continues += 1
+                if self._continues > MAX_CONTINUES:
+                    self._reject(f"more than {MAX_CONTINUES} 100 Continue from upstream")
             self._events.append(InformationalResponse(status, headers))
             return
         method = self._method

@@ -57,16 +57,20 @@ class Server:
 
     def __init__(self, opt: Optional[Opt] = None,
                  build_services: Optional[Callable[[ServerConf], list[Service]]] = None,
-                 test_file: Optional[Callable[[str], ServerConf]] = None) -> None:
+                 test_file: Optional[Callable[[str], ServerConf]] = None,
+                 program: Optional[list[str]] = None) -> None:
         """``build_services``: the services of a configuration, for SIGHUP (None: a reload
         keeps this program's services). ``test_file``: what ``-t`` checks, loading the file
         and raising ConfigError with every issue (None: the file and the machine's side of
-        it, as a program's services are its own code)."""
+        it, as a program's services are its own code). ``program``: the command that starts
+        this program, without its options (None: the one this process was started with),
+        which ``-s upgrade`` runs with ``-c FILE -u -d``."""
         self.opt = opt or Opt()
         self.configuration = ServerConf()
         self.services: list[Service] = []
         self.build_services = build_services
         self.test_file = test_file or _test_file
+        self.program = program
         self._bootstrapped = False
 
     def bootstrap(self) -> None:
@@ -94,18 +98,34 @@ class Server:
                 self.configuration = self.test_file(opt.conf) if opt.test else load(opt.conf)
             except ConfigError as e:
                 sys.stderr.write(f"{e}\n")
-                if opt.test:
-                    sys.stderr.write(f"configuration {opt.conf} test failed\n")
-                sys.exit(1)
+                partial = _signal_anyway(opt.signal, e)
+                if partial is None:
+                    if opt.test:
+                        sys.stderr.write(f"configuration {opt.conf} test failed\n")
+                    sys.exit(1)
+                # The running master was started from an older file, or by an older
+                # pyngora: logrotate's -s reopen must still reach it
+                sys.stderr.write(f"pyngora: signalling the running master anyway (the "
+                                 f"file's pid_file is {partial.pid_file})\n")
+                self.configuration = partial
         if opt.test:
             print(f"configuration {opt.conf or '(built-in defaults)'} is ok")
             sys.exit(0)
         if opt.signal:
+            if opt.upgrade:  # a new master started by -s upgrade never signals in turn
+                sys.stderr.write("pyngora: -s and -u do not go together\n")
+                sys.exit(2)
             if not opt.conf:
                 sys.stderr.write("pyngora: -s needs -c FILE (to find pid_file)\n")
                 sys.exit(2)
             from pyngora.server.control import send
-            sys.exit(send(self.configuration, opt.conf, opt.signal, _this_program(opt.conf)))
+            program = ([*self.program, "-c", opt.conf] if self.program is not None
+                       else _this_program(opt.conf))
+            if program is None:
+                sys.stderr.write("pyngora: cannot tell this command's own options apart: "
+                                 "write -s SIGNAL, -d and -u as separate options\n")
+                sys.exit(2)
+            sys.exit(send(self.configuration, opt.conf, opt.signal, program))
         self._bootstrapped = True
 
     def add_service(self, svc: Service) -> None:
@@ -142,10 +162,12 @@ class Server:
         return master.run()
 
 
-def _this_program(conf: str) -> list[str]:
+def _this_program(conf: str) -> Optional[list[str]]:
     """The command that started this process (``python -m pkg.mod ...`` or ``python prog.py
-    ...``) without its ``-s``/``--signal`` and ``-d``, and with ``conf`` (absolute) as its
-    ``-c``: what ``-s upgrade`` starts again, with ``-u -d`` added."""
+    ...``) without its ``-s``/``--signal``, ``-d`` and ``-u``, and with ``conf`` (absolute)
+    as its ``-c``: what ``-s upgrade`` starts again, with ``-u -d`` added. None when an
+    option of Opt is left in it, spelled in a way this does not take apart (``-supgrade``,
+    ``--sig``): copied through, the new master would upgrade in turn, without end."""
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     # The program's own arguments follow the interpreter's: the script, or -m and the module
     # (-X and -W take a value).
@@ -162,9 +184,22 @@ def _this_program(conf: str) -> list[str]:
             out += [a, conf]
         elif a.startswith("--conf="):
             out.append("--conf=" + conf)
-        elif not (a.startswith("--signal=") or a in ("-d", "--daemon")):
+        elif not (a.startswith("--signal=") or a in ("-d", "--daemon", "-u", "--upgrade")):
             out.append(a)
+    left, _ = Opt.parser().parse_known_args(out[start:])
+    if left.signal or left.daemon or left.upgrade or left.test or left.version:
+        return None
     return out
+
+
+def _signal_anyway(signal: Optional[str], e: ConfigError) -> Optional[ServerConf]:
+    """For ``-s`` other than upgrade, a file with issues that still names its pid_file
+    clearly: what was read of it (None: no signal is sent)."""
+    if not signal or signal == "upgrade" or e.partial is None:
+        return None
+    if any(i.path[:1] == ("pid_file",) for i in e.issues):
+        return None
+    return e.partial[0]
 
 
 def _test_file(path: str) -> ServerConf:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, alive, free_port, get, kill_daemon, port_open, self_signed_cert, \
-    wait_for
+from tests.support import ROOT, alive, children_of, free_port, get, kill_daemon, port_open, \
+    self_signed_cert, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
                                 reason="openssl and curl are needed")
@@ -176,3 +176,69 @@ def test_a_python_program_answers_t_s_and_version(tmp_path):
         wait_for(lambda: not alive(second), 30, "the program to stop")
     finally:
         kill_daemon(tmp_path / "p.pid")
+
+
+def test_signals_reach_a_master_whose_file_no_longer_passes(tmp_path):
+    """A master started from a valid file, which then gets values this pyngora refuses (as
+    after a package upgrade that checks more, under a running master): ``-s reopen`` and
+    ``-s stop`` still reach the master, saying why (logrotate's ``-s reopen`` must not stop
+    working); ``-s upgrade`` does not (the new master would refuse the file)."""
+    port = free_port()
+    conf = tmp_path / "c.yaml"
+    good = (f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
+            f"error_log: {tmp_path}/e.log\nmetrics_dir: {tmp_path}/m\n"
+            f"services:\n  - name: origin\n    type: static\n"
+            f"    listeners: ['127.0.0.1:{port}']\n")
+    conf.write_text(good)
+    cmd = [sys.executable, "-m", "pyngora", "-c", str(conf)]
+    try:
+        assert _run([*cmd, "-d"], cwd=tmp_path).returncode == 0
+        master = int((tmp_path / "p.pid").read_text())
+        conf.write_text(good.replace("services:", "threads: 5000\nservices:"))
+        up = _run([*cmd, "-s", "upgrade"], cwd="/")
+        assert up.returncode == 1 and "threads: must be" in up.stderr, up.stderr
+        assert int((tmp_path / "p.pid").read_text()) == master
+        r = _run([*cmd, "-s", "reopen"], cwd="/")
+        assert r.returncode == 0 and "signalling the running master anyway" in r.stderr, r.stderr
+        wait_for(lambda: "SIGUSR1: logs reopened" in (tmp_path / "e.log").read_text(), 20,
+                 "the master's reopen")
+        s = _run([*cmd, "-s", "stop"], cwd="/")
+        assert s.returncode == 0, s.stderr
+        wait_for(lambda: not alive(master), 30, "the master to stop")
+    finally:
+        kill_daemon(tmp_path / "p.pid")
+
+
+@pytest.mark.parametrize("spelling", [["-supgrade"], ["--sig", "upgrade"], ["-u", "-s", "stop"]])
+def test_an_upgrade_command_that_would_signal_again_is_refused(tmp_path, spelling):
+    """``-s upgrade`` starts this command again with ``-u -d``, without its ``-s``: spelled
+    as one word (``-supgrade``) or abbreviated (``--sig``), the ``-s`` used to be copied
+    into the new master, which upgraded in turn, without end (16 processes in 4 s). Such a
+    command is refused (exit 2), as ``-s`` with ``-u`` is; the master is left alone."""
+    port = free_port()
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
+                    f"error_log: {tmp_path}/e.log\nmetrics_dir: {tmp_path}/m\n"
+                    f"services:\n  - name: origin\n    type: static\n"
+                    f"    listeners: ['127.0.0.1:{port}']\n")
+    cmd = [sys.executable, "-m", "pyngora", "-c", str(conf)]
+    try:
+        assert _run([*cmd, "-d"], cwd=tmp_path).returncode == 0
+        master = int((tmp_path / "p.pid").read_text())
+        before = set(children_of(master))
+        r = _run([*cmd, *spelling], cwd=tmp_path)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert int((tmp_path / "p.pid").read_text()) == master and alive(master)
+        assert set(children_of(master)) == before  # no hand-over began
+        assert not [p for p in os.listdir("/proc") if p.isdigit() and
+                    "-u" in _cmdline(int(p)) and str(conf) in _cmdline(int(p))]
+    finally:
+        kill_daemon(tmp_path / "p.pid")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []

@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 from tests.protocol.test_http_app_helpers import run, serving
-from tests.protocol.test_proxy_fast_path import proxy_service, start_origin
+from tests.protocol.test_proxy_fast_path import proxy_service, read_exact_response, start_origin
 
 REQUESTS = {
     "get-fast-path": b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -154,7 +154,7 @@ def test_100_continue_dribbled_does_not_hold_the_client_past_read_seconds(
 
     took, head = run(main(), timeout=30)
     # The origin answers after 6 s: anything well below is the proxy's own verdict (502
-    # after the 6th 1xx, ~2.4 s in: bounded by MAX_INTERIM x the dribble, not by the origin).
+    # after the 6th 100, ~2.4 s in: bounded by MAX_CONTINUES x the dribble, not by the origin).
     assert took < 5.0, (f"the client waited {took:.1f} s (read_seconds 1) for {head[:40]!r}: "
                         f"each 100 Continue re-armed the read timeout")
     assert head.startswith((b"HTTP/1.1 504 ", b"HTTP/1.1 502 ")), head
@@ -223,3 +223,31 @@ def test_upstream_trailers_over_max_header_bytes_are_refused_in_one_read_too(siz
     got = run(main())
     assert b"X-Big" not in got, (
         f"{size}-byte trailer section (max_header_bytes 65536) forwarded: {got[:80]!r}...")
+
+
+def test_102_processing_now_and_then_still_reaches_the_client() -> None:
+    """The bound is on the interim heads' bytes (max_header_bytes in all) and on 100s, not
+    on 1xx as such: a WebDAV origin that says ``102 Processing`` twenty times during a long
+    request (its keep-alive) is passed through, each 102 to the client, then its 200."""
+    async def processing(writer: asyncio.StreamWriter) -> None:
+        for _ in range(20):
+            writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+            await writer.drain()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def main() -> bytes:
+        server, oport = await _origin(processing)
+        conf, svc = proxy_service(oport)
+        async with serving(svc, conf) as (port, ctx):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await asyncio.wait_for(read_exact_response(reader), 5)
+            writer.close()
+        server.close()
+        return answer
+
+    answer = run(main())
+    assert answer.count(b"HTTP/1.1 102 Processing\r\n") == 20, answer
+    assert answer.endswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") or (
+        answer.split(b"HTTP/1.1 200 OK\r\n")[1].endswith(b"\r\n\r\nok")), answer

@@ -443,3 +443,18 @@ def test_an_empty_tls_or_h2c_beside_tls_is_refused() -> None:
                   "      - address: '127.0.0.1:0'\n        tls: {cert: a.pem, key: b.pem}\n"
                   "        h2c: true\n")
     assert "c.yaml:7: services[0].listeners[0].h2c: h2c is HTTP/2 in plaintext" in out, out
+
+
+def test_route_hosts_the_review_found_refused_or_lost() -> None:
+    """After the first round: ``host: ""`` (a templated value) meant "any host" and must
+    still; ``host: "*"`` matched only a literal ``Host: *``, and ``münchen.de`` nothing
+    (request Hosts are ASCII): refused, saying what to write instead. IDN listener and
+    backend names (getaddrinfo looks their punycode up) load as before."""
+    conf = parse_text(_proxy("    routes: [{host: '', upstream: u}]\n"), "c.yaml")
+    assert conf.services[0].spec.routes[0].host == ""
+    out = _errors(_proxy("    routes:\n      - {host: '*', upstream: u}\n"))
+    assert "c.yaml:8: services[0].routes[0].host: '*' matches only" in out, out
+    out = _errors(_proxy("    routes:\n      - {host: 'münchen.de', upstream: u}\n"))
+    assert "punycode form ('xn--mnchen-3ya.de')" in out, out
+    parse_text(_proxy("", "      - {name: v, backends: [{addr: 'bücher.example:80'}]}\n"),
+               "c.yaml")
