@@ -178,19 +178,24 @@ def test_a_python_program_answers_t_s_and_version(tmp_path):
         kill_daemon(tmp_path / "p.pid")
 
 
+def _static_daemon_file(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A file for a master with one static service, its files in ``tmp_path``; and the
+    command that names it."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
+                    f"error_log: {tmp_path}/e.log\nmetrics_dir: {tmp_path}/m\n"
+                    f"services:\n  - name: origin\n    type: static\n"
+                    f"    listeners: ['127.0.0.1:{free_port()}']\n")
+    return conf, [sys.executable, "-m", "pyngora", "-c", str(conf)]
+
+
 def test_signals_reach_a_master_whose_file_no_longer_passes(tmp_path):
     """A master started from a valid file, which then gets values this pyngora refuses (as
     after a package upgrade that checks more, under a running master): ``-s reopen`` and
     ``-s stop`` still reach the master, saying why (logrotate's ``-s reopen`` must not stop
     working); ``-s upgrade`` does not (the new master would refuse the file)."""
-    port = free_port()
-    conf = tmp_path / "c.yaml"
-    good = (f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
-            f"error_log: {tmp_path}/e.log\nmetrics_dir: {tmp_path}/m\n"
-            f"services:\n  - name: origin\n    type: static\n"
-            f"    listeners: ['127.0.0.1:{port}']\n")
-    conf.write_text(good)
-    cmd = [sys.executable, "-m", "pyngora", "-c", str(conf)]
+    conf, cmd = _static_daemon_file(tmp_path)
+    good = conf.read_text()
     try:
         assert _run([*cmd, "-d"], cwd=tmp_path).returncode == 0
         master = int((tmp_path / "p.pid").read_text())
@@ -215,13 +220,7 @@ def test_an_upgrade_command_that_would_signal_again_is_refused(tmp_path, spellin
     as one word (``-supgrade``) or abbreviated (``--sig``), the ``-s`` used to be copied
     into the new master, which upgraded in turn, without end (16 processes in 4 s). Such a
     command is refused (exit 2), as ``-s`` with ``-u`` is; the master is left alone."""
-    port = free_port()
-    conf = tmp_path / "c.yaml"
-    conf.write_text(f"pid_file: {tmp_path}/p.pid\nupgrade_sock: {tmp_path}/u.sock\n"
-                    f"error_log: {tmp_path}/e.log\nmetrics_dir: {tmp_path}/m\n"
-                    f"services:\n  - name: origin\n    type: static\n"
-                    f"    listeners: ['127.0.0.1:{port}']\n")
-    cmd = [sys.executable, "-m", "pyngora", "-c", str(conf)]
+    conf, cmd = _static_daemon_file(tmp_path)
     try:
         assert _run([*cmd, "-d"], cwd=tmp_path).returncode == 0
         master = int((tmp_path / "p.pid").read_text())

@@ -40,6 +40,30 @@ ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~\x80-\xff]+ HTTP/1\.1")
 
 
+async def _one_connection(requests: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """``requests`` one after the other on one connection to the proxy, each in one write
+    once the previous one is answered, until one is not answered 200 (refused: the
+    connection closes) or the connection ends: the answers, and the heads the origin got."""
+    server, oport, stats = await start_origin(lambda path, n: ANSWER)
+    conf, svc = proxy_service(oport)
+    answers: list[bytes] = []
+    async with serving(svc, conf) as (port, ctx):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for request in requests:
+                w.write(request)
+                try:
+                    answers.append(await asyncio.wait_for(read_exact_response(r), 5))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                if not answers[-1].startswith(b"HTTP/1.1 200"):
+                    break
+        finally:
+            w.close()
+    server.close()
+    return answers, list(stats["heads"])
+
+
 # -- 1. a request line with extra spaces goes upstream as the client sent it -----------------
 
 @pytest.mark.parametrize("request_line", [
@@ -54,29 +78,8 @@ def test_a_request_line_with_extra_spaces_is_refused_or_reserialised(request_lin
     ``GET /x HTTP/1.1`` each time, or nothing at all (a 400 to the client), never the client's
     request line with its extra spaces."""
     request = request_line + b"\r\nHost: t\r\n\r\n"
-
-    async def main() -> tuple[list[bytes], list[bytes]]:
-        server, oport, stats = await start_origin(lambda path, n: ANSWER)
-        conf, svc = proxy_service(oport)
-        answers: list[bytes] = []
-        async with serving(svc, conf) as (port, ctx):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                for _ in range(3):
-                    w.write(request)
-                    try:
-                        answers.append(await asyncio.wait_for(read_exact_response(r), 5))
-                    except (asyncio.IncompleteReadError, ConnectionError):
-                        break
-                    if not answers[-1].startswith(b"HTTP/1.1 200"):
-                        break  # refused (400): the connection closes
-            finally:
-                w.close()
-        server.close()
-        return answers, list(stats["heads"])
-
     h1._SEEN.clear()
-    answers, heads = run(main())
+    answers, heads = run(_one_connection([request] * 3))
     assert answers, "no answer at all"
     if answers[0].startswith(b"HTTP/1.1 400"):
         assert heads == [], heads  # refused: nothing of it went upstream
@@ -179,24 +182,7 @@ def test_an_h2c_upgrade_is_served_as_an_ordinary_request(connection: bytes) -> N
     connection must stay HTTP/1: a second request on it is answered too (not tunnelled)."""
     request = (b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: " + connection +
                b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
-
-    async def main() -> tuple[list[bytes], list[bytes]]:
-        server, oport, stats = await start_origin(lambda path, n: ANSWER)
-        conf, svc = proxy_service(oport)
-        answers: list[bytes] = []
-        async with serving(svc, conf) as (port, ctx):
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                w.write(request)
-                answers.append(await asyncio.wait_for(read_exact_response(r), 5))
-                w.write(b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n")
-                answers.append(await asyncio.wait_for(read_exact_response(r), 5))
-            finally:
-                w.close()
-        server.close()
-        return answers, list(stats["heads"])
-
-    answers, heads = run(main())
+    answers, heads = run(_one_connection([request, b"GET /y HTTP/1.1\r\nHost: t\r\n\r\n"]))
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 2, answers
     assert len(heads) == 2, heads
     first = heads[0].lower()
