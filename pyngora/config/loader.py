@@ -241,13 +241,22 @@ def _tls_paths(sc: ServiceConf, absolute: Callable[[Any], Any]) -> ServiceConf:
     return dataclasses.replace(sc, listeners=listeners) if listeners != sc.listeners else sc
 
 
+# A configuration is a few KiB; the bound is for `-c /dev/zero` or an endless pipe, which
+# would otherwise be read until memory ran out (reading stops one byte past it).
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load(path: str) -> ServerConf:
-    """Read and validate a configuration file."""
+    """Read and validate a configuration file (a regular file, or a pipe such as
+    ``-c <(...)``, of at most MAX_CONFIG_BYTES)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, [ConfigIssue((), f"cannot read: {e.strerror}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [ConfigIssue(
+            (), f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a configuration file")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

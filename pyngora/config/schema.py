@@ -268,6 +268,8 @@ class _Builder:
                 body["threads"] = threads
         if raw.get("access_log") is False:  # YAML 1.1 reads an unquoted off as false
             body["access_log"] = "off"
+        if raw.get("error_log") == "stderr":  # nginx's spelling of the default, not a file name
+            body["error_log"] = None
         conf = self.dataclass(ServerConf, body, (), skip=("services",))
         if conf is not None and conf.version != 1:
             self.fail(("version",), f"unsupported version {conf.version} (this pyngora reads 1)")

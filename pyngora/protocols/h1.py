@@ -30,6 +30,7 @@ import httptools
 
 from pyngora.headers import Headers
 from pyngora.protocols.events import Data, Event, MessageEnd, RequestHead
+from pyngora.protocols.h1_target import target_authority
 
 __all__ = ["H1Limits", "Known", "ProtocolError", "RequestParser", "ResponseParser", "known_head",
            "serialize_request_head", "serialize_response_head", "encode_chunk",
@@ -128,10 +129,6 @@ def known_head(seen: Known, data: bytes) -> RequestHead:
 def _is_chunked(te: bytes) -> bool:
     """True when a Transfer-Encoding value is exactly one ``chunked`` coding."""
     return te.lower().strip(b" \t") == b"chunked"
-
-
-def _default_port(scheme: bytes) -> bytes:
-    return b":443" if scheme == b"https" else b":80"
 
 
 class RequestParser:
@@ -554,40 +551,15 @@ class RequestParser:
         _GOOD_HOSTS.add(host)
 
     def _check_target_form(self, method: bytes, target: bytes) -> Optional[bytes]:
-        """Checks for a target that is not origin-form: ``*``, authority- or absolute-form.
-        Returns the authority of an absolute-form target (None for the other two)."""
-        if target == b"*":
-            if method != b"OPTIONS":
-                self._reject(400, "'*' target is only for OPTIONS")
-            return None
-        if method == b"CONNECT":
-            # authority-form = host ":" port, nothing else (RFC 9112 3.2.3)
-            host, sep, port = target.rpartition(b":")
-            if (not sep or not host or not port.isdigit() or b"/" in target
-                    or b"@" in target or b"?" in target or b"#" in target):
-                self._reject(400, "bad authority-form target")
-            return None
-        scheme, sep, rest = target.partition(b"://")
-        scheme = scheme.lower()
-        if not sep or scheme not in (b"http", b"https"):
-            self._reject(400, "bad request-target")
-        end = len(rest)
-        for ch in (b"/", b"?", b"#"):
-            i = rest.find(ch)
-            if 0 <= i < end:
-                end = i
-        given = rest[:end]
-        authority = given.lower()
-        if not authority or b"@" in authority or b"#" in rest:
-            self._reject(400, "bad absolute-form target")
-        if self._host is None:
+        """Checks for a target that is not origin-form (``h1_target``). Returns the authority
+        of an absolute-form target (None for ``*`` and authority-form)."""
+        host = self._host
+        try:
+            given = target_authority(method, target, host)
+        except ValueError as e:
+            self._reject(400, str(e))
+        if given is not None and host is None:
             self._check_host(given)  # HTTP/1.0 without Host: the only authority, as a Host
-            return given
-        host = self._host.lower()
-        if authority != host:
-            port = _default_port(scheme)
-            if authority.removesuffix(port) != host.removesuffix(port):
-                self._reject(400, "absolute-form target disagrees with Host")
         return given
 
     def on_body(self, body: bytes) -> None:

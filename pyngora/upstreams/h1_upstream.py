@@ -29,6 +29,7 @@ from pyngora.protocols import h1
 from pyngora.protocols.events import Data, Event, MessageEnd, ResponseHead
 from pyngora.protocols.h1_splice import take_whole
 from pyngora.upstreams.dial import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from pyngora.upstreams.h1_tunnel import UpstreamTunnel
 from pyngora.upstreams.peer import HttpPeer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +53,7 @@ def _on_wait_timeout(fut: asyncio.Future) -> None:
         fut.set_result(False)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(UpstreamTunnel, asyncio.Protocol):
     """One HTTP/1.1 client connection to an upstream; used by one request at a time.
 
     ``reused`` says it came from the pool; ``response_bytes_seen`` that some byte of the current
@@ -384,57 +385,6 @@ class UpstreamConnection(asyncio.Protocol):
         """True when the last exchange ended cleanly and the upstream allows keep-alive."""
         return (not self._closed and not self._eof and self._error is None
                 and not self._events and not self._tunnel and self._parser.reusable)
-
-    # --- tunnel (after a 101 Switching Protocols, or 2xx to CONNECT) -------------------------
-
-    def into_tunnel(self) -> tuple[bytes, ...]:
-        """Switch to a raw two-way byte pipe; returns the bytes that followed the 101 head.
-
-        Call after read_event returned the 101 ResponseHead and its MessageEnd. Later input is
-        read with :meth:`read_raw`, output written with :meth:`write_raw`.
-        """
-        self._tunnel = True
-        trailing = self._parser.take_trailing()
-        self._events.clear()
-        return (trailing,) if trailing else ()
-
-    def write_raw(self, data: bytes) -> None:
-        """Write tunnel bytes as they are. Raises Error if the connection is closed."""
-        if self._closed:
-            raise self._dead_error()
-        if data:
-            self.transport.write(data)
-
-    def write_eof(self) -> None:
-        """Half-close the tunnel towards the upstream (TLS cannot: it closes instead)."""
-        if self._closed:
-            return
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            self.transport.close()
-
-    async def read_raw(self) -> bytes:
-        """The next tunnel bytes (all that are buffered); b"" once the upstream closed.
-
-        Waits at most ``read_timeout`` (Error ReadTimedout), as nginx's proxy_read_timeout
-        does for WebSockets.
-        """
-        raw = self._raw
-        while True:  # each turn returns, raises, or awaits new input
-            if raw:
-                data = raw.popleft() if len(raw) == 1 else b"".join(raw)
-                raw.clear()
-                self._buffered = 0
-                if self._reading_paused:
-                    self._resume_reading()
-                return data
-            if self._error is not None:
-                raise self._error
-            if self._eof or self._closed:
-                return b""
-            if not await self._wait(self.peer.options.read_timeout):
-                raise self._read_timeout()
 
     # --- closing -----------------------------------------------------------------------------
 

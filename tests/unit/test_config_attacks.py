@@ -8,6 +8,7 @@ Each test here failed when it was written; its docstring says what is expected i
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -383,6 +384,39 @@ def test_a_service_name_is_a_short_plain_name(name: str) -> None:
 
 
 # --------------------------------------------------------------------- what -t checks here
+
+def test_dash_t_refuses_an_endless_configuration_within_its_bound() -> None:
+    """``-c /dev/zero`` read until memory ran out (the process hung, growing): the file is
+    read to 16 MiB and one byte, and anything longer is refused as not a configuration."""
+    ko = subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", "/dev/zero"],
+                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert ko.returncode == 1, ko.stdout + ko.stderr
+    assert "/dev/zero" in ko.stderr and "larger than 16 MiB" in ko.stderr, ko.stderr
+    assert "Traceback" not in ko.stderr, ko.stderr
+
+
+def test_a_configuration_from_a_pipe_still_loads(tmp_path) -> None:
+    """The bound reads a pipe (``-c <(...)``) as before: a short one is a configuration."""
+    r, w = os.pipe()
+    os.write(w, STATIC.encode())
+    os.close(w)
+    try:
+        ok = subprocess.run([sys.executable, "-m", "pyngora", "-t", "-c", f"/dev/fd/{r}"],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, pass_fds=(r,))
+    finally:
+        os.close(r)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_error_log_stderr_means_stderr_not_a_file_named_stderr(tmp_path) -> None:
+    """nginx's ``error_log stderr``: pyngora took ``stderr`` for a relative path and made a
+    file of that name beside the configuration. It is the default (stderr) now."""
+    conf = parse_text("error_log: stderr\n" + STATIC, str(tmp_path / "c.yaml"))
+    assert conf.error_log is None
+    named = parse_text("error_log: logs/stderr\n" + STATIC, str(tmp_path / "c.yaml"))
+    assert named.error_log == str(tmp_path / "logs" / "stderr")  # a path that says so is one
+
 
 def test_dash_t_refuses_log_files_that_are_directories(tmp_path) -> None:
     """-t checks that the log files' directories exist, not that the paths are not
