@@ -28,9 +28,10 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   all streams, the connection ends with GOAWAY ENHANCE_YOUR_CALM. CONTINUATION floods are
   bounded by the wire (64 frames per header block) and by ``max_header_list_size``.
 - Floods of frames that cost work and carry no request (the 2019 HTTP/2 DoS family: PING,
-  SETTINGS, PRIORITY, unknown types, empty DATA, tiny WINDOW_UPDATEs): each counts as
-  "overhead", which fades by ``OVERHEAD_FADE_PER_SECOND`` (a long-lived gRPC stream's keepalive
-  PINGs never add up); past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per
+  SETTINGS, PRIORITY, unknown types, empty or padding-only DATA, tiny WINDOW_UPDATEs,
+  GOAWAYs; a SETTINGS frame one more per ten entries): each counts as "overhead", which
+  fades by ``OVERHEAD_FADE_PER_SECOND`` (a long-lived gRPC stream's keepalive PINGs never
+  add up); past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per
   stream the client opened, GOAWAY ENHANCE_YOUR_CALM. Input is taken in slices of ``FEED_SLICE`` bytes,
   checked between slices, so one read of tiny frames cannot hold the worker's loop for long
   before the connection is ended. (The PING and SETTINGS ACKs such a flood asks for are
@@ -207,9 +208,11 @@ class H2Server(H2Wire):
         """End the connection now (abuse): GOAWAY ``code``; nothing more is processed."""
         if self.closed:
             return
+        # Also after a graceful GOAWAY (ours, or the client's: none of ours went out then):
+        # the client learns why (RFC 9113 6.8 allows more than one, the last id not higher).
         if self._goaway_last is None:
             self._goaway_last = self.highest_inbound
-            self.send_goaway(self._goaway_last, code)
+        self.send_goaway(self._goaway_last, code)
         self.closed = True
         self.error_code = code
         self.wire_error = code  # (the wire stops reading)
@@ -417,10 +420,14 @@ class H2Server(H2Wire):
             self.error_code = code
             self.wire_error = code  # (nothing more is read)
             self._drop_streams()
-        elif self._goaway_last is None:
-            # A graceful GOAWAY from the client: our in-flight responses still go out.
-            self._shutdown = True
-            self._goaway_last = self.highest_inbound
+        else:
+            draining = self._shutdown
+            if self._goaway_last is None:
+                # A graceful GOAWAY from the client: our in-flight responses still go out.
+                self._shutdown = True
+                self._goaway_last = self.highest_inbound
+            if draining:
+                return  # the connection layer drains already: a repeat tells it nothing
         self._events.append(ConnectionClosed(last))
 
     # ------------------------------------------------------------------ output

@@ -18,7 +18,15 @@ Decisions (documented in the report and tests):
   handled here); no new stream is opened after it. Streams above its last stream id were
   never processed (RFC 9113 6.8) and are reported in :class:`GoAway` ``refused``.
 - Response fields are validated by h2 (upper-case names, connection-specific fields and bad
-  pseudo-headers are connection errors: a broken upstream is answered 502).
+  pseudo-headers are connection errors: a broken upstream is answered 502). What h2 lets
+  through and an HTTP/1 origin could not send (llhttp refuses it: a field name that is no
+  token, a control character in a value), and trailers HTTP/1 trailers may not hold
+  (Content-Length, Host, TE...), make the response malformed: the stream is reset (502, or
+  the client's response cut short once its head went out), never passed on to a client.
+- 1xx heads before the final one are bounded as from an HTTP/1 origin
+  (``h1_response.MAX_CONTINUES``): ``max_header_list_size`` bytes in all and a few
+  ``100 Continue``. HEADERS are not flow-controlled: an origin flooding 103s to a client that
+  does not read would otherwise fill the worker's memory.
 """
 from __future__ import annotations
 
@@ -36,7 +44,9 @@ from pyngora.headers import Headers
 from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
+from pyngora.protocols.h1_response import MAX_CONTINUES
 from pyngora.protocols.h2_conn import H2Conn
+from pyngora.protocols.h2_fields import Reject, check_trailers
 from pyngora.protocols.h2_send import send_queued
 
 __all__ = ["H2ClientConn", "GoAway", "SettingsChanged", "request_fields", "H2ClientError",
@@ -51,6 +61,12 @@ CANCEL = 0x8
 # (RFC 9113 8.2.2); ``host`` becomes ``:authority``; ``te`` is kept only as "trailers".
 _DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                    b"upgrade", b"host", b"te"))
+# What a response field may hold beyond h2's own checks (which refuse upper case, bytes up to
+# SP and from DEL in names, and NUL, CR, LF in values): a name is a token (RFC 9110 5.1), a
+# value holds no other control character (HTAB aside). translate(None, these) leaves the
+# bad bytes.
+_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz:"
+_CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 
 
 class H2ClientError(Exception):
@@ -101,7 +117,7 @@ class _Stream:
     """Our bookkeeping for one request stream (the h2 library keeps the protocol state)."""
 
     __slots__ = ("out", "out_bytes", "end", "trailers", "local_done", "remote_done",
-                 "head_done", "head_request")
+                 "head_done", "head_request", "interim", "continues")
 
     def __init__(self, head_request: bool) -> None:
         self.out: deque[bytes] = deque()
@@ -112,6 +128,8 @@ class _Stream:
         self.remote_done = False    # the response ended (or the stream was reset)
         self.head_done = False      # the final (non-1xx) response head arrived
         self.head_request = head_request
+        self.interim = 0            # bytes of 1xx heads so far (bounded: module docstring)
+        self.continues = 0          # 100 Continue among them
 
 
 def request_fields(method: bytes, target: bytes, scheme: bytes, authority: bytes,
@@ -139,13 +157,23 @@ def request_fields(method: bytes, target: bytes, scheme: bytes, authority: bytes
     return fields
 
 
-def _response_head(fields: Iterable[tuple[bytes, bytes]], sid: int, end: bool,
-                   head_request: bool) -> tuple[int, Headers, Optional[int]]:
+def _response_head(fields: Iterable[tuple[bytes, bytes]]
+                   ) -> tuple[int, Headers, Optional[int], int]:
+    """A response (or 1xx) header list h2 validated -> (status, the regular fields, the
+    content-length, the head's size as HTTP/1 would count it). The status is 0 when it is
+    no three-digit code, or when a field holds what an HTTP/1 origin could not send (see
+    ``_NAME_CHARS``): the caller refuses the response as malformed."""
     status = 0
     items: list[tuple[bytes, bytes]] = []
     keys: list[bytes] = []
     length: Optional[int] = None
+    size = 32
+    bad = False
     for name, value in fields:
+        size += len(name) + len(value) + 4
+        # (":" passes the name check: pseudo-headers are h2's to judge)
+        if name.translate(None, _NAME_CHARS) or len(value.translate(None, _CTL)) != len(value):
+            bad = True
         if name == b":status":
             # three digits (RFC 9110 15); anything else stays 0, which the caller refuses
             status = int(value) if len(value) == 3 and value.isdigit() else 0
@@ -156,7 +184,7 @@ def _response_head(fields: Iterable[tuple[bytes, bytes]], sid: int, end: bool,
             length = int(value)
         items.append((name, value))
         keys.append(name)
-    return status, Headers._from_parser(items, keys), length
+    return 0 if bad else status, Headers._from_parser(items, keys), length, size
 
 
 class H2ClientConn:
@@ -167,7 +195,7 @@ class H2ClientConn:
     """
 
     __slots__ = ("conn", "streams", "settings_received", "goaway", "closed", "stream_window",
-                 "connection_window")
+                 "connection_window", "max_header_list_size")
 
     def __init__(self, stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
                  max_header_list_size: int = 65536) -> None:
@@ -188,6 +216,7 @@ class H2ClientConn:
         self.closed = False
         self.stream_window = stream_window
         self.connection_window = max(connection_window, 65535)
+        self.max_header_list_size = max_header_list_size  # (also the bound of 1xx heads)
 
     # ------------------------------------------------------------------ connection
     def initiate(self) -> None:
@@ -355,7 +384,7 @@ class H2ClientConn:
                     continue
                 s.head_done = True
                 end = ev.stream_ended is not None
-                status, headers, length = _response_head(ev.headers, sid, end, s.head_request)
+                status, headers, length, _ = _response_head(ev.headers)
                 if not 200 <= status <= 599:
                     out.append(self._malformed(sid))
                     continue
@@ -367,17 +396,27 @@ class H2ClientConn:
                     body = "stream"
                 out.append(ResponseHead(status, b"", "2", headers, True, body, length, sid))
             elif cls is h2.events.InformationalResponseReceived:
-                if sid in streams:
-                    status, headers, _ = _response_head(ev.headers, sid, False, False)
-                    if not 100 <= status <= 199 or status == 101:  # no 101 in HTTP/2 (8.6)
+                s = streams.get(sid)
+                if s is not None:
+                    status, headers, _, size = _response_head(ev.headers)
+                    s.interim += size
+                    if status == 100:
+                        s.continues += 1
+                    if not 100 <= status <= 199 or status == 101 or \
+                            s.interim > self.max_header_list_size or \
+                            s.continues > MAX_CONTINUES:  # (no 101 in HTTP/2: RFC 9113 8.6)
                         out.append(self._malformed(sid))
                         continue
                     out.append(InformationalResponse(status, headers, sid))
             elif cls is h2.events.TrailersReceived:
                 s = streams.get(sid)
                 if s is not None and not s.remote_done:
+                    try:
+                        trailers = check_trailers(ev.headers)
+                    except Reject:
+                        out.append(self._malformed(sid))
+                        continue
                     s.remote_done = True
-                    _, trailers, _ = _response_head(ev.headers, sid, True, False)
                     out.append(MessageEnd(trailers, sid))
             elif cls is h2.events.StreamEnded:
                 s = streams.get(sid)

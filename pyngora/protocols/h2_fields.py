@@ -20,6 +20,11 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   ``:authority`` and Host that disagree, a target with bytes outside visible ASCII, a method
   in lower case, Content-Length repeated even with one value) gets 400;
   CONNECT (and extended CONNECT) gets 501; Content-Length above ``max_body_bytes`` gets 413.
+- Methods: those pyngora's HTTP/1 parser takes (:data:`HTTP1_METHODS`, llhttp's list); any
+  other token (``FOO``, ``PRI``, ``G!T``) gets 400, as over HTTP/1, where it is refused
+  before routing: an operator's "methods llhttp does not know get 400" must not have an
+  HTTP/2 way round it to the origins. (nginx and Pingora forward any method, over both
+  versions; should HTTP/1 ever do so, this set goes with it: a unit test compares them.)
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ from pyngora.headers import Headers
 from pyngora.protocols.events import RequestHead
 from pyngora.protocols.h1_wire import HOST_CHARS, serialize_request_head
 
-__all__ = ["CONNECTION_SPECIFIC", "UNKNOWN_LENGTH_BODY", "Reject", "check_field",
-           "translate_request", "check_trailers", "response_fields"]
+__all__ = ["CONNECTION_SPECIFIC", "UNKNOWN_LENGTH_BODY", "HTTP1_METHODS", "Reject",
+           "check_field", "translate_request", "check_trailers", "response_fields"]
 
 # Fields that only mean something to one HTTP/1 hop: malformed in an HTTP/2 request (RFC 9113
 # 8.2.2), and never sent in an HTTP/2 response.
@@ -49,6 +54,11 @@ _WS = (0x20, 0x09)
 _CTL = bytes(range(0x00, 0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 # What a method may hold: an upper-case token, as llhttp's methods (HTTP/1 refuses the rest).
 _METHOD_CHARS = _NAME_CHARS.upper()
+# The methods pyngora's HTTP/1 parser (llhttp) takes, CONNECT aside (501 over both).
+HTTP1_METHODS = frozenset(m.encode() for m in (
+    "DELETE GET HEAD POST PUT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH "
+    "UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE "
+    "UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY").split())
 _PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":authority", b":path"))
 # ``RequestHead.body`` for a request body without Content-Length (its end is END_STREAM).
 # "chunked" tells every consumer what it must know: the length is unknown, the body ends
@@ -193,8 +203,10 @@ def _translate(fields: Iterable[tuple[bytes, bytes]], stream_id: int, end_stream
         raise Reject(0, "missing or invalid :method")
     if method.translate(None, _METHOD_CHARS):
         raise Reject(400, "a method in lower case")  # as over HTTP/1: "get" is no GET
-    if method == b"CONNECT":
-        raise Reject(501, "CONNECT is not supported over HTTP/2")
+    if method not in HTTP1_METHODS:
+        if method == b"CONNECT":
+            raise Reject(501, "CONNECT is not supported over HTTP/2")
+        raise Reject(400, "a method HTTP/1 does not take")  # (see the module docstring)
     if not scheme or not path:
         raise Reject(0, "missing :scheme or :path")
     if path.translate(None, _PATH_CHARS):

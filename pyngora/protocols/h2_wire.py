@@ -55,6 +55,7 @@ from pyngora.protocols.h2_frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINU
                                          S_MAX_HEADER_LIST_SIZE, SETTINGS, SETTINGS_ACK,
                                          STREAM_CLOSED, WINDOW_UPDATE, ConnectionError_,
                                          WireStream, frame, head, u32)
+from pyngora.protocols.h2_settings import ENTRIES_PER_OVERHEAD, read_settings
 from pyngora.protocols.hpack_cache import CachingDecoder, CachingEncoder
 
 # (error codes, SETTINGS identifiers and ``frame`` re-exported for the server and tests)
@@ -286,6 +287,7 @@ class H2Wire:
                     raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
                 if length < 8:
                     raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
+                self._fresh_overhead += 1  # one is news; a stream of them, a flood
                 self._on_goaway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
                                 int.from_bytes(payload[4:8], "big"))
             elif typ == PUSH_PROMISE:
@@ -348,8 +350,10 @@ class H2Wire:
             ws.remote_closed = True
             if ws.local_closed:
                 self._forget(sid, False)
-        elif not flow:
-            self._fresh_overhead += 1  # an empty DATA frame that ends nothing
+        elif not payload:
+            # A DATA frame that carries nothing and ends nothing (empty, or padding only:
+            # padding is returned to the client at once, so it costs the flood no window)
+            self._fresh_overhead += 1
         self._on_data(sid, payload, flow, bool(end))
 
     def _headers(self, sid: int, flags: int, payload: bytes) -> None:
@@ -493,36 +497,31 @@ class H2Wire:
             else:
                 self._fresh_overhead += 1  # an ACK of nothing
             return
-        if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes")
-        self._fresh_overhead += 1
+        values, top = read_settings(payload)  # (folded, applied once: see h2_settings)
+        self._fresh_overhead += 1 + len(payload) // (6 * ENTRIES_PER_OVERHEAD)
         opened = False
-        for j in range(0, len(payload), 6):
-            ident = payload[j] << 8 | payload[j + 1]
-            value = int.from_bytes(payload[j + 2:j + 6], "big")
-            if ident == S_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE past 2^31-1")
-                delta = value - self.peer_initial
+        value = values.get(S_INITIAL_WINDOW_SIZE)
+        if value is not None:
+            streams = self.wire_streams
+            if streams and top > self.peer_initial and top - self.peer_initial + max(
+                    ws.send_window for ws in streams.values()) > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
+            delta = value - self.peer_initial
+            if delta:
                 self.peer_initial = value
-                for ws in self.wire_streams.values():
+                for ws in streams.values():
                     ws.send_window += delta
-                    if ws.send_window > MAX_WINDOW:
-                        raise ConnectionError_(FLOW_CONTROL_ERROR, "a stream window past 2^31-1")
-                opened = opened or delta > 0
-            elif ident == S_MAX_FRAME_SIZE:
-                if not 16384 <= value <= 16777215:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
-                self.peer_max_frame = value
-                opened = True
-            elif ident == S_HEADER_TABLE_SIZE:
-                # The client's decoder may hold that much; our encoder keeps to the default
-                # at most (RFC 7541 4.2 lets it use less): a bigger table would be memory
-                # per connection, and hpack searches it field by field on every response.
-                self.encoder.header_table_size = min(value, ENCODER_TABLE_MAX)
-            elif ident == S_ENABLE_PUSH:
-                if value > 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
+                opened = delta > 0
+        value = values.get(S_MAX_FRAME_SIZE)
+        if value is not None:
+            self.peer_max_frame = value
+            opened = True
+        value = values.get(S_HEADER_TABLE_SIZE)
+        if value is not None:
+            # The client's decoder may hold that much; our encoder keeps to the default
+            # at most (RFC 7541 4.2 lets it use less): a bigger table would be memory
+            # per connection, and hpack searches it field by field on every response.
+            self.encoder.header_table_size = min(value, ENCODER_TABLE_MAX)
         self._out += SETTINGS_ACK
         if opened:
             self._on_window(0)
