@@ -21,7 +21,7 @@ from pyngora.lb.dns import (TYPE_A, TYPE_AAAA, TYPE_SRV, DnsClient, DnsError, Sr
 
 log = logging.getLogger("pyngora.lb")
 
-__all__ = ["StaticDiscovery", "DnsDiscovery"]
+__all__ = ["StaticDiscovery", "DnsDiscovery", "unroutable"]
 
 
 class StaticDiscovery:
@@ -69,15 +69,20 @@ class DnsDiscovery:
         self.client = DnsClient(resolver or _env_resolver(), timeout=timeout, attempts=attempts)
         self.last_good: Optional[tuple[Backend, ...]] = None
         self.last_error: Optional[str] = None
+        # Addresses of the last answer (and of the one being read) that no backend can have.
+        self._dropped: set[str] = set()
+        self._dropping: set[str] = set()
 
     async def discover(self) -> tuple[Backend, ...]:
         """Resolve now. On failure returns the last good set (and logs why); raises DnsError
         only when there has never been a good one."""
+        self._dropping = set()
         try:
             found = await self._resolve()
             if not found:
                 raise DnsError(f"{self.name} {self.kind}: no usable record")
         except DnsError as exc:
+            self._report_dropped()
             self.last_error = str(exc)
             if self.last_good is None:
                 raise
@@ -86,15 +91,35 @@ class DnsDiscovery:
             return self.last_good
         self.last_error = None
         self.last_good = tuple(sorted(set(found)))
+        self._report_dropped()
         return self.last_good
+
+    def _report_dropped(self) -> None:
+        """Warn when the addresses dropped from the answer changed (not at every refresh)."""
+        dropping = self._dropping
+        if dropping and dropping != self._dropped:
+            log.warning("dns discovery of %s: ignoring %s (no backend can be there)",
+                        self.name, ", ".join(sorted(dropping)))
+        self._dropped = dropping
 
     async def _resolve(self) -> list[Backend]:
         if self.kind == "SRV":
             return await self._resolve_srv()
         qtype = TYPE_A if self.kind == "A" else TYPE_AAAA
         records, _ = await self.client.lookup(self.name, qtype)
-        return [self._backend(str(r.value), self.port, self.weight)  # type: ignore[arg-type]
-                for r in records]
+        return [self._backend(ip, self.port, self.weight)
+                for ip in self._usable(str(r.value) for r in records)]
+
+    def _usable(self, ips: Iterable[str]) -> list[str]:
+        """The addresses of ``ips`` a backend may have (see ``unroutable``); the others go to
+        ``_dropping`` (reported by ``discover``). Runs once per refresh."""
+        kept: list[str] = []
+        for ip in ips:
+            if unroutable(ip):
+                self._dropping.add(ip)
+            else:
+                kept.append(ip)
+        return kept
 
     def _backend(self, ip: str, port: Optional[int], weight: int) -> Backend:
         host = f"[{ip}]" if ":" in ip else ip
@@ -114,7 +139,7 @@ class DnsDiscovery:
                 glue.setdefault(rr.name, []).append(rr.value)
         out: list[Backend] = []
         for s in srvs:
-            ips = glue.get(s.target) or await self._target_ips(s.target)
+            ips = self._usable(glue.get(s.target) or await self._target_ips(s.target))
             # SRV weight 0 means "rarely" (RFC 2782); 1 is the smallest weight we have.
             out.extend(self._backend(ip, s.port, max(1, s.weight)) for ip in ips)
         return out
@@ -136,6 +161,30 @@ class DnsDiscovery:
     def __repr__(self) -> str:
         port = f":{self.port}" if self.port else ""
         return f"DnsDiscovery({self.kind} {self.name}{port} every {self.refresh_seconds:g}s)"
+
+
+# IPv4 "this network" (RFC 1122 3.2.1.3: a source, never a destination). Linux connects
+# 0.0.0.0 to the local host.
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+def unroutable(ip: str) -> bool:
+    """True for an address no backend can be reached at: unspecified (0.0.0.0, ::, and the
+    rest of 0.0.0.0/8), multicast, IPv4's reserved 240.0.0.0/4 (255.255.255.255 included),
+    or one of those mapped into IPv6. A sinkholing resolver answers 0.0.0.0 for names it
+    blocks; connecting there reaches whatever listens on this host's port (this proxy's own
+    listener: a request loop). Loopback and private addresses are kept (sidecars, test rigs).
+    Unparsable text is unroutable too."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified or addr.is_multicast:
+        return True
+    return isinstance(addr, ipaddress.IPv4Address) and (addr in _THIS_NETWORK
+                                                         or addr.is_reserved)
 
 
 def _is_ip(s: str) -> bool:

@@ -17,6 +17,9 @@ on its first choice and, when that one is down, on further candidates until one 
   after it. Removing one of N backends moves only that backend's keys (~1/N); the fallback walks
   the ring clockwise, so a dead backend's keys spread over the others too.
 
+An empty key (a request without the header or cookie its ``hash_key`` names) has no affinity
+to keep: `FnvHash` and `Consistent` spread those over the backends as round robin would.
+
 Keys are bytes. Hash choices are stable across processes (never Python's salted ``hash()``),
 so every worker maps a key to the same backend.
 """
@@ -161,18 +164,30 @@ def fnv1a64(data: bytes) -> int:
 class FnvHash(Selection):
     """Weighted hashing: ``fnv1a64(key) % total`` on the weighted array. The same key always
     picks the same backend while the set is unchanged (any change remaps ~all keys: use
-    `Consistent` when that matters)."""
+    `Consistent` when that matters). An empty key (a request without the header or cookie
+    of its ``hash_key``) has no affinity to keep: those are spread (see ``_spread``)."""
 
-    __slots__ = ()
+    __slots__ = ("_empty",)
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        super().__init__(backends)
+        self._empty = itertools.count()
 
     def select(self, key: bytes, ok: OkFn, max_iterations: int = 256) -> int:
         if not self.total or max_iterations < 1:
             return -1
-        h = fnv1a64(key)
+        h = fnv1a64(key or _spread(self._empty))
         i = self.weighted[h % self.total]
         if ok(i):
             return i
         return self._fallback(i, h >> 17, ok, max_iterations)
+
+
+def _spread(counter: "itertools.count[int]") -> bytes:
+    """The key to hash in place of an empty one: the next of a counter, so keyless requests
+    go round the backends (weighted, as hashed keys do) instead of all hashing b"" to one
+    backend. nginx's ``hash`` falls back to round robin for an empty key too."""
+    return b"%d" % next(counter)
 
 
 def _ketama_hash(key: bytes) -> int:
@@ -183,11 +198,12 @@ class Consistent:
     """Ketama consistent hashing (160 md5 points per weight unit). Per request: one md5 and one
     bisect over the sorted points."""
 
-    __slots__ = ("backends", "n", "points", "owners", "_len")
+    __slots__ = ("backends", "n", "points", "owners", "_len", "_empty")
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         self.backends: tuple[Backend, ...] = tuple(backends)
         self.n = len(self.backends)
+        self._empty = itertools.count()  # the keys of keyless requests (see _spread)
         ring: list[tuple[int, int]] = []
         for i, b in enumerate(self.backends):
             prefix = b.addr.encode()
@@ -205,11 +221,12 @@ class Consistent:
 
     def select(self, key: bytes, ok: OkFn, max_iterations: int = 256) -> int:
         """Index of the owner of the first ring point at or after md5(key); when it is down, the
-        next distinct owners clockwise. -1 when none passes."""
+        next distinct owners clockwise. -1 when none passes. An empty key is spread (see
+        ``_spread``)."""
         length = self._len
         if not length or max_iterations < 1:
             return -1
-        pos = bisect.bisect_left(self.points, _ketama_hash(key))
+        pos = bisect.bisect_left(self.points, _ketama_hash(key or _spread(self._empty)))
         if pos == length:
             pos = 0
         owners = self.owners

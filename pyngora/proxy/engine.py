@@ -494,6 +494,8 @@ class ProxyEngine(HttpApp):
         upgrade_value = headers.get(b"upgrade") if switching else None
         remove_hop_by_hop(headers)
         if switching:
+            # A 1xx has no body, so no framing field (RFC 9110 8.6): what follows is the tunnel.
+            headers.remove(b"content-length")
             headers.add(b"Connection", b"upgrade")
             if upgrade_value is not None:
                 headers.add(b"Upgrade", upgrade_value)

@@ -21,7 +21,10 @@ async def tunnel(ex: Exchange, conn: UpstreamConnection) -> None:
 
     Each side's silence is bounded by the peer's ``read_timeout``: the upstream's by its
     reads (as nginx's proxy_read_timeout for WebSockets), the client's once the upstream
-    has half-closed (a silent client would otherwise hold both connections forever)."""
+    has half-closed (a silent client would otherwise hold both connections forever). A FIN
+    from the client is forwarded as one; a client connection that is gone (reset, or
+    aborted at the end of a drain) ends the tunnel at once. Returns when both sides are
+    done or the client is gone; raises the Error of a side that failed."""
     down = ex.tunnel()
     for data in conn.into_tunnel():
         down.write(data)
@@ -31,20 +34,26 @@ async def tunnel(ex: Exchange, conn: UpstreamConnection) -> None:
     heard = [loop.time()]
     pushing = [False]
 
-    async def down_to_up() -> None:
+    async def down_to_up() -> bool:
+        # True: the client's connection is gone (reset, or aborted by us), not half-closed.
         while True:
             data = await down.read()
             heard[0] = loop.time()
             if not data:
+                if down.conn.closed:
+                    # A reset is no end of the client's data: a FIN would tell the origin
+                    # the stream ended cleanly, and an origin that waits for more would hold
+                    # its connection (and our task) for read_timeout. End both now.
+                    return True
                 conn.write_eof()
-                return
+                return False
             conn.write_raw(data)
             pushing[0] = True
             await conn.drain()
             pushing[0] = False
             heard[0] = loop.time()
 
-    async def up_to_down(client: "asyncio.Future[None]") -> None:
+    async def up_to_down(client: "asyncio.Future[bool]") -> None:
         while True:
             data = await conn.read_raw()
             if not data:
@@ -62,15 +71,17 @@ async def tunnel(ex: Exchange, conn: UpstreamConnection) -> None:
                             "the upstream closed its side")
             await asyncio.wait((client,), timeout=timeout - idle)
 
-    client = asyncio.ensure_future(down_to_up())
+    client: "asyncio.Future[bool]" = asyncio.ensure_future(down_to_up())
     tasks = [asyncio.ensure_future(up_to_down(client)), client]
     try:
         pending: set[asyncio.Future[Any]] = set(tasks)
         while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+                if t is client and t.result():
+                    return  # the client is gone: nobody is left to tunnel to
     finally:
         for t in tasks:
             t.cancel()

@@ -1,5 +1,5 @@
 """HTTP/2 attacks on a running proxy, over real loopback sockets, that its other tests did not
-cover (an attack review, 2026-11-30). In-process, as test_smuggling_attacks: a YAML
+cover (an attack review, 2026-11-29). In-process, as test_smuggling_attacks: a YAML
 ``http_proxy`` with ``h2c`` in front of the scripted HTTP/1 origin of test_proxy_fast_path,
 talked to with raw frames (hpack encodes the header blocks); and, for the upstream side, the
 proxy of test_h2_upstream_origin in front of a raw HTTP/2 origin that sends whatever frames a
