@@ -45,6 +45,30 @@ def _unlink_stale_unix(path: str) -> None:
     raise BindError(f"{path}: another process is listening on it")
 
 
+def _check_port_free(service: str, listener: ListenerConf) -> None:
+    """Before the first SO_REUSEPORT socket of an address this master does not hold yet: a
+    plain bind must succeed. The kernel lets a process of the same user join another one's
+    SO_REUSEPORT group without a word, so a second pyngora with pinned workers on the same
+    port would otherwise start and take half of the first one's connections. BindError
+    ("address already in use") when someone listens there; returns None otherwise."""
+    if listener.socket_family == socket.AF_UNIX or not listener.port:
+        return  # (port 0: every slot gets a port of its own anyway)
+    probe = socket.socket(listener.socket_family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        if listener.socket_family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((listener.host, listener.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise BindError(f"cannot listen on {listener.address} for service {service!r}: "
+                            f"address already in use (another process listens on it)") \
+                from None
+        # anything else (no such address, ...) is for bind_listener to report
+    finally:
+        probe.close()
+
+
 def bind_listener(service: str, listener: ListenerConf, reuse_port: bool) -> socket.socket:
     """Create, bind and listen one non-blocking socket for ``listener``."""
     family = listener.socket_family
@@ -117,9 +141,48 @@ class SocketTable:
         else:
             sock = self._held_for(listener, slot)
             if sock is None:
+                sock = self._other_mode(listener, slot)
+            if sock is None:
+                if slot is not None and not self._held_at(listener):
+                    _check_port_free(service, listener)
                 sock = bind_listener(service, listener, reuse_port=slot is not None)
         self.sockets[key] = sock
         return sock
+
+    def _held_at(self, listener: ListenerConf) -> dict[str, socket.socket]:
+        """The sockets held for ``listener``'s address, by slot ("*" or "N"), any service."""
+        out: dict[str, socket.socket] = {}
+        for key, sock in self.sockets.items():
+            _, _, rest = key.partition("/")
+            address, _, slot = rest.rpartition("/")
+            if address == listener.key:
+                out.setdefault(slot, sock)
+        return out
+
+    def _other_mode(self, listener: ListenerConf, slot: Optional[int]) -> Optional[socket.socket]:
+        """A held socket of the same address that the other work_stealing mode bound, to use
+        for this key, or None (then the caller binds). A reload or an upgrade may switch a
+        service between shared and pinned sockets, and the two cannot be bound side by side:
+        a shared socket has no SO_REUSEPORT, so the pinned slots' binds would fail with
+        "address already in use" (and the other way round). So the new mode takes one
+        socket over from the old one and binds only the rest; the old mode's others are
+        closed once its workers drained. A Unix socket has no SO_REUSEPORT at all: all slots
+        of a pinned service share its one socket."""
+        held = self._held_at(listener)
+        if not held:
+            return None
+        if listener.socket_family == socket.AF_UNIX:
+            return next(iter(held.values()))
+        if slot is None:  # shared now, pinned before: slot 0's socket (it has SO_REUSEPORT)
+            pinned = sorted((int(n), s) for n, s in held.items() if n.isdigit())
+            return pinned[0][1] if pinned else None
+        shared = held.get("*")
+        if shared is None or any(s is shared for n, s in held.items() if n != "*"):
+            return None  # no shared socket, or a lower slot took it: bind (joins its group)
+        # Setting SO_REUSEPORT on a listening socket lets the new slots' binds join it
+        # (Linux makes the group when the first of them listens).
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return shared
 
     def _held_for(self, listener: ListenerConf, slot: Optional[int]) -> Optional[socket.socket]:
         """A socket already held for this address and slot under another service's name (a
@@ -148,6 +211,24 @@ class SocketTable:
             dropped.extend(("", s) for s in spare)
         self.by_address.clear()
         return dropped
+
+    def close_dropped(self, sock: socket.socket) -> None:
+        """A listener no generation uses any more: closed, and a Unix socket's file removed
+        unless a listener of the current configuration lives at that path now. One still
+        held under another key (a renamed service's, the other work_stealing mode's) stays
+        open."""
+        if self.holds(sock):
+            return
+        unlink = sock.family == socket.AF_UNIX
+        if unlink:
+            try:
+                path = sock.getsockname()
+                live = {s.getsockname() for s in self.sockets.values()
+                        if s.family == socket.AF_UNIX}
+                unlink = bool(path) and path not in live
+            except OSError:
+                unlink = False
+        close_listener(sock, unlink=unlink)
 
     def close_all(self, unlink: bool) -> None:
         for s in self.sockets.values():

@@ -92,8 +92,8 @@ class Master(UpgradeHandover):
     def run(self) -> int:
         try:
             self._setup_signals()
-            self._bootstrap()
-            self._loop()
+            if self._bootstrap():
+                self._loop()
         except FatalError as e:
             log.ERROR.error("%s", e)
             if self._foreground and self.conf.error_log:
@@ -118,7 +118,9 @@ class Master(UpgradeHandover):
     def _on_signal(self, signum: int, frame: object) -> None:
         self.events.append(SIGNALS[signum])
 
-    def _bootstrap(self) -> None:
+    def _bootstrap(self) -> bool:
+        """Bind or adopt every socket and fork the first workers; False when a stop came
+        while a -u master waited for the old one (nothing to serve, nothing to stop)."""
         conf = self.conf
         try:
             import setproctitle
@@ -133,7 +135,8 @@ class Master(UpgradeHandover):
                 raise FatalError(str(e), EXIT_CONFIG) from None
         self._prepare_metrics(fresh=not self.upgrade_mode)
         if self.upgrade_mode:
-            self._receive_sockets()
+            if not self._receive_sockets():
+                return False
         else:
             self._adopt_systemd()
         self._bind(self.gens[0])
@@ -145,6 +148,7 @@ class Master(UpgradeHandover):
                                  EXIT_CONFIG) from None
             self.files.pid_path = conf.pid_file
         self._spawn_ready_services(self.gens[0])
+        return True
 
     def _prepare_metrics(self, fresh: bool) -> None:
         try:
@@ -414,7 +418,11 @@ class Master(UpgradeHandover):
                     log.ERROR.exception("error while handling %s; still serving", name)
             self._reap()
             self._transitions()
-            if self.stopping and not self.workers:
+            # A graceful stop that came during a hand-over waits for its outcome (at most
+            # upgrade_timeout_seconds): the new master may hold our sockets already and serve
+            # once we commit; leaving mid-way made it give up too (an outage).
+            if self.stopping and not self.workers and (
+                    self.handover is None or self.stopping == "fast"):
                 return
             if self.stopping and time.monotonic() > self.stop_deadline:
                 log.ERROR.warning("killing %d workers still running after the shutdown timeout",
@@ -446,7 +454,7 @@ class Master(UpgradeHandover):
             # Every generation that still used it was told to drain just now or before, and a
             # draining worker takes its queue before closing: nobody will accept here again.
             if all(g.retired for g in self.gens if g.number < item[0]):
-                self._close_dropped(item[2])
+                self.table.close_dropped(item[2])
                 self._dropped.remove(item)
         self.gens = [g for g in self.gens if not g.retired or any(
             w.gen == g.number for w in self.workers.values())]
@@ -456,23 +464,7 @@ class Master(UpgradeHandover):
         log.ERROR.info("pyngora serving: %d processes, pid %d", n, self.pid)
         self._promised = self.upgrade_conn is not None or self.launcher_fd >= 0
         if self.upgrade_conn is not None:
-            conn, self.upgrade_conn = self.upgrade_conn, None
-            try:
-                conn.send_ready()
-            except Exception as e:
-                # The old master did not commit: it keeps serving, so we must not.
-                raise FatalError(f"upgrade failed: the old master did not take our ready: {e}",
-                                 EXIT_CONFIG) from None
-            finally:
-                conn.close()
-            counters.claim(self.conf)  # (only now: a failed upgrade leaves it the old master's)
-            # systemd must know the new MAINPID before the old master can exit, and -s upgrade
-            # returns as soon as it sees pid_file change: notify first, then write it.
-            if os.environ.get("NOTIFY_SOCKET"):
-                daemon.wait_launcher_gone()
-            self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {n} workers")
-            daemon.write_pid_file(self.conf.pid_file)
-            self.files.pid_path = self.conf.pid_file
+            self._finish_upgrade(n)
         else:
             self._notify("READY=1", f"STATUS=serving, {n} workers")
         daemon.report(self.launcher_fd, True)
@@ -572,25 +564,8 @@ class Master(UpgradeHandover):
         if self.handover is None:
             self.table.close_all(unlink=not self.handed_over)
         for _, _, sock in self._dropped:
-            self._close_dropped(sock)
+            self.table.close_dropped(sock)
         self._dropped.clear()
-
-    def _close_dropped(self, sock: socket.socket) -> None:
-        """A listener no generation uses any more: closed, and a Unix socket's file removed
-        unless a listener of the current configuration lives at that path now. One still
-        held under another key (a renamed service's) stays open."""
-        if self.table.holds(sock):
-            return
-        unlink = sock.family == socket.AF_UNIX
-        if unlink:
-            try:
-                path = sock.getsockname()
-                live = {s.getsockname() for s in self.table.sockets.values()
-                        if s.family == socket.AF_UNIX}
-                unlink = bool(path) and path not in live
-            except OSError:
-                unlink = False
-        close_listener(sock, unlink=unlink)
 
     def _cleanup(self) -> None:
         daemon.report(self.launcher_fd, False, "pyngora: the master stopped during startup",

@@ -12,7 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 from pyngora import log
-from pyngora.server import daemon
+from pyngora.server import counters, daemon
 from pyngora.server.exits import EXIT_CONFIG, FatalError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pyngora.config.schema import ServerConf
     from pyngora.server.listeners import SocketTable
+    from pyngora.server.master_files import MasterFiles
 
 __all__ = ["UpgradeHandover"]
 
@@ -36,7 +37,10 @@ class UpgradeHandover:
     stopping: Optional[str]
     handover: Optional[threading.Thread]
     handed_over: bool
+    _wake_r: int
     _wake_w: int
+    pid: int
+    files: "MasterFiles"
     _reload_after_handover: bool
     _handover_reason: str
 
@@ -46,12 +50,19 @@ class UpgradeHandover:
     def _count_event(self, name: str) -> None:  # pragma: no cover - Master's
         raise NotImplementedError
 
+    def _notify(self, *lines: str) -> None:  # pragma: no cover - Master's
+        raise NotImplementedError
+
     def handle_hup(self) -> None:  # pragma: no cover - Master's
         raise NotImplementedError
 
-    def _receive_sockets(self) -> None:
-        """At a -u start: wait on upgrade_sock for the old master's listening sockets."""
-        from pyngora.upgrade.transfer_fd import TransferError, UpgradeListener
+    def _receive_sockets(self) -> bool:
+        """At a -u start: wait on upgrade_sock for the old master's listening sockets.
+        Returns False when SIGTERM or SIGINT came meanwhile: nothing was handed over, and
+        the master stops at once (it used to sit out ``upgrade_timeout_seconds`` first)."""
+        from pyngora.upgrade.transfer_fd import (TransferError, TransferInterrupted,
+                                                 UpgradeListener)
+        self._check_pid_file_writable()
         try:
             listener = UpgradeListener(self.conf.upgrade_sock)
         except (OSError, TransferError) as e:
@@ -63,13 +74,60 @@ class UpgradeHandover:
         log.ERROR.info("waiting up to %ss on %s for the old master",
                        self.conf.upgrade_timeout_seconds, self.conf.upgrade_sock)
         try:
-            self.upgrade_conn, adopted = listener.accept_sockets(self.conf.upgrade_timeout_seconds)
+            self.upgrade_conn, adopted = listener.accept_sockets(
+                self.conf.upgrade_timeout_seconds, self._wake_r,
+                lambda: "term" in self.events or "int" in self.events)
+        except TransferInterrupted:
+            log.ERROR.info("stopped while waiting for the old master: nothing was handed over")
+            return False
         except TransferError as e:
             raise FatalError(f"upgrade failed: {e}", EXIT_CONFIG) from None
         finally:
             listener.close()
         log.ERROR.info("received %d listening sockets from the old master", len(adopted))
         self.table.adopt(adopted)
+        return True
+
+    def _check_pid_file_writable(self) -> None:
+        """A -u master writes pid_file only after the old master committed to drain: find
+        out now that it can (a removed /run directory, a read-only one), when failing still
+        leaves the old master serving. FatalError naming the file otherwise."""
+        path = self.conf.pid_file
+        try:
+            daemon.write_pid_file(f"{path}.{os.getpid()}.check")
+            os.unlink(f"{path}.{os.getpid()}.check")
+        except OSError as e:
+            raise FatalError(f"cannot write pid_file {path}: {e.strerror or e}; the old "
+                             f"master keeps serving", EXIT_CONFIG) from None
+
+    def _finish_upgrade(self, workers: int) -> None:
+        """Every new worker accepts: say ``ready`` to the old master and take over its place
+        (metrics directory, systemd's MAINPID, pid_file). FatalError when the old master
+        did not commit: it keeps serving, so this one must not."""
+        conn, self.upgrade_conn = self.upgrade_conn, None
+        try:
+            conn.send_ready()
+        except Exception as e:
+            raise FatalError(f"upgrade failed: the old master did not take our ready: {e}",
+                             EXIT_CONFIG) from None
+        finally:
+            conn.close()
+        counters.claim(self.conf)  # (only now: a failed upgrade leaves it the old master's)
+        # systemd must know the new MAINPID before the old master can exit, and -s upgrade
+        # returns as soon as it sees pid_file change: notify first, then write it.
+        if os.environ.get("NOTIFY_SOCKET"):
+            daemon.wait_launcher_gone()
+        self._notify(f"MAINPID={self.pid}", "READY=1", f"STATUS=serving, {workers} workers")
+        try:
+            daemon.write_pid_file(self.conf.pid_file)
+        except OSError as e:
+            # The old master drains already: this one is the server now, pid file or not
+            # (it used to die here, taking the service down with it).
+            log.ERROR.error("cannot write pid_file %s: %s; serving without it (-s cannot "
+                            "find this master: signal pid %d)", self.conf.pid_file,
+                            e.strerror or e, self.pid)
+            return
+        self.files.pid_path = self.conf.pid_file
 
     def handle_quit(self) -> None:
         """Graceful upgrade: hand the sockets to a new master, drain only once it is ready."""
@@ -112,7 +170,9 @@ class UpgradeHandover:
         self.handover = None
         if self.stopping:
             self.table.close_all(unlink=True)
-        log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
+            log.ERROR.error("upgrade failed while stopping: %s", self._handover_reason)
+        else:
+            log.ERROR.error("upgrade failed, still serving: %s", self._handover_reason)
         self._count_event("upgrade_failed")
         if self._reload_after_handover:
             self._reload_after_handover = False

@@ -34,7 +34,9 @@ once it has read ``C``; without it, the old master keeps serving and the new one
 Both sides check the peer's uid (SO_PEERCRED): only the same user or root may hand over or
 receive sockets, on top of the 0600 mode of the socket file. A connection that fails on the
 new side (garbage, a peer that dies midway) is answered ``X`` and dropped, and the new master
-goes on waiting for a proper old master until its deadline. Adopted sockets are non-blocking:
+goes on waiting for a proper old master until its deadline; connections wait side by side
+and each is read only once it sends something, so a silent one holds up nobody, and a SIGTERM
+reaches the waiting master through its wake-up pipe. Adopted sockets are non-blocking:
 O_NONBLOCK is shared with the old master's workers, which need it.
 
 The manifest, the frames and the descriptor passing are built and checked in
@@ -44,13 +46,14 @@ within which deadline.
 
 from __future__ import annotations
 
-import errno
 import os
+import selectors
 import socket
 import stat
 import struct
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 # What goes on the wire (manifest, frames, descriptors) lives in transfer_wire; TransferError,
 # SocketEntry, make_key, split_key and PROTOCOL_VERSION are re-exported from here, where they
@@ -61,8 +64,8 @@ from pyngora.upgrade.transfer_wire import (PROTOCOL_VERSION, SCM_MAX_FD, Reader,
                                            remaining, send_all, split_key)
 
 __all__ = [
-    "TransferError", "SocketEntry", "HandoverResult", "UpgradeListener", "UpgradeConnection",
-    "send_sockets", "make_key", "split_key", "MAGIC",
+    "TransferError", "TransferInterrupted", "SocketEntry", "HandoverResult", "UpgradeListener",
+    "UpgradeConnection", "send_sockets", "make_key", "split_key", "MAGIC",
     "MAX_FDS_PER_MESSAGE", "PROTOCOL_VERSION",
 ]
 
@@ -75,6 +78,10 @@ _BATCH = struct.Struct("!II")
 # A transfer that has started gets at least this long, even if the accept wait used up
 # most of the caller's budget (the old master may connect at the last moment).
 _MIN_TRANSFER_SECONDS = 5.0
+# Connections that wait at once for their first bytes on the new side; a further one closes
+# the oldest (only the same user may connect: this bounds a buggy client, not an attacker).
+_MAX_WAITING = 16
+_WAKE = object()  # the selector's mark for the caller's wake-up pipe
 
 M_MANIFEST = b"M"
 M_FDS = b"F"
@@ -101,6 +108,19 @@ class HandoverResult:
 # --------------------------------------------------------------------------- new master
 
 
+class TransferInterrupted(TransferError):
+    """The new master was asked to stop while it waited for the old one."""
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe (its bytes only say "look at your events")."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # BlockingIOError: empty
+        pass
+
+
 def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], list[int]]:
     """Read magic, manifest and all batches from ``conn``; the FDs are in manifest order.
 
@@ -108,11 +128,16 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], l
     """
     reader = Reader(conn, deadline, "receiving the sockets from the old master")
     try:
-        magic = reader.read_exact(len(MAGIC))
-        if magic != MAGIC:
-            raise TransferError(
-                f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
-            )
+        # Byte by byte: a peer whose first bytes are already wrong is turned away at once,
+        # not once 8 have come (a client that sent "hi" and waits would hold the new master
+        # until its deadline, with the real old master queued behind it).
+        magic = b""
+        while len(magic) < len(MAGIC):
+            magic += reader.read_exact(1)
+            if not MAGIC.startswith(magic):
+                raise TransferError(
+                    f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
+                )
         _, payload = reader.read_frame({M_MANIFEST: _MAX_MANIFEST_BYTES})
         entries = parse_manifest(payload)
         expected = 0
@@ -169,6 +194,11 @@ def _adopt(entries: list[SocketEntry], fds: list[int]) -> dict[str, socket.socke
                     f"adopting {entry.key}: manifest says family {entry.family} type "
                     f"{entry.type}, the socket is family {int(sock.family)} type {int(sock.type)}"
                 )
+            # A socket that does not listen would be made to (asyncio's create_server calls
+            # listen(), an unbound one on a port of the kernel's choosing) while nobody
+            # serves the configured address once the old master drains.
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise TransferError(f"adopting {entry.key}: the socket is not listening")
         return adopted
     except BaseException:
         for sock in adopted.values():
@@ -196,7 +226,7 @@ class UpgradeConnection:
         TransferError when the old master is gone or gave up: it then keeps serving, and
         the new master should stop rather than share the sockets with it.
         """
-        sock = self._require()
+        sock = self.require()
         deadline = time.monotonic() + timeout
         send_all(sock, frame(M_READY), deadline, "sending ready to the old master")
         reader = Reader(sock, deadline, "waiting for the old master's commit")
@@ -221,7 +251,8 @@ class UpgradeConnection:
             self._sock.close()
             self._sock = None
 
-    def _require(self) -> socket.socket:
+    def require(self) -> socket.socket:
+        """The connection's socket; TransferError once closed."""
         if self._sock is None:
             raise TransferError("the upgrade connection is closed")
         return self._sock
@@ -262,51 +293,94 @@ class UpgradeListener:
         self._sock: socket.socket | None = sock
 
     def accept_sockets(
-        self, timeout: float
+        self, timeout: float, wake_fd: int = -1, stop: Callable[[], bool] | None = None
     ) -> tuple[UpgradeConnection, dict[str, socket.socket]]:
         """Wait up to ``timeout`` s for the old master and receive every socket it holds.
 
         Returns the connection (to answer ready/failed on) and the adopted sockets by key,
         each with CLOEXEC set and non-blocking (never make them blocking: the old master's
-        workers share the flag). A connection that fails (garbage, dies midway, wrong uid) is
-        answered ``failed`` and closed with everything it brought, and the wait goes on for
-        a proper one; TransferError when the deadline passes, naming the last failure.
+        workers share the flag). Several connections may wait at once: a connection is read
+        only once it has sent something, so one that connects and stays silent (a probe, a
+        stranger) never holds up the old master queued behind it. A connection that fails
+        (garbage, dies midway, wrong uid) is answered ``failed`` and closed with everything
+        it brought, and the wait goes on for a proper one; TransferError when the deadline
+        passes, naming the last failure. ``wake_fd`` (a signal wake-up pipe, drained here)
+        becoming readable makes it ask ``stop()``: TransferInterrupted when that is true.
         """
         listener = self._sock
         if listener is None:
             raise TransferError(f"upgrade socket {self.path} is closed")
         deadline = time.monotonic() + timeout
         last_error = ""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            listener.settimeout(left)
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, socket.timeout):
-                break
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
-                    continue
-                raise TransferError(f"accepting on {self.path}: {e.strerror or e}") from None
-            upgrade = UpgradeConnection(conn)
-            try:
-                upgrade.peer_pid = check_peer(conn, "accepting the old master")
-                budget = max(deadline, time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
-                entries, fds = _receive(conn, budget)
-                return upgrade, _adopt(entries, fds)
-            except TransferError as e:
-                last_error = str(e)
-                upgrade.send_failed(last_error)
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, None)
+        if wake_fd >= 0:
+            sel.register(wake_fd, selectors.EVENT_READ, _WAKE)
+        waiting: list[UpgradeConnection] = []
+        try:
+            while True:
+                if stop is not None and stop():
+                    raise TransferInterrupted("stopped while waiting for the old master")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for key, _ in sel.select(left):
+                    if key.data is _WAKE:
+                        _drain(wake_fd)
+                    elif key.data is None:
+                        last_error = self._accept_one(listener, sel, waiting) or last_error
+                    else:
+                        upgrade: UpgradeConnection = key.data
+                        sel.unregister(key.fileobj)
+                        waiting.remove(upgrade)
+                        try:
+                            budget = max(deadline,
+                                         time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
+                            entries, fds = _receive(upgrade.require(), budget)
+                            return upgrade, _adopt(entries, fds)
+                        except TransferError as e:
+                            last_error = str(e)
+                            upgrade.send_failed(last_error)
+                            upgrade.close()
+                        except BaseException:
+                            upgrade.close()
+                            raise
+        finally:
+            sel.close()
+            for upgrade in waiting:
                 upgrade.close()
-            except BaseException:
-                upgrade.close()
-                raise
         detail = f"; last attempt: {last_error}" if last_error else ""
         raise TransferError(
             f"no old master handed over its sockets on {self.path} within {timeout:g}s{detail}"
         )
+
+    def _accept_one(
+        self, listener: socket.socket, sel: selectors.BaseSelector,
+        waiting: list[UpgradeConnection],
+    ) -> str:
+        """Accept one connection and wait for its first bytes beside the others; returns why
+        it was refused ("" when it waits, or when there was nothing to accept)."""
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return ""
+        except OSError as e:
+            raise TransferError(f"accepting on {self.path}: {e.strerror or e}") from None
+        upgrade = UpgradeConnection(conn)
+        try:
+            upgrade.peer_pid = check_peer(conn, "accepting the old master")
+        except TransferError as e:
+            upgrade.send_failed(str(e))
+            upgrade.close()
+            return str(e)
+        if len(waiting) >= _MAX_WAITING:  # the oldest silent one makes room
+            oldest = waiting.pop(0)
+            sel.unregister(oldest.require())
+            oldest.close()
+        waiting.append(upgrade)
+        sel.register(conn, selectors.EVENT_READ, upgrade)
+        return ""
 
     def close(self) -> None:
         """Close the listening socket and remove its file (if it is still ours); idempotent."""
