@@ -169,6 +169,10 @@ def plan_services(conf: ServerConf) -> "list[PlannedService]":
     if issues:
         raise ConfigError(conf.source, issues)
     check_in_child(conf, build_services)
+    from pyngora.protocols.tls import remember
+    # The certificates that passed are the ones a worker restarted later loads (as nginx's
+    # workers use what the master loaded), even if the files break before the next reload.
+    remember(lc.tls for sc in conf.services for lc in sc.listeners)
     out: list[PlannedService] = []
     for sc in conf.services:
         svc = PlannedService(sc.name, sc, lambda sc=sc: _build_in_worker(conf, sc),

@@ -25,6 +25,38 @@ _access_path: Optional[str] = None
 # A log file that cannot be written (a full disk): said on stderr at most this often.
 WRITE_ERROR_EVERY_SECONDS = 60.0
 
+# The longest line of the error log, in characters; the rest of a longer one is cut and its
+# length said. nginx cuts its error lines at 2048 bytes (NGX_MAX_ERROR_STR): a "Fail to proxy"
+# line carries the client's URI and Host (up to max_header_bytes each), and over HTTP/2 an
+# indexed header costs the client one byte per request for kilobytes of log.
+MAX_ERROR_LINE = 4096
+
+# Characters a logged value must not put raw into the error log: C0 controls but tab and LF
+# (the lines of a traceback or of a list of configuration errors), DEL and C1 (ESC and CSI
+# drive terminals that `tail -f` the log; CR rewrites what the line shows), and the Unicode
+# line separators and bidirectional overrides (a line that reads other than it is).
+_UNSAFE: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+                           if c not in (9, 10)}
+_UNSAFE.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F),
+                                           *range(0x2066, 0x206A))})
+
+
+class SafeFormatter(logging.Formatter):
+    """The error log's formatter: each record as ``logging.Formatter`` writes it, with the
+    characters of ``_UNSAFE`` escaped and each line cut at ``MAX_ERROR_LINE`` characters.
+    Costs an ``isprintable()`` and a ``len()`` per record when there is nothing to do."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's text, safe to append to a log file (see the class)."""
+        text = super().format(record)
+        if not text.isprintable():  # (tab and LF, which stay, make it False too)
+            text = text.translate(_UNSAFE)
+        if len(text) > MAX_ERROR_LINE:
+            text = "\n".join(line if len(line) <= MAX_ERROR_LINE else
+                              f"{line[:MAX_ERROR_LINE]}... ({len(line) - MAX_ERROR_LINE} "
+                              f"more characters cut)" for line in text.split("\n"))
+        return text
+
 
 class _ReopenableFileHandler(logging.StreamHandler):
     """Appends to a path; `reopen()` closes and reopens it (logrotate's copy-less rotation)."""
@@ -33,7 +65,10 @@ class _ReopenableFileHandler(logging.StreamHandler):
         self.path = path
         self._error_said = -WRITE_ERROR_EVERY_SECONDS
         self._lost = 0
-        super().__init__(open(path, "a", buffering=1, encoding="utf-8"))
+        # backslashreplace: a message with a lone surrogate (os.fsdecode of an undecodable
+        # file name) must not cost its line (strict UTF-8 raised, and the line was lost).
+        super().__init__(open(path, "a", buffering=1, encoding="utf-8",
+                              errors="backslashreplace"))
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A write that failed (ENOSPC, EIO): one line on stderr a minute, with the count of
@@ -58,7 +93,8 @@ class _ReopenableFileHandler(logging.StreamHandler):
         self.acquire()
         try:
             try:
-                stream = open(self.path, "a", buffering=1, encoding="utf-8")
+                stream = open(self.path, "a", buffering=1, encoding="utf-8",
+                              errors="backslashreplace")
             except OSError as e:
                 sys.stderr.write(f"pyngora: cannot reopen {self.path}: {e}\n")
                 return
@@ -76,7 +112,7 @@ def setup(error_log: Optional[str], level: str = "info", access_log: str = "off"
     """Configure both logs in this process (called by the master, and again in each worker)."""
     global _access_on, _error_path, _access_path
     _error_path, _access_path = error_log, None
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    fmt = SafeFormatter("%(asctime)s %(levelname)s [%(process)d] %(message)s")
     for h in list(ERROR.handlers):
         ERROR.removeHandler(h)
     handler: logging.Handler = (_ReopenableFileHandler(error_log) if error_log

@@ -10,13 +10,16 @@ same moment is counted exactly once (see ``multiproc``).
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import struct
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from pyngora import log
 from pyngora.metrics import multiproc
 from pyngora.metrics.processes import ProcessesCollector
 
@@ -28,8 +31,62 @@ HealthSource = Callable[[], Iterable[tuple[str, str, int]]]
 _HEALTH = multiproc.METRICS["pyngora_backend_healthy"]
 
 
+# The gauge modes prometheus-client's merge knows; a file of another mode would be summed as
+# if it were a gauge of every pid (samples under counters' names, each with a pid label).
+_GAUGE_MODES = frozenset(("all", "liveall", "min", "livemin", "max", "livemax", "sum",
+                          "livesum", "mostrecent", "livemostrecent"))
+# Files already found readable, by (name, inode, size, mtime): most files of a scrape are
+# rewritten every second (a new inode each), so this stays small; bounded anyway.
+_good: dict[str, tuple[int, int, int]] = {}
+_said: set[str] = set()  # unreadable files already named in the error log
+_MAX_REMEMBERED = 4096
+
+
+def _readable(path: str, name: str, mode: Optional[str]) -> bool:
+    """Whether prometheus-client's merge can read the metrics file ``path`` (named ``name``,
+    gauge ``mode`` or None). A file it cannot read used to fail every scrape (500, or 503)
+    for as long as it lay there, so one torn or foreign file took the whole server's metrics
+    away; such a file is now left out, and named once in the error log. Empty files (a
+    prometheus-client file being created) are left out without a word."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False  # (archived meanwhile: the archive has its counts)
+    except OSError as exc:
+        return _unreadable(name, str(exc))
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if _good.get(name) == stamp:
+        return True
+    if mode is not None and mode not in _GAUGE_MODES:
+        return _unreadable(name, f"unknown gauge mode {mode!r}")
+    if st.st_size < 8:
+        return False
+    try:
+        for key, _value, _ts in multiproc.read_file(path):
+            metric, sample, labels, help_text = json.loads(key)
+            if not (isinstance(metric, str) and isinstance(sample, str)
+                    and isinstance(help_text, str) and isinstance(labels, dict)
+                    and all(isinstance(v, str) for v in labels.values())):
+                raise ValueError(f"bad key {key[:80]!r}")
+    except (OSError, ValueError, TypeError) as exc:
+        return _unreadable(name, str(exc))
+    if len(_good) >= _MAX_REMEMBERED:
+        _good.clear()
+    _good[name] = stamp
+    return True
+
+
+def _unreadable(name: str, why: str) -> bool:
+    """Name an unreadable metrics file in the error log, once per file name; returns False."""
+    if name not in _said and len(_said) < _MAX_REMEMBERED:
+        _said.add(name)
+        log.ERROR.warning("metrics file %s left out of /metrics: %s", name, why)
+    return False
+
+
 class _LockedCollector(MultiProcessCollector):
-    """MultiProcessCollector that reads under the shared lock and skips dead pids' live gauges.
+    """MultiProcessCollector that reads under the shared lock, skips dead pids' live gauges
+    and leaves out the files it cannot read (see ``_readable``).
 
     ``skip`` names metric families left out (replaced by another source at scrape time).
     """
@@ -42,10 +99,21 @@ class _LockedCollector(MultiProcessCollector):
         directory = self._path
         multiproc.prune_dead_live_gauges(directory)
         with multiproc.dir_lock(directory, exclusive=False):
-            files = [os.path.join(directory, n) for n in os.listdir(directory)
-                     if multiproc.FILE_RE.match(n)]
+            files = []
+            for name in os.listdir(directory):
+                m = multiproc.FILE_RE.match(name)
+                path = os.path.join(directory, name)
+                if m and _readable(path, name, m.group("mode")):
+                    files.append(path)
             # Materialise inside the lock: merge() reads every file before returning.
-            metrics = list(self.merge(files, accumulate=True))
+            try:
+                metrics = list(self.merge(files, accumulate=True))
+            except (RuntimeError, LookupError, TypeError, ValueError, struct.error) as exc:
+                # A file that went bad between the check and the merge (prometheus-client's
+                # reader raises all of these): this scrape fails (503), the next one leaves
+                # the file out.
+                _good.clear()
+                raise ValueError(f"a metrics file changed while read: {exc}") from None
         return [m for m in metrics if m.name not in self._skip]
 
 

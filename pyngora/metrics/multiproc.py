@@ -240,16 +240,38 @@ def _archive(directory: str, pid: int) -> None:
     for prefix, sources in by_prefix.items():
         archive = os.path.join(directory, f"{prefix}_{ARCHIVE}.db")
         totals: dict[str, float] = {}
-        for key, value, _ts in read_file(archive):
-            totals[key] = totals.get(key, 0.0) + value
-        for src in sources:
-            for key, value, _ts in read_file(src):
+        # A file that does not decode is one the exporter already leaves out (its counts are
+        # not shown): the archive's goes aside, a dead process's goes, and folding goes on.
+        # It used to raise here, and the dead pid's files then stayed for ever.
+        for path in (archive, *sources):
+            try:
+                entries = read_file(path)
+            except ValueError as exc:
+                _set_aside(path, exc, keep=path == archive)
+                continue
+            for key, value, _ts in entries:
                 totals[key] = totals.get(key, 0.0) + value
         write_file(archive, ((k, v, 0.0) for k, v in _bounded_backends(totals).items()))
         # Only now remove the sources: a reader holds the shared lock, so it saw neither step.
         for src in sources:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(src)
+
+
+def _set_aside(path: str, why: Exception, keep: bool) -> None:
+    """A metrics file that does not decode: renamed to ``.corrupt-<name>`` (which no pattern
+    here matches; one per name, so they cannot pile up) if ``keep``, else deleted. Said on
+    stderr, the master's error log. Returns nothing."""
+    directory, name = os.path.split(path)
+    try:
+        if keep:
+            os.replace(path, os.path.join(directory, f".corrupt-{name}"))
+        else:
+            os.unlink(path)
+        sys.stderr.write(f"pyngora: metrics file {path} does not decode ({why}): "
+                         f"{'set aside as .corrupt-' + name if keep else 'removed'}\n")
+    except OSError:
+        pass
 
 
 def _bounded_backends(totals: dict[str, float]) -> dict[str, float]:

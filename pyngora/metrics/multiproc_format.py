@@ -60,7 +60,8 @@ def encode(entries: Iterable[tuple[str, float, float]]) -> bytes:
 
 
 def decode(data: bytes) -> Iterator[tuple[str, float, float]]:
-    """Parse MmapedDict bytes; yields ``(key, value, timestamp)``; raises ValueError if corrupt."""
+    """Parse MmapedDict bytes; yields ``(key, value, timestamp)``; raises ValueError if corrupt
+    (never struct.error: an entry that runs past ``used`` is corruption too)."""
     if len(data) < 8:
         return
     used = _INT.unpack_from(data, 0)[0]
@@ -68,25 +69,33 @@ def decode(data: bytes) -> Iterator[tuple[str, float, float]]:
         raise ValueError("metrics file is truncated")
     pos = 8
     while pos < used:
+        if pos + 4 > used:
+            raise ValueError("metrics file is corrupted")
         n = _INT.unpack_from(data, pos)[0]
         if n < 0 or pos + 4 + n > used:
             raise ValueError("metrics file is corrupted")
         key = data[pos + 4:pos + 4 + n].decode("utf-8")
         pos += 4 + n + (8 - (n + 4) % 8)
+        if pos + 16 > used:
+            raise ValueError("metrics file is corrupted")
         value, ts = _DOUBLES.unpack_from(data, pos)
         pos += 16
         yield key, value, ts
 
 
 def read_file(path: str) -> list[tuple[str, float, float]]:
-    """Read every entry of a metrics file (ours or prometheus-client's); [] if it does not exist."""
+    """Read every entry of a metrics file (ours or prometheus-client's); [] if it does not
+    exist or is empty. Raises ValueError if it is corrupt, OSError if it cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 return []
             used = _INT.unpack_from(head, 0)[0]
-            data = head + f.read(max(0, used - 8))
+            # Never more than the file holds: a corrupt ``used`` (up to 2 GiB) must not make
+            # the reader allocate it.
+            size = os.fstat(f.fileno()).st_size
+            data = head + f.read(max(0, min(used, size) - 8))
     except FileNotFoundError:
         return []
     return list(decode(data))

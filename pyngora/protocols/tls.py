@@ -1,8 +1,11 @@
 """Server TLS: the SSLContext of a listener, and the ``-t`` checks of its certificates.
 
-``server_context(tls)`` runs in each worker when it builds its listeners (so certificates are
-re-read on every reload and upgrade); ``check_tls(tls)`` runs for ``pyngora -t`` and before a
-reload is accepted. Modern defaults: TLS 1.2 and 1.3 only, AEAD ciphers with forward secrecy
+``server_context(tls)`` runs in each worker when it builds its listeners; ``check_tls(tls)``
+(``tls_problems``) runs for ``pyngora -t`` and before a start or a reload is accepted.
+``remember`` keeps the bytes of the files in the master once they passed, and the workers it
+forks load those: certificates are re-read on every reload and upgrade, and a worker
+restarted in between serves the same ones as its siblings even when the files changed (or
+broke) meanwhile. Modern defaults: TLS 1.2 and 1.3 only, AEAD ciphers with forward secrecy
 (Mozilla's "intermediate" profile), no compression, no renegotiation, ALPN from the listener
 (``h2``, ``http/1.1``), and SNI choosing among several certificates, the first (``cert``/
 ``key``) being the default for unknown or absent names.
@@ -11,10 +14,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import ssl
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "CIPHERS"]
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl  # (imported where used: ``remember`` runs in the master, which loads no ssl)
+
+__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "remember",
+           "CIPHERS"]
 
 # Mozilla intermediate (TLS 1.2 part; TLS 1.3 suites are always on and already modern).
 CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -29,13 +35,88 @@ def _no_password() -> bytes:
     return b""
 
 
+# (cert path, key path) -> the PEM bytes of that pair, as ``remember`` (the master, once a
+# configuration passed its checks) or ``tls_problems`` (a check in this process) read them.
+# Workers are forked afterwards and inherit them: a worker the master restarts later (a
+# crash, kill -9) loads those again rather than what is on disk now. A certificate replaced
+# by a bad file (a half-written renewal, a wrong cp) without a reload used to make every
+# restarted worker fail to boot, and the master then gave up on the whole server. nginx
+# behaves the same way: its workers use what the master loaded at the last (re)configuration.
+_checked: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+
+def remember(listeners_tls: Iterable[Any]) -> None:
+    """Keep the PEM bytes of each ``tls`` (a TlsConf, SNI entries included; None entries are
+    skipped) for the workers forked from this process afterwards (see ``_checked``).
+
+    For the master, right after a configuration passed its checks (start, SIGHUP): plain file
+    reads, no ssl import (the master stays small). A file that cannot be read leaves that
+    pair's earlier bytes (the workers then read the file, and report it). Returns nothing."""
+    for tls in listeners_tls:
+        if tls is None:
+            continue
+        for entry in (tls, *tuple(getattr(tls, "sni", ()) or ())):
+            try:
+                with open(entry.cert, "rb") as f:
+                    cert_pem = f.read()
+                with open(entry.key, "rb") as f:
+                    key_pem = f.read()
+            except (OSError, TypeError):
+                continue
+            _checked[(entry.cert, entry.key)] = (cert_pem, key_pem)
+
+
+def _load_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load ``cert``/``key`` into ``ctx``: the checked bytes when there are some (see
+    ``_checked``), else the files. Raises ssl.SSLError or OSError naming both files."""
+    import ssl
+    pem = _checked.get((cert, key))
+    try:
+        if pem is None or not _load_pem(ctx, pem[0], pem[1]):
+            ctx.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        # OpenSSL's own message ("[SSL] PEM lib") names no file: the error log must.
+        raise ssl.SSLError(f"cannot load certificate {cert} / key {key}: "
+                           f"{exc.reason or exc}") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot load certificate {cert} / key {key}: "
+                                 f"{exc.strerror or exc}") from None
+
+
+def _load_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> bool:
+    """Load PEM bytes into ``ctx`` through anonymous in-memory files (memfd: the key never
+    touches a disk). Returns False where memfd is not available (the caller reads the files);
+    raises ssl.SSLError if the bytes do not load."""
+    create = getattr(os, "memfd_create", None)
+    if create is None or not os.path.isdir("/proc/self/fd"):
+        return False
+    fds: list[int] = []
+    try:
+        for data in (cert_pem, key_pem):
+            fd = create("pyngora-tls", getattr(os, "MFD_CLOEXEC", 0))
+            fds.append(fd)
+            os.write(fd, data)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return False
+    try:
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}",
+                            password=_no_password)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return True
+
+
 def _base_context(cert: str, key: str, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    import ssl
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
                     | getattr(ssl, "OP_NO_RENEGOTIATION", 0))
     ctx.set_ciphers(CIPHERS)
-    ctx.load_cert_chain(cert, key, password=_no_password)
+    _load_pair(ctx, cert, key)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
@@ -117,7 +198,12 @@ def _der_time(tag: int, raw: bytes) -> datetime.datetime:
 def cert_validity(pem_path: str) -> tuple[datetime.datetime, datetime.datetime]:
     """(notBefore, notAfter) of the first certificate in a PEM file (ValueError if none)."""
     with open(pem_path, "r", encoding="ascii", errors="replace") as f:
-        text = f.read()
+        return _validity(f.read())
+
+
+def _validity(text: str) -> tuple[datetime.datetime, datetime.datetime]:
+    """(notBefore, notAfter) of the first certificate in PEM ``text`` (ValueError if none)."""
+    import ssl
     begin = text.find("-----BEGIN CERTIFICATE-----")
     if begin < 0:
         raise ValueError("no PEM certificate found")
@@ -144,6 +230,7 @@ Problem = tuple[tuple[Union[str, int], ...], str]
 
 
 def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
+    import ssl
     errors: list[Problem] = []
     for label, field, path in (("certificate", "cert", cert), ("key", "key", key)):
         if not path:
@@ -157,7 +244,13 @@ def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
     if errors:
         return errors
     try:
-        not_before, not_after = cert_validity(cert)
+        # The bytes checked are the bytes kept (``_checked``): each file is read once, so one
+        # replaced between the checks and the load cannot slip through.
+        with open(cert, "rb") as f:
+            cert_pem = f.read()
+        with open(key, "rb") as f:
+            key_pem = f.read()
+        not_before, not_after = _validity(cert_pem.decode("ascii", "replace"))
     except (OSError, ValueError) as exc:
         return [(("cert",), f"certificate {cert}: {exc}")]
     if not_after < now:
@@ -167,7 +260,8 @@ def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
                            f"{not_before:%Y-%m-%d %H:%M:%S} UTC"))
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key, password=_no_password)
+        if not _load_pem(ctx, cert_pem, key_pem):
+            ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
         reason = str(getattr(exc, "reason", "") or exc)
         if "KEY_VALUES_MISMATCH" in reason.upper() or "mismatch" in reason.lower():
@@ -178,6 +272,8 @@ def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
             errors.append(((), f"cannot load {cert} / {key}: {exc}"))
     except OSError as exc:
         errors.append(((), f"cannot load {cert} / {key}: {exc}"))
+    if not errors:
+        _checked[(cert, key)] = (cert_pem, key_pem)
     return errors
 
 

@@ -41,13 +41,19 @@ def _time_local(now: float) -> str:
 
 
 def _quote(value: Optional[bytes]) -> str:
-    """A header value for a quoted combined field: '-' when absent, quotes/controls escaped."""
+    """A header value or target for a quoted combined field: '-' when absent; ``"`` and
+    ``\\`` backslash-escaped, and every byte outside printable ASCII as ``\\xHH`` (nginx's
+    way), so the line stays one line of ASCII whatever the client sent. Bytes >= 0x80 (which
+    HTTP/2 lets through in field values) used to be written as the Latin-1 characters they
+    are not (``\\xff`` became ``ÿ``), while ``\\x80``-``\\x9f`` were escaped: now all are."""
     if not value:
         return "-"
     text = value.decode("latin-1")
-    if '"' in text or "\\" in text or not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return text
+    if value.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    # unicode_escape doubles a backslash, writes tab, LF and CR as backslash-t/n/r, and every
+    # other byte outside printable ASCII (Latin-1's 0x7f-0xff included) as backslash-xHH.
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
 def _fields(session: "Session") -> tuple[str, str, str, int, int, float]:

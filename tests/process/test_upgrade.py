@@ -472,9 +472,10 @@ def test_a_reload_moves_the_pid_file_and_the_master_s_log(tmp_path, daemons) -> 
     d.conf.write_text(text.replace(f"{tmp_path}/p.pid", f"{tmp_path}/p2.pid")
                       .replace(f"{tmp_path}/error.log", f"{tmp_path}/error2.log"))
     os.kill(master, signal.SIGHUP)
-    wait_for(lambda: (tmp_path / "p2.pid").exists(), 30, "the new pid file")
+    # (the new file is written first, the old one removed just after: await both)
+    wait_for(lambda: (tmp_path / "p2.pid").exists() and not (tmp_path / "p.pid").exists(),
+             30, "the pid file moved")
     assert read_pid(str(tmp_path / "p2.pid")) == master
-    assert not (tmp_path / "p.pid").exists()
     assert d.cmd("-s", "reopen").returncode == 0  # -s finds it by the new pid_file
     wait_for(lambda: (tmp_path / "error2.log").exists()
              and b"logs reopened" in (tmp_path / "error2.log").read_bytes(), 10,
