@@ -54,12 +54,12 @@ def accept_queue_length(sock: socket.socket) -> Optional[int]:
 class AcceptHandles:
     """The server handles of one listening socket in one worker."""
 
-    __slots__ = ("loop", "own", "factory", "backlog", "ssl", "sharers", "handles", "adaptive",
+    __slots__ = ("loop", "own", "factory", "backlog", "ssl", "handshake_timeout", "sharers", "handles", "adaptive",
                  "closed", "paused", "_empty")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  factory: Callable[[], Any], backlog: int, ssl: Any = None,
-                 sharers: int = 1) -> None:
+                 sharers: int = 1, handshake_timeout: Optional[float] = None) -> None:
         self.loop = loop
         # Workers accepting from this same socket (work stealing): the queue is theirs too, so
         # it must outgrow all their handles (each worker sizes alike) before this one grows.
@@ -71,6 +71,10 @@ class AcceptHandles:
         self.factory = factory
         self.backlog = backlog
         self.ssl = ssl
+        # The bound on a TLS handshake (None: uvloop's 60 s). Workers pass the service's
+        # header_read_timeout, as nginx bounds its handshakes by client_header_timeout: a
+        # client that connects and sends no ClientHello is a slowloris of TLS.
+        self.handshake_timeout = handshake_timeout if ssl is not None else None
         self.handles: list[Any] = []
         self.adaptive = self.queued() is not None
         self.closed = False
@@ -119,7 +123,8 @@ class AcceptHandles:
 
     async def _serve(self, sock: socket.socket) -> Any:
         return await self.loop.create_server(self.factory, sock=sock, backlog=self.backlog,
-                                             ssl=self.ssl)
+                                             ssl=self.ssl,
+                                             ssl_handshake_timeout=self.handshake_timeout)
 
     def close(self) -> None:
         """Stop accepting (every handle); ``own`` stays open for the drain's last accepts."""

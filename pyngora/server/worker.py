@@ -239,7 +239,7 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             for (listener, sock), ssl_ctx in zip(spec.sockets, ssl_ctxs):
                 factory = service.protocol_factory(ctx, listener)
                 handles = AcceptHandles(loop, sock, factory, listener.backlog, ssl_ctx,
-                                        spec.sharers)
+                                        spec.sharers, _handshake_timeout(service))
                 await handles.open(sock)
                 servers.append(handles)
             sampler = loop.create_task(keep_adjusting(servers))
@@ -268,7 +268,8 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
                 # Started now, so the connections reach the loop even with a grace period of
                 # 0 (then cancelled: uvloop closes them rather than leave them to the GC).
                 queued.append(loop.create_task(serve_queued(
-                    loop, take_queued(handles.own), handles.factory, handles.ssl)))
+                    loop, take_queued(handles.own), handles.factory, handles.ssl,
+                    handles.handshake_timeout)))
         if ctx.shutdown.fast:
             ctx.connections.abort_all()
         else:
@@ -341,8 +342,14 @@ def take_queued(sock: socket.socket) -> list[socket.socket]:
     return taken
 
 
+def _handshake_timeout(service: object) -> Optional[float]:
+    """How long a TLS client of ``service`` may take over its handshake: the service's
+    ``limits.header_read_timeout_seconds`` (None, uvloop's 60 s, for a service without)."""
+    return getattr(getattr(service, "limits", None), "header_read_timeout_seconds", None)
+
+
 async def serve_queued(loop: object, conns: list[socket.socket], factory: object,
-                       ssl_ctx: object) -> None:
+                       ssl_ctx: object, handshake_timeout: Optional[float] = None) -> None:
     """Hand ``conns`` (from take_queued) to the loop, served like any other connection (they
     get ``Connection: close``: the worker is draining). TLS handshakes run side by side, so a
     client that never sends its ClientHello holds only its own connection (up to the handshake
@@ -351,7 +358,9 @@ async def serve_queued(loop: object, conns: list[socket.socket], factory: object
 
     async def serve(conn: socket.socket) -> None:
         try:
-            await loop.connect_accepted_socket(factory, conn, ssl=ssl_ctx)  # type: ignore[attr-defined]
+            await loop.connect_accepted_socket(  # type: ignore[attr-defined]
+                factory, conn, ssl=ssl_ctx,
+                ssl_handshake_timeout=handshake_timeout if ssl_ctx is not None else None)
         except Exception:
             conn.close()
     if conns:

@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -188,17 +189,7 @@ services:
     p.wait_serving(port)
 
     def served() -> bytes:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="tls.test") as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n")
-                body = b""
-                while chunk := s.recv(4096):
-                    body += chunk
-                assert body.endswith(b"hello"), body
-                return s.getpeercert(binary_form=True)
+        return _tls_get(port, b"hello")
 
     assert served() == good
     Path(cert).write_text("garbage\n")
@@ -210,9 +201,61 @@ services:
     assert p.proc.poll() is None, p.output()
 
 
+def _tls_get(port: int, body: bytes) -> bytes:
+    """One GET over TLS to ``port`` (any certificate): asserts the answer ends with ``body``;
+    returns the certificate served (DER)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="tls.test") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+            assert answer.endswith(body), answer
+            return s.getpeercert(binary_form=True)
+
+
 def _serves(probe) -> bool:
     try:
         probe()
         return True
     except (OSError, AssertionError):
         return False
+
+
+def test_a_tls_client_that_never_says_hello_is_closed_after_the_header_timeout(
+        tmp_path: Path, pyngora_factory) -> None:
+    """A client that connects to a TLS listener and sends no ClientHello (a slowloris of
+    TLS) was held for uvloop's 60 s handshake timeout, whatever the service's limits. The
+    handshake is now bounded by ``limits.header_read_timeout_seconds`` (nginx bounds it by
+    client_header_timeout): here 1 s, so the server hangs up well before 60."""
+    cert, key = self_signed_cert(tmp_path, "tls.test")
+    port = free_port()
+    p = pyngora_factory(f"""
+pid_file: {tmp_path}/p.pid
+upgrade_sock: {tmp_path}/u.sock
+metrics_dir: {tmp_path}/metrics
+services:
+  - name: site
+    type: static
+    threads: 1
+    body: "hi"
+    limits: {{header_read_timeout_seconds: 1}}
+    listeners:
+      - address: '127.0.0.1:{port}'
+        tls: {{cert: '{cert}', key: '{key}'}}
+""").start()
+    p.wait_serving(port)
+    wait_for(lambda: _serves(lambda: _tls_get(port, b"hi")), 20, "the worker serving TLS")
+    workers = p.workers()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as silent:
+        start = time.monotonic()
+        try:
+            assert silent.recv(1024) == b""  # the server's close (a timeout raises instead)
+        except ConnectionResetError:
+            pass  # (uvloop aborts a handshake that timed out: a reset is the server's close)
+        waited = time.monotonic() - start
+    assert waited < 15, f"held for {waited:.1f}s"
+    assert _tls_get(port, b"hi") and p.workers() == workers  # (the worker's own hang-up)
