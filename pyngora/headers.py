@@ -8,8 +8,7 @@ accepts ``str``, encoded latin-1, because users of ProxyHttp write Python string
 """
 from __future__ import annotations
 
-import re
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Mapping, Optional, Union
 
 NameT = Union[bytes, str]
 ValueT = Union[bytes, str, int]
@@ -42,9 +41,9 @@ def _check_name(name: bytes) -> bytes:
     return name
 
 
-# What a request-target set by user code may not contain: it would end the request line's
-# token (a space, CR, LF: request smuggling) or not be one byte on the wire.
-_BAD_TARGET = re.compile("[\x00-\x20\x7f\u0100-\U0010ffff]")
+# What a request-target set by user code may contain (as latin-1 bytes): visible ASCII and
+# obs-text; a space, CR, LF or other control byte would end the request line's token.
+_TARGET_CHARS = bytes(range(0x21, 0x7f)) + bytes(range(0x80, 0x100))
 
 # RFC 9110 tchar: what a field name may contain. translate(None, delete) leaves the bad bytes.
 _TOKEN_CHARS = (b"!#$%&'*+-.^_`|~0123456789"
@@ -208,10 +207,17 @@ def _version_str(version: Union[str, bytes]) -> str:
     return version.decode("ascii") if isinstance(version, bytes) else version
 
 
-def _as_headers(headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]]) -> Headers:
+def _as_headers(headers: Optional[Union[Headers, Mapping[ValueT, ValueT],
+                                        Iterable[tuple[ValueT, ValueT]]]]) -> Headers:
+    """``headers`` as a Headers: itself, or a new one from (name, value) pairs or a mapping
+    (iterating a dict gives its names alone: two-letter names would unpack as pairs)."""
     if headers is None:
         return Headers()
-    return headers if isinstance(headers, Headers) else Headers(headers)
+    if isinstance(headers, Headers):
+        return headers
+    if isinstance(headers, Mapping):
+        return Headers(headers.items())
+    return Headers(headers)
 
 
 class _Head:
@@ -243,40 +249,80 @@ class RequestHeader(_Head):
 
     ``method`` and ``uri`` (the request-target) are ``str``; ``version`` is "1.0", "1.1" or
     "2"; ``headers`` is a :class:`Headers`. Phases edit it in place; the engine serialises it.
+    ``method`` and ``uri`` are checked whenever user code sets them (assigned, passed to the
+    constructor, ``set_method`` / ``set_uri``): ValueError for a value that would not stay one
+    token on the request line (a space, CR or LF there would let a phase write a second
+    request on the upstream connection: request smuggling).
     """
 
-    __slots__ = ("method", "uri", "version")
+    __slots__ = ("_method", "_uri", "version")
 
     def __init__(self, method: str, uri: str, version: Union[str, bytes] = "1.1",
                  headers: Optional[Union[Headers, Iterable[tuple[ValueT, ValueT]]]] = None) -> None:
-        self.method = method
+        self.method = method  # (checked: the property setters below)
         self.uri = uri
         self.version = _version_str(version)
         self.headers = _as_headers(headers)
 
+    @classmethod
+    def _trusted(cls, method: str, uri: str, version: Union[str, bytes],
+                 headers: Headers) -> "RequestHeader":
+        """A head from what a parser already validated (the engine's, once per request):
+        no checks, no copies."""
+        req = cls.__new__(cls)
+        req._method = method
+        req._uri = uri
+        req.version = _version_str(version)
+        req.headers = headers
+        return req
+
+    @property
+    def method(self) -> str:
+        """The request method (an RFC 9110 token)."""
+        return self._method
+
+    @method.setter
+    def method(self, method: str) -> None:
+        if (method.__class__ is not str or not method or not method.isascii()
+                or method.encode().translate(None, _TOKEN_CHARS)):
+            raise ValueError(f"invalid method {method!r}: not an RFC 9110 token")
+        self._method = method
+
+    @property
+    def uri(self) -> str:
+        """The request-target sent upstream (path and query, usually)."""
+        return self._uri
+
+    @uri.setter
+    def uri(self, uri: str) -> None:
+        try:
+            bad = uri.__class__ is not str or not uri or bool(
+                uri.encode("latin-1").translate(None, _TARGET_CHARS))
+        except UnicodeEncodeError:
+            bad = True
+        if bad:
+            raise ValueError(f"invalid request target {uri!r}: empty, or a space, a control "
+                             "character or one above U+00FF (percent-encode it)")
+        self._uri = uri
+
     def set_uri(self, uri: str) -> None:
         """Replace the request-target (path and query, usually) sent upstream. ValueError for
         one that would not stay one token on the request line (empty, a space, CR, LF or
-        another control character); the engine checks a target assigned directly too."""
-        if not uri or _BAD_TARGET.search(uri):
-            raise ValueError(f"invalid request target {uri!r}: empty, or a space, a control "
-                             "character or one above U+00FF (percent-encode it)")
+        another control character)."""
         self.uri = uri
 
     def set_method(self, method: str) -> None:
         """Replace the method sent upstream. ValueError unless it is an RFC 9110 token."""
-        if not method or not method.isascii() or method.encode().translate(None, _TOKEN_CHARS):
-            raise ValueError(f"invalid method {method!r}")
         self.method = method
 
     @property
     def path(self) -> str:
         """The request-target without its query string."""
-        i = self.uri.find("?")
-        return self.uri if i < 0 else self.uri[:i]
+        i = self._uri.find("?")
+        return self._uri if i < 0 else self._uri[:i]
 
     def __repr__(self) -> str:
-        return f"RequestHeader({self.method!r}, {self.uri!r}, {self.version!r}, {self.headers!r})"
+        return f"RequestHeader({self._method!r}, {self._uri!r}, {self.version!r}, {self.headers!r})"
 
 
 class ResponseHeader(_Head):

@@ -23,13 +23,13 @@ from typing import Any, Optional
 
 from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
-from pyngora.headers import RequestHeader, ResponseHeader
+from pyngora.headers import Headers, RequestHeader, ResponseHeader
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
 from pyngora.proxy.express import Express
 from pyngora.proxy.fast_path import FastPath
-from pyngora.proxy.phases import PHASES, ProxyHttp
+from pyngora.proxy.phases import PHASES, ProxyHttp, body_piece, returned_error
 from pyngora.proxy.request_body_up import send_request_body
 from pyngora.proxy.session import Session
 from pyngora.proxy.tunnel import tunnel
@@ -237,6 +237,13 @@ class ProxyEngine(HttpApp):
                     if not ex.head_sent:
                         ex.respond_error(502)
                     self._finish_answered(ex)
+                elif ex.head_sent:
+                    # A phase answered and then said "proxy it": the client has its response,
+                    # so the upstream gets no request it could act on (POST, an upgrade).
+                    log.ERROR.error("request_filter (or an earlier phase) sent a response and "
+                                    "returned False: not proxied: %s",
+                                    ex.head.target.decode("latin-1"))
+                    self._finish_answered(ex)
                 else:
                     await self._proxy_to_upstream(session, ctx, peer)
         except Error as e:
@@ -271,6 +278,8 @@ class ProxyEngine(HttpApp):
                     code = err.status  # (a phase that returned nothing)
             else:
                 code = err.status
+                if code > 999:  # (Error.http_status(1000)): no status; the bug's answer is 500
+                    code = 500
                 if ex.finished:
                     pass
                 elif code > 0 and not ex.conn.closed:
@@ -305,9 +314,12 @@ class ProxyEngine(HttpApp):
                 peer = proxy.upstream_peer(session, ctx)
                 if plan.upstream_peer:
                     peer = await peer
-            if peer is None:
-                raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
-                            "no upstream peer")
+            if peer.__class__ is not HttpPeer and not isinstance(peer, HttpPeer):
+                if peer is None:
+                    raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
+                                "no upstream peer")
+                raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                            f"upstream_peer returned {type(peer).__name__}, not an HttpPeer")
             session.peer = peer
             um = self._umetrics(peer)
             connector: Any = self.connector
@@ -327,7 +339,8 @@ class ProxyEngine(HttpApp):
                     um.error(peer.backend, e.etype)
                 if plan.fail_to_connect is not None:
                     r = proxy.fail_to_connect(session, peer, ctx, e)
-                    e = (await r) if plan.fail_to_connect else r
+                    r = (await r) if plan.fail_to_connect else r
+                    e = r if r.__class__ is Error else returned_error("fail_to_connect", r, e)
                 if self._may_retry(session, e):
                     continue
                 raise e
@@ -352,7 +365,8 @@ class ProxyEngine(HttpApp):
                     um.error(peer.backend, e.etype)
                 if plan.error_while_proxy is not None and e.source is not ErrorSource.Downstream:
                     r = proxy.error_while_proxy(peer, session, e, ctx, reused)
-                    e = (await r) if plan.error_while_proxy else r
+                    r = (await r) if plan.error_while_proxy else r
+                    e = r if r.__class__ is Error else returned_error("error_while_proxy", r, e)
                 _mark_retryable(session, conn, e)
                 if e.source is not ErrorSource.Downstream and self._may_retry(session, e):
                     continue
@@ -363,6 +377,9 @@ class ProxyEngine(HttpApp):
                 connector.release(conn, clean)
 
     def _may_retry(self, session: Session, e: Error) -> bool:
+        """True when ``e`` allows another attempt (counted in ``session.retries``)."""
+        if not isinstance(e, Error):  # (the fast path's fail_to_connect returned None, say)
+            raise TypeError(f"fail_to_connect returned {type(e).__name__}, not an Error")
         limit = self.max_retries  # the server-wide cap; a phase may lower it per request
         if session.max_retries is not None and session.max_retries < limit:
             limit = session.max_retries
@@ -399,7 +416,7 @@ class ProxyEngine(HttpApp):
         # next client's request, or have the origin read the next client's as this body.
         set_framing(up_headers, head, chunked)
         if plan.upstream_request_filter is not None:
-            up_req = RequestHeader(req.method, req.uri, "1.1", up_headers)
+            up_req = RequestHeader._trusted(req.method, req.uri, "1.1", up_headers)
             r = proxy.upstream_request_filter(session, up_req, ctx)
             if plan.upstream_request_filter:
                 await r
@@ -516,6 +533,9 @@ class ProxyEngine(HttpApp):
                 if plan.response_filter:
                     await r
             status, out_headers, out_reason = resp.status, resp.headers, resp.reason
+            if out_headers.__class__ is not Headers and not isinstance(out_headers, Headers):
+                raise TypeError("a response filter set headers to a "
+                                f"{type(out_headers).__name__}, not a Headers")
         if switching:
             ev = await conn.read_event()  # the 101's (empty) MessageEnd
             ex.write_head(101, out_headers, out_reason)
@@ -564,9 +584,13 @@ class ProxyEngine(HttpApp):
         if plan.upstream_response_body_filter is not None:
             r = proxy.upstream_response_body_filter(session, data, end, ctx)
             data = (await r) if plan.upstream_response_body_filter else r
+            if data is not None and data.__class__ is not bytes:
+                data = body_piece("upstream_response_body_filter", data)
         if plan.response_body_filter is not None:
             r = proxy.response_body_filter(session, data, end, ctx)
             data = (await r) if plan.response_body_filter else r
+            if data is not None and data.__class__ is not bytes:
+                data = body_piece("response_body_filter", data)
         return data
 
 def _retrieved(task: "asyncio.Future[None]") -> None:

@@ -45,11 +45,12 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
-from pyngora.proxy.phases import PHASES
+from pyngora.proxy.phases import PHASES, returned_error
 from pyngora.proxy.session import Session
 from pyngora.proxy.wire import informational_fields, reason_for, upstream_fields, upstream_head
 from pyngora.services.http_app import Exchange
 from pyngora.upstreams.connector import UpstreamConnection
+from pyngora.upstreams.peer import HttpPeer
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.proxy.engine import Plan, ProxyEngine
@@ -125,9 +126,13 @@ class FastPath:
         except Exception as e:  # a bug in upstream_peer: the engine answers 500 and logs it
             return engine.run(ex, session, error=Error(
                 ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
-        if peer is None:
-            return engine.run(ex, session, error=Error(
-                ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))
+        if peer.__class__ is not HttpPeer and not isinstance(peer, HttpPeer):
+            if peer is None:
+                return engine.run(ex, session, error=Error(
+                    ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))
+            return engine.run(ex, session, error=Error(  # (as the engine says it: a 500)
+                ErrorType.InternalError, ErrorSource.Internal, None,
+                f"upstream_peer returned {type(peer).__name__}, not an HttpPeer"))
         alpn = peer.options.alpn
         if alpn and alpn[0] == "h2":
             return engine.run(ex, session, peer)
@@ -282,7 +287,8 @@ class _Forward:
             # an Error with its own status, a cancel as the client gone, a bug as a 500.
             try:
                 r = proxy.fail_to_connect(session, session.peer, None, e)
-                e = (await r) if plan.fail_to_connect else r
+                e = returned_error("fail_to_connect", (await r) if plan.fail_to_connect else r,
+                                   e)  # (a forgotten ``return e``: e, and a log line)
             except Error as x:
                 e, retry = x, False
             except asyncio.CancelledError:

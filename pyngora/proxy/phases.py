@@ -22,14 +22,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-from pyngora.errors import Error
+from pyngora import log
+from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.headers import RequestHeader, ResponseHeader
 from pyngora.upstreams.peer import HttpPeer
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.proxy.session import Session
 
-__all__ = ["ProxyHttp", "PHASES"]
+__all__ = ["ProxyHttp", "PHASES", "returned_error", "body_piece"]
 
 # Every overridable phase, in the order they run.
 PHASES = ("new_ctx", "early_request_filter", "request_filter", "proxy_upstream_filter",
@@ -142,3 +143,31 @@ class ProxyHttp:
     def request_summary(self, session: "Session", ctx: Any) -> str:
         """A one-line description of the request for error logs."""
         return session.request_summary()
+
+
+# ---------------------------------------------------------------------- what phases return
+# The engine's checks of what a user's phase returned, made where it is used (rare types are
+# the only ones that pay for a call: the engine compares classes inline first).
+
+def returned_error(phase: str, returned: Any, e: Error) -> Error:
+    """What ``fail_to_connect`` / ``error_while_proxy`` returned, as the Error to go on with:
+    the one returned, or -- anything else, ``None`` above all (a forgotten ``return e``) --
+    ``e`` itself, with an error log line saying so (the request then fails or is retried as
+    ``e`` says: Pingora's default)."""
+    if isinstance(returned, Error):
+        return returned
+    log.ERROR.error("%s returned %s, not an Error: going on with the error it was given (%s)",
+                    phase, type(returned).__name__, e)
+    return e
+
+
+def body_piece(phase: str, data: Any) -> Optional[bytes]:
+    """What a body filter returned, as bytes or None (a bytearray or memoryview is copied).
+    Error (500) for anything else -- a str above all: its encoding is the filter's choice --
+    raised before the piece reaches either connection."""
+    if data is None or data.__class__ is bytes:
+        return data  # type: ignore[no-any-return]
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                f"{phase} returned {type(data).__name__}, not bytes or None")

@@ -8,6 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from pyngora.errors import Error, ErrorSource, ErrorType
+from pyngora.proxy.phases import body_piece
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.proxy.engine import Plan
@@ -64,6 +65,8 @@ async def _send(proxy: "ProxyHttp", plan: "Plan", session: "Session",
             try:
                 r = proxy.request_body_filter(session, data, end, ctx)
                 piece = (await r) if filt else r
+                if piece is not None and piece.__class__ is not bytes:
+                    piece = body_piece("request_body_filter", piece)
             except asyncio.CancelledError:
                 # The attempt ended while the filter held this piece: the next one
                 # sends it (it is in neither the retry buffer nor the upstream stream).

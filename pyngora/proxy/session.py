@@ -7,14 +7,26 @@ response writers, with Pingora's names.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from pyngora.headers import Headers, RequestHeader, ResponseHeader
+from pyngora.headers import Headers, RequestHeader, ResponseHeader, _as_headers
+from pyngora.proxy.wire import informational_fields
 from pyngora.services.http_app import Exchange
 
 __all__ = ["Session"]
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def _as_bytes(data: Any, what: str) -> bytes:
+    """``data`` (a body piece given by user code) as bytes: bytes-like ones are copied;
+    anything else (a str above all: its encoding is the caller's choice) is a TypeError
+    raised before a byte goes out, so the request still gets a whole 500."""
+    if data.__class__ is bytes:
+        return data  # type: ignore[no-any-return]
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"{what}: the body must be bytes, not {type(data).__name__}")
 
 
 class Session:
@@ -70,13 +82,15 @@ class Session:
         req = self._req_header
         if req is None:
             head = self.exchange.head
-            req = self._req_header = RequestHeader(
+            req = self._req_header = RequestHeader._trusted(
                 head.method.decode("latin-1"), head.target.decode("latin-1"), head.version,
                 head.headers)
         return req
 
     @req_header.setter
     def req_header(self, value: RequestHeader) -> None:
+        if not isinstance(value, RequestHeader):  # (its method and uri were checked when set)
+            raise TypeError(f"req_header must be a RequestHeader, not {type(value).__name__}")
         self._req_header = value
 
     def host_and_path(self) -> tuple[bytes, str]:
@@ -158,37 +172,54 @@ class Session:
         """Send a response head to the client (``end``: no body follows). Framing is chosen by
         the connection: Content-Length if present, else chunked (HTTP/1.1). An informational
         status (103 Early Hints, ...) goes out as such, and the final response follows later
-        (as in Pingora); HTTP/1.0 clients get none (RFC 9110 15.2)."""
+        (as in Pingora); HTTP/1.0 clients get none (RFC 9110 15.2). ``resp`` is not changed:
+        one kept and sent again (a module-level head) goes out the same each time."""
+        headers = resp.headers
+        if not isinstance(headers, Headers):  # (checked before any byte goes out)
+            raise TypeError(f"response headers must be a Headers, not {type(headers).__name__}")
+        # A copy: the connection adds its framing and Connection fields to what it sends, and
+        # a head sent again would carry the last response's (Content-Length: 0, close...).
+        headers = headers.copy()
         status = resp.status
         if 100 <= status < 200 and status != 101:
-            self.exchange.write_informational(status, resp.headers)
+            # A 1xx has no content, so no framing field, nor hop-by-hop ones (RFC 9110 15.2,
+            # 7.6.1): a client that read them would take the final response as a body.
+            self.exchange.write_informational(status, informational_fields(headers))
             return
-        self.exchange.write_head(status, resp.headers, resp.reason, end)
+        self.exchange.write_head(status, headers, resp.reason, end)
 
     async def write_response_body(self, data: Optional[bytes], end: bool = False) -> None:
         """Send a piece of the response body (waits while the client is slow: back-pressure);
-        ``end`` finishes the response."""
+        ``end`` finishes the response. TypeError, before anything is sent, for a body that is
+        not bytes (a str must be encoded first)."""
         ex = self.exchange
         if data:
-            ex.write_body(data)
+            ex.write_body(_as_bytes(data, "write_response_body"))
             await ex.drain()
         if end:
             ex.write_end()
 
     async def write_response_trailers(self, trailers: Headers) -> None:
-        """Finish a chunked response with trailers."""
-        self.exchange.write_end(trailers)
+        """Finish a chunked response with trailers (a Headers, pairs or a dict)."""
+        self.exchange.write_end(_as_headers(trailers))
 
     async def respond(self, status: int, body: bytes = b"",
-                      headers: Optional[Headers | list[tuple[str, str]]] = None) -> None:
-        """A whole response at once (Content-Length from ``body``)."""
-        h = headers if isinstance(headers, Headers) else Headers(headers or ())
+                      headers: Optional[Headers | Mapping[str, str]
+                                        | list[tuple[str, str]]] = None) -> None:
+        """A whole response at once (Content-Length from ``body``). ``headers``: a Headers,
+        (name, value) pairs or a dict, not changed (the connection's framing fields go on a
+        copy). TypeError, before anything is sent, for a body that is not bytes."""
+        body = _as_bytes(body, "respond") if body else b""
+        h = headers.copy() if isinstance(headers, Headers) else _as_headers(headers)
         self.exchange.respond(status, h, body)
         await self.exchange.drain()
 
     async def respond_error(self, status: int) -> None:
         """An empty error response (``Cache-Control: private, no-store``) that closes the
-        connection; if a response already started, the connection is closed instead."""
+        connection; if a response already started, the connection is closed instead. A
+        status that is no final one (below 200, above 999) is answered 500."""
+        if not isinstance(status, int) or not 200 <= status <= 999:
+            status = 500
         self.exchange.respond_error(status)
 
     def set_keepalive(self, seconds: Optional[float]) -> None:
@@ -198,8 +229,12 @@ class Session:
             self.exchange.keep_alive = False
 
     def abort(self) -> None:
-        """Close the client connection now (nothing more is sent)."""
+        """Close the client connection now (nothing more is sent). Does nothing once this
+        request's response is finished: the connection may be serving a later request by
+        then (a session kept past its request, in ctx or a background task)."""
         ex = self.exchange
+        if ex.finished:
+            return
         ex.keep_alive = False
         ex.conn.abort()
         if not ex.finished:

@@ -256,12 +256,14 @@ class H2Exchange(RequestBody):
         if status == 101 or status < 200 or status > 999:
             raise RuntimeError(f"{status} is no final HTTP/2 response status (no upgrades; "
                                "1xx through write_informational)")
+        # The fields first: headers a phase broke raise here with nothing sent, and the
+        # stream still gets its 500 (as HTTP/1's Exchange.write_head).
+        fields = h2p.response_fields(headers, drop_length=status == 204)
         self.head_sent = True
         self.status = status
         self._continue_pending = False
         no_body = self.head.method == b"HEAD" or status == 204 or status == 304
         self._no_body = no_body
-        fields = h2p.response_fields(headers, drop_length=status == 204)
         self.h2conn.proto.send_head(self.stream_id, status, fields, end or no_body)
         self.h2conn._schedule_flush()
         if end:
@@ -383,8 +385,8 @@ class H2Exchange(RequestBody):
             self.h2conn._reset_stream(self.stream_id, h2p.INTERNAL_ERROR)
             self._finish()
             return
-        if status < 200:  # a 1xx is no final response
-            status = 500
+        if status < 200 or status > 999:  # a 1xx is no final response, four digits no
+            status = 500  # status at all (RFC 9110 15)
         self.head_sent = True
         self.status = status
         if not self._gone():

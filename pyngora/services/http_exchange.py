@@ -75,7 +75,10 @@ def status_line(status: int, reason: Optional[bytes | str] = None) -> bytes:
             _STATUS_LINES[status] = line
         return line
     if isinstance(reason, str):
-        reason = reason.encode("latin-1")
+        try:
+            reason = reason.encode("latin-1")
+        except UnicodeEncodeError:  # (set by a phase) no latin-1 text: the standard phrase
+            return status_line(status)
     if reason.translate(None, REASON_CHARS):  # CR, LF, NUL, ESC...: the standard phrase
         reason = _reason(status)
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
@@ -274,14 +277,17 @@ class Exchange(RequestBody):
         conn = self.conn
         if conn.closed:
             raise _closed_error()
-        self.head_sent = True
-        self.status = status
-        self._continue_pending = False
+        # head_sent is set only once the head's bytes are made: headers a phase broke (not a
+        # Headers) raise here with nothing sent, and the request still gets its 500.
         head = self.head
         if status == 101:
             # The connection becomes a tunnel: no framing, no keep-alive decision.
+            data = status_line(101, reason) + headers.serialize() + _CRLF
+            self.head_sent = True
+            self.status = status
+            self._continue_pending = False
             self.keep_alive = False
-            conn._write(status_line(101, reason) + headers.serialize() + _CRLF)
+            conn._write(data)
             return
         no_body = head.method == b"HEAD" or status == 204 or status == 304 or status < 200
         self._no_body = no_body
@@ -329,8 +335,11 @@ class Exchange(RequestBody):
             # HTTP/1.1: keep-alive is the default; an app's own Connection tokens stay.
         else:
             headers.set(b"Connection", b"close")
-        self.keep_alive = keep_alive
         data = status_line(status, reason) + headers.serialize() + _CRLF
+        self.head_sent = True
+        self.status = status
+        self._continue_pending = False
+        self.keep_alive = keep_alive
         if end:
             conn._write(data)
             self._finish()
@@ -494,8 +503,8 @@ class Exchange(RequestBody):
             self.conn.abort()
             self._finish()
             return
-        if status < 200:  # a 1xx (from Error.set_status, say) is no final response
-            status = 500
+        if status < 200 or status > 999:  # a 1xx (from Error.set_status, say) is no final
+            status = 500  # response; four digits are no status at all (RFC 9110 15)
         self._head_buf = None  # a head still held back never reached the client: replace it
         self.head_sent = True
         self.status = status
