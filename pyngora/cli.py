@@ -168,11 +168,17 @@ def plan_services(conf: ServerConf) -> "list[PlannedService]":
     issues = server_issues(conf)
     if issues:
         raise ConfigError(conf.source, issues)
-    check_in_child(conf, build_services)
-    from pyngora.protocols.tls import remember
-    # The certificates that passed are the ones a worker restarted later loads (as nginx's
-    # workers use what the master loaded), even if the files break before the next reload.
-    remember(lc.tls for sc in conf.services for lc in sc.listeners)
+    from pyngora.config import pem_store
+    # The certificates' bytes are read once, checked by the child (which inherits them) and,
+    # once they passed, are what a worker restarted later loads (as nginx's workers use what
+    # the master loaded), even if the files break before the next reload.
+    pem_store.stage(lc.tls for sc in conf.services for lc in sc.listeners)
+    passed = False
+    try:
+        check_in_child(conf, build_services)
+        passed = True
+    finally:
+        pem_store.commit(passed)
     out: list[PlannedService] = []
     for sc in conf.services:
         svc = PlannedService(sc.name, sc, lambda sc=sc: _build_in_worker(conf, sc),

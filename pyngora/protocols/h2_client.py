@@ -166,14 +166,10 @@ def _response_head(fields: Iterable[tuple[bytes, bytes]]
     status = 0
     items: list[tuple[bytes, bytes]] = []
     keys: list[bytes] = []
+    values: list[bytes] = []
     length: Optional[int] = None
-    size = 32
-    bad = False
     for name, value in fields:
-        size += len(name) + len(value) + 4
-        # (":" passes the name check: pseudo-headers are h2's to judge)
-        if name.translate(None, _NAME_CHARS) or len(value.translate(None, _CTL)) != len(value):
-            bad = True
+        values.append(value)
         if name == b":status":
             # three digits (RFC 9110 15); anything else stays 0, which the caller refuses
             status = int(value) if len(value) == 3 and value.isdigit() else 0
@@ -184,7 +180,15 @@ def _response_head(fields: Iterable[tuple[bytes, bytes]]
             length = int(value)
         items.append((name, value))
         keys.append(name)
-    return 0 if bad else status, Headers._from_parser(items, keys), length, size
+    # What an HTTP/1 origin could not send, checked over all the fields at once (two
+    # translates a response, not two a field): a name byte that is no token character, a
+    # control byte in a value. (":" passes the name check: pseudo-headers are h2's to judge.)
+    names = b":status" + b"".join(keys)
+    joined = b"".join(values)
+    if names.translate(None, _NAME_CHARS) or len(joined.translate(None, _CTL)) != len(joined):
+        status = 0
+    size = 32 + len(names) + len(joined) + 4 * len(values)
+    return status, Headers._from_parser(items, keys), length, size
 
 
 class H2ClientConn:

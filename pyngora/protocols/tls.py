@@ -2,10 +2,9 @@
 
 ``server_context(tls)`` runs in each worker when it builds its listeners; ``check_tls(tls)``
 (``tls_problems``) runs for ``pyngora -t`` and before a start or a reload is accepted.
-``remember`` keeps the bytes of the files in the master once they passed, and the workers it
-forks load those: certificates are re-read on every reload and upgrade, and a worker
-restarted in between serves the same ones as its siblings even when the files changed (or
-broke) meanwhile. Modern defaults: TLS 1.2 and 1.3 only, AEAD ciphers with forward secrecy
+Workers load the bytes the master checked (``config/pem_store.py``): certificates are
+re-read on every reload and upgrade, and a worker restarted in between serves the same ones
+as its siblings even when the files changed (or broke) meanwhile. Modern defaults: TLS 1.2 and 1.3 only, AEAD ciphers with forward secrecy
 (Mozilla's "intermediate" profile), no compression, no renegotiation, ALPN from the listener
 (``h2``, ``http/1.1``), and SNI choosing among several certificates, the first (``cert``/
 ``key``) being the default for unknown or absent names.
@@ -14,13 +13,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from pyngora.config import pem_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl  # (imported where used: ``remember`` runs in the master, which loads no ssl)
 
-__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "remember",
-           "CIPHERS"]
+__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "CIPHERS"]
 
 # Mozilla intermediate (TLS 1.2 part; TLS 1.3 suites are always on and already modern).
 CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -35,42 +35,11 @@ def _no_password() -> bytes:
     return b""
 
 
-# (cert path, key path) -> the PEM bytes of that pair, as ``remember`` (the master, once a
-# configuration passed its checks) or ``tls_problems`` (a check in this process) read them.
-# Workers are forked afterwards and inherit them: a worker the master restarts later (a
-# crash, kill -9) loads those again rather than what is on disk now. A certificate replaced
-# by a bad file (a half-written renewal, a wrong cp) without a reload used to make every
-# restarted worker fail to boot, and the master then gave up on the whole server. nginx
-# behaves the same way: its workers use what the master loaded at the last (re)configuration.
-_checked: dict[tuple[str, str], tuple[bytes, bytes]] = {}
-
-
-def remember(listeners_tls: Iterable[Any]) -> None:
-    """Keep the PEM bytes of each ``tls`` (a TlsConf, SNI entries included; None entries are
-    skipped) for the workers forked from this process afterwards (see ``_checked``).
-
-    For the master, right after a configuration passed its checks (start, SIGHUP): plain file
-    reads, no ssl import (the master stays small). A file that cannot be read leaves that
-    pair's earlier bytes (the workers then read the file, and report it). Returns nothing."""
-    for tls in listeners_tls:
-        if tls is None:
-            continue
-        for entry in (tls, *tuple(getattr(tls, "sni", ()) or ())):
-            try:
-                with open(entry.cert, "rb") as f:
-                    cert_pem = f.read()
-                with open(entry.key, "rb") as f:
-                    key_pem = f.read()
-            except (OSError, TypeError):
-                continue
-            _checked[(entry.cert, entry.key)] = (cert_pem, key_pem)
-
-
 def _load_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
     """Load ``cert``/``key`` into ``ctx``: the checked bytes when there are some (see
-    ``_checked``), else the files. Raises ssl.SSLError or OSError naming both files."""
+    ``pem_store``), else the files. Raises ssl.SSLError or OSError naming both files."""
     import ssl
-    pem = _checked.get((cert, key))
+    pem = pem_store.checked(cert, key)
     try:
         if pem is None or not _load_pem(ctx, pem[0], pem[1]):
             ctx.load_cert_chain(cert, key, password=_no_password)
@@ -244,12 +213,17 @@ def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
     if errors:
         return errors
     try:
-        # The bytes checked are the bytes kept (``_checked``): each file is read once, so one
-        # replaced between the checks and the load cannot slip through.
-        with open(cert, "rb") as f:
-            cert_pem = f.read()
-        with open(key, "rb") as f:
-            key_pem = f.read()
+        # The bytes checked are the bytes kept: those ``stage`` read before this check, else
+        # each file read once here, so one replaced between the checks and the load cannot
+        # slip through.
+        pem = pem_store.staged(cert, key)
+        if pem is None:
+            with open(cert, "rb") as f:
+                cert_pem = f.read()
+            with open(key, "rb") as f:
+                key_pem = f.read()
+        else:
+            cert_pem, key_pem = pem
         not_before, not_after = _validity(cert_pem.decode("ascii", "replace"))
     except (OSError, ValueError) as exc:
         return [(("cert",), f"certificate {cert}: {exc}")]
@@ -272,8 +246,6 @@ def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
             errors.append(((), f"cannot load {cert} / {key}: {exc}"))
     except OSError as exc:
         errors.append(((), f"cannot load {cert} / {key}: {exc}"))
-    if not errors:
-        _checked[(cert, key)] = (cert_pem, key_pem)
     return errors
 
 

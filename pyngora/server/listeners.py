@@ -143,11 +143,29 @@ class SocketTable:
             if sock is None:
                 sock = self._other_mode(listener, slot)
             if sock is None:
-                if slot is not None and not self._held_at(listener):
+                if slot is not None and not self._held_at(listener) \
+                        and not self._holds_port(listener):
                     _check_port_free(service, listener)
                 sock = bind_listener(service, listener, reuse_port=slot is not None)
         self.sockets[key] = sock
         return sock
+
+    def _holds_port(self, listener: ListenerConf) -> bool:
+        """True when this master holds a TCP socket of ``listener``'s family on its port under
+        another spelling (``localhost`` for ``127.0.0.1``, a wildcard for a host): a reload
+        or upgrade that re-spells or widens a pinned address. The probe of
+        ``_check_port_free`` would then collide with this master's own socket; the pinned
+        binds join its SO_REUSEPORT group or fail with their own error, as before."""
+        if listener.socket_family == socket.AF_UNIX or not listener.port:
+            return False
+        for sock in self.sockets.values():
+            try:
+                if sock.family == listener.socket_family \
+                        and sock.getsockname()[1] == listener.port:
+                    return True
+            except OSError:  # (closed meanwhile)
+                continue
+        return False
 
     def _held_at(self, listener: ListenerConf) -> dict[str, socket.socket]:
         """The sockets held for ``listener``'s address, by slot ("*" or "N"), any service."""

@@ -344,8 +344,10 @@ def take_queued(sock: socket.socket) -> list[socket.socket]:
 
 def _handshake_timeout(service: object) -> Optional[float]:
     """How long a TLS client of ``service`` may take over its handshake: the service's
-    ``limits.header_read_timeout_seconds`` (None, uvloop's 60 s, for a service without)."""
-    return getattr(getattr(service, "limits", None), "header_read_timeout_seconds", None)
+    ``limits.header_read_timeout_seconds``; None (uvloop's 60 s) for a service without, or
+    with 0 (no header timeout there, and uvloop refuses 0: every handshake would fail)."""
+    t = getattr(getattr(service, "limits", None), "header_read_timeout_seconds", None)
+    return t if t and t > 0 else None
 
 
 async def serve_queued(loop: object, conns: list[socket.socket], factory: object,

@@ -330,6 +330,8 @@ class UpgradeListener:
                         _drain(wake_fd)
                     elif key.data is None:
                         last_error = self._accept_one(listener, sel, waiting) or last_error
+                    elif key.data not in waiting:
+                        continue  # evicted by an accept earlier in this batch (closed)
                     else:
                         upgrade: UpgradeConnection = key.data
                         sel.unregister(key.fileobj)

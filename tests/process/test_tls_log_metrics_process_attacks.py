@@ -173,19 +173,7 @@ def test_a_worker_restarted_after_its_certificate_broke_serves_the_checked_one(
     cert, key = self_signed_cert(tmp_path, "tls.test")
     good = ssl.PEM_cert_to_DER_cert(Path(cert).read_text())
     port = free_port()
-    p = pyngora_factory(f"""
-pid_file: {tmp_path}/p.pid
-upgrade_sock: {tmp_path}/u.sock
-metrics_dir: {tmp_path}/metrics
-services:
-  - name: site
-    type: static
-    threads: 1
-    body: "hello"
-    listeners:
-      - address: '127.0.0.1:{port}'
-        tls: {{cert: '{cert}', key: '{key}'}}
-""").start()
+    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "hello"')).start()
     p.wait_serving(port)
 
     def served() -> bytes:
@@ -199,6 +187,24 @@ services:
     wait_for(lambda: _serves(served), 20, "the new worker serving TLS")
     assert served() == good
     assert p.proc.poll() is None, p.output()
+
+
+def _tls_site(tmp: Path, port: int, cert: str, key: str, keys: str) -> str:
+    """A one-worker static service on a TLS listener at ``port``; ``keys`` are more of the
+    service's keys (indented as its others)."""
+    return f"""
+pid_file: {tmp}/p.pid
+upgrade_sock: {tmp}/u.sock
+metrics_dir: {tmp}/metrics
+services:
+  - name: site
+    type: static
+    threads: 1
+    {keys}
+    listeners:
+      - address: '127.0.0.1:{port}'
+        tls: {{cert: '{cert}', key: '{key}'}}
+"""
 
 
 def _tls_get(port: int, body: bytes) -> bytes:
@@ -233,20 +239,8 @@ def test_a_tls_client_that_never_says_hello_is_closed_after_the_header_timeout(
     client_header_timeout): here 1 s, so the server hangs up well before 60."""
     cert, key = self_signed_cert(tmp_path, "tls.test")
     port = free_port()
-    p = pyngora_factory(f"""
-pid_file: {tmp_path}/p.pid
-upgrade_sock: {tmp_path}/u.sock
-metrics_dir: {tmp_path}/metrics
-services:
-  - name: site
-    type: static
-    threads: 1
-    body: "hi"
-    limits: {{header_read_timeout_seconds: 1}}
-    listeners:
-      - address: '127.0.0.1:{port}'
-        tls: {{cert: '{cert}', key: '{key}'}}
-""").start()
+    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "hi"\n'
+                                  '    limits: {header_read_timeout_seconds: 1}')).start()
     p.wait_serving(port)
     wait_for(lambda: _serves(lambda: _tls_get(port, b"hi")), 20, "the worker serving TLS")
     workers = p.workers()
@@ -259,3 +253,16 @@ services:
         waited = time.monotonic() - start
     assert waited < 15, f"held for {waited:.1f}s"
     assert _tls_get(port, b"hi") and p.workers() == workers  # (the worker's own hang-up)
+
+
+def test_a_header_timeout_of_0_still_serves_tls(tmp_path: Path, pyngora_factory) -> None:
+    """(A review's finding.) ``header_read_timeout_seconds: 0`` (no header timeout) became
+    a handshake timeout of 0, which uvloop refuses per connection: every TLS client hung
+    and its descriptor leaked, while -t and the start said all was well."""
+    cert, key = self_signed_cert(tmp_path, "tls.test")
+    port = free_port()
+    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "zero"\n'
+                                  '    limits: {header_read_timeout_seconds: 0}')).start()
+    p.wait_serving(port)
+    wait_for(lambda: _serves(lambda: _tls_get(port, b"zero")), 20, "the worker serving TLS")
+    assert "ssl_handshake_timeout" not in p.output()

@@ -26,6 +26,7 @@ LEAVES = (
     "pyngora.config.schema",
     "pyngora.config.model",
     "pyngora.config.fields",
+    "pyngora.config.pem_store",
     "pyngora.pool",
     "pyngora.upgrade",
     "pyngora.metrics.multiproc",

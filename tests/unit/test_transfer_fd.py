@@ -255,6 +255,31 @@ def test_new_side_without_old_master_times_out(tmp: str) -> None:
             listener.accept_sockets(timeout=0.3)
 
 
+def test_a_waiting_connection_evicted_in_the_batch_that_reads_it_is_skipped(
+        tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A review's finding.) The listener and a waiting connection readable in one select
+    batch: accepting the newcomer evicted (closed) the oldest waiting one, and the same batch
+    then read that closed connection's key: ValueError out of accept_sockets, a traceback
+    for the -u master. With one connection allowed to wait, A (accepted first, its byte
+    already there) and B (pending) are ready together; A must be skipped, and the wait end
+    as usual (no old master)."""
+    import pyngora.upgrade.transfer_fd as transfer_fd
+    monkeypatch.setattr(transfer_fd, "_MAX_WAITING", 1)
+    path = os.path.join(tmp, "u.sock")
+    with UpgradeListener(path) as listener:
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.connect(path)
+        a.sendall(b"x")
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        b.connect(path)
+        try:
+            with pytest.raises(TransferError, match="no old master"):
+                listener.accept_sockets(timeout=0.5)
+        finally:
+            a.close()
+            b.close()
+
+
 def raw_peer(path: str, chunks: list[tuple[bytes, list[int]]]) -> socket.socket:
     """Connect like an old master and send hand-made bytes (with FDs); returns the socket."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
