@@ -29,7 +29,7 @@ from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
 from pyngora.proxy.express import Express
 from pyngora.proxy.fast_path import FastPath
-from pyngora.proxy.phases import PHASES, ProxyHttp, body_piece, returned_error
+from pyngora.proxy.phases import PHASES, ProxyHttp, body_piece, not_a_peer, returned_error
 from pyngora.proxy.request_body_up import send_request_body
 from pyngora.proxy.session import Session
 from pyngora.proxy.tunnel import tunnel
@@ -315,11 +315,7 @@ class ProxyEngine(HttpApp):
                 if plan.upstream_peer:
                     peer = await peer
             if peer.__class__ is not HttpPeer and not isinstance(peer, HttpPeer):
-                if peer is None:
-                    raise Error(ErrorType.NoUpstream, ErrorSource.Upstream, None,
-                                "no upstream peer")
-                raise Error(ErrorType.InternalError, ErrorSource.Internal, None,
-                            f"upstream_peer returned {type(peer).__name__}, not an HttpPeer")
+                raise not_a_peer(peer)
             session.peer = peer
             um = self._umetrics(peer)
             connector: Any = self.connector

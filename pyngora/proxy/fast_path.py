@@ -45,7 +45,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols.events import Data, InformationalResponse, MessageEnd, ResponseHead
 from pyngora.protocols.h1_wire import remove_hop_by_hop
 from pyngora.proxy import access
-from pyngora.proxy.phases import PHASES, returned_error
+from pyngora.proxy.phases import PHASES, not_a_peer, returned_error
 from pyngora.proxy.session import Session
 from pyngora.proxy.wire import informational_fields, reason_for, upstream_fields, upstream_head
 from pyngora.services.http_app import Exchange
@@ -127,12 +127,7 @@ class FastPath:
             return engine.run(ex, session, error=Error(
                 ErrorType.InternalError, ErrorSource.Internal, e, repr(e)))
         if peer.__class__ is not HttpPeer and not isinstance(peer, HttpPeer):
-            if peer is None:
-                return engine.run(ex, session, error=Error(
-                    ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer"))
-            return engine.run(ex, session, error=Error(  # (as the engine says it: a 500)
-                ErrorType.InternalError, ErrorSource.Internal, None,
-                f"upstream_peer returned {type(peer).__name__}, not an HttpPeer"))
+            return engine.run(ex, session, error=not_a_peer(peer))
         alpn = peer.options.alpn
         if alpn and alpn[0] == "h2":
             return engine.run(ex, session, peer)

@@ -149,6 +149,16 @@ class ProxyHttp:
 # The engine's checks of what a user's phase returned, made where it is used (rare types are
 # the only ones that pay for a call: the engine compares classes inline first).
 
+def not_a_peer(peer: Any) -> Error:
+    """The Error for what ``upstream_peer`` returned when it is no HttpPeer (the caller checks
+    ``peer.__class__`` first, the cheap test): None is "no upstream peer" (502), anything
+    else a bug in the phase (500), named in the log by its type."""
+    if peer is None:
+        return Error(ErrorType.NoUpstream, ErrorSource.Upstream, None, "no upstream peer")
+    return Error(ErrorType.InternalError, ErrorSource.Internal, None,
+                 f"upstream_peer returned {type(peer).__name__}, not an HttpPeer")
+
+
 def returned_error(phase: str, returned: Any, e: Error) -> Error:
     """What ``fail_to_connect`` / ``error_while_proxy`` returned, as the Error to go on with:
     the one returned, or -- anything else, ``None`` above all (a forgotten ``return e``) --

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.process.test_metrics_e2e import scrape
-from tests.support import children_of, free_port, get, self_signed_cert, title, wait_for
+from tests.support import (Pyngora, children_of, free_port, get, self_signed_cert, title,
+                           wait_for)
 
 
 class EchoStatusOrigin(socketserver.ThreadingTCPServer):
@@ -170,11 +171,8 @@ def test_a_worker_restarted_after_its_certificate_broke_serves_the_checked_one(
     to boot ("[SSL] PEM lib", no file named), and after five tries stop the whole server
     (exit 3). It now loads the bytes the master checked at the start (cli.plan_services ->
     tls.remember), as nginx's workers use what their master loaded."""
-    cert, key = self_signed_cert(tmp_path, "tls.test")
+    p, port, cert = _serving_tls_site(tmp_path, pyngora_factory, "hello")
     good = ssl.PEM_cert_to_DER_cert(Path(cert).read_text())
-    port = free_port()
-    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "hello"')).start()
-    p.wait_serving(port)
 
     def served() -> bytes:
         return _tls_get(port, b"hello")
@@ -207,6 +205,20 @@ services:
 """
 
 
+def _serving_tls_site(tmp: Path, pyngora_factory, body: str, limits: str = ""
+                      ) -> tuple[Pyngora, int, str]:
+    """A ``_tls_site`` answering ``body`` (with ``limits``, a flow mapping, when given),
+    started and serving TLS: (the master, its port, the certificate's path)."""
+    cert, key = self_signed_cert(tmp, "tls.test")
+    port = free_port()
+    keys = f'body: "{body}"' + (f"\n    limits: {limits}" if limits else "")
+    p = pyngora_factory(_tls_site(tmp, port, cert, key, keys)).start()
+    p.wait_serving(port)
+    wait_for(lambda: _serves(lambda: _tls_get(port, body.encode())), 20,
+             "the worker serving TLS")
+    return p, port, cert
+
+
 def _tls_get(port: int, body: bytes) -> bytes:
     """One GET over TLS to ``port`` (any certificate): asserts the answer ends with ``body``;
     returns the certificate served (DER)."""
@@ -237,12 +249,8 @@ def test_a_tls_client_that_never_says_hello_is_closed_after_the_header_timeout(
     TLS) was held for uvloop's 60 s handshake timeout, whatever the service's limits. The
     handshake is now bounded by ``limits.header_read_timeout_seconds`` (nginx bounds it by
     client_header_timeout): here 1 s, so the server hangs up well before 60."""
-    cert, key = self_signed_cert(tmp_path, "tls.test")
-    port = free_port()
-    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "hi"\n'
-                                  '    limits: {header_read_timeout_seconds: 1}')).start()
-    p.wait_serving(port)
-    wait_for(lambda: _serves(lambda: _tls_get(port, b"hi")), 20, "the worker serving TLS")
+    p, port, _ = _serving_tls_site(tmp_path, pyngora_factory, "hi",
+                                   "{header_read_timeout_seconds: 1}")
     workers = p.workers()
     with socket.create_connection(("127.0.0.1", port), timeout=20) as silent:
         start = time.monotonic()
@@ -259,10 +267,6 @@ def test_a_header_timeout_of_0_still_serves_tls(tmp_path: Path, pyngora_factory)
     """(A review's finding.) ``header_read_timeout_seconds: 0`` (no header timeout) became
     a handshake timeout of 0, which uvloop refuses per connection: every TLS client hung
     and its descriptor leaked, while -t and the start said all was well."""
-    cert, key = self_signed_cert(tmp_path, "tls.test")
-    port = free_port()
-    p = pyngora_factory(_tls_site(tmp_path, port, cert, key, 'body: "zero"\n'
-                                  '    limits: {header_read_timeout_seconds: 0}')).start()
-    p.wait_serving(port)
-    wait_for(lambda: _serves(lambda: _tls_get(port, b"zero")), 20, "the worker serving TLS")
+    p, _, _ = _serving_tls_site(tmp_path, pyngora_factory, "zero",
+                                "{header_read_timeout_seconds: 0}")
     assert "ssl_handshake_timeout" not in p.output()

@@ -89,9 +89,10 @@ async def start_origin(script: Optional[Callable[[bytes, int], Optional[bytes]]]
     return server, server.sockets[0].getsockname()[1], stats
 
 
-def proxy_service_with(upstreams: str, extra: str = "") -> Any:
+def proxy_service_with(upstreams: str, extra: str = "", balancer_factory: Any = None) -> Any:
     """A YAML http_proxy on a free loopback port: ``upstreams`` is its (indented) list of
-    upstream groups, ``extra`` more service keys (routes, limits...)."""
+    upstream groups, ``extra`` more service keys (routes, limits...); ``balancer_factory``
+    as ``build_proxy_service`` takes it."""
     conf = parse_text(f"""version: 1
 services:
   - name: p
@@ -99,7 +100,7 @@ services:
     listeners: ["127.0.0.1:0"]
     upstreams:
 {upstreams}{extra}""", "<test>")
-    return conf, build_proxy_service(conf, conf.services[0])
+    return conf, build_proxy_service(conf, conf.services[0], balancer_factory=balancer_factory)
 
 
 def proxy_service(origin_port: int, extra: str = "") -> Any:

@@ -65,6 +65,7 @@ from pyngora.protocols import tls
 from pyngora.proxy import http_proxy_service
 from tests.protocol.test_http_app import static
 from tests.protocol.test_http_app_helpers import Client, run, serving
+from tests.unit.test_metrics_service import mdir  # noqa: F401  (a fixture: 42 requests flushed)
 from tests.unit.test_proxy_access import Capture  # (a proxy that keeps its access lines)
 from tests.support import self_signed_cert
 
@@ -264,24 +265,6 @@ def test_error_log_escapes_controls_and_cuts_long_lines(error_log: Path) -> None
 
 
 # --------------------------------------------------------------------------- 4-6. metrics
-@pytest.fixture
-def mdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A metrics directory with 42 requests of service "web" flushed by this process."""
-    d = str(tmp_path / "metrics")
-    monkeypatch.setenv(multiproc.ENV_VAR, d)
-    multiproc.prepare_dir(d, fresh=True)
-    registry.reset()
-    registry.init_worker("web")
-    m = registry.service_metrics("web")
-    for _ in range(42):
-        m.request_done(200, 0.01, 1, 1)
-    registry.flush()
-    monkeypatch.setattr(exporter, "_said", set(), raising=False)
-    monkeypatch.setattr(exporter, "_good", {}, raising=False)
-    yield d
-    registry.reset()
-
-
 def _junk(d: str) -> dict[str, bytes]:
     """Files that prometheus-client's reader chokes on, under names it would read."""
     bad_key = b"abcd"

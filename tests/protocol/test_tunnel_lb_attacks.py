@@ -35,16 +35,15 @@ from typing import Any, Optional
 
 import pytest
 
-from pyngora.config.loader import parse_text
 from pyngora.errors import Error
 from pyngora.lb import DnsDiscovery, discovery
 from pyngora.lb.balancer import load_balancer_from_conf
 from pyngora.proxy import Session, http_proxy_service
-from pyngora.proxy.declarative import build_proxy_service
 
 from tests.protocol.test_http_app_helpers import run, serving
 from tests.protocol.test_lb_dns import A, AAAA, SRV, start_responder, stop_responder
 from tests.protocol.test_proxy_engine import ToPort
+from tests.protocol.test_proxy_fast_path import proxy_service_with
 
 UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
            b"Connection: Upgrade\r\n\r\n")
@@ -232,18 +231,10 @@ BOUNDED = 40 << 20
 def _yaml_proxy(backends: str, group: str = "", factory: bool = False) -> tuple[Any, Any]:
     """A YAML http_proxy (one group ``o`` with ``backends``, a YAML flow list body, and the
     ``group`` keys), with the real load balancer when ``factory``."""
-    conf = parse_text(f"""version: 1
-services:
-  - name: p
-    type: http_proxy
-    listeners: ["127.0.0.1:0"]
-    upstreams:
-      - name: o
-        backends: [{backends}]
-        timeouts: {{read_seconds: 30, write_seconds: 30}}
-{group}""", "<test>")
-    bal = (lambda u: load_balancer_from_conf(u, None)) if factory else None
-    return conf, build_proxy_service(conf, conf.services[0], balancer_factory=bal)
+    return proxy_service_with(
+        f"      - name: o\n        backends: [{backends}]\n"
+        f"        timeouts: {{read_seconds: 30, write_seconds: 30}}\n{group}",
+        balancer_factory=(lambda u: load_balancer_from_conf(u, None)) if factory else None)
 
 
 async def _stalls(progress: list[int], timeout: float) -> int:

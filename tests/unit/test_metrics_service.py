@@ -14,12 +14,13 @@ import sys
 
 import pytest
 
-from pyngora.metrics import multiproc, registry
+from pyngora.metrics import exporter, multiproc, registry
 from pyngora.metrics.service import PrometheusService, _path_of, prometheus_http_service
 
 
 @pytest.fixture
 def mdir(tmp_path, monkeypatch) -> str:
+    """A metrics directory with 42 requests of service "web" flushed by this process."""
     d = str(tmp_path / "metrics")
     monkeypatch.setenv(multiproc.ENV_VAR, d)
     multiproc.prepare_dir(d, fresh=True)
@@ -29,6 +30,10 @@ def mdir(tmp_path, monkeypatch) -> str:
     for _ in range(42):
         m.request_done(200, 0.01, 1, 1)
     registry.flush()
+    # The exporter's per-process memory (files it named, files it found readable) starts
+    # empty for each directory.
+    monkeypatch.setattr(exporter, "_said", set(), raising=False)
+    monkeypatch.setattr(exporter, "_good", {}, raising=False)
     yield d
     registry.reset()
 
