@@ -19,8 +19,53 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def _port_candidates() -> list[int]:
+    """Ports below (or above) the kernel's ephemeral range, this process's share of them.
+
+    Not bind(0): that port is in the ephemeral range, where any client's connect() may take
+    it as its local port between the probe and the server's bind -- and the soak, running
+    beside the unit and protocol tests (bin/test), opens ~150 connections a second. bin/test
+    gives each concurrent lane its own share (PYNGORA_TEST_PORT_LANE of
+    PYNGORA_TEST_PORT_LANES), so two lanes never hand out the same port either."""
+    lo, hi = 32768, 60999
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        pass
+    if lo > 12000:
+        span = range(10000, lo)
+    elif hi < 63000:
+        span = range(hi + 1, 65536)
+    else:
+        return []  # no room outside it: the kernel picks (bind(0))
+    lanes = max(1, int(os.environ.get("PYNGORA_TEST_PORT_LANES", "1")))
+    lane = int(os.environ.get("PYNGORA_TEST_PORT_LANE", "0")) % lanes
+    mine = list(span[lane::lanes])
+    # A random start: the previous run's ports may linger in TIME_WAIT.
+    start = int.from_bytes(os.urandom(2), "big") % len(mine)
+    return mine[start:] + mine[:start]
+
+
+_CANDIDATES: Optional[list[int]] = None
+_NEXT = 0
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
+    """A loopback port nobody listens on right now, and that no client can take as its local
+    port meanwhile (see ``_port_candidates``); each one handed out once per run."""
+    global _CANDIDATES, _NEXT
+    if _CANDIDATES is None:
+        _CANDIDATES = _port_candidates()
+    while _NEXT < len(_CANDIDATES):
+        port = _CANDIDATES[_NEXT]
+        _NEXT += 1
+        with socket.socket() as s:
+            try:  # no SO_REUSEADDR: a port with TIME_WAIT leftovers or a wildcard listener
+                s.bind(("127.0.0.1", port))  # is skipped as well
+            except OSError:
+                continue
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ __all__ = ["Procs", "free_port", "wait_until", "rss_kib", "children", "title", "
 
 
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on right now, outside the ephemeral range (the
+    load generators' own connections cannot take it meanwhile)."""
+    from tests.support import free_port as outside_ephemeral
+    return outside_ephemeral()
 
 
 def wait_until(cond: Callable[[], object], timeout: float, interval: float = 0.05) -> object:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -164,9 +163,8 @@ def test_metric_name_extraction() -> None:
 # --------------------------------------------------------------------------- a real Prometheus
 def free_port() -> int:
     """A loopback port for a server that takes a number, not a socket (Prometheus)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.support import free_port as outside_ephemeral
+    return outside_ephemeral()
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -349,9 +349,8 @@ def test_unix_socket_peer(run: Any, tmp_path: Path) -> None:
 # --- connect errors and timeouts ----------------------------------------------------------------
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.support import free_port
+    return free_port()
 
 
 def test_refused(run: Any) -> None:

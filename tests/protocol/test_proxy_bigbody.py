@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -74,9 +73,8 @@ ORIGIN = textwrap.dedent('''
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.support import free_port
+    return free_port()
 
 
 def _rss_kb(pid: int) -> int:

@@ -106,10 +106,8 @@ def test_auth_filter_refuses_without_reaching_upstream() -> None:
 
 
 def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.support import free_port
+    return free_port()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")

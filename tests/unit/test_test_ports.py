@@ -1,0 +1,63 @@
+"""tests.support.free_port: the ports the suite's servers are told to bind.
+
+bin/test runs the soak (about 150 new client connections a second) beside the unit and
+protocol tests; a port from the kernel's ephemeral range could be taken as some client's
+local port between the probe and a server's bind, and that server would not start."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from tests.support import ROOT, free_port
+
+
+def _ephemeral() -> tuple[int, int]:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo, hi = (int(x) for x in f.read().split())
+    return lo, hi
+
+
+def test_ports_are_outside_the_ephemeral_range_bindable_and_never_repeated() -> None:
+    lo, hi = _ephemeral()
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if lo <= p <= hi], (lo, hi)
+    for p in ports[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_port_in_use_is_skipped() -> None:
+    held = []
+    try:
+        # Hold the next candidates: whatever free_port returns must be none of them.
+        for _ in range(5):
+            s = socket.socket()
+            p = free_port()
+            s.bind(("127.0.0.1", p))
+            s.listen()
+            held.append((s, p))
+        again = {free_port() for _ in range(50)}
+        assert not again & {p for _, p in held}
+    finally:
+        for s, _ in held:
+            s.close()
+
+
+def _ports_of_lane(lane: int, lanes: int, n: int) -> list[int]:
+    code = ("import json; from tests.support import free_port; "
+            f"print(json.dumps([free_port() for _ in range({n})]))")
+    env = dict(os.environ, PYNGORA_TEST_PORT_LANE=str(lane), PYNGORA_TEST_PORT_LANES=str(lanes))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def test_two_lanes_never_share_a_port() -> None:
+    a, b = _ports_of_lane(0, 2, 300), _ports_of_lane(1, 2, 300)
+    assert len(a) == len(b) == 300
+    assert not set(a) & set(b)
+    assert {p % 2 for p in a} != {p % 2 for p in b}  # the interleaved halves of one span
