@@ -1,6 +1,17 @@
+import signal
+
 import pytest
 
 from tests.support import Pyngora
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM stops the run as Ctrl-C does, so fixtures still stop the servers they started.
+    bin/test stops its background lane (the soak) with SIGTERM: a background job of a script
+    ignores SIGINT, and a plain SIGTERM would leave that lane's pyngora daemons running."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture
