@@ -10,6 +10,11 @@ combined (nginx's, plus the request time and the upstream, as many operators add
 json: ``{"time", "remote_addr", "method", "uri", "protocol", "status", "body_bytes_sent",
 "request_bytes", "request_time", "referer", "user_agent", "host", "upstream",
 "upstream_status", "retries", "error", "service"}``.
+
+A request the connection refused before any phase ran (a malformed head, a 408, an HTTP/2
+stream refused for its headers) gets a line too, from :func:`log_refused` (the engine's
+``log_refused``, called by the connection through ``services.base.report_refused``): the same
+format, ``-`` (null in JSON) where nothing is known, the request line as far as it was read.
 """
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from pyngora import log
+from pyngora.services.base import RefusedRequest
 from pyngora.services.http_exchange import request_clock
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyngora.errors import Error
     from pyngora.proxy.session import Session
 
-__all__ = ["format_line", "format_combined", "format_json"]
+__all__ = ["format_line", "format_combined", "format_json", "format_refused", "log_refused"]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _time_cache: list[Any] = [-1, ""]
@@ -115,3 +122,50 @@ def format_line(session: "Session", err: Optional["Error"] = None,
     if fmt == "json":
         return format_json(session, err)
     return format_combined(session, err)
+
+
+def _remote(addr: Any) -> str:
+    return addr[0] if isinstance(addr, tuple) and addr else (addr or "-")
+
+
+def format_refused(refused: RefusedRequest, fmt: str = "combined", service: str = "") -> str:
+    """The access line of a request refused before any phase ran, in ``fmt``: no body was
+    sent, no upstream or header is known. In JSON, a line of the form ``METHOD target
+    [HTTP/x]`` gives method, uri and protocol; any other (garbage) is the uri, method null."""
+    line = refused.line
+    if fmt != "json":
+        return (f'{_remote(refused.client_addr)} - - [{_time_local(time.time())}] '
+                f'"{_quote(line)}" {refused.status} 0 "-" "-" {refused.duration:.3f} "-"')
+    method = uri = protocol = None
+    if line:
+        parts = line.split(b" ")
+        if len(parts) == 2 or (len(parts) == 3 and parts[2].startswith(b"HTTP/")):
+            method, uri = parts[0].decode("latin-1"), parts[1].decode("latin-1")
+            protocol = parts[2].decode("latin-1") if len(parts) == 3 else None
+        else:
+            uri = line.decode("latin-1")
+    return json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "remote_addr": _remote(refused.client_addr),
+        "method": method,
+        "uri": uri,
+        "protocol": refused.protocol or protocol,
+        "status": refused.status,
+        "body_bytes_sent": 0,
+        "request_bytes": 0,
+        "request_time": round(refused.duration, 6),
+        "referer": None,
+        "user_agent": None,
+        "host": None,
+        "upstream": None,
+        "upstream_status": None,
+        "retries": 0,
+        "error": refused.reason or None,
+        "service": service,
+    }, separators=(",", ":"))
+
+
+def log_refused(engine: Any, refused: RefusedRequest) -> None:
+    """``ProxyEngine.log_refused``: writes the access line of ``refused`` in the engine's
+    format. Runs only on the refused path, and only while the access log is on."""
+    log.ACCESS.info(format_refused(refused, engine.access_format, engine.service))

@@ -147,6 +147,7 @@ class ProxyEngine(HttpApp):
         self.express: Optional[Express] = Express(self) if Express.serves(self) else None
 
     _mark_retryable = staticmethod(_mark_retryable)  # the fast path's failures use it too
+    log_refused = access.log_refused  # a request's line when refused before any phase ran
 
     def handle(self, exchange: Exchange) -> Any:
         fast = self.fast

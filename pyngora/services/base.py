@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
 
+from pyngora import log
 from pyngora.config.schema import ListenerConf, ServerConf, ServiceConf, TlsConf, parse_address
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +107,39 @@ class ConnectionTracker:
             return
         self._empty = asyncio.Event()
         await self._empty.wait()
+
+
+class RefusedRequest:
+    """A request a connection answered itself, before its app saw it (a malformed head, a
+    408, an HTTP/2 stream refused for its headers): what an access line can say of it.
+    Made only on that path, only while the access log is on, and handed to the app's
+    ``log_refused`` (see :func:`report_refused`). ``line``: the request line as far as it
+    was read (None: nothing of it); ``protocol``: "HTTP/2" on HTTP/2, else None (the line
+    tells); ``duration``: seconds since the request began, as far as known (else 0.0)."""
+
+    __slots__ = ("client_addr", "line", "protocol", "status", "duration", "reason")
+
+    def __init__(self, client_addr: Any, line: Optional[bytes], protocol: Optional[str],
+                 status: int, duration: float, reason: str) -> None:
+        self.client_addr = client_addr
+        self.line = line
+        self.protocol = protocol
+        self.status = status
+        self.duration = duration
+        self.reason = reason
+
+
+def report_refused(app: Any, refused: Optional[RefusedRequest]) -> None:
+    """Hand ``refused`` to ``app.log_refused`` when the app has one (the proxy engine writes
+    an access line with it; others log nothing, as for their other requests). Called when
+    the refusal is sent; never raises: the connection goes on closing whatever the log does."""
+    hook = getattr(app, "log_refused", None)
+    if hook is None or refused is None:
+        return
+    try:
+        hook(refused)
+    except Exception as e:  # (a full disk, say) the answer is out already
+        log.ERROR.error("access line of a refused request failed: %r", e)
 
 
 class WorkerContext:

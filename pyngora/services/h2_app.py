@@ -27,7 +27,7 @@ from pyngora.errors import Error, ErrorSource, ErrorType
 from pyngora.protocols import h2 as h2p
 from pyngora.protocols.events import (ConnectionClosed, Data, MessageEnd, RequestHead,
                                       StreamReset)
-from pyngora.services.base import ConnectionTracker
+from pyngora.services.base import ConnectionTracker, RefusedRequest, report_refused
 # H2Exchange and StreamHandle are re-exported: they lived here before they got their own module.
 from pyngora.services.h2_exchange import STREAM_HIGH_WATER, H2Exchange, StreamHandle, closed_error
 from pyngora.services.http_exchange import request_clock
@@ -291,8 +291,17 @@ class H2Connection(asyncio.Protocol):
             ex._fail(Error(ErrorType.BodyTooLarge if ev.status == 413 else
                            ErrorType.InvalidHTTPHeader, ErrorSource.Downstream, None,
                            ev.reason, status=ev.status or 400))
-        elif ev.status and self.metrics is not None:
-            self.metrics.request_done(ev.status, 0.0, 0, 0)
+        elif ev.status:
+            if self.metrics is not None:
+                self.metrics.request_done(ev.status, 0.0, 0, 0)
+            # An access line for the answer the protocol sent for headers it refused (no
+            # error code; no body byte taken: a 413 for body bytes that came after the app
+            # released its stream sent nothing, the app's own answer has its line).
+            if log._access_on and not ev.error_code:
+                s = self.proto.streams.get(ev.stream_id)
+                if s is None or not s.body_bytes:
+                    report_refused(self.app, RefusedRequest(self.client_addr, None, "HTTP/2",
+                                                            ev.status, 0.0, ev.reason))
 
     def _reset_stream(self, sid: int, code: int) -> None:
         self.proto.reset(sid, code)

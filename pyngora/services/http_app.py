@@ -7,17 +7,17 @@ collect; events come back from ``feed``), hands each request to an :class:`HttpA
 - keep-alive and pipelining: responses go out strictly in request order; events of later
   requests are held (and reading paused) until the current response is finished;
 - a header read timeout (408) armed per request, and an idle keep-alive timeout (silent close);
-- a malformed request gets its status (400/413/431) with an empty body,
-  ``Cache-Control: private, no-store`` and ``Connection: close``, then the connection closes;
+- a malformed request gets its status (400/413/431) with an empty body, ``Cache-Control:
+  private, no-store`` and ``Connection: close``, then the connection closes (the app's
+  ``log_refused`` writes its access line);
 - back-pressure both ways: reading pauses while the app has not taken ~256 KiB of request body
   (or while the transport's write buffer is above its high-water mark and requests wait);
   ``Exchange.drain()`` waits while the write buffer is full;
 - ``Expect: 100-continue``: ``100 Continue`` is sent when the app first reads the body;
 - upgrades: after a ``101`` the app takes the raw byte stream as a :class:`Tunnel`.
 
-The app side is small on purpose: ``HttpApp.handle(exchange)`` is called once per request and
-may return an awaitable (run as a task) or ``None`` (answered synchronously, the fast path of
-the static service).
+``HttpApp.handle(exchange)`` is called once per request and may return an awaitable (run as a
+task) or ``None`` (answered synchronously, as the static service does).
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Any, Callable, Optional
 
 from pyngora import log
 from pyngora.errors import Error, ErrorSource, ErrorType
-from pyngora.protocols import h1
+from pyngora.protocols import h1, h1_refused
 from pyngora.protocols.events import Data, MessageEnd, RequestHead
-from pyngora.services.base import ConnectionTracker
+from pyngora.services.base import ConnectionTracker, RefusedRequest, report_refused
 from pyngora.services.half_close import send_fin
 from pyngora.services.lazy_timer import LazyTimer
 from pyngora.services.http_exchange import (  # noqa: F401 - re-exported
@@ -184,6 +184,9 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         try:
             events = self.parser.feed(data)
         except h1.ProtocolError as exc:
+            if log._access_on:  # its access line shows what came: made now, sent in order
+                exc.refused = self._refused(exc.status, str(exc), data if state == _S_IDLE
+                                            and not exc.events else None)
             if exc.events:
                 self._pending.extend(exc.events)  # earlier pipelined requests are served first
             self._on_protocol_error(exc)
@@ -199,9 +202,10 @@ class H1Connection(LazyTimer, asyncio.Protocol):
             return True  # half-close: the other direction may still carry data
         if self._upgrade_head and self._state != _S_CLOSING:
             return True  # the app may still take the tunnel (after a refusal: closing)
-        # Idle, or lingering after the last response: close. With a request in flight, EOF means the client gave up (nginx's "client
-        # prematurely closed connection"): closing runs connection_lost, which cancels the
-        # handler so its upstream connection is closed rather than left to finish for nobody.
+        # Idle, or lingering after the last response: close. With a request in flight, EOF
+        # means the client gave up (nginx's "client prematurely closed connection"): closing
+        # runs connection_lost, which cancels the handler so its upstream connection is
+        # closed rather than left to finish for nobody.
         return None
 
     def pause_writing(self) -> None:
@@ -316,7 +320,7 @@ class H1Connection(LazyTimer, asyncio.Protocol):
                     self._start(ev)
                 elif isinstance(ev, h1.ProtocolError):
                     pending.clear()
-                    self._send_error(getattr(ev, "status", 400) or 400)
+                    self._send_error(getattr(ev, "status", 400) or 400, ev)
         finally:
             self._pumping = False
         if pending and self._exchange is not None and not self._body_open:
@@ -471,12 +475,25 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         self._pending.append(exc)
         self._pump()
 
-    def _send_error(self, status: int) -> None:
-        """An empty-bodied error without a request to hang it on (malformed head, 408)."""
+    def _send_error(self, status: int, err: Optional[BaseException] = None) -> None:
+        """An empty-bodied error without a request to hang it on: a malformed head (``err``,
+        the parser's error) or the header timeout (408, no ``err``). Gets its access line."""
         self._write(error_response(status))
         if self.metrics is not None:
             self.metrics.request_done(status, 0.0, 0, 0)
+        if log._access_on:
+            report_refused(self.app, getattr(err, "refused", None) if err is not None
+                           else self._refused(status, "request header timed out"))
         self._linger()
+
+    def _refused(self, status: int, reason: str, data: Optional[bytes] = None) -> RefusedRequest:
+        """A request refused now, as its access line sees it; its time runs from when its head
+        began and armed the header timeout (0.0 with none: one pipelined behind a response)."""
+        timeout, deadline, took = self.settings.header_read_timeout, self._deadline, 0.0
+        if self._state == _S_HEAD and timeout:  # (no deadline: it ran out, the 408)
+            took = timeout if deadline is None else max(self.loop.time() - deadline + timeout, 0)
+        line = h1_refused.refused_line(self.parser, data)
+        return RefusedRequest(self.client_addr, line, None, status, took, reason)
 
     def _on_body_timeout(self) -> None:
         """nginx's client_body_timeout: no byte of the request body (or of the rest of one
