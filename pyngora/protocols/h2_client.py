@@ -27,9 +27,19 @@ Decisions (documented in the report and tests):
   (``h1_response.MAX_CONTINUES``): ``max_header_list_size`` bytes in all and a few
   ``100 Continue``. HEADERS are not flow-controlled: an origin flooding 103s to a client that
   does not read would otherwise fill the worker's memory.
+- Floods (the 2019 HTTP/2 DoS family, from the origin's side): every frame that costs work
+  and carries no response (PING and PING ACK, SETTINGS and one more per ten entries, PRIORITY,
+  GOAWAY, unknown types, empty DATA without END_STREAM, a frame on a stream that is gone, a
+  WINDOW_UPDATE under 1 KiB that lets nothing out) counts as overhead, with the downstream
+  side's rule (``protocols/h2.py``): it fades by ``OVERHEAD_FADE_PER_SECOND``, and past
+  ``MAX_OVERHEAD_FRAMES`` and more than ``OVERHEAD_PER_STREAM`` per request we sent on the
+  connection, it ends with GOAWAY ENHANCE_YOUR_CALM (a :class:`GoAway` with a ``reason``: 502
+  for the requests in flight, as for any protocol error). Input is fed in ``FEED_SLICE``
+  slices, checked between slices, so one read of tiny frames is cut short.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterable, Optional
 
@@ -39,23 +49,39 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import (AltSvcFrame, DataFrame, ExtensionFrame, GoAwayFrame, PingFrame,
+                              PriorityFrame, SettingsFrame)
 
 from pyngora.headers import Headers
 from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
+# The downstream side's flood rule, shared so both sides of the proxy judge a peer alike.
+from pyngora.protocols.h2 import FEED_SLICE, OVERHEAD_FADE_PER_SECOND, OVERHEAD_PER_STREAM
 from pyngora.protocols.h1_response import MAX_CONTINUES
 from pyngora.protocols.h2_conn import H2Conn
 from pyngora.protocols.h2_fields import Reject, check_trailers
 from pyngora.protocols.h2_send import send_queued
 
 __all__ = ["H2ClientConn", "GoAway", "SettingsChanged", "request_fields", "H2ClientError",
-           "NO_ERROR", "PROTOCOL_ERROR", "REFUSED_STREAM", "CANCEL"]
+           "NO_ERROR", "PROTOCOL_ERROR", "REFUSED_STREAM", "CANCEL", "ENHANCE_YOUR_CALM",
+           "MAX_OVERHEAD_FRAMES"]
 
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
+
+# Overhead frames an upstream connection may send before the per-request allowance counts
+# (the downstream side's ``H2Limits.max_overhead_frames`` default).
+MAX_OVERHEAD_FRAMES = 1000
+# Frames that always count as overhead (SETTINGS counts by its size, below).
+_OVERHEAD_FRAMES = (PingFrame, GoAwayFrame, PriorityFrame, ExtensionFrame, AltSvcFrame)
+# A SETTINGS frame costs one more per this many payload bytes (ten entries, as downstream).
+_SETTINGS_BYTES_PER_OVERHEAD = 60
+_SMALL_WINDOW_UPDATE = 1024
+_clock = time.monotonic  # (tests may move it)
 
 # Fields of an HTTP/1 request that mean nothing (or something dangerous) in HTTP/2
 # (RFC 9113 8.2.2); ``host`` becomes ``:authority``; ``te`` is kept only as "trailers".
@@ -101,7 +127,28 @@ class SettingsChanged:
 
 class _Connection(H2Conn):
     """h2's connection, except that a graceful GOAWAY does not close it for the streams
-    already open (h2 issue #1181; RFC 9113 6.8 lets them finish)."""
+    already open (h2 issue #1181; RFC 9113 6.8 lets them finish), and that it counts the
+    frames that cost work and carried no response in ``overhead`` (the module docstring),
+    which :meth:`H2ClientConn.feed` takes after each slice."""
+
+    overhead = 0  # (h2's H2Connection has no __slots__; the first += makes it per instance)
+
+    def _receive_frame(self, frame):  # type: ignore[no-untyped-def, override]
+        """Called by h2 for each frame received: h2's handling, then the frame's overhead.
+        Returns h2's events."""
+        events = super()._receive_frame(frame)
+        cls = frame.__class__
+        if cls is DataFrame:
+            # No event: a stream that is gone (h2 answers each with RST_STREAM and gives the
+            # window back, so flow control does not bound them).
+            if not events or (not frame.data and "END_STREAM" not in frame.flags):
+                self.overhead += 1
+        elif cls is SettingsFrame:
+            self.overhead += 1 + frame.body_len // _SETTINGS_BYTES_PER_OVERHEAD
+        elif cls in _OVERHEAD_FRAMES or not events:
+            # (no event: HEADERS, RST_STREAM or WINDOW_UPDATE on a stream that is gone)
+            self.overhead += 1
+        return events
 
     def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def, override]
         if frame.error_code:
@@ -199,7 +246,8 @@ class H2ClientConn:
     """
 
     __slots__ = ("conn", "streams", "settings_received", "goaway", "closed", "stream_window",
-                 "connection_window", "max_header_list_size")
+                 "connection_window", "max_header_list_size", "streams_opened", "_overhead",
+                 "_overhead_at")
 
     def __init__(self, stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
                  max_header_list_size: int = 65536) -> None:
@@ -221,6 +269,9 @@ class H2ClientConn:
         self.stream_window = stream_window
         self.connection_window = max(connection_window, 65535)
         self.max_header_list_size = max_header_list_size  # (also the bound of 1xx heads)
+        self.streams_opened = 0  # requests sent on this connection (the flood allowance)
+        self._overhead = 0.0     # overhead frames, fading (the module docstring)
+        self._overhead_at = 0.0  # when _overhead was last counted
 
     # ------------------------------------------------------------------ connection
     def initiate(self) -> None:
@@ -272,6 +323,7 @@ class H2ClientConn:
         s = _Stream(head_request)
         s.local_done = s.end = end
         self.streams[sid] = s
+        self.streams_opened += 1
         return sid
 
     def send_body(self, sid: int, data: bytes) -> None:
@@ -331,10 +383,14 @@ class H2ClientConn:
         else:
             self.reset(sid)
 
-    def _flush_all(self) -> None:
+    def _flush_all(self) -> bool:
+        """Send what the windows now let out; returns whether any stream had something."""
+        waiting = False
         for sid, s in list(self.streams.items()):
             if (s.out or s.end) and not s.local_done:
+                waiting = True
                 self._flush(sid, s)
+        return waiting
 
     def _flush(self, sid: int, s: _Stream) -> None:
         if s.local_done or self.closed:
@@ -356,9 +412,39 @@ class H2ClientConn:
     # ------------------------------------------------------------------ input
     def feed(self, data: bytes) -> list:
         """Process bytes from the upstream; return events (see the module docstring). A
-        protocol error ends the connection: the last event is then a GoAway with its code."""
+        protocol error or a flood ends the connection: the last event is then a GoAway with
+        its code and a ``reason``."""
         if self.closed:
             return []
+        if len(data) <= FEED_SLICE:
+            return self._feed(data)
+        out: list = []
+        view = memoryview(data)
+        for i in range(0, len(data), FEED_SLICE):
+            out += self._feed(bytes(view[i:i + FEED_SLICE]))
+            if self.closed:
+                break
+        return out
+
+    def _overhead_check(self, out: list) -> None:
+        """After each slice: fade the overhead, add the slice's, and end the connection with
+        GOAWAY ENHANCE_YOUR_CALM past the limit (a GoAway event with a reason, in ``out``)."""
+        conn = self.conn
+        new = conn.overhead
+        conn.overhead = 0
+        now = _clock()
+        faded = self._overhead - (now - self._overhead_at) * OVERHEAD_FADE_PER_SECOND
+        overhead = self._overhead = (faded if faded > 0.0 else 0.0) + new
+        self._overhead_at = now
+        if (overhead >= MAX_OVERHEAD_FRAMES
+                and overhead > OVERHEAD_PER_STREAM * self.streams_opened) and not self.closed:
+            self.close(ENHANCE_YOUR_CALM)
+            out.append(GoAway(0, ENHANCE_YOUR_CALM, [],
+                              f"flood of frames that carry no response ({int(overhead)} PING, "
+                              f"SETTINGS, empty DATA... over {self.streams_opened} requests)"))
+
+    def _feed(self, data: bytes) -> list:
+        """One slice of ``feed``."""
         try:
             h2_events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -437,7 +523,8 @@ class H2ClientConn:
                 out.append(SettingsChanged(self.max_concurrent_streams))
                 self._flush_all()
             elif cls is h2.events.WindowUpdated:
-                self._flush_all()
+                if not self._flush_all() and ev.delta < _SMALL_WINDOW_UPDATE:
+                    self.conn.overhead += 1  # a tiny increment that lets nothing out
             elif cls is h2.events.ConnectionTerminated:
                 code = int(ev.error_code or 0)
                 last = ev.last_stream_id or 0
@@ -446,4 +533,6 @@ class H2ClientConn:
                 if code:
                     self.closed = True
                 out.append(self.goaway)
+        if self.conn.overhead:
+            self._overhead_check(out)
         return out

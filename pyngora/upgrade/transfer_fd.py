@@ -34,9 +34,12 @@ once it has read ``C``; without it, the old master keeps serving and the new one
 Both sides check the peer's uid (SO_PEERCRED): only the same user or root may hand over or
 receive sockets, on top of the 0600 mode of the socket file. A connection that fails on the
 new side (garbage, a peer that dies midway) is answered ``X`` and dropped, and the new master
-goes on waiting for a proper old master until its deadline; connections wait side by side
-and each is read only once it sends something, so a silent one holds up nobody, and a SIGTERM
-reaches the waiting master through its wake-up pipe. Adopted sockets are non-blocking:
+goes on waiting for a proper old master until its deadline; connections are read side by
+side as their bytes come (no blocking read), so one that is silent, or begins and stalls or
+trickles, holds up nobody, and is dropped ``_TRANSFER_SECONDS`` after its first byte. A
+SIGTERM reaches the waiting master through its wake-up pipe. A new side that accepts and
+stalls costs the old master (serving meanwhile) its connect wait, ``_MIN_TRANSFER_SECONDS``
+more for the send and ``ready_timeout`` for the answer, no more. Adopted sockets are non-blocking:
 O_NONBLOCK is shared with the old master's workers, which need it.
 
 The manifest, the frames and the descriptor passing are built and checked in
@@ -53,13 +56,13 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 # What goes on the wire (manifest, frames, descriptors) lives in transfer_wire; TransferError,
 # SocketEntry, make_key, split_key and PROTOCOL_VERSION are re-exported from here, where they
 # used to live.
-from pyngora.upgrade.transfer_wire import (PROTOCOL_VERSION, SCM_MAX_FD, Reader, SocketEntry,
-                                           TransferError, check_peer, close_fds,
+from pyngora.upgrade.transfer_wire import (HEADER_SIZE, PROTOCOL_VERSION, SCM_MAX_FD, Reader,
+                                           SocketEntry, TransferError, check_peer, close_fds,
                                            encode_manifest, frame, make_key, parse_manifest,
                                            remaining, send_all, split_key)
 
@@ -78,6 +81,10 @@ _BATCH = struct.Struct("!II")
 # A transfer that has started gets at least this long, even if the accept wait used up
 # most of the caller's budget (the old master may connect at the last moment).
 _MIN_TRANSFER_SECONDS = 5.0
+# On the new side, a connection must send everything within this long of its first byte
+# (a real old master sends it all at once): one that stalls or trickles is dropped, and
+# the others, read side by side with it, never wait for it.
+_TRANSFER_SECONDS = 5.0
 # Connections that wait at once for their first bytes on the new side; a further one closes
 # the oldest (only the same user may connect: this bounds a buggy client, not an attacker).
 _MAX_WAITING = 16
@@ -121,52 +128,98 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _receive(conn: socket.socket, deadline: float) -> tuple[list[SocketEntry], list[int]]:
-    """Read magic, manifest and all batches from ``conn``; the FDs are in manifest order.
+def _exact(reader: Reader, n: int) -> Generator[None, None, bytes]:
+    """The next ``n`` bytes of ``reader``, yielding until they are buffered."""
+    while True:
+        data = reader.take(n)
+        if data is not None:
+            return data
+        yield
 
-    On failure every FD that arrived is closed before TransferError propagates.
+
+def _receive(reader: Reader) -> Generator[None, None, list[SocketEntry]]:
+    """Read magic, manifest and all batches; the FDs are in ``reader.fds``, in manifest order.
+
+    A generator, so that connections are read side by side: it yields whenever it needs
+    bytes that have not come yet (the caller reads more once the socket is readable, and
+    sends None). Returns the manifest's entries; raises TransferError (the caller closes
+    ``reader.fds``).
     """
-    reader = Reader(conn, deadline, "receiving the sockets from the old master")
-    try:
-        # Byte by byte: a peer whose first bytes are already wrong is turned away at once,
-        # not once 8 have come (a client that sent "hi" and waits would hold the new master
-        # until its deadline, with the real old master queued behind it).
-        magic = b""
-        while len(magic) < len(MAGIC):
-            magic += reader.read_exact(1)
-            if not MAGIC.startswith(magic):
-                raise TransferError(
-                    f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
-                )
-        _, payload = reader.read_frame({M_MANIFEST: _MAX_MANIFEST_BYTES})
-        entries = parse_manifest(payload)
-        expected = 0
-        while expected < len(entries):
-            _, payload = reader.read_frame({M_FDS: _BATCH.size})
-            if len(payload) != _BATCH.size:
-                raise TransferError("receiving the sockets: malformed batch header")
-            first, count = _BATCH.unpack(payload)
-            if first != expected or not 0 < count <= SCM_MAX_FD or first + count > len(entries):
-                raise TransferError(
-                    f"receiving the sockets: batch ({first}, {count}) does not follow "
-                    f"the manifest ({expected} of {len(entries)} received)"
-                )
-            expected += count
-            # The FDs ride on this frame's first byte, which we have read by now.
-            if len(reader.fds) < expected:
-                raise TransferError(
-                    f"receiving the sockets: the manifest announces {len(entries)} sockets "
-                    f"but only {len(reader.fds)} descriptors arrived with {expected} announced"
-                )
-        if len(reader.fds) != len(entries):
+    # Byte by byte: a peer whose first bytes are already wrong is turned away at once,
+    # not once 8 have come.
+    magic = b""
+    while len(magic) < len(MAGIC):
+        magic += yield from _exact(reader, 1)
+        if not MAGIC.startswith(magic):
+            raise TransferError(
+                f"the peer is not a pyngora master (bad magic {magic!r}); garbage peer?"
+            )
+    header = yield from _exact(reader, HEADER_SIZE)
+    _, length = reader.check_header(header, {M_MANIFEST: _MAX_MANIFEST_BYTES})
+    entries = parse_manifest((yield from _exact(reader, length)))
+    expected = 0
+    while expected < len(entries):
+        header = yield from _exact(reader, HEADER_SIZE)
+        _, length = reader.check_header(header, {M_FDS: _BATCH.size})
+        payload = yield from _exact(reader, length)
+        if len(payload) != _BATCH.size:
+            raise TransferError("receiving the sockets: malformed batch header")
+        first, count = _BATCH.unpack(payload)
+        if first != expected or not 0 < count <= SCM_MAX_FD or first + count > len(entries):
+            raise TransferError(
+                f"receiving the sockets: batch ({first}, {count}) does not follow "
+                f"the manifest ({expected} of {len(entries)} received)"
+            )
+        expected += count
+        # The FDs ride on this frame's first byte, which we have read by now.
+        if len(reader.fds) < expected:
             raise TransferError(
                 f"receiving the sockets: the manifest announces {len(entries)} sockets "
-                f"but {len(reader.fds)} descriptors arrived"
+                f"but only {len(reader.fds)} descriptors arrived with {expected} announced"
             )
-        return entries, reader.fds
-    except BaseException:
-        close_fds(reader.fds)
-        raise
+    if len(reader.fds) != len(entries):
+        raise TransferError(
+            f"receiving the sockets: the manifest announces {len(entries)} sockets "
+            f"but {len(reader.fds)} descriptors arrived"
+        )
+    return entries
+
+
+class _Incoming:
+    """A connection on the new side, read as its bytes come, beside the others."""
+
+    __slots__ = ("upgrade", "reader", "steps", "limit", "what")
+
+    def __init__(self, upgrade: UpgradeConnection) -> None:
+        self.upgrade = upgrade
+        self.what = "receiving the sockets from the old master"
+        if upgrade.peer_pid is not None:
+            self.what += f" (pid {upgrade.peer_pid})"
+        self.reader = Reader(upgrade.require(), 0.0, self.what)
+        self.steps = _receive(self.reader)
+        next(self.steps)  # to its first wait for bytes
+        self.limit: float | None = None  # set by the first byte: the transfer's own deadline
+
+    def readable(self, budget: float) -> list[SocketEntry] | None:
+        """Called when the socket is readable: read once and parse what came. Returns the
+        entries once the transfer is complete (FDs in ``reader.fds``), else None;
+        TransferError for a bad or closed peer."""
+        if not self.reader.fill_nowait():
+            return None
+        if self.limit is None:
+            self.limit = time.monotonic() + budget
+        try:
+            self.steps.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        return None
+
+    def drop(self, reason: str) -> None:
+        """Refuse it (answer ``failed``) and close it with every descriptor it brought."""
+        close_fds(self.reader.fds)
+        self.steps.close()
+        self.upgrade.send_failed(reason)
+        self.upgrade.close()
 
 
 def _adopt(entries: list[SocketEntry], fds: list[int]) -> dict[str, socket.socket]:
@@ -299,33 +352,51 @@ class UpgradeListener:
 
         Returns the connection (to answer ready/failed on) and the adopted sockets by key,
         each with CLOEXEC set and non-blocking (never make them blocking: the old master's
-        workers share the flag). Several connections may wait at once: a connection is read
-        only once it has sent something, so one that connects and stays silent (a probe, a
-        stranger) never holds up the old master queued behind it. A connection that fails
-        (garbage, dies midway, wrong uid) is answered ``failed`` and closed with everything
-        it brought, and the wait goes on for a proper one; TransferError when the deadline
-        passes, naming the last failure. ``wake_fd`` (a signal wake-up pipe, drained here)
+        workers share the flag). Several connections may wait at once, read side by side as
+        their bytes come, so one that connects and stays silent (a probe, a stranger), or
+        sends the magic and stalls, never holds up the old master queued behind it. A
+        connection that fails (garbage, dies midway, wrong uid, not done within
+        ``_TRANSFER_SECONDS`` of its first byte) is answered ``failed`` and closed with
+        everything it brought, and the wait goes on for a proper one; a transfer begun
+        before the deadline may finish after it. TransferError when the deadline passes,
+        naming the last failure. ``wake_fd`` (a signal wake-up pipe, drained here)
         becoming readable makes it ask ``stop()``: TransferInterrupted when that is true.
         """
         listener = self._sock
         if listener is None:
             raise TransferError(f"upgrade socket {self.path} is closed")
         deadline = time.monotonic() + timeout
+        budget = min(timeout, _TRANSFER_SECONDS)
         last_error = ""
         listener.setblocking(False)
         sel = selectors.DefaultSelector()
         sel.register(listener, selectors.EVENT_READ, None)
         if wake_fd >= 0:
             sel.register(wake_fd, selectors.EVENT_READ, _WAKE)
-        waiting: list[UpgradeConnection] = []
+        waiting: list[_Incoming] = []
         try:
             while True:
                 if stop is not None and stop():
                     raise TransferInterrupted("stopped while waiting for the old master")
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                end = deadline
+                for inc in list(waiting):
+                    if inc.limit is None:
+                        continue
+                    if inc.limit <= now:
+                        last_error = (f"timed out {inc.what}: the peer began but did not "
+                                      f"finish within {budget:g}s (stalled?)")
+                        self._drop(inc, last_error, sel, waiting)
+                    elif inc.limit - budget < deadline:
+                        # a transfer that began before the deadline may finish after it
+                        end = max(end, inc.limit)
+                left = end - now
                 if left <= 0:
                     break
-                for key, _ in sel.select(left):
+                started = [inc.limit for inc in waiting if inc.limit is not None]
+                if started:
+                    left = min(left, min(started) - now)
+                for key, _ in sel.select(max(left, 0.0)):
                     if key.data is _WAKE:
                         _drain(wake_fd)
                     elif key.data is None:
@@ -333,33 +404,47 @@ class UpgradeListener:
                     elif key.data not in waiting:
                         continue  # evicted by an accept earlier in this batch (closed)
                     else:
-                        upgrade: UpgradeConnection = key.data
-                        sel.unregister(key.fileobj)
-                        waiting.remove(upgrade)
+                        inc: _Incoming = key.data
                         try:
-                            budget = max(deadline,
-                                         time.monotonic() + min(timeout, _MIN_TRANSFER_SECONDS))
-                            entries, fds = _receive(upgrade.require(), budget)
-                            return upgrade, _adopt(entries, fds)
+                            entries = inc.readable(budget)
+                            if entries is None:
+                                continue
+                            self._forget(inc, sel, waiting)
+                            # _adopt owns them now: adopted, or closed on its error
+                            fds, inc.reader.fds = inc.reader.fds, []
+                            return inc.upgrade, _adopt(entries, fds)
                         except TransferError as e:
                             last_error = str(e)
-                            upgrade.send_failed(last_error)
-                            upgrade.close()
+                            self._drop(inc, last_error, sel, waiting)
                         except BaseException:
-                            upgrade.close()
+                            self._drop(inc, "interrupted", sel, waiting)
                             raise
         finally:
             sel.close()
-            for upgrade in waiting:
-                upgrade.close()
+            for inc in waiting:
+                close_fds(inc.reader.fds)
+                inc.upgrade.close()
         detail = f"; last attempt: {last_error}" if last_error else ""
         raise TransferError(
             f"no old master handed over its sockets on {self.path} within {timeout:g}s{detail}"
         )
 
+    @staticmethod
+    def _forget(inc: _Incoming, sel: selectors.BaseSelector, waiting: list[_Incoming]) -> None:
+        """Stop watching ``inc`` (it is done, one way or the other)."""
+        if inc in waiting:
+            waiting.remove(inc)
+            sel.unregister(inc.upgrade.require())
+
+    def _drop(self, inc: _Incoming, reason: str, sel: selectors.BaseSelector,
+              waiting: list[_Incoming]) -> None:
+        """Refuse ``inc`` (``failed``, then closed with what it brought)."""
+        self._forget(inc, sel, waiting)
+        inc.drop(reason)
+
     def _accept_one(
         self, listener: socket.socket, sel: selectors.BaseSelector,
-        waiting: list[UpgradeConnection],
+        waiting: list[_Incoming],
     ) -> str:
         """Accept one connection and wait for its first bytes beside the others; returns why
         it was refused ("" when it waits, or when there was nothing to accept)."""
@@ -376,12 +461,12 @@ class UpgradeListener:
             upgrade.send_failed(str(e))
             upgrade.close()
             return str(e)
-        if len(waiting) >= _MAX_WAITING:  # the oldest silent one makes room
-            oldest = waiting.pop(0)
-            sel.unregister(oldest.require())
-            oldest.close()
-        waiting.append(upgrade)
-        sel.register(conn, selectors.EVENT_READ, upgrade)
+        if len(waiting) >= _MAX_WAITING:  # the oldest silent one makes room (else the oldest)
+            oldest = next((inc for inc in waiting if inc.limit is None), waiting[0])
+            self._drop(oldest, "too many connections wait on the upgrade socket", sel, waiting)
+        inc = _Incoming(upgrade)
+        waiting.append(inc)
+        sel.register(conn, selectors.EVENT_READ, inc)
         return ""
 
     def close(self) -> None:

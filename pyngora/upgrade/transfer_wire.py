@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["TransferError", "SocketEntry", "make_key", "split_key", "encode_manifest",
            "parse_manifest", "PROTOCOL_VERSION", "SCM_MAX_FD", "remaining", "send_all", "frame",
-           "close_fds", "Reader", "check_peer"]
+           "close_fds", "Reader", "check_peer", "HEADER_SIZE"]
 
 PROTOCOL_VERSION = 1
 _MAX_SOCKETS = 65536
@@ -32,6 +32,7 @@ _MAX_SOCKETS = 65536
 SCM_MAX_FD = 253
 # A frame's header: kind (1 byte) and payload length (4 bytes, big endian).
 _HEADER = struct.Struct("!cI")
+HEADER_SIZE = _HEADER.size
 _INT_SIZE = array.array("i").itemsize
 # Room for the largest SCM_RIGHTS message the kernel can deliver: a sender that tries more
 # gets an error on its side, so MSG_CTRUNC here means we ran out of descriptors (EMFILE).
@@ -44,6 +45,10 @@ _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 class TransferError(Exception):
     """A hand-over step failed; the message says which step and why."""
+
+
+class _WouldBlock(Exception):
+    """(Reader's) a non-blocking read found nothing to read."""
 
 
 # --------------------------------------------------------------------------- manifest
@@ -190,8 +195,41 @@ class Reader:
     def _fill(self) -> None:
         """One ``recvmsg``: its bytes go to the buffer, its descriptors to ``fds``."""
         self._sock.settimeout(remaining(self._deadline, self._what))
+        self._recv()
+
+    def fill_nowait(self) -> bool:
+        """One ``recvmsg`` that does not wait (the caller's selector said "readable"):
+        False when nothing was there after all; TransferError on EOF or an error. The
+        socket is left non-blocking."""
+        self._sock.settimeout(0.0)
+        try:
+            self._recv()
+        except _WouldBlock:
+            return False
+        return True
+
+    def take(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if they are buffered (consumed), else None (nothing read)."""
+        if len(self._buf) < n:
+            return None
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def check_header(self, header: bytes, limits: dict[bytes, int]) -> tuple[bytes, int]:
+        """A frame header -> (kind, payload length); ``limits`` maps allowed kinds to sizes."""
+        kind, length = _HEADER.unpack(header)
+        if kind not in limits:
+            raise TransferError(f"{self._what}: unexpected message {kind!r} (garbage peer?)")
+        if length > limits[kind]:
+            raise TransferError(f"{self._what}: message {kind!r} too large ({length} bytes)")
+        return kind, length
+
+    def _recv(self) -> None:
         try:
             data, ancdata, flags, _ = self._sock.recvmsg(_RECV_BYTES, _ANC_SPACE, _CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            raise _WouldBlock from None
         except (TimeoutError, socket.timeout):
             raise TransferError(f"timed out {self._what}") from None
         except OSError as e:
@@ -224,11 +262,7 @@ class Reader:
 
     def read_frame(self, limits: dict[bytes, int]) -> tuple[bytes, bytes]:
         """Return (kind, payload) of the next frame; ``limits`` maps allowed kinds to sizes."""
-        kind, length = _HEADER.unpack(self.read_exact(_HEADER.size))
-        if kind not in limits:
-            raise TransferError(f"{self._what}: unexpected message {kind!r} (garbage peer?)")
-        if length > limits[kind]:
-            raise TransferError(f"{self._what}: message {kind!r} too large ({length} bytes)")
+        kind, length = self.check_header(self.read_exact(_HEADER.size), limits)
         return kind, self.read_exact(length)
 
 

@@ -20,7 +20,10 @@ The request path uses it exactly like the HTTP/1 :class:`~pyngora.upstreams.conn
   stream id, or reset with REFUSED_STREAM, was never processed and fails with ``retry=True``.
 - Back-pressure: ``drain`` waits while the stream's unsent body exceeds STREAM_HIGH_WATER (the
   upstream's window is closed) or the socket's buffer is full; response bytes are
-  acknowledged to the upstream only when ``read_event`` hands them out.
+  acknowledged to the upstream only when ``read_event`` hands them out; while the socket's
+  buffer is full, the upstream is not read either (what we read makes us write ACKs).
+- Floods of frames that carry no response end the connection with GOAWAY ENHANCE_YOUR_CALM
+  (``protocols/h2_client.py``): the requests in flight fail like any HTTP/2 error (502).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ __all__ = ["H2Connector", "H2Session", "H2UpstreamStream", "Unprocessed", "wants
 LOCAL_MAX_STREAMS = 128
 # Dials a request may wait for (others' first, then its own) before giving up.
 _MAX_DIAL_ROUNDS = 4
+# How long a closed connection may keep unsent bytes (a GOAWAY, ACKs) before it is aborted.
+CLOSE_LINGER_SECONDS = 5.0
 
 _UP = ErrorSource.Upstream
 
@@ -148,11 +153,29 @@ class H2Session(asyncio.Protocol):
         self._shutdown(None, exc)
 
     def pause_writing(self) -> None:
+        """The socket's write buffer passed WRITE_HIGH_WATER: the upstream is not reading.
+        PING and SETTINGS ACKs, RST_STREAMs and WINDOW_UPDATEs are made by what we read, so
+        stop reading too (as the downstream side does), or an origin that sends and never
+        reads would grow the buffer without bound; ``read_timeout`` and ``write_timeout``
+        still end a stream that waits on it."""
         self.write_paused = True
+        self._reading(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._reading(True)
         self._wake_drains()
+
+    def _reading(self, on: bool) -> None:
+        if self.closed or self.transport is None:
+            return
+        try:
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+        except (RuntimeError, AttributeError):
+            pass  # (a transport closing already)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -208,8 +231,13 @@ class H2Session(asyncio.Protocol):
         self._cancel_idle()
         if first:
             self._connector._forget(self)
-            if self.transport is not None:
-                self.transport.close()
+            t = self.transport
+            if t is not None:
+                t.close()
+                if t.get_write_buffer_size():
+                    # close() waits for the buffer to go out: an upstream that reads
+                    # nothing (a flood's ACKs, our GOAWAY) would hold the socket for ever.
+                    self.loop.call_later(CLOSE_LINGER_SECONDS, t.abort)
 
     def close(self) -> None:
         """Close the connection (GOAWAY first when it is healthy). Idempotent."""
