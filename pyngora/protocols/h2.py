@@ -44,7 +44,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from functools import partial
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from pyngora.protocols.events import ConnectionClosed, Data, MessageEnd, StreamReset
 # Re-exported: this module was the home of the field rules before they got their own.
@@ -70,6 +70,19 @@ FEED_SLICE = 16384
 OVERHEAD_PER_STREAM = 50
 OVERHEAD_FADE_PER_SECOND = 100.0
 _clock = time.monotonic  # (tests move it)
+
+
+def feed_in_slices(data: bytes, feed: Callable[[bytes], list], closed: Callable[[], bool]) -> list:
+    """``feed`` ``data`` FEED_SLICE bytes at a time, so that each slice's frames are judged
+    (overhead, limits) before the next is parsed, until ``closed()``; all slices' events.
+    Both sides of the proxy use it: clients here, origins in ``h2_client``."""
+    out: list = []
+    view = memoryview(data)
+    for i in range(0, len(data), FEED_SLICE):
+        out += feed(bytes(view[i:i + FEED_SLICE]))
+        if closed():
+            break
+    return out
 
 
 class H2Limits:
@@ -244,13 +257,7 @@ class H2Server(H2Wire):
             return []
         if len(data) <= FEED_SLICE:
             return self._feed(data)
-        out: list = []
-        view = memoryview(data)
-        for i in range(0, len(data), FEED_SLICE):
-            out += self._feed(bytes(view[i:i + FEED_SLICE]))
-            if self.closed:
-                break
-        return out
+        return feed_in_slices(data, self._feed, lambda: self.closed)
 
     def _feed(self, data: bytes) -> list:
         self._events = out = []

@@ -57,7 +57,8 @@ from pyngora.protocols import hpack_cache
 from pyngora.protocols.events import (Data, InformationalResponse, MessageEnd, ResponseHead,
                                       StreamReset)
 # The downstream side's flood rule, shared so both sides of the proxy judge a peer alike.
-from pyngora.protocols.h2 import FEED_SLICE, OVERHEAD_FADE_PER_SECOND, OVERHEAD_PER_STREAM
+from pyngora.protocols.h2 import (FEED_SLICE, OVERHEAD_FADE_PER_SECOND, OVERHEAD_PER_STREAM,
+                                   feed_in_slices)
 from pyngora.protocols.h1_response import MAX_CONTINUES
 from pyngora.protocols.h2_conn import H2Conn
 from pyngora.protocols.h2_fields import Reject, check_trailers
@@ -418,13 +419,7 @@ class H2ClientConn:
             return []
         if len(data) <= FEED_SLICE:
             return self._feed(data)
-        out: list = []
-        view = memoryview(data)
-        for i in range(0, len(data), FEED_SLICE):
-            out += self._feed(bytes(view[i:i + FEED_SLICE]))
-            if self.closed:
-                break
-        return out
+        return feed_in_slices(data, self._feed, lambda: self.closed)
 
     def _overhead_check(self, out: list) -> None:
         """After each slice: fade the overhead, add the slice's, and end the connection with
