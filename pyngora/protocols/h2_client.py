@@ -29,13 +29,15 @@ Decisions (documented in the report and tests):
   does not read would otherwise fill the worker's memory.
 - Floods (the 2019 HTTP/2 DoS family, from the origin's side): every frame that costs work
   and carries no response (PING and PING ACK, SETTINGS and one more per ten entries, PRIORITY,
-  GOAWAY, unknown types, empty DATA without END_STREAM, a frame on a stream that is gone, a
-  WINDOW_UPDATE under 1 KiB that lets nothing out) counts as overhead, with the downstream
-  side's rule (``protocols/h2.py``): it fades by ``OVERHEAD_FADE_PER_SECOND``, and past
-  ``MAX_OVERHEAD_FRAMES`` and more than ``OVERHEAD_PER_STREAM`` per request we sent on the
-  connection, it ends with GOAWAY ENHANCE_YOUR_CALM (a :class:`GoAway` with a ``reason``: 502
-  for the requests in flight, as for any protocol error). Input is fed in ``FEED_SLICE``
-  slices, checked between slices, so one read of tiny frames is cut short.
+  GOAWAY, unknown types, empty DATA without END_STREAM, a frame on a stream that is gone --
+  except DATA up to the window each stream we reset had: it was in flight --, a WINDOW_UPDATE
+  under 1 KiB that lets nothing out) counts as overhead, with the downstream side's rule
+  (``protocols/h2.py``): it fades by ``OVERHEAD_FADE_PER_SECOND``, and past
+  ``MAX_OVERHEAD_FRAMES`` and more than ``OVERHEAD_PER_STREAM`` per request plus two per
+  request DATA frame we sent on the connection (a WINDOW_UPDATE and a PING may answer each:
+  grpc-go's BDP estimator), it ends with GOAWAY ENHANCE_YOUR_CALM (a :class:`GoAway` with a
+  ``reason``: 502 for the requests in flight, as for any protocol error). Input is fed in
+  ``FEED_SLICE`` slices, checked between slices, so one read of tiny frames is cut short.
 """
 from __future__ import annotations
 
@@ -132,7 +134,12 @@ class _Connection(H2Conn):
     frames that cost work and carried no response in ``overhead`` (the module docstring),
     which :meth:`H2ClientConn.feed` takes after each slice."""
 
-    overhead = 0  # (h2's H2Connection has no __slots__; the first += makes it per instance)
+    # (h2's H2Connection has no __slots__; the first += makes each per instance)
+    overhead = 0
+    # Bytes of DATA the upstream may still send on streams we reset: what it could have in
+    # flight when the RST went out (the window each had), not a flood: a streaming response
+    # of many small frames, cancelled by its client, must not end the shared connection.
+    reset_credit = 0
 
     def _receive_frame(self, frame):  # type: ignore[no-untyped-def, override]
         """Called by h2 for each frame received: h2's handling, then the frame's overhead.
@@ -140,9 +147,15 @@ class _Connection(H2Conn):
         events = super()._receive_frame(frame)
         cls = frame.__class__
         if cls is DataFrame:
-            # No event: a stream that is gone (h2 answers each with RST_STREAM and gives the
-            # window back, so flow control does not bound them).
-            if not events or (not frame.data and "END_STREAM" not in frame.flags):
+            if not events:
+                # A stream that is gone: h2 answers each with RST_STREAM and gives the window
+                # back, so flow control does not bound them; only what was in flight is free.
+                n = frame.flow_controlled_length
+                if n and self.reset_credit >= n:
+                    self.reset_credit -= n
+                else:
+                    self.overhead += 1
+            elif not frame.data and "END_STREAM" not in frame.flags:
                 self.overhead += 1
         elif cls is SettingsFrame:
             self.overhead += 1 + frame.body_len // _SETTINGS_BYTES_PER_OVERHEAD
@@ -247,8 +260,8 @@ class H2ClientConn:
     """
 
     __slots__ = ("conn", "streams", "settings_received", "goaway", "closed", "stream_window",
-                 "connection_window", "max_header_list_size", "streams_opened", "_overhead",
-                 "_overhead_at")
+                 "connection_window", "max_header_list_size", "streams_opened",
+                 "data_frames_sent", "_overhead", "_overhead_at")
 
     def __init__(self, stream_window: int = 256 * 1024, connection_window: int = 1024 * 1024,
                  max_header_list_size: int = 65536) -> None:
@@ -271,6 +284,7 @@ class H2ClientConn:
         self.connection_window = max(connection_window, 65535)
         self.max_header_list_size = max_header_list_size  # (also the bound of 1xx heads)
         self.streams_opened = 0  # requests sent on this connection (the flood allowance)
+        self.data_frames_sent = 0  # request DATA frames sent (the flood allowance too)
         self._overhead = 0.0     # overhead frames, fading (the module docstring)
         self._overhead_at = 0.0  # when _overhead was last counted
 
@@ -369,6 +383,9 @@ class H2ClientConn:
             self.conn.reset_stream(sid, code)
         except h2.exceptions.ProtocolError:
             pass
+        else:
+            if not s.remote_done:  # DATA it sent before our RST arrived is no flood
+                self.conn.reset_credit += self.stream_window
 
     def _malformed(self, sid: int) -> StreamReset:
         """A malformed response (a status that is no three-digit code, a 101): a stream
@@ -400,7 +417,7 @@ class H2ClientConn:
         try:
             if send_queued(s, lambda: min(conn.local_flow_control_window(sid),
                                           conn.max_outbound_frame_size),
-                           lambda chunk, end: conn.send_data(sid, chunk, end_stream=end),
+                           lambda chunk, end: self._send_data(sid, chunk, end),
                            lambda trailers: conn.send_headers(sid, trailers, end_stream=True)
                            if trailers is not None else conn.end_stream(sid)):
                 s.local_done = True
@@ -409,6 +426,13 @@ class H2ClientConn:
             s.out.clear()
             s.out_bytes = 0
             s.local_done = True
+
+    def _send_data(self, sid: int, chunk: bytes, end: bool) -> None:
+        """One DATA frame of a request body; each earns the upstream two overhead frames:
+        a receiver may answer DATA with a WINDOW_UPDATE and a PING (grpc-go's BDP estimator
+        does, on a client-streaming RPC), which is no flood."""
+        self.conn.send_data(sid, chunk, end_stream=end)
+        self.data_frames_sent += 1
 
     # ------------------------------------------------------------------ input
     def feed(self, data: bytes) -> list:
@@ -431,8 +455,8 @@ class H2ClientConn:
         faded = self._overhead - (now - self._overhead_at) * OVERHEAD_FADE_PER_SECOND
         overhead = self._overhead = (faded if faded > 0.0 else 0.0) + new
         self._overhead_at = now
-        if (overhead >= MAX_OVERHEAD_FRAMES
-                and overhead > OVERHEAD_PER_STREAM * self.streams_opened) and not self.closed:
+        allowed = OVERHEAD_PER_STREAM * self.streams_opened + 2 * self.data_frames_sent
+        if overhead >= MAX_OVERHEAD_FRAMES and overhead > allowed and not self.closed:
             self.close(ENHANCE_YOUR_CALM)
             out.append(GoAway(0, ENHANCE_YOUR_CALM, [],
                               f"flood of frames that carry no response ({int(overhead)} PING, "

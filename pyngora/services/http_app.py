@@ -184,8 +184,8 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         try:
             events = self.parser.feed(data)
         except h1.ProtocolError as exc:
-            if log._access_on:  # its access line shows what came: made now, sent in order
-                exc.refused = self._refused(exc.status, str(exc), data if state == _S_IDLE
+            if log._access_on and hasattr(self.app, "log_refused"):  # (what came: made now)
+                exc.refused = self._refused(exc.status, exc.reason, data if state == _S_IDLE
                                             and not exc.events else None)
             if exc.events:
                 self._pending.extend(exc.events)  # earlier pipelined requests are served first
@@ -481,7 +481,7 @@ class H1Connection(LazyTimer, asyncio.Protocol):
         self._write(error_response(status))
         if self.metrics is not None:
             self.metrics.request_done(status, 0.0, 0, 0)
-        if log._access_on:
+        if log._access_on and hasattr(self.app, "log_refused"):
             report_refused(self.app, getattr(err, "refused", None) if err is not None
                            else self._refused(status, "request header timed out"))
         self._linger()

@@ -48,6 +48,8 @@ LOCAL_MAX_STREAMS = 128
 _MAX_DIAL_ROUNDS = 4
 # How long a closed connection may keep unsent bytes (a GOAWAY, ACKs) before it is aborted.
 CLOSE_LINGER_SECONDS = 5.0
+# Unsent bytes past which the upstream is no longer read (see pause_writing).
+READ_PAUSE_BUFFER = 2 * WRITE_HIGH_WATER
 
 _UP = ErrorSource.Upstream
 
@@ -139,6 +141,8 @@ class H2Session(asyncio.Protocol):
                     if cls is StreamReset:
                         del streams[ev.stream_id]  # type: ignore[union-attr]
         self.flush()
+        if self.write_paused and self.transport.get_write_buffer_size() > READ_PAUSE_BUFFER:
+            self._reading(False)  # what we read makes ACKs it does not take (pause_writing)
         if self.proto.closed:
             self._shutdown(self._lost_error or Error(
                 ErrorType.H2Error, _UP, None, f"HTTP/2 error with {self.peer.address}"))
@@ -153,13 +157,13 @@ class H2Session(asyncio.Protocol):
         self._shutdown(None, exc)
 
     def pause_writing(self) -> None:
-        """The socket's write buffer passed WRITE_HIGH_WATER: the upstream is not reading.
-        PING and SETTINGS ACKs, RST_STREAMs and WINDOW_UPDATEs are made by what we read, so
-        stop reading too (as the downstream side does), or an origin that sends and never
-        reads would grow the buffer without bound; ``read_timeout`` and ``write_timeout``
-        still end a stream that waits on it."""
+        """The socket's write buffer passed WRITE_HIGH_WATER: the upstream is not reading
+        (request bodies wait in ``drain``). PING and SETTINGS ACKs, RST_STREAMs and
+        WINDOW_UPDATEs are made by what we read, so once the buffer passes READ_PAUSE_BUFFER
+        reading stops too (``data_received``), or an origin that sends and never reads would
+        grow it without bound. Not at once: other streams' responses on the connection keep
+        coming while a large upload fills the buffer to its high-water mark."""
         self.write_paused = True
-        self._reading(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False

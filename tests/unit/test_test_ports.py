@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+from tests import support
 from tests.support import ROOT, free_port
 
 
@@ -31,19 +32,22 @@ def test_ports_are_outside_the_ephemeral_range_bindable_and_never_repeated() -> 
 
 
 def test_a_port_in_use_is_skipped() -> None:
+    """The next candidates, taken by listeners before free_port reaches them, are passed over
+    (the probe's bind fails), not handed out."""
+    support.free_port()  # (the candidates are drawn)
+    assert support._CANDIDATES is not None
+    upcoming = support._CANDIDATES[support._NEXT:support._NEXT + 5]
     held = []
     try:
-        # Hold the next candidates: whatever free_port returns must be none of them.
-        for _ in range(5):
+        for p in upcoming:
             s = socket.socket()
-            p = free_port()
             s.bind(("127.0.0.1", p))
             s.listen()
-            held.append((s, p))
-        again = {free_port() for _ in range(50)}
-        assert not again & {p for _, p in held}
+            held.append(s)
+        assert len(upcoming) == 5
+        assert not {support.free_port() for _ in range(5)} & set(upcoming)
     finally:
-        for s, _ in held:
+        for s in held:
             s.close()
 
 

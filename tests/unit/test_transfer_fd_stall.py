@@ -135,10 +135,11 @@ def test_a_trickling_peer_is_dropped_soon_after_its_first_byte(
 
 def test_a_transfer_begun_before_the_deadline_may_end_after_it(
         tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bound works both ways: an old master whose first byte comes just before the
-    deadline (0.8 s of 1 s) and the rest after it (1.5 s) still hands over: the wait is not
-    cut off at the deadline while a transfer that began is within its bound."""
-    monkeypatch.setattr(transfer_fd, "_TRANSFER_SECONDS", 2.0, raising=False)
+    """The bound works both ways: an old master whose first byte comes before the deadline
+    (0.5 s of 2 s: slack for a loaded machine, the byte counts once it is read) and the rest
+    after it (2.5 s) still hands over: the wait is not cut off at the deadline while a
+    transfer that began is within its bound."""
+    monkeypatch.setattr(transfer_fd, "_TRANSFER_SECONDS", 3.0, raising=False)
     path = os.path.join(tmp, "u.sock")
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -151,16 +152,16 @@ def test_a_transfer_begun_before_the_deadline_may_end_after_it(
         late.connect(path)
 
         def send_late() -> None:
-            time.sleep(0.8)
+            time.sleep(0.5)
             late.sendall(body[:1])
-            time.sleep(0.7)
+            time.sleep(2.0)
             late.sendall(body[1:])
             late.sendmsg([batch(0, 1)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                           array.array("i", [lsock.fileno()]))])
         t = threading.Thread(target=send_late, daemon=True)
         t.start()
         try:
-            conn, received = listener.accept_sockets(timeout=1.0)
+            conn, received = listener.accept_sockets(timeout=2.0)
             conn.close()
             assert set(received) == {key}
         finally:
