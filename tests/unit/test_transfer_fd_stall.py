@@ -128,7 +128,7 @@ def test_a_trickling_peer_is_dropped_soon_after_its_first_byte(
                 listener.accept_sockets(timeout=3)
         finally:
             trickler.stop()
-    assert trickler.answered_after is not None and trickler.answered_after < 2.0, \
+    assert trickler.answered_after is not None and trickler.answered_after < 2.5, \
         trickler.answered_after
     assert trickler.answer is not None and trickler.answer[:1] == b"X"
 
@@ -239,7 +239,7 @@ def test_a_new_side_that_takes_everything_then_trickles_its_answer_is_given_up(
         took = time.monotonic() - t0
         assert not result.ok and result.delivered
         assert "timed out waiting for the new master's ready" in result.reason, result.reason
-        assert took < 1.0 + 1.5, took
+        assert took < 1.0 + 2.0, took
     finally:
         stop.set()
         t.join(10)
