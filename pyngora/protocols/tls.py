@@ -8,19 +8,22 @@ as its siblings even when the files changed (or broke) meanwhile. Modern default
 (Mozilla's "intermediate" profile), no compression, no renegotiation, ALPN from the listener
 (``h2``, ``http/1.1``), and SNI choosing among several certificates, the first (``cert``/
 ``key``) being the default for unknown or absent names.
+
+A handshake that fails is answered before the connection ends (``ListenerSSLObject``): a
+client that speaks plain HTTP to the TLS port gets nginx's ``400`` in plain text, and one that
+OpenSSL turns away with an alert (TLS 1.0/1.1 only: ``protocol_version``) gets that alert.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from typing import TYPE_CHECKING, Any, Optional, Union
+import ssl  # (workers and the check child load this module; the master never does)
+from typing import Any, Optional, Union, cast
 
 from pyngora.config import pem_store
 
-if TYPE_CHECKING:  # pragma: no cover
-    import ssl  # (imported where used: ``remember`` runs in the master, which loads no ssl)
-
-__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "CIPHERS"]
+__all__ = ["server_context", "check_tls", "tls_problems", "cert_validity", "CIPHERS",
+           "ListenerContext", "ListenerSSLObject", "PLAIN_HTTP_RESPONSE"]
 
 # Mozilla intermediate (TLS 1.2 part; TLS 1.3 suites are always on and already modern).
 CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -28,6 +31,104 @@ CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
            "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
            "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384")
 _KNOWN_ALPN = ("h2", "http/1.1")
+
+# The answer to plain HTTP on a TLS port (``curl http://host:443/``): nginx's 400 and its
+# words, as text. Empty-bodied errors elsewhere carry the same Cache-Control.
+_PLAIN_HTTP_BODY = b"The plain HTTP request was sent to HTTPS port\n"
+PLAIN_HTTP_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                       b"Content-Length: %d\r\nCache-Control: private, no-store\r\n"
+                       b"Connection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY))
+# OpenSSL's reasons for a first record that is not TLS: GET/POST/HEAD/PUT, CONNECT, and any
+# other bytes whose "version" is not 3.x (DELETE, OPTIONS, PRI, binary junk). It sends no
+# alert for these (ssl3_get_record: "doesn't look like TLS").
+_NOT_TLS = frozenset(("HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER"))
+_ALERTED, _PLAIN = 1, 2
+
+
+class ListenerSSLObject(ssl.SSLObject):
+    """A listener's TLS connection (the event loop's TLS protocol drives it through memory
+    BIOs; ``ListenerContext.wrap_bio`` makes it).
+
+    uvloop (and asyncio's own sslproto) end a failed handshake at once without sending what
+    OpenSSL wrote for the client: the ``protocol_version`` alert a TLS 1.1 client should get
+    was dropped, and plain HTTP got a silent close (curl: "Empty reply from server"). So a
+    failure that has something to say reports "want read" once instead: the loop sends the
+    outgoing BIO as it does after every handshake step, and the connection ends when the
+    client closes (it got an alert, or a 400 with ``Connection: close``) or sends more after
+    an alert, else at the handshake timeout, which still bounds the whole connection. A
+    failure with nothing to say fails as before."""
+
+    __slots__ = ("_in", "_out", "_refused", "_failure")
+    _in: ssl.MemoryBIO
+    _out: ssl.MemoryBIO
+    _refused: int
+    _failure: Optional[ssl.SSLError]
+
+    def do_handshake(self) -> None:
+        """One handshake step, each time bytes came (the loop's TLS protocol calls it).
+        Raises SSLWantReadError until the handshake is done, an SSLError when it failed."""
+        if self._refused:
+            self._refused_again()
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            raise
+        except ssl.SSLError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, exc: ssl.SSLError) -> None:
+        """The handshake just failed with ``exc`` (runs once per connection): raises ``exc``
+        when there is nothing to tell the client, else SSLWantReadError, the alert or the 400
+        being in the outgoing BIO for the loop to send."""
+        out = self._out
+        if not out.pending:
+            # No alert: plain text sent to TLS, or a failure with nothing to say. (No
+            # ClientHello was read, so no TLS byte went out that the 400 would follow: a
+            # TLS 1.2 client's alert record of another version, after our first flight, is
+            # also WRONG_VERSION_NUMBER without an alert.)
+            if exc.reason not in _NOT_TLS or self._sslobj.shared_ciphers() is not None:
+                raise exc
+            self._in.read()  # the rest of the request: never parsed, never passed on
+            out.write(PLAIN_HTTP_RESPONSE)
+            self._refused = _PLAIN
+            metrics = getattr(self.context, "service_metrics", None)
+            if metrics is not None:  # counted as a malformed request is (HttpApp._send_error)
+                metrics.connection_opened()
+                metrics.request_done(400, 0.0, 0, len(_PLAIN_HTTP_BODY))
+                metrics.connection_closed()
+        else:
+            self._refused = _ALERTED
+            self._failure = exc
+        raise ssl.SSLWantReadError("handshake failed: sending the client what OpenSSL wrote")
+
+    def _refused_again(self) -> None:
+        """A step after ``_refuse``: an alerted client that still sends fails the handshake
+        for good (the connection closes); after the 400, what the client sends is dropped, so
+        the close that ends the connection is a FIN, not a reset that destroys the answer."""
+        if self._refused == _PLAIN:
+            self._in.read()
+            raise ssl.SSLWantReadError("plain HTTP answered: waiting for the client's close")
+        raise self._failure or ssl.SSLError("handshake failed")
+
+
+class ListenerContext(ssl.SSLContext):
+    """A TLS listener's SSLContext: its connections are ``ListenerSSLObject`` s.
+    ``service_metrics`` (the worker sets it; a ServiceMetrics) counts the 400s of plain HTTP."""
+
+    sslobject_class = ListenerSSLObject
+    service_metrics: Any = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]
+                 server_side: bool = False, server_hostname: Optional[str] = None,
+                 session: Optional[ssl.SSLSession] = None) -> ListenerSSLObject:
+        """A new connection's TLS object (the loop calls this once per connection)."""
+        obj = cast(ListenerSSLObject, super().wrap_bio(incoming, outgoing, server_side,
+                                                       server_hostname, session))
+        obj._in = incoming
+        obj._out = outgoing
+        obj._refused = 0
+        obj._failure = None
+        return obj
 
 
 def _no_password() -> bytes:
@@ -38,7 +139,6 @@ def _no_password() -> bytes:
 def _load_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
     """Load ``cert``/``key`` into ``ctx``: the checked bytes when there are some (see
     ``pem_store``), else the files. Raises ssl.SSLError or OSError naming both files."""
-    import ssl
     pem = pem_store.checked(cert, key)
     try:
         if pem is None or not _load_pem(ctx, pem[0], pem[1]):
@@ -79,8 +179,7 @@ def _load_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> bool:
 
 
 def _base_context(cert: str, key: str, alpn: tuple[str, ...]) -> ssl.SSLContext:
-    import ssl
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ListenerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
                     | getattr(ssl, "OP_NO_RENEGOTIATION", 0))
@@ -172,7 +271,6 @@ def cert_validity(pem_path: str) -> tuple[datetime.datetime, datetime.datetime]:
 
 def _validity(text: str) -> tuple[datetime.datetime, datetime.datetime]:
     """(notBefore, notAfter) of the first certificate in PEM ``text`` (ValueError if none)."""
-    import ssl
     begin = text.find("-----BEGIN CERTIFICATE-----")
     if begin < 0:
         raise ValueError("no PEM certificate found")
@@ -199,7 +297,6 @@ Problem = tuple[tuple[Union[str, int], ...], str]
 
 
 def _check_pair(cert: str, key: str, now: datetime.datetime) -> list[Problem]:
-    import ssl
     errors: list[Problem] = []
     for label, field, path in (("certificate", "cert", cert), ("key", "key", key)):
         if not path:

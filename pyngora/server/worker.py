@@ -235,6 +235,10 @@ async def _main(spec: WorkerSpec, ctx: "WorkerContext") -> int:
             # a key is usually readable by root only (/etc/ssl/private, /etc/letsencrypt).
             ssl_ctxs = [getattr(service, "ssl_context", lambda l: None)(listener)
                         for listener, _ in spec.sockets]
+            for tls_ctx in ssl_ctxs:
+                if hasattr(tls_ctx, "service_metrics"):  # (protocols.tls.ListenerContext)
+                    # its 400s to plain HTTP count with the service's other requests
+                    tls_ctx.service_metrics = ctx.state.get("service_metrics")
             _drop_privileges(conf)
             for (listener, sock), ssl_ctx in zip(spec.sockets, ssl_ctxs):
                 factory = service.protocol_factory(ctx, listener)
