@@ -27,8 +27,8 @@ with openssl s_client, curl, raw and TLS sockets, h2 clients and promtool:
 Tried and found sound (no test here beyond what other files have): a client that sends
 nothing or trickles its ClientHello a byte a second (closed after uvloop's 60 s handshake
 timeout, 2,000 of them at once while normal clients were served in under 10 ms), garbage
-to the TLS port (closed at once, nothing logged; plaintext HTTP now gets nginx's 400 and
-TLS 1.0/1.1 the protocol_version alert: test_tls_port_hygiene.py),
+or plaintext HTTP to the TLS port (now nginx's plain 400; TLS 1.0/1.1 the protocol_version
+alert: test_tls_port_hygiene.py),
 renegotiation (refused), odd SNI (uppercase, trailing dot, long, non-ASCII, unknown: the
 default certificate or the right one), ALPN with only unknown protocols (HTTP/1.1), a
 half-close after the handshake (answered, then closed), session resumption (TLS 1.2
