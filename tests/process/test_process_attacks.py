@@ -166,29 +166,36 @@ def test_sigterm_stops_a_new_master_still_waiting_for_the_old_one(tmp_path, star
     assert "stopped while waiting for the old master" in _log(tmp_path), _log(tmp_path)
 
 
-def test_strangers_on_upgrade_sock_do_not_hold_up_the_upgrade(tmp_path, start) -> None:
-    """A client that connects to upgrade_sock and says nothing (or 2 bytes of garbage) held
-    the new master until its deadline: the old master, queued behind it, kept serving and
-    the upgrade failed."""
+def hand_over_past(tmp_path, start, strangers: int, say: Callable[[list], None]) -> None:
+    """An upgrade with ``strangers`` clients connected to the new master's upgrade_sock
+    before the old master (``say`` sends what they send): the old master must still hand
+    over within 8 s of its SIGQUIT, and the new one serve."""
     port = free_port()
     old = start(_conf(tmp_path, port, upgrade_timeout=10))
     _serving(old, port, 2)
     new = start(_conf(tmp_path, port, upgrade_timeout=10), "-u", name="b.yaml")
     sock_path = str(tmp_path / "a.sock")
     wait_for(lambda: os.path.exists(sock_path), 10, "upgrade_sock")
-    silent, garbage = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    peers = [socket.socket(socket.AF_UNIX) for _ in range(strangers)]
     try:
-        silent.connect(sock_path)
-        garbage.connect(sock_path)
-        garbage.sendall(b"hi")
+        for peer in peers:
+            peer.connect(sock_path)
+        say(peers)
         old.signal(signal.SIGQUIT)
         wait_for(lambda: "the new master is ready; draining" in _log(tmp_path), 8,
                  "the hand-over past the strangers")
         assert old.wait_exit(20) == 0
         assert alive(new.pid) and get(port)[0] == 200
     finally:
-        silent.close()
-        garbage.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_strangers_on_upgrade_sock_do_not_hold_up_the_upgrade(tmp_path, start) -> None:
+    """A client that connects to upgrade_sock and says nothing (or 2 bytes of garbage) held
+    the new master until its deadline: the old master, queued behind it, kept serving and
+    the upgrade failed."""
+    hand_over_past(tmp_path, start, 2, lambda peers: peers[1].sendall(b"hi"))
 
 
 def test_sigterm_during_a_hand_over_lets_the_new_master_take_over(tmp_path, start) -> None:
