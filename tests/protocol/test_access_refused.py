@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -198,7 +199,8 @@ def test_a_bad_request_pipelined_behind_a_good_one(access_log: Path) -> None:
     # that one's line a moment later, when its request task resumes)
     bad, good = sorted(run(main()), key=lambda line: " 200 " in line)
     assert '"GET /a HTTP/1.1" 200 5 ' in good
-    assert '"GET /b HTTP/1.1" 400 0 "-" "-" 0.000 "-"' in bad, bad  # as the parser saw it
+    # as the parser saw it; its time is since its head began (a loaded machine: a few ms)
+    assert re.search(r'"GET /b HTTP/1\.1" 400 0 "-" "-" 0\.0\d\d "-"$', bad), bad
 
 
 async def _h2_streams(port: int, heads: list[list[tuple[bytes, bytes]]]) -> list[Any]:
