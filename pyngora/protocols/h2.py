@@ -32,9 +32,10 @@ Decisions where the RFCs leave a choice (documented in the report and tests):
   GOAWAYs; a SETTINGS frame one more per ten entries): each counts as "overhead", which
   fades by ``OVERHEAD_FADE_PER_SECOND`` (a long-lived gRPC stream's keepalive PINGs never
   add up); past ``max_overhead_frames`` and more than ``OVERHEAD_PER_STREAM`` per
-  stream the client opened, GOAWAY ENHANCE_YOUR_CALM. Input is taken in slices of ``FEED_SLICE`` bytes,
-  checked between slices, so one read of tiny frames cannot hold the worker's loop for long
-  before the connection is ended. (The PING and SETTINGS ACKs such a flood asks for are
+  stream the client opened plus two per DATA frame sent (a WINDOW_UPDATE and a PING may
+  answer each: grpc-go's BDP estimator on a server stream), GOAWAY ENHANCE_YOUR_CALM. Input
+  is taken in slices of ``FEED_SLICE`` bytes, checked between slices, so one read of tiny
+  frames cannot hold the worker's loop for long before the connection is ended. (The PING and SETTINGS ACKs such a flood asks for are
   bounded by the connection, which stops reading while the client does not read them.)
 - Graceful shutdown (RFC 9113 6.8): GOAWAY with the last stream id 2^31-1 and a PING; on the
   PING's ACK, a second GOAWAY with the last stream actually seen. Streams up to it finish.
@@ -269,8 +270,8 @@ class H2Server(H2Wire):
             faded = self._overhead - (now - self._overhead_at) * OVERHEAD_FADE_PER_SECOND
             overhead = self._overhead = (faded if faded > 0.0 else 0.0) + new
             self._overhead_at = now
-            if (overhead >= self.limits.max_overhead_frames
-                    and overhead > OVERHEAD_PER_STREAM * self._streams_opened):
+            if (overhead >= self.limits.max_overhead_frames and overhead
+                    > OVERHEAD_PER_STREAM * self._streams_opened + 2 * self.data_frames_sent):
                 self._fatal(ENHANCE_YOUR_CALM)
                 out.append(ConnectionClosed(self.highest_inbound))
         self._events = []

@@ -87,7 +87,8 @@ class H2Wire:
                  "_recv_window", "_recv_max", "_recv_read", "_local_initial",
                  "_local_max_streams", "_max_inbound_frame", "_pending_settings",
                  "peer_initial", "peer_max_frame", "_block", "_block_sid", "_block_flags",
-                 "_block_frames", "_block_limit", "_recent", "_skipped", "_fresh_overhead")
+                 "_block_frames", "_block_limit", "_recent", "_skipped", "_fresh_overhead",
+                 "data_frames_sent")
 
     def __init__(self, header_list_size: int) -> None:
         self._out = bytearray()
@@ -118,6 +119,7 @@ class H2Wire:
         self._recent: dict[int, bool] = {}  # closed streams: sid -> we reset it
         self._skipped: list[tuple[int, int]] = []  # ids the client jumped over (ranges)
         self._fresh_overhead = 0  # frames that carried no request, since the caller looked
+        self.data_frames_sent = 0  # each raises the flood allowance (h2.py: BDP pings)
 
     # ------------------------------------------------------------------ sending
     def send_settings(self, settings: dict[int, int]) -> None:
@@ -157,6 +159,7 @@ class H2Wire:
         n = len(data)
         self.send_window -= n
         ws.send_window -= n
+        self.data_frames_sent += 1
         out = self._out
         out += head(n >> 16, n & 0xFFFF, DATA, END_STREAM if end else 0, sid)
         if n:

@@ -585,3 +585,36 @@ def test_headers_right_after_the_shutdown_ping_ack_are_refused_not_dropped() -> 
     resets = [(e.stream_id, e.error_code) for e in evs if isinstance(e, h2.events.StreamReset)]
     assert goaways == [1] and resets == [(3, REFUSED_STREAM)]
     assert p.server.closed
+
+
+def test_bdp_pings_of_a_grpc_go_client_on_a_server_stream_are_no_flood(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc-go's BDP estimator answers the first DATA after each PING ACK with a connection
+    WINDOW_UPDATE and a PING: a server-streaming RPC of small messages, 100 a second, brings
+    two overhead frames per message against a fade of 100 a second. Each DATA frame sent
+    earns two (the rule used to end such a stream after ~10 s, at the 1,000th message); a
+    PING flood with no DATA still ends the connection."""
+    now = [1000.0]
+    monkeypatch.setattr(h2p, "_clock", lambda: now[0])
+    p = Pair()
+    p.client.send_headers(1, GET)
+    p.pump()
+    p.take()
+    p.server.send_head(1, 200, [])
+    for i in range(3000):
+        now[0] += 0.01
+        p.server.send_body(1, b"\x00\x00\x00\x00\x05tick!")
+        p.pump()
+        for ev in p.ctake():
+            if isinstance(ev, h2.events.DataReceived):
+                p.client.acknowledge_received_data(ev.flow_controlled_length, 1)
+        p.client.increment_flow_control_window(10)  # the estimator's connection update
+        p.client.ping(b"%08d" % i)
+        p.pump()
+        assert not p.server.closed, i
+    p.client.send_headers(3, GET)  # a flood after it: no DATA earns it anything
+    p.pump()
+    for i in range(20000):
+        p.client.ping(b"f%07d" % i)
+    p.pump()
+    assert p.server.closed and p.server.error_code == ENHANCE_YOUR_CALM
