@@ -84,6 +84,18 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def read_request_head(sock: socket.socket) -> Optional[bytes]:
+    """What a blocking test origin received up to the end of a request head (the head and
+    anything after it); None if the client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

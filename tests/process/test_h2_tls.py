@@ -22,7 +22,7 @@ import h2.events
 import pytest
 
 from pyngora.services.http_app import HttpService
-from tests.support import free_port, self_signed_cert, wait_for
+from tests.support import free_port, read_request_head, self_signed_cert, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(HttpService, "ssl_context"),
@@ -45,12 +45,8 @@ class SlowOrigin(socketserver.ThreadingTCPServer):
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(h) -> None:  # noqa: N805
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = h.request.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
+                if read_request_head(h.request) is None:
+                    return
                 self.got_request.set()
                 self.release.wait(self.delay)
                 h.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n"

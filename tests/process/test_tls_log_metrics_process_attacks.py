@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.process.test_metrics_e2e import scrape
-from tests.support import (Pyngora, children_of, free_port, get, self_signed_cert, title,
-                           wait_for)
+from tests.support import (Pyngora, children_of, free_port, get, read_request_head,
+                           self_signed_cert, title, wait_for)
 
 
 class EchoStatusOrigin(socketserver.ThreadingTCPServer):
@@ -36,12 +36,9 @@ class EchoStatusOrigin(socketserver.ThreadingTCPServer):
     def __init__(self) -> None:
         class Handler(socketserver.BaseRequestHandler):
             def handle(h) -> None:  # noqa: N805
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = h.request.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
+                data = read_request_head(h.request)
+                if data is None:
+                    return
                 target = data.split(b" ", 2)[1]
                 code = target.rsplit(b"/", 1)[-1] if target.startswith(b"/status/") else b"200"
                 h.request.sendall(b"HTTP/1.1 " + code + b" X\r\nContent-Length: 0\r\n"

@@ -23,25 +23,12 @@ from pyngora.upstreams.peer import HttpPeer, PeerOptions
 from tests.protocol.test_h2_helpers import H2Client
 from tests.protocol.test_http_app_helpers import AppService, Client, EchoApp, run, serving
 from tests.protocol.test_proxy_engine import ToPort, port_of, raw_origin
-
-
-class Lines(logging.Handler):
-    """The error log's lines, as the test sees them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
+from tests.protocol.test_raw_paths_parity import Lines
 
 
 @pytest.fixture
 def errors() -> Iterator[Lines]:
-    handler = Lines()
+    handler = Lines(logging.DEBUG)
     log.ERROR.addHandler(handler)
     level = log.ERROR.level
     log.ERROR.setLevel(logging.DEBUG)

@@ -173,12 +173,17 @@ def test_metrics_samples_are_the_same_on_both_paths(tmp_path: Any, monkeypatch: 
 # -- 2. the access log ----------------------------------------------------------------------
 
 class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
+    """A logger's messages, as the test sees them (from ``level`` up)."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
 
 
 @pytest.fixture
